@@ -1,0 +1,284 @@
+"""Helpers for an application run by ``sshfwup serve`` (stdlib only: vendor this one file freely).
+
+The supervisor owns the application's listening sockets for the device's lifetime and hands them
+to every instance of the app exactly the way systemd socket activation does:
+
+- the sockets are file descriptors 3, 4, ... in the order of ``[app] sockets``;
+- ``LISTEN_FDS`` is their count, ``LISTEN_PID`` the pid of the process they are meant for (the
+  app's own pid), ``LISTEN_FDNAMES`` their colon-separated names;
+- with ``ready = "http"`` or ``"tcp"`` one extra socket comes last, named ``health``: the
+  supervisor sends its readiness and health probes there, because a probe through a shared socket
+  could be answered by the *old* version during a swap. **An app must therefore serve every
+  socket it is given** (gunicorn and :func:`listen_sockets` + :func:`serve` do);
+- ``NOTIFY_SOCKET`` takes sd_notify datagrams: ``READY=1`` when the app serves
+  (``ready = "notify"``), ``STATUS=...`` for the operator, ``STOPPING=1`` when it drains.
+
+The listening sockets are non-blocking and shared: during a swap two instances accept from the
+same queue, so an accept may find nothing (``EAGAIN``) — wait for readability and try again.
+On SIGTERM an app stops accepting by *closing* its copies of the listeners (never ``shutdown()``:
+that would break the socket for the next version), finishes the requests in flight, and exits.
+Connections that arrive meanwhile wait in the listen queue for the new version.
+
+gunicorn (>= 20.1 adopts ``LISTEN_FDS`` by itself and sends ``READY=1``; SIGTERM drains)::
+
+    command = ["gunicorn", "--bind", "fd://3", "app:application"]   # ready = "notify"
+
+uvicorn (serves a single fd, sends no notification: call :func:`notify_ready` from the
+lifespan startup handler and use ``ready = "notify"``)::
+
+    command = ["uvicorn", "--fd", "3", "app:app"]
+
+plain asyncio::
+
+    import asyncio, signal
+    from sshfwup import app          # or the vendored copy of this file
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ...
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        sockets = app.listen_sockets()
+        app.notify_ready()           # the sockets already listen: nothing is refused meanwhile
+        await app.serve(sockets.values(), handle, stop=stop)   # returns once drained
+        app.notify_stopping()
+
+    asyncio.run(main())
+
+Run as a script (``python -I -S app.py --sshfwup-exec ...``) this file is also the supervisor's
+exec shim: it moves the passed sockets to fds 3.., sets ``LISTEN_PID`` to its own pid, ties its
+lifetime to the supervisor's (``PR_SET_PDEATHSIG``) and execs the application — so the pid the
+app runs under is the one named in ``LISTEN_PID``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # asyncio costs ~35 ms to import; the exec shim and sync apps need none of it
+    import asyncio
+    from collections.abc import Awaitable, Callable, Iterable
+
+__all__ = [
+    "LISTEN_FDS_START",
+    "listen_sockets",
+    "notify",
+    "notify_ready",
+    "notify_status",
+    "notify_stopping",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+LISTEN_FDS_START = 3
+_LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+# --- sockets -------------------------------------------------------------------------------
+
+
+def listen_sockets(*, unset_environment: bool = True) -> dict[str, socket.socket]:
+    """The listening sockets passed to this process, by name, in fd order.
+
+    Empty unless ``LISTEN_PID`` is this process (the variables were meant for another one).
+    Family and type are read from each fd. A missing name becomes ``fd<N>``; a repeated name gets
+    ``.<N>`` appended. The fds are made close-on-exec, and by default the ``LISTEN_*`` variables
+    are removed afterwards (like ``sd_listen_fds(1)``) so that child processes do not mistake the
+    sockets for theirs.
+    """
+    try:
+        pid = int(os.environ.get("LISTEN_PID", ""))
+        count = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        pid, count = 0, 0
+    names_text = os.environ.get("LISTEN_FDNAMES", "")
+    if unset_environment:
+        for variable in _LISTEN_VARIABLES:
+            os.environ.pop(variable, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    names = names_text.split(":") if names_text else []
+    sockets: dict[str, socket.socket] = {}
+    for index in range(count):
+        fd = LISTEN_FDS_START + index
+        name = names[index] if index < len(names) and names[index] else f"fd{fd}"
+        if name in sockets:
+            name = f"{name}.{fd}"
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)  # family, type and protocol are read from the fd
+        # Mirror the fd's real O_NONBLOCK state in the Python object; changing it would change it
+        # for every process sharing this listener.
+        sock.setblocking(os.get_blocking(fd))
+        sockets[name] = sock
+    return sockets
+
+
+async def serve(
+    sockets: Iterable[socket.socket],
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    *,
+    stop: asyncio.Event,
+) -> None:
+    """Accept connections on ``sockets`` and run ``handle`` for each until ``stop`` is set;
+    then close this process's copies of the listeners and return once every handler finished.
+
+    Unlike ``asyncio.start_server`` followed by ``Server.close()``, no connection is ever accepted
+    and then dropped: each accept and the creation of its handler task happen in one callback, so
+    stopping can never fall between them. The writer is closed after ``handle`` returns. Handlers
+    see ``stop`` too: answer the request in progress with ``Connection: close`` and end.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    listeners = list(sockets)
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def run_handler(conn: socket.socket) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+            await handle(reader, writer)
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
+
+    def accept_all(listener: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # queue empty, or another instance took the connection
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:  # EMFILE and friends: leave the rest queued for later
+                log.warning("accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(run_handler(conn))
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+
+    for listener in listeners:
+        listener.setblocking(False)
+        loop.add_reader(listener.fileno(), accept_all, listener)
+    try:
+        await stop.wait()
+    finally:
+        for listener in listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()  # our copy only: the supervisor's keeps the queue alive
+    while handlers:
+        await asyncio.wait(set(handlers))
+
+
+# --- sd_notify -----------------------------------------------------------------------------
+
+
+def notify(message: str) -> bool:
+    """Send one sd_notify datagram (``"READY=1"``, ``"STATUS=..."``, ...) to ``NOTIFY_SOCKET``.
+
+    Returns False when there is no notify socket or the message could not be sent.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # Linux abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify the supervisor at %s: %s", os.environ["NOTIFY_SOCKET"], e)
+        return False
+    return True
+
+
+def notify_ready(status: str | None = None) -> bool:
+    """Tell the supervisor this instance serves now (``READY=1``)."""
+    return notify("READY=1" if status is None else f"READY=1\nSTATUS={status}")
+
+
+def notify_stopping() -> bool:
+    """Tell the supervisor this instance is draining (``STOPPING=1``)."""
+    return notify("STOPPING=1")
+
+
+def notify_status(text: str) -> bool:
+    """A one-line status for the operator (``STATUS=...``)."""
+    return notify(f"STATUS={text}")
+
+
+# --- the supervisor's exec shim --------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _exec_app(args: list[str]) -> None:
+    """``--sshfwup-exec PARENT_PID FD,FD,... -- COMMAND ARGS...``: become the application.
+
+    Runs in the freshly started child, before the application exists, so that the socket
+    numbering, ``LISTEN_PID`` and the parent-death signal are set up by the process that then
+    execs — the one whose pid the application will have.
+    """
+    if len(args) < 5 or args[0] != "--sshfwup-exec" or args[3] != "--":
+        sys.stderr.write("usage: app.py --sshfwup-exec PARENT_PID FD,FD,... -- COMMAND [ARG...]\n")
+        raise SystemExit(2)
+    parent_pid = int(args[1])
+    sources = [int(fd) for fd in args[2].split(",") if fd]
+    command = args[4:]
+
+    import ctypes  # only the shim needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _fail(command, OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno())), 126)
+    if os.getppid() != parent_pid:
+        os._exit(125)  # the supervisor died before we could tie our lifetime to it
+
+    # Move every source above the target range first, so that no target overwrites a source.
+    top = LISTEN_FDS_START + len(sources)
+    moved = [_dup_above(fd, max(top, max(sources, default=0) + 1)) for fd in sources]
+    for fd in sources:
+        os.close(fd)
+    for index, fd in enumerate(moved):
+        os.dup2(fd, LISTEN_FDS_START + index, inheritable=True)
+        os.close(fd)
+
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    # Python ignores SIGPIPE and SIGXFSZ at start-up; the application must not inherit that.
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        _fail(command, e, 127)
+
+
+def _dup_above(fd: int, lowest: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+
+
+def _fail(command: list[str], error: OSError, status: int) -> None:
+    message = f"cannot run {command[0]!r}: {error.strerror or error}"
+    notify(f"STATUS={message}")  # the supervisor quotes it in its failure reason
+    sys.stderr.write(f"sshfwup: {message}\n")
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    _exec_app(sys.argv[1:])

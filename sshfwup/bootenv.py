@@ -1,0 +1,140 @@
+"""The U-Boot environment, read and written with libubootenv's ``fw_printenv``/``fw_setenv``.
+
+Variable meanings follow Nerves systems (and so ``deploy/fwup.conf``): ``nerves_fw_active`` names
+the slot that boots next, ``nerves_fw_validated`` says whether that firmware proved itself,
+``<slot>.nerves_fw_version`` etc. describe each slot. ``upgrade_available``/``bootcount`` drive
+U-Boot's boot-count fallback where the system uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BootEnv", "BootEnvError", "BootState", "SlotInfo", "other_slot"]
+
+
+class BootEnvError(Exception):
+    """The boot environment could not be read or written."""
+
+
+def other_slot(slot: str) -> str:
+    return {"a": "b", "b": "a"}[slot]
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    slot: str
+    version: str | None
+    uuid: str | None
+    platform: str | None
+    product: str | None
+
+
+@dataclass(frozen=True)
+class BootState:
+    """What the boot environment says (never where we are running from: see ``slots``)."""
+
+    active: str | None
+    validated: bool
+    slots: Mapping[str, SlotInfo]
+    raw: Mapping[str, str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "BootState":
+        active = env.get("nerves_fw_active")
+        validated = env.get("nerves_fw_validated") == "1"
+        if "nerves_fw_validated" not in env and "upgrade_available" in env:
+            validated = env.get("upgrade_available") == "0"
+        slots = {
+            s: SlotInfo(
+                s,
+                env.get(f"{s}.nerves_fw_version") or None,
+                env.get(f"{s}.nerves_fw_uuid") or None,
+                env.get(f"{s}.nerves_fw_platform") or None,
+                env.get(f"{s}.nerves_fw_product") or None,
+            )
+            for s in ("a", "b")
+        }
+        return cls(active if active in ("a", "b") else None, validated, slots, dict(env))
+
+    def version(self, slot: str) -> str | None:
+        return self.slots[slot].version
+
+
+class BootEnv:
+    """Adapter over the real tools; the simulator and tests point it at a disk image's config."""
+
+    def __init__(self, config: Path, *, printenv: str = "fw_printenv", setenv: str = "fw_setenv") -> None:
+        self.config = config
+        self.printenv = printenv
+        self.setenv = setenv
+
+    async def read(self) -> dict[str, str]:
+        result = await self._run([self.printenv, "-c", str(self.config)])
+        env: dict[str, str] = {}
+        for line in result.splitlines():
+            name, sep, value = line.partition("=")
+            if sep:
+                env[name] = value
+        return env
+
+    async def state(self) -> BootState:
+        return BootState.from_env(await self.read())
+
+    async def write(self, values: Mapping[str, str | None]) -> None:
+        """Set (or, with ``None``, remove) several variables in one environment write."""
+        lines = []
+        for name, value in values.items():
+            if not name or "=" in name or "\n" in name or (value is not None and "\n" in value):
+                raise BootEnvError(f"refusing to write a malformed boot variable {name!r}")
+            lines.append(f"{name}={'' if value is None else value}\n")
+        fd, script = tempfile.mkstemp(prefix="sshfwup-env-", suffix=".txt")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(lines)
+            await self._run([self.setenv, "-c", str(self.config), "-s", script])
+        finally:
+            os.unlink(script)
+        log.info("boot env: %s", ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in values.items()))
+
+    # The two operations nerves_runtime performs, with the same variables.
+
+    async def validate(self) -> None:
+        """Mark the active firmware good so the bootloader stops counting attempts."""
+        env = await self.read()
+        values: dict[str, str | None] = {"nerves_fw_validated": "1"}
+        if "upgrade_available" in env:
+            values["upgrade_available"] = "0"
+        if "bootcount" in env:
+            values["bootcount"] = "0"
+        await self.write(values)
+
+    async def revert_to(self, slot: str) -> None:
+        """Make ``slot`` (a firmware that already proved itself) the one that boots next."""
+        env = await self.read()
+        values: dict[str, str | None] = {"nerves_fw_active": slot, "nerves_fw_validated": "1"}
+        if "upgrade_available" in env:
+            values["upgrade_available"] = "0"
+        if "bootcount" in env:
+            values["bootcount"] = "0"
+        await self.write(values)
+
+    async def _run(self, args: list[str]) -> str:
+        try:
+            result = await anyio.run_process(args, check=False)
+        except FileNotFoundError:
+            raise BootEnvError(f"{args[0]} not found: install libubootenv's tools (fw_printenv/fw_setenv)") from None
+        out = result.stdout.decode("utf-8", errors="replace")
+        err = result.stderr.decode("utf-8", errors="replace").strip()
+        if result.returncode != 0:
+            raise BootEnvError(f"{Path(args[0]).name} failed (status {result.returncode}): {err or out.strip()}")
+        return out

@@ -1,0 +1,301 @@
+"""TOML configuration → frozen dataclasses.
+
+Every option is documented, with its default, in ``deploy/sshfwup.toml``.
+Every error names the file and the key, so an operator can fix it without reading code.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "AppConfig",
+    "Config",
+    "ConfigError",
+    "DeviceConfig",
+    "FwupConfig",
+    "InspectConfig",
+    "ServerConfig",
+    "SocketSpec",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """One listening socket the supervisor owns: ``tcp:HOST:PORT`` or ``unix:PATH``."""
+
+    kind: Literal["tcp", "unix"]
+    address: str  # host for tcp, path for unix
+    port: int = 0
+    name: str = ""  # LISTEN_FDNAMES entry; defaults to "kind-index"
+
+    @classmethod
+    def parse(cls, text: str, *, index: int = 0) -> "SocketSpec":
+        name = ""
+        if "=" in text.split(":", 1)[0]:
+            # "http=tcp:127.0.0.1:8080" names the socket for LISTEN_FDNAMES
+            name, text = text.split("=", 1)
+        kind, _, rest = text.partition(":")
+        if kind == "tcp":
+            host, sep, port = rest.rpartition(":")
+            if not sep or not port.isdigit() or not host:
+                raise ValueError(f"expected tcp:HOST:PORT, got {text!r}")
+            host = host.strip("[]")
+            return cls("tcp", host, int(port), name or f"tcp-{index}")
+        if kind == "unix":
+            if not rest:
+                raise ValueError(f"expected unix:PATH, got {text!r}")
+            return cls("unix", rest, 0, name or f"unix-{index}")
+        raise ValueError(f"socket must start with tcp: or unix:, got {text!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "tcp":
+            host = f"[{self.address}]" if ":" in self.address else self.address
+            return f"tcp:{host}:{self.port}"
+        return f"unix:{self.address}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "0.0.0.0"
+    port: int = 22
+    host_key: Path = Path("/data/sshfwup/ssh_host_ed25519_key")
+    authorized_keys: tuple[Path, ...] = (Path("/data/sshfwup/authorized_keys"),)
+    login_timeout: float = 30.0
+    max_connections: int = 8
+    max_upload_size: int = 0  # bytes; 0 = unlimited
+    idle_timeout: float = 300.0  # an upload that sends nothing for this long is aborted
+    data_dir: Path = Path("/data/sshfwup")
+    run_dir: Path = Path("/run/sshfwup")
+    lock_file: Path = Path("/run/sshfwup/update.lock")
+
+
+@dataclass(frozen=True)
+class FwupConfig:
+    path: str = "fwup"
+    devpath: Path = Path("/dev/mmcblk0")
+    task: str = "upgrade"
+    env: tuple[tuple[str, str], ...] = ()
+    extra_args: tuple[str, ...] = ()
+    public_keys: tuple[Path, ...] = ()
+    precheck_callback: str = ""
+    success_callback: str = "sshfwup.pipeline:run"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    fw_env_config: Path = Path("/etc/fw_env.config")
+    fw_printenv: str = "fw_printenv"
+    fw_setenv: str = "fw_setenv"
+    root_mount: Path = Path("/")  # where the running root is mounted
+    slots: tuple[tuple[str, Path], ...] = (("a", Path("/dev/mmcblk0p1")), ("b", Path("/dev/mmcblk0p2")))
+    rootfs_type: str = "squashfs"
+    reboot_command: tuple[str, ...] = ("reboot",)
+    reboot_delay: float = 0.5  # seconds between closing the uploader's channel and rebooting
+
+    def slot_device(self, slot: str) -> Path:
+        for name, dev in self.slots:
+            if name == slot:
+                return dev
+        raise KeyError(slot)
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.slots)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    command: tuple[str, ...] = ()  # empty: no application is supervised
+    app_dir: str = "/srv/app"  # inside the root filesystem
+    env: tuple[tuple[str, str], ...] = ()
+    sockets: tuple[SocketSpec, ...] = ()
+    ready: Literal["notify", "tcp", "http"] = "notify"
+    ready_path: str = "/health"  # for ready = "http"
+    ready_timeout: float = 30.0
+    drain_timeout: float = 30.0
+    observe: float = 10.0
+    health_interval: float = 0.5
+    strategy: Literal["overlap", "stop-first"] = "overlap"
+    revert_on_failure: bool = True  # revert the boot env when a hot swap fails
+    restart_backoff: tuple[float, float] = (0.5, 30.0)  # first and maximum delay
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    manifest: str = "/usr/share/sshfwup/manifest.json"
+    marker: str = "/srv/app/HOT_RELOAD"
+    app_dirs: tuple[str, ...] = ()  # default: (app.app_dir,)
+    interpreter: tuple[str, ...] = ("/usr/bin/python3*", "/usr/lib/python3*")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    fwup: FwupConfig = field(default_factory=FwupConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    source: Path | None = None
+
+    @property
+    def app_dirs(self) -> tuple[str, ...]:
+        return self.inspect.app_dirs or (self.app.app_dir,)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "fwup": FwupConfig,
+    "device": DeviceConfig,
+    "app": AppConfig,
+    "inspect": InspectConfig,
+}
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(data, source=path)
+
+
+def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
+    where = str(source) if source else "<config>"
+    base = source.parent if source else Path.cwd()
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(_SECTIONS)})")
+    sections = {
+        name: _section(cls, data.get(name, {}), f"{where}: [{name}]", base) for name, cls in _SECTIONS.items()
+    }
+    config = Config(**sections, source=source)
+    _check(config, where)
+    return config
+
+
+def _section(cls: type, raw: Any, where: str, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name.replace("_", "-"): f for f in fields(cls)} | {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(f"{where} {key}: unknown option")
+        try:
+            values[f.name] = _convert(f.name, f.type, value, base)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where} {key}: {e}") from None
+    return cls(**values)
+
+
+def _path(value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"expected a path string, got {value!r}")
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _str_map(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a table of strings, got {value!r}")
+    out = []
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise TypeError(f"value of {k!r} must be a string, got {v!r}")
+        out.append((str(k), str(v)))
+    return tuple(out)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected {what}, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return value
+
+
+def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
+    t = str(typ)
+    if name == "slots":
+        return tuple((slot, _path(dev, base)) for slot, dev in _str_map(value))
+    if name == "sockets":
+        return tuple(SocketSpec.parse(s, index=i) for i, s in enumerate(_str_list(value)))
+    if name == "restart_backoff":
+        if not isinstance(value, list) or len(value) != 2:
+            raise TypeError(f"expected [first, maximum] seconds, got {value!r}")
+        return (_number(value[0], "seconds"), _number(value[1], "seconds"))
+    if name in ("ready", "strategy"):
+        allowed = {"ready": ("notify", "tcp", "http"), "strategy": ("overlap", "stop-first")}[name]
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    if t == "Path":
+        return _path(value, base)
+    if t == "tuple[Path, ...]":
+        return tuple(_path(v, base) for v in _str_list(value))
+    if t == "tuple[str, ...]":
+        return _str_list(value)
+    if t == "tuple[tuple[str, str], ...]":
+        return _str_map(value)
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    if t == "int":
+        return int(_number(value, "an integer"))
+    if t == "float":
+        return float(_number(value, "a number of seconds"))
+    if t == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported option type {t}")  # pragma: no cover - programming error
+
+
+def _check(config: Config, where: str) -> None:
+    if not 0 < config.server.port < 65536:
+        raise ConfigError(f"{where}: [server] port: must be 1..65535, got {config.server.port}")
+    if not config.server.authorized_keys:
+        raise ConfigError(f"{where}: [server] authorized_keys: at least one file is required")
+    if config.server.max_connections < 1:
+        raise ConfigError(f"{where}: [server] max_connections: must be at least 1")
+    slots = config.device.slot_names
+    if sorted(slots) != ["a", "b"]:
+        raise ConfigError(f"{where}: [device] slots: must name exactly the slots a and b, got {list(slots)}")
+    for cb in ("precheck_callback", "success_callback"):
+        value = getattr(config.fwup, cb)
+        if value and ":" not in value:
+            raise ConfigError(f'{where}: [fwup] {cb}: expected "package.module:function", got {value!r}')
+    if not config.device.reboot_command:
+        raise ConfigError(f"{where}: [device] reboot_command: must not be empty")
+    app = config.app
+    if app.command and not app.app_dir.startswith("/"):
+        raise ConfigError(f"{where}: [app] app_dir: must be an absolute path inside the root filesystem")

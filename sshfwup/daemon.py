@@ -1,0 +1,224 @@
+"""``sshfwup serve``: the device-side service, start to finish.
+
+Order matters:
+1. recover whatever a crash or power loss left (journal + boot env + mount table);
+2. start the application (from the running root, or from the mounted new slot after a hot swap);
+3. listen for uploads; tell the service manager READY=1;
+4. on an unvalidated first boot, validate the firmware once the app stayed healthy for the
+   observation window — or fall back to the other slot and reboot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from .app import notify
+from .bootenv import BootEnvError, BootState, other_slot
+from .config import Config
+from .device import Device
+from .journal import Journal, Recovery, plan_recovery
+from .pipeline import slot_mount_point
+from .server import FirmwareServer
+from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
+from .supervisor import AppNotReady, AppSource, Supervisor, SupervisorError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_daemon"]
+
+
+async def run_daemon(config: Config, *, on_ready: Callable[[FirmwareServer], None] | None = None) -> None:
+    device = Device(config)
+    device.journal = Journal(config.server.data_dir)
+    server = FirmwareServer(config, device)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(_unmount_slots, config.server.run_dir)  # runs last: the app is gone by then
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        plan = await _recover(device)
+        app_ok = True
+        if config.app.command:
+            supervisor = Supervisor(config.app, marker=f"sshfwup:{config.server.data_dir}", on_event=_app_event)
+            device.supervisor = await stack.enter_async_context(supervisor)
+            app_ok = await _start_app(device, plan, tg)
+        await server.start(tg)
+        stack.push_async_callback(server.close)
+        tg.start_soon(server.reboot_when_requested)
+        if plan.reboot:
+            device.request_reboot(plan.message)
+        else:
+            tg.start_soon(_validate_after_boot, device, app_ok)
+        tg.start_soon(_watchdog)
+        notify(f"READY=1\nSTATUS=listening on port {server.port}")
+        if on_ready is not None:
+            on_ready(server)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s; shutting down", signal.Signals(signum).name)
+                break
+        notify("STOPPING=1")
+        tg.cancel_scope.cancel()
+
+
+def _app_event(message: str) -> None:
+    log.info("app: %s", message)
+
+
+async def _recover(device: Device) -> Recovery:
+    """Bring the device back to a consistent state before anything else runs."""
+    root = device.running_root()
+    if root is None:
+        raise SystemExit(
+            f"sshfwup: cannot tell which slot is running: nothing from [device] slots is mounted at "
+            f"{device.config.device.root_mount}"
+        )
+    try:
+        boot: BootState | None = await device.boot_state()
+    except BootEnvError as e:
+        log.error("boot env unreadable: %s; starting without recovery", e)
+        boot = None
+    assert device.journal is not None
+    plan = plan_recovery(device.journal.current, running_root=root, active=boot.active if boot else None)
+    log.info("start-up: running slot %s, boot env names slot %s; %s", root, boot.active if boot else "?", plan.message)
+    # Mounts of new slots left by a crashed run: none is in use (the app died with the server).
+    keep = slot_mount_point(device, plan.app_slot) if plan.mount_app_slot else None
+    for m in mounts():
+        p = Path(m.mount_point)
+        if p.parent == device.config.server.run_dir / "slots" and p != keep:
+            try:
+                await unmount(p)
+            except SlotError as e:
+                log.error("stale mount %s cannot be removed: %s", p, e)
+    if plan.revert_to is not None:
+        await device.bootenv.revert_to(plan.revert_to)
+    if plan.stage is not None and device.journal.current is not None:
+        device.journal.advance(plan.stage, verdict=plan.message)
+    if device.journal.current is not None:
+        rec = device.journal.current
+        device.last_outcome = {"ok": rec.stage not in ("failed", "rolled-back", "interrupted"), "verdict": rec.verdict}
+    return plan
+
+
+async def _start_app(device: Device, plan: Recovery, tg: anyio.abc.TaskGroup) -> bool:
+    """Start the app where the plan says; fall back to the running root if that fails."""
+    sup = device.supervisor
+    assert sup is not None
+    root = device.running_root()
+    assert root is not None
+    boot = await device.boot_state()
+    source = await _source(device, plan.app_slot, boot)
+    try:
+        await sup.start(source)
+        device.notify_status(f"app {source.version} ready")
+        return True
+    except AppNotReady as e:
+        log.error("the app did not start: %s", e.reason)
+        if source.slot != root:
+            # The hot-swapped version no longer starts: go back to the firmware we booted.
+            if device.config.app.revert_on_failure:
+                await device.bootenv.revert_to(root)
+            if device.journal is not None and device.journal.current is not None:
+                device.journal.advance("rolled-back", verdict=f"{source.version} failed after a restart: {e.reason}")
+            await _unmount_quietly(slot_mount_point(device, source.slot))
+            return await _start_app(device, plan=Recovery(root, False), tg=tg)
+    # Keep trying in the background: the SSH server must come up regardless, so a fixed
+    # firmware can always be uploaded.
+    tg.start_soon(_retry_start, device, source)
+    return False
+
+
+async def _source(device: Device, slot: str, boot: BootState) -> AppSource:
+    version = boot.version(slot) or "unknown"
+    if slot == device.running_root():
+        return AppSource(device.config.device.root_mount, slot, version)
+    mount_point = slot_mount_point(device, slot)
+    await mount_slot(device.config.device.slot_device(slot), mount_point, fstype=device.config.device.rootfs_type)
+    return AppSource(mount_point, slot, version)
+
+
+async def _retry_start(device: Device, source: AppSource) -> None:
+    sup = device.supervisor
+    assert sup is not None
+    first, maximum = device.config.app.restart_backoff
+    delay = max(first, 0.1)
+    while True:
+        await anyio.sleep(delay)
+        try:
+            await sup.start(source)
+            log.info("the app started after all (%s)", source.version)
+            return
+        except AppNotReady as e:
+            log.error("the app still does not start: %s (next try in %.0f s)", e.reason, min(delay * 2, maximum))
+        except SupervisorError as e:
+            log.error("the app cannot be started: %s", e)
+            return
+        delay = min(delay * 2, maximum)
+
+
+async def _validate_after_boot(device: Device, app_ok: bool) -> None:
+    """Validate a first boot of new firmware only after the app proved healthy; else fall back."""
+    root = device.running_root()
+    try:
+        boot = await device.boot_state()
+    except BootEnvError as e:
+        log.error("cannot read the boot env to validate: %s", e)
+        return
+    if root is None or boot.active != root or boot.validated:
+        return
+    version = boot.version(root) or "?"
+    sup = device.supervisor
+    healthy = True
+    if sup is not None:
+        healthy = app_ok and await sup.wait_healthy(device.config.app.observe)
+    if healthy:
+        await device.bootenv.validate()
+        if device.journal is not None and device.journal.current is not None:
+            device.journal.advance("validated", verdict=f"firmware {version} validated after a healthy boot")
+        device.last_outcome = {"ok": True, "verdict": f"firmware {version} validated after a healthy boot"}
+        device.notify_status(f"firmware {version} validated")
+        log.info("validated firmware %s in slot %s", version, root)
+        return
+    other = other_slot(root)
+    reason = f"firmware {version} failed its first boot (the app did not stay ready)"
+    if boot.version(other):
+        log.error("%s; falling back to slot %s (%s)", reason, other, boot.version(other))
+        await device.bootenv.revert_to(other)
+        if device.journal is not None and device.journal.current is not None:
+            device.journal.advance("rolled-back", verdict=f"{reason}; fell back to slot {other}")
+        device.request_reboot(f"{reason}; falling back to slot {other}")
+    else:
+        log.error("%s, and slot %s holds no firmware to fall back to", reason, other)
+
+
+async def _watchdog() -> None:
+    """WATCHDOG=1 at half the interval systemd asked for (WatchdogSec=)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return
+    interval = int(usec) / 2e6
+    while True:
+        notify("WATCHDOG=1")
+        await anyio.sleep(interval)
+
+
+async def _unmount_quietly(mount_point: Path) -> None:
+    try:
+        await unmount(mount_point)
+    except SlotError as e:
+        log.error("%s", e)
+
+
+async def _unmount_slots(run_dir: Path) -> None:
+    with anyio.CancelScope(shield=True):
+        for m in mounts():
+            p = Path(m.mount_point)
+            if p.parent == run_dir / "slots" and is_mounted(p):
+                await _unmount_quietly(p)

@@ -1,0 +1,385 @@
+"""Hot or reboot? One pure rule over two manifests and a marker, used on the device and the host.
+
+A new firmware may be hot-swapped (the app process restarted from the new slot, no reboot) only if
+
+- its HOT_RELOAD marker says ``true``, and
+- both manifests are present and readable, and
+- every difference between them lies inside the app directories, and
+- no added or changed file there is native code (``.so``, ELF, non-script executables), and
+- nothing matching the interpreter patterns changed, and
+- (on the device) the new slot's app files are exactly what its manifest says.
+
+Everything else reboots. The verdict lists every reason, most serious first:
+
+1. a manifest missing or unusable (new firmware first, then the running one)
+2. the HOT_RELOAD marker missing, unreadable or ``false``
+3. app files that do not match the new manifest
+4. kernel changed
+5. device tree changed
+6. kernel modules (``/lib/modules``, ``/usr/lib/modules``) changed
+7. interpreter changed
+8. native code in the app changed
+9. other changes outside the app, one reason per top-level directory, sorted
+
+Each change lands in exactly one of 4-9, first match in that order, so a kernel at
+``/boot/zImage`` reads "kernel changed" rather than "/boot changed". A kernel (or device trees)
+recorded by only one of the two manifests cannot be proven unchanged and counts as changed. A
+directory added or removed together with its contents is not a reason of its own. ``.dtb``/``.dtbo``
+files outside the app read as device trees even when the build did not name them.
+
+The device (``inspect_slot``) and the host (``sshfwup firmware diff``) both end in ``decide``; the
+device alone can also hash the new slot's app files, so only it reports reason 3.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .manifest import (
+    MANIFEST_PATH,
+    MARKER_PATH,
+    MAX_MANIFEST_BYTES,
+    MAX_MARKER_BYTES,
+    Entry,
+    Manifest,
+    ManifestError,
+    inside,
+    load_manifest,
+    native_name,
+    read_marker,
+    read_rootfs_file,
+    scan_tree,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_INTERPRETER",
+    "Change",
+    "ManifestState",
+    "MarkerState",
+    "Verdict",
+    "decide",
+    "diff_manifests",
+    "inspect_slot",
+    "read_slot",
+    "verify_app_files",
+]
+
+DEFAULT_INTERPRETER: tuple[str, ...] = ("/usr/bin/python3*", "/usr/lib/python3*")
+_MODULE_DIRS = ("/lib/modules", "/usr/lib/modules")
+_DTB_EXTENSIONS = (".dtb", ".dtbo")
+_LISTED = 3  # paths named in one reason before "and N more"
+
+ManifestState = Manifest | ManifestError | None  # None: missing; ManifestError: unusable
+MarkerState = bool | ManifestError | None
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    kind: Literal["added", "removed", "changed"]
+    in_app: bool
+    native: bool  # the new entry (the old one when removed) is native code
+    what: str  # added/removed: the entry's kind; changed: "kind", "content", "symlink target", "mode"…
+
+
+@dataclass(frozen=True)
+class Verdict:
+    hot: bool
+    reasons: tuple[str, ...]
+    changes: tuple[Change, ...]
+    old_version: str | None = None  # filled in by callers that know it (dataclasses.replace)
+    new_version: str | None = None
+
+    def summary(self) -> str:
+        return "hot reload" if self.hot else "reboot required: " + ", ".join(self.reasons)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hot": self.hot,
+            "summary": self.summary(),
+            "reasons": list(self.reasons),
+            "changes": [
+                {"path": c.path, "kind": c.kind, "in_app": c.in_app, "native": c.native, "what": c.what}
+                for c in self.changes
+            ],
+            "old_version": self.old_version,
+            "new_version": self.new_version,
+        }
+
+
+# --- the diff ------------------------------------------------------------------------------
+
+
+def _differences(old: Entry, new: Entry) -> str:
+    if old.kind != new.kind:
+        return "kind"
+    found = []
+    if old.sha256 != new.sha256 or old.size != new.size:
+        found.append("content")
+    if old.target != new.target:
+        found.append("symlink target" if new.kind == "symlink" else "device node")
+    if old.mode != new.mode:
+        found.append("mode")
+    return ", ".join(found)
+
+
+def _native(entry: Entry) -> bool:
+    return entry.native or native_name(entry.path)
+
+
+def diff_manifests(old: Manifest, new: Manifest, *, app_dirs: Sequence[str] | None = None) -> tuple[Change, ...]:
+    """Every added, removed and changed entry, sorted by path.
+
+    ``app_dirs`` decides ``Change.in_app`` (default: the new manifest's own app_dirs). Paths either
+    manifest excluded on purpose (the marker, the manifest itself) are not compared.
+    """
+    dirs = tuple(new.app_dirs if app_dirs is None else app_dirs)
+    skipped = (*old.excluded, *new.excluded)
+    changes = []
+    for path in sorted(old.entries.keys() | new.entries.keys()):
+        if inside(path, skipped):
+            continue
+        before, after = old.entries.get(path), new.entries.get(path)
+        in_app = inside(path, dirs)
+        if before is None and after is not None:
+            changes.append(Change(path, "added", in_app, _native(after), after.kind))
+        elif after is None and before is not None:
+            changes.append(Change(path, "removed", in_app, _native(before), before.kind))
+        elif before is not None and after is not None and (what := _differences(before, after)):
+            changes.append(Change(path, "changed", in_app, _native(after), what))
+    return tuple(changes)
+
+
+# --- the rule ------------------------------------------------------------------------------
+
+
+def _listing(items: Sequence[str]) -> str:
+    if len(items) <= _LISTED:
+        return ", ".join(items)
+    return ", ".join(items[:_LISTED]) + f" and {len(items) - _LISTED} more"
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
+def _interpreter_key(path: str, patterns: Sequence[str]) -> str | None:
+    """The shortest ancestor-or-self of ``path`` matching an interpreter pattern."""
+    if not path.startswith("/"):
+        return None
+    parts = path.split("/")[1:]
+    for i in range(1, len(parts) + 1):
+        prefix = "/" + "/".join(parts[:i])
+        if any(fnmatch.fnmatchcase(prefix, p) for p in patterns):
+            return prefix
+    return None
+
+
+def _group(path: str) -> str:
+    for d in _MODULE_DIRS:
+        if inside(path, (d,)):
+            return d
+    if not path.startswith("/"):
+        return path  # a virtual entry the build did not name as kernel or device tree
+    return "/" + path.split("/")[1]
+
+
+def _grouped(name: str, paths: Sequence[str]) -> str:
+    """``/etc changed (/etc/hostname)`` or ``/etc changed (3 files)``."""
+    if len(paths) == 1:
+        return f"{name} changed" if paths[0] == name else f"{name} changed ({paths[0]})"
+    return f"{name} changed ({_files(len(paths))})"
+
+
+def _change_reasons(
+    old: Manifest, new: Manifest, changes: Sequence[Change], interpreter: Sequence[str]
+) -> list[str]:
+    kernel_paths = {p for p in (old.kernel, new.kernel) if p is not None}
+    dtb_paths = {*old.dtbs, *new.dtbs}
+    kernel = False
+    dtb_names: set[str] = set()
+    interp: dict[str, list[str]] = defaultdict(list)
+    native: list[str] = []
+    modules: dict[str, list[str]] = defaultdict(list)
+    outside: dict[str, list[str]] = defaultdict(list)
+    # A directory added or removed together with its contents is said by its contents.
+    parents = {posixpath.dirname(c.path) for c in changes}
+    for c in changes:
+        if c.what == "dir" and c.kind != "changed" and c.path in parents:
+            continue
+        if c.path in kernel_paths:
+            kernel = True
+        elif c.path in dtb_paths or (not c.in_app and c.path.endswith(_DTB_EXTENSIONS)):
+            dtb_names.add(posixpath.basename(c.path))
+        elif (key := _interpreter_key(c.path, interpreter)) is not None:
+            interp[key].append(c.path)
+        elif c.in_app:
+            if c.native and c.kind != "removed":
+                native.append(c.path)
+        elif (group := _group(c.path)) in _MODULE_DIRS:
+            modules[group].append(c.path)
+        else:
+            outside[group].append(c.path)
+
+    reasons = []
+    # A kernel/device tree recorded by only one side cannot be proven unchanged.
+    if kernel:
+        reasons.append("kernel changed")
+    elif (old.kernel is None) != (new.kernel is None):
+        side = "running" if old.kernel is None else "new"
+        reasons.append(f"kernel changed (not recorded in the {side} firmware)")
+    if dtb_names:
+        reasons.append(f"device tree changed ({_listing(sorted(dtb_names))})")
+    elif bool(old.dtbs) != bool(new.dtbs):
+        side = "running" if not old.dtbs else "new"
+        reasons.append(f"device tree changed (not recorded in the {side} firmware)")
+    reasons.extend(_grouped(d, paths) for d, paths in sorted(modules.items()))
+    if interp:
+        shown = [paths[0] if len(paths) == 1 else f"{k} ({_files(len(paths))})" for k, paths in sorted(interp.items())]
+        reasons.append(f"interpreter changed ({_listing(shown)})")
+    if native:
+        reasons.append(f"native code in the app changed ({_listing(native)})")
+    reasons.extend(_grouped(d, paths) for d, paths in sorted(outside.items()))
+    return reasons
+
+
+def _check_dirs(dirs: Iterable[str], what: str) -> tuple[str, ...]:
+    out = tuple(dirs)
+    for d in out:
+        if not isinstance(d, str) or not d.startswith("/"):
+            raise ValueError(f"{what} must be absolute paths inside the root filesystem, got {d!r}")
+    return out
+
+
+def decide(
+    old: ManifestState,
+    new: ManifestState,
+    marker: MarkerState,
+    *,
+    app_dirs: Sequence[str],
+    interpreter: Sequence[str] = DEFAULT_INTERPRETER,
+    app_mismatches: Sequence[str] = (),
+) -> Verdict:
+    """The rule (see the module docstring). Pure: same inputs, same verdict, on device and host.
+
+    ``old``/``new``: the running and the new firmware's manifest; None when missing, a
+    ManifestError when unreadable. ``marker``: the new firmware's HOT_RELOAD marker, same
+    convention. ``app_mismatches``: app paths of the new tree that do not match its manifest
+    (``verify_app_files``; the host has no tree to check and passes nothing).
+    """
+    dirs = _check_dirs(app_dirs, "app_dirs")
+    patterns = _check_dirs(interpreter, "interpreter patterns")
+    reasons: list[str] = []
+    for state, side in ((new, "new"), (old, "running")):
+        if state is None:
+            reasons.append(f"manifest missing in the {side} firmware")
+        elif isinstance(state, ManifestError):
+            reasons.append(f"manifest unusable in the {side} firmware: {state}")
+        elif not isinstance(state, Manifest):
+            raise TypeError(f"expected a Manifest, a ManifestError or None, got {state!r}")
+    if marker is None:
+        reasons.append("HOT_RELOAD marker missing")
+    elif isinstance(marker, ManifestError):
+        reasons.append(str(marker))
+    elif marker is False:
+        reasons.append("HOT_RELOAD marker says false")
+    elif marker is not True:
+        raise TypeError(f"expected the marker as True, False, a ManifestError or None, got {marker!r}")
+    if app_mismatches:
+        reasons.append(f"app files do not match the manifest ({_listing(sorted(app_mismatches))})")
+    changes: tuple[Change, ...] = ()
+    if isinstance(old, Manifest) and isinstance(new, Manifest):
+        changes = diff_manifests(old, new, app_dirs=dirs)
+        reasons.extend(_change_reasons(old, new, changes, patterns))
+    return Verdict(hot=not reasons, reasons=tuple(reasons), changes=changes)
+
+
+# --- the device side -----------------------------------------------------------------------
+
+
+def verify_app_files(
+    root: Path, manifest: Manifest, *, app_dirs: Sequence[str], exclude: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """Paths under ``app_dirs`` in the tree at ``root`` that differ from ``manifest``.
+
+    Missing, extra and changed entries all count. A hot swap runs exactly these files, so they
+    are hashed for real; the rest of the slot is trusted (fwup checked the image's hashes).
+    """
+    dirs = _check_dirs(app_dirs, "app_dirs")
+    skipped = (*manifest.excluded, *exclude)
+    try:
+        actual = scan_tree(root, dirs, exclude=skipped)
+    except (ManifestError, OSError) as e:
+        log.warning("cannot scan the app directories of %s: %s", root, e)
+        return tuple(dirs)
+    expected = {p: e for p, e in manifest.entries.items() if inside(p, dirs) and not inside(p, skipped)}
+    mismatched = []
+    for path in sorted(actual.keys() | expected.keys()):
+        have, want = actual.get(path), expected.get(path)
+        if have is None:
+            problem = "missing"
+        elif want is None:
+            problem = "not in the manifest"
+        elif what := _differences(want, have):
+            problem = f"{what} differs from the manifest"
+        else:
+            continue
+        log.warning("app file %s in %s: %s", path, root, problem)
+        mismatched.append(path)
+    return tuple(mismatched)
+
+
+def _manifest_state(root: Path, path: str) -> ManifestState:
+    try:
+        data = read_rootfs_file(root, path, limit=MAX_MANIFEST_BYTES, what="manifest")
+        return None if data is None else load_manifest(data, name=path)
+    except ManifestError as e:
+        return e
+
+
+def _marker_state(root: Path, path: str) -> MarkerState:
+    try:
+        data = read_rootfs_file(root, path, limit=MAX_MARKER_BYTES, what="HOT_RELOAD marker")
+        return read_marker(data, name=path)
+    except ManifestError as e:
+        return e
+
+
+def read_slot(root: Path, *, manifest_path: str = MANIFEST_PATH, marker_path: str = MARKER_PATH) -> tuple[ManifestState, MarkerState]:
+    """A mounted tree's manifest and marker, each None when missing or a ManifestError when bad."""
+    return _manifest_state(root, manifest_path), _marker_state(root, marker_path)
+
+
+def inspect_slot(
+    running_root: Path,
+    new_root: Path,
+    *,
+    manifest_path: str = MANIFEST_PATH,
+    marker_path: str = MARKER_PATH,
+    app_dirs: Sequence[str],
+    interpreter: Sequence[str] = DEFAULT_INTERPRETER,
+) -> Verdict:
+    """The verdict for the new slot mounted at ``new_root`` against the running root.
+
+    Blocking file I/O (hashes the app files): from async code run it in a worker thread.
+    """
+    old, _ = read_slot(running_root, manifest_path=manifest_path, marker_path=marker_path)
+    new, marker = read_slot(new_root, manifest_path=manifest_path, marker_path=marker_path)
+    mismatches: tuple[str, ...] = ()
+    if isinstance(new, Manifest):
+        mismatches = verify_app_files(new_root, new, app_dirs=app_dirs, exclude=(manifest_path, marker_path))
+    verdict = decide(old, new, marker, app_dirs=app_dirs, interpreter=interpreter, app_mismatches=mismatches)
+    log.info("inspect %s: %s (%d changes)", new_root, verdict.summary(), len(verdict.changes))
+    return verdict

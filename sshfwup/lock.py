@@ -1,0 +1,111 @@
+"""The device-wide update lock: an ``flock``'d lock file.
+
+A lock file rather than an in-process flag, so that every updater on the device (a second
+sshfwup, a vendor script running fwup by hand with ``flock``) can respect the same lock. Two
+concurrent fwup runs on one partition are how boards end up in a reboot loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeviceBusy", "DeviceLock", "LockHolder"]
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int
+    who: str
+    since: float
+
+    def describe(self) -> str:
+        age = max(0.0, time.time() - self.since)
+        return f"{self.who} (pid {self.pid}, started {age:.0f} s ago)"
+
+
+class DeviceBusy(Exception):
+    """Another update holds the device lock."""
+
+    def __init__(self, holder: LockHolder | None) -> None:
+        self.holder = holder
+        by = f" by {holder.describe()}" if holder else ""
+        super().__init__(f"another firmware update is in progress{by}; try again when it has finished")
+
+
+class DeviceLock:
+    """Non-blocking exclusive lock. ``acquire()`` raises :class:`DeviceBusy` at once if held."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, who: str) -> None:
+        if self._fd is not None:
+            raise DeviceBusy(self.holder())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DeviceBusy(self.holder()) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # Who holds it, for the next uploader's error message. Advisory text only: the flock is the lock.
+        info = json.dumps({"pid": os.getpid(), "who": who, "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        self._fd = fd
+        log.debug("device lock %s taken by %s", self.path, who)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing the descriptor drops the flock
+        log.debug("device lock %s released", self.path)
+
+    def busy(self) -> bool:
+        """Whether some updater (this process or another) holds the lock right now."""
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def holder(self) -> LockHolder | None:
+        try:
+            data = json.loads(self.path.read_text() or "null")
+            return LockHolder(int(data["pid"]), str(data["who"]), float(data["since"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def __enter__(self) -> "DeviceLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

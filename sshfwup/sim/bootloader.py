@@ -1,0 +1,179 @@
+"""The simulated U-Boot: which slot boots, and what the boot script writes back to the env.
+
+``choose_boot`` is the boot script's decision as a pure function of the environment, so every
+branch is testable without a disk. ``UBootEnv`` reads and writes the real environment block
+inside the disk image with libubootenv's ``fw_printenv``/``fw_setenv``, and ``boot`` joins the
+two the way U-Boot does at power-on: read, decide, save.
+
+The rules (Nerves-style A/B with a boot counter):
+
+- ``nerves_fw_active`` names the slot to boot.
+- ``upgrade_available=1`` means that firmware has not validated itself yet. Each such boot
+  increments ``bootcount``; once ``bootcount`` exceeds ``bootlimit`` the firmware is given up on:
+  the other slot becomes active again and counts as validated.
+- ``nerves_fw_booted=1`` is written on every boot.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BootChoice", "BootEnvError", "UBootEnv", "boot", "choose_boot", "other_slot"]
+
+SLOTS = ("a", "b")
+DEFAULT_SLOT = "a"
+DEFAULT_BOOTLIMIT = 3
+
+
+class BootEnvError(Exception):
+    """The U-Boot environment could not be read or written."""
+
+
+@dataclass(frozen=True)
+class BootChoice:
+    """The boot script's decision: the slot to boot, the env variables to save, and why."""
+
+    slot: str
+    updates: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+def other_slot(slot: str) -> str:
+    return "b" if slot == "a" else "a"
+
+
+def _int_var(env: Mapping[str, str], name: str, default: int, notes: list[str]) -> int:
+    raw = env.get(name)
+    if raw is None:
+        notes.append(f"{name} not set, using {default}")
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        notes.append(f"{name}={raw!r} is not a number, using {default}")
+        return default
+    if value < 0:
+        notes.append(f"{name}={raw!r} is negative, using {default}")
+        return default
+    return value
+
+
+def choose_boot(env: Mapping[str, str]) -> BootChoice:
+    """Decide which slot boots from the environment, like the device's U-Boot script."""
+    notes: list[str] = []
+    updates: dict[str, str] = {}
+
+    active = env.get("nerves_fw_active")
+    if active not in SLOTS:
+        what = "not set" if active is None else f"{active!r} is not a slot"
+        notes.append(f"nerves_fw_active {what}, booting slot {DEFAULT_SLOT}")
+        active = DEFAULT_SLOT
+        updates["nerves_fw_active"] = active
+
+    upgrade_available = env.get("upgrade_available")
+    if upgrade_available is None:
+        # Without the flag, an explicitly unvalidated firmware is the best evidence we have.
+        unvalidated = env.get("nerves_fw_validated") == "0"
+        notes.append(
+            "upgrade_available not set, "
+            + ("nerves_fw_validated=0 so treating the firmware as unvalidated" if unvalidated else "treating as 0")
+        )
+    else:
+        unvalidated = upgrade_available == "1"
+
+    if unvalidated:
+        bootcount = _int_var(env, "bootcount", 0, notes) + 1
+        bootlimit = _int_var(env, "bootlimit", DEFAULT_BOOTLIMIT, notes)
+        if bootcount > bootlimit:
+            fallback = other_slot(active)
+            updates.update(
+                nerves_fw_active=fallback,
+                nerves_fw_validated="1",
+                upgrade_available="0",
+                bootcount="0",
+            )
+            reason = (
+                f"firmware in slot {active} was not validated within {bootlimit} boot attempts; "
+                f"falling back to slot {fallback}"
+            )
+            active = fallback
+        else:
+            updates["bootcount"] = str(bootcount)
+            reason = f"booting unvalidated firmware in slot {active} (attempt {bootcount} of {bootlimit})"
+    else:
+        reason = f"booting slot {active}"
+
+    updates["nerves_fw_booted"] = "1"
+    if notes:
+        reason += " (" + "; ".join(notes) + ")"
+    return BootChoice(slot=active, updates=updates, reason=reason)
+
+
+class UBootEnv:
+    """The U-Boot environment block, through libubootenv's command-line tools."""
+
+    def __init__(
+        self,
+        config: Path,
+        *,
+        fw_printenv: str = "fw_printenv",
+        fw_setenv: str = "fw_setenv",
+        timeout: float = 10.0,
+    ) -> None:
+        self.config = Path(config)
+        self.fw_printenv = fw_printenv
+        self.fw_setenv = fw_setenv
+        self.timeout = timeout
+
+    def _run(self, argv: list[str], stdin: bytes | None = None) -> str:
+        try:
+            proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=self.timeout, check=False)
+        except FileNotFoundError:
+            raise BootEnvError(f"{argv[0]} not found: install libubootenv's tools (libubootenv-tool)") from None
+        except subprocess.TimeoutExpired:
+            raise BootEnvError(f"{argv[0]} did not finish within {self.timeout:g} s") from None
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).decode(errors="replace").strip() or f"exit status {proc.returncode}"
+            raise BootEnvError(f"{argv[0]} -c {self.config} failed: {detail}")
+        return proc.stdout.decode(errors="replace")
+
+    def read(self) -> dict[str, str]:
+        """All variables. Raises BootEnvError when the block is missing or its CRC is wrong."""
+        text = self._run([self.fw_printenv, "-c", str(self.config)])
+        env: dict[str, str] = {}
+        for line in text.splitlines():
+            name, sep, value = line.partition("=")
+            if sep:
+                env[name] = value
+        return env
+
+    def write(self, updates: Mapping[str, str | None]) -> None:
+        """Set (or, with None or "", delete) variables in one ``fw_setenv`` call: one env write."""
+        if not updates:
+            return
+        script = []
+        for name, value in updates.items():
+            if not name or "=" in name or any(c.isspace() for c in name):
+                raise BootEnvError(f"invalid U-Boot variable name {name!r}")
+            value = value or ""
+            if "\n" in value or "\0" in value:
+                raise BootEnvError(f"value of {name} must be a single line")
+            script.append(f"{name}={value}\n")
+        # libubootenv's script syntax: name=value per line; "name=" deletes the variable.
+        self._run([self.fw_setenv, "-c", str(self.config), "-s", "-"], stdin="".join(script).encode())
+
+
+def boot(env: UBootEnv) -> BootChoice:
+    """Power-on: read the env, choose a slot, save the variables that changed."""
+    current = env.read()
+    choice = choose_boot(current)
+    changed = {k: v for k, v in choice.updates.items() if current.get(k) != v}
+    env.write(changed)
+    log.info("U-Boot: %s", choice.reason)
+    return choice

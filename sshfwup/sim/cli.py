@@ -1,0 +1,167 @@
+"""``sshfwup sim``: make, run and drive simulated devices from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import anyio
+
+from sshfwup.fwfile import FirmwareError
+from sshfwup.manifest import ManifestError
+from sshfwup.sim.bootloader import BootEnvError
+from sshfwup.sim.device import SimDevice, SimError, cleanup
+from sshfwup.sim.machine import MachineError, MachineState, power_cut_machine, reboot_machine, run_machine
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Simulated A/B devices for sshfwup: a disk image with a U-Boot environment, two root
+filesystem slots and a data partition, mounted through loop devices (needs root).
+
+  sshfwup sim create DIR                 make a device (factory-flashed with a sample v1)
+  sshfwup sim run DIR                    power it on in the foreground (Ctrl-C powers off)
+  sshfwup sim reboot DIR                 reboot the running machine
+  sshfwup sim power-cut DIR              cut its power (it boots again at once)
+  sshfwup sim status DIR                 machine state and boot environment
+  sshfwup sim destroy DIR                stop everything and delete the directory
+"""
+
+
+def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    create = sub.add_parser("create", help="make a new simulated device in DIR")
+    create.add_argument("dir", type=Path, metavar="DIR", help="the device directory (created)")
+    create.add_argument("--firmware", type=Path, metavar="FILE", help="the .fw to flash (default: build a sample 1.0.0)")
+    create.add_argument("--ssh-port", type=int, default=2222, help="sshfwup's SSH port (default: %(default)s)")
+    create.add_argument("--app-port", type=int, default=8080, help="the sample app's HTTP port (default: %(default)s)")
+    create.add_argument(
+        "--authorized-key", type=Path, action="append", default=[], metavar="FILE",
+        help="a public key file allowed to upload (repeatable)",
+    )
+    create.add_argument("--fwup", metavar="PATH", help="a real fwup executable (default: the project's stand-in)")
+
+    run = sub.add_parser("run", help="power the device on; runs in the foreground until SIGTERM/Ctrl-C")
+    run.add_argument("dir", type=Path, metavar="DIR", help="the device directory")
+    run.add_argument(
+        "--server-command", metavar="JSON",
+        help='run this instead of sshfwup serve: a JSON list; "{config}" and "{device}" are substituted',
+    )
+
+    for name, text in (
+        ("reboot", "reboot the running machine (the device's reboot command)"),
+        ("power-cut", "cut the running machine's power; it boots again at once"),
+        ("status", "print the machine state and the boot environment as JSON"),
+        ("destroy", "kill the machine and its processes, unmount, detach, delete DIR"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("dir", type=Path, metavar="DIR", help="the device directory")
+    return parser
+
+
+def _create(args: argparse.Namespace) -> int:
+    keys: list[str] = []
+    for key_file in args.authorized_key:
+        try:
+            keys += [line for line in key_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise SimError(f"cannot read public key file {key_file}: {e.strerror}") from None
+    for port in (args.ssh_port, args.app_port):
+        if not 0 < port < 65536:
+            raise SimError(f"port must be 1..65535, got {port}")
+    if args.firmware is not None:
+        device = SimDevice.create(
+            args.dir, firmware=args.firmware, fwup=args.fwup, authorized_keys=keys,
+            ssh_port=args.ssh_port, app_port=args.app_port,
+        )
+    else:
+        from sshfwup.sim.rootfs import build_sample_firmware
+
+        with tempfile.TemporaryDirectory(prefix="sshfwup-sim-fw-") as work:
+            firmware = build_sample_firmware(Path(work), version="1.0.0")
+            device = SimDevice.create(
+                args.dir, firmware=firmware, fwup=args.fwup, authorized_keys=keys,
+                ssh_port=args.ssh_port, app_port=args.app_port,
+            )
+    print(f"created {device.path} (ssh port {device.ssh_port}, app port {device.app_port})")
+    if not keys:
+        print(f"note: no authorized keys; add public keys to {device.server_data_dir}/authorized_keys while it runs")
+    print(f"power it on with: sshfwup sim run {device.path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = None
+    if args.server_command:
+        try:
+            command = json.loads(args.server_command)
+        except ValueError as e:
+            raise SimError(f"--server-command is not JSON: {e}") from None
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+            raise SimError("--server-command must be a non-empty JSON list of strings")
+    return anyio.run(lambda: run_machine(args.dir, server_command=command))
+
+
+def _status(args: argparse.Namespace) -> int:
+    device = SimDevice.open(args.dir)
+    state = MachineState.read(device.path)
+    try:
+        env: dict[str, str] | str = device.env()
+    except BootEnvError as e:
+        env = f"unreadable: {e}"
+    report = {"device": str(device.path), "machine": asdict(state) if state else None, "boot_env": env}
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
+
+
+def _destroy(args: argparse.Namespace) -> int:
+    path = args.dir.resolve()
+    if not path.exists():
+        raise SimError(f"{path} does not exist")
+    if not (path / "device.json").exists() and not (path / "disk.img").exists():
+        raise SimError(f"{path} is not a simulated device; refusing to delete it")
+    cleanup(path)
+    shutil.rmtree(path)
+    print(f"destroyed {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "sshfwup sim") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s sim[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command in ("create", "run", "destroy") and os.geteuid() != 0:
+        print(f"{prog} {args.command}: needs root (loop devices and mounts)", file=sys.stderr)
+        return 1
+    handlers = {
+        "create": _create,
+        "run": _run,
+        "reboot": lambda a: reboot_machine(a.dir) or 0,
+        "power-cut": lambda a: power_cut_machine(a.dir) or 0,
+        "status": _status,
+        "destroy": _destroy,
+    }
+    try:
+        return handlers[args.command](args)
+    except (SimError, MachineError, BootEnvError, FirmwareError, ManifestError, ValueError, PermissionError) as e:
+        print(f"{prog} {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

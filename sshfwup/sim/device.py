@@ -1,0 +1,750 @@
+"""One simulated A/B device in a directory: disk image, loop devices, mounts, server config.
+
+The directory ``D`` holds everything (see docs/ARCHITECTURE.md)::
+
+    D/disk.img        the whole disk: MBR, U-Boot env, rootfs a, rootfs b, app data
+    D/fw_env.config   where the U-Boot env sits inside disk.img, for fw_printenv/fw_setenv
+    D/device.json     how this device was made (layout, ports, fwup, config overrides)
+    D/root/           the running root: the booted slot, mounted read-only
+    D/data/           the app data partition (ext4), holds sshfwup's data dir
+    D/run/            the server's run dir (lock, the pipeline's slot mounts)
+    D/sshfwup.toml    the server's configuration
+    D/machine.json    the simulated machine's state (written by machine.py)
+    D/bin/fwup        a wrapper around the fwup stand-in, unless a real fwup is used
+
+This kernel sandbox creates no partition nodes (loopNpM), so each partition is its own loop
+device over ``disk.img`` with an offset and a size limit. fwup writes ``disk.img`` itself, not
+the loop devices, and a loop block device keeps its own page cache: every mount of a slot
+flushes that device's buffers first, or it would show the slot as it was before the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sshfwup.sim.bootloader import UBootEnv
+from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
+from sshfwup.sim.toml_write import dumps as toml_dumps
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MACHINE_LOCK",
+    "MARKER_ENV",
+    "LoopDevice",
+    "Mount",
+    "ProvisionError",
+    "SimDevice",
+    "SimError",
+    "cleanup",
+    "kill_marked_processes",
+    "lock_holders",
+    "loop_devices",
+    "machine_pids",
+    "marked_processes",
+    "mounts",
+]
+
+#: Every process started under a simulated machine carries ``SSHFWUP_SIM_MACHINE=<D>`` in its
+#: environment, so the machine (and ``cleanup``) can find them all, however deep.
+MARKER_ENV = "SSHFWUP_SIM_MACHINE"
+
+SLOTS = ("a", "b")
+ROLES = ("a", "b", "app")
+DEVICE_JSON = "device.json"
+MACHINE_LOCK = "machine.lock"  # held by the running machine for its whole life
+APP_FSTYPE = "ext4"
+
+
+class SimError(Exception):
+    """The simulated device could not be set up or driven (loop device, mount, config...)."""
+
+
+class ProvisionError(SimError):
+    """Factory provisioning (fwup's ``complete`` task or formatting the data partition) failed."""
+
+
+# --- system state: loop devices, mounts, processes -------------------------------------------
+
+
+def _run(argv: Sequence[str], *, what: str, timeout: float = 60.0, stdin: bytes | None = None) -> str:
+    try:
+        proc = subprocess.run(list(argv), input=stdin, capture_output=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SimError(f"{what}: {argv[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise SimError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+        raise SimError(f"{what}: {detail or f'{argv[0]} exited with status {proc.returncode}'}")
+    return proc.stdout.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    name: str  # /dev/loopN
+    back_file: str
+    offset: int
+    sizelimit: int
+    read_only: bool
+
+
+def loop_devices(back_file: Path | None = None) -> list[LoopDevice]:
+    """Attached loop devices (``losetup -J -l``), optionally only those over ``back_file``."""
+    text = _run(["losetup", "-J", "-l"], what="listing loop devices")
+    if not text.strip():  # losetup prints nothing at all when no loop device is attached
+        return []
+    wanted = str(back_file) if back_file is not None else None
+    found = []
+    for entry in json.loads(text).get("loopdevices", []):
+        backing = entry.get("back-file") or ""
+        backing = backing.removesuffix(" (deleted)")
+        if wanted is not None and backing != wanted:
+            continue
+        found.append(
+            LoopDevice(
+                name=entry["name"],
+                back_file=backing,
+                offset=int(entry.get("offset") or 0),
+                sizelimit=int(entry.get("sizelimit") or 0),
+                read_only=bool(entry.get("ro")),
+            )
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    mount_point: Path
+    source: str
+    fstype: str
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[Mount]:
+    """The current mount table (``/proc/self/mountinfo``)."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append(
+                Mount(
+                    mount_id=int(fields[0]),
+                    mount_point=Path(_unescape(fields[4])),
+                    source=_unescape(fields[sep + 2]),
+                    fstype=fields[sep + 1],
+                )
+            )
+    return out
+
+
+def _mounts_under(path: Path) -> list[Mount]:
+    return [m for m in mounts() if m.mount_point == path or path in m.mount_point.parents]
+
+
+def _umount(mount_point: Path, *, lazy_fallback: bool = True) -> None:
+    """Unmount, retrying while busy; as a last resort detach lazily (the mount goes when unused)."""
+    last = ""
+    for _ in range(20):
+        proc = subprocess.run(["umount", str(mount_point)], capture_output=True, check=False)
+        if proc.returncode == 0:
+            return
+        last = proc.stderr.decode(errors="replace").strip()
+        if "not mounted" in last:
+            return
+        time.sleep(0.05)
+    if not lazy_fallback:
+        raise SimError(f"cannot unmount {mount_point}: {last}")
+    log.warning("unmounting %s lazily (still busy: %s)", mount_point, last)
+    _run(["umount", "-l", str(mount_point)], what=f"unmounting {mount_point}")
+
+
+def _unmount_under(path: Path) -> None:
+    """Unmount everything at or below ``path``, deepest (and most recent) first."""
+    for _ in range(100):  # stacked mounts reappear one layer at a time
+        found = _mounts_under(path)
+        if not found:
+            return
+        deepest = max(found, key=lambda m: (len(m.mount_point.parts), m.mount_id))
+        _umount(deepest.mount_point)
+    raise SimError(f"mounts under {path} keep reappearing")
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) S ..." — comm may hold spaces and parentheses: split after the last ")"
+    return stat[stat.rindex(b")") + 2 :].split(b" ", 1)[0].decode()
+
+
+def _alive(pid: int) -> bool:
+    state = _process_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def marked_processes(device_dir: Path) -> list[int]:
+    """Live processes whose environment carries this device's machine marker."""
+    needle = f"{MARKER_ENV}={Path(device_dir).resolve()}".encode()
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    pending = [p for p in pids if _alive(p)]
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pending = [p for p in pending if _alive(p)]
+    return pending
+
+
+def kill_marked_processes(device_dir: Path, *, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every marked process (repeatedly: a dying parent may just have forked)."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = marked_processes(device_dir)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        _wait_gone(pids, max(0.0, deadline - time.monotonic()))
+    left = marked_processes(device_dir)
+    if left:
+        raise SimError(f"processes {left} of the simulated device {device_dir} survived SIGKILL")
+    return sorted(killed)
+
+
+def lock_holders(path: Path) -> list[int]:
+    """Pids holding a flock/POSIX lock on ``path`` (from ``/proc/locks``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = []
+    with open("/proc/locks", encoding="ascii", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 12345 fe:00:2155479 0 EOF" (blocked waiters have "->")
+            if "->" in fields:
+                continue
+            if len(fields) >= 6 and fields[5] == wanted and fields[4].isdigit():
+                holders.append(int(fields[4]))
+    return holders
+
+
+def machine_pids(device_dir: Path) -> list[int]:
+    """The running machine of this device: whoever holds ``D/machine.lock`` (held for its life)."""
+    return [pid for pid in lock_holders(Path(device_dir).resolve() / MACHINE_LOCK) if _alive(pid)]
+
+
+def cleanup(path: Path) -> None:
+    """Tear a simulated device down completely, whatever state it was left in. Safe to repeat.
+
+    Kills its machine and every process started under it, unmounts everything under the
+    directory, and detaches every loop device over its disk image.
+    """
+    device_dir = Path(path).resolve()
+    problems: list[str] = []
+    machines = machine_pids(device_dir)
+    for pid in machines:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _wait_gone(machines, 5.0)
+    try:
+        kill_marked_processes(device_dir)
+    except SimError as e:
+        problems.append(str(e))
+    try:
+        _unmount_under(device_dir)
+    except SimError as e:
+        problems.append(str(e))
+    for loop in loop_devices(device_dir / "disk.img"):
+        try:
+            _run(["losetup", "-d", loop.name], what=f"detaching {loop.name}")
+        except SimError as e:
+            problems.append(str(e))
+    if problems:
+        raise SimError(f"cleanup of {device_dir} incomplete: " + "; ".join(problems))
+
+
+# --- the device ----------------------------------------------------------------------------
+
+
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fchmod(f.fileno(), mode)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_FWUP_WRAPPER = """#!/bin/sh
+# fwup for this simulated device: the project's stand-in (a test double, not the real fwup).
+exec {python} -m sshfwup.sim.fwup_standin "$@"
+"""
+
+
+class SimDevice:
+    """A simulated device in a directory. Power and mounts are driven by the machine."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        layout: Layout,
+        fwup: str,
+        ssh_port: int,
+        app_port: int,
+        config_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path).resolve()
+        self.layout = layout
+        self.fwup = fwup
+        self.ssh_port = ssh_port
+        self.app_port = app_port
+        self.config_overrides: dict[str, Any] = dict(config_overrides or {})
+
+    # --- paths
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.img"
+
+    @property
+    def fw_env_config(self) -> Path:
+        return self.path / "fw_env.config"
+
+    @property
+    def root_dir(self) -> Path:
+        return self.path / "root"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path / "run"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "sshfwup.toml"
+
+    @property
+    def machine_json(self) -> Path:
+        return self.path / "machine.json"
+
+    @property
+    def server_data_dir(self) -> Path:
+        return self.data_dir / "sshfwup"
+
+    def __repr__(self) -> str:
+        return f"SimDevice({str(self.path)!r})"
+
+    # --- creation
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        firmware: Path,
+        layout: Layout = DEFAULT_LAYOUT,
+        fwup: str | None = None,
+        authorized_keys: Sequence[str] = (),
+        ssh_port: int,
+        app_port: int,
+        config_overrides: Mapping[str, Any] | None = None,
+    ) -> SimDevice:
+        """Make a new device like a factory would: blank disk, fwup ``complete``, empty data fs."""
+        path = Path(path).resolve()
+        firmware = Path(firmware).resolve()
+        if not firmware.is_file():
+            raise ProvisionError(f"firmware file {firmware} not found")
+        if (path / "disk.img").exists() or (path / DEVICE_JSON).exists():
+            raise SimError(f"{path} already holds a simulated device (destroy it first)")
+        for sub in ("", "root", "data", "run", "bin"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        if fwup is None:
+            wrapper = path / "bin" / "fwup"
+            _atomic_write(wrapper, _FWUP_WRAPPER.format(python=shlex.quote(sys.executable)), mode=0o755)
+            fwup = str(wrapper)
+        device = cls(
+            path,
+            layout=layout,
+            fwup=fwup,
+            ssh_port=ssh_port,
+            app_port=app_port,
+            config_overrides=config_overrides,
+        )
+        with open(device.disk, "wb") as f:
+            f.truncate(layout.disk_bytes)  # sparse
+        env_offset, env_size = layout.uboot_env_span
+        _atomic_write(device.fw_env_config, f"{device.disk} 0x{env_offset:x} 0x{env_size:x}\n")
+        device._save()
+        device._provision(firmware, authorized_keys)
+        device.write_config()
+        log.info("created simulated device %s from %s", path, firmware.name)
+        return device
+
+    def _provision(self, firmware: Path, authorized_keys: Sequence[str]) -> None:
+        argv = [self.fwup, "-a", "-d", str(self.disk), "-i", str(firmware), "-t", "complete"]
+        proc = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            output = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+            raise ProvisionError(f"fwup -t complete failed (exit status {proc.returncode}): {output}")
+        try:
+            self.attach()
+            app_loop = self._loops()["app"].name
+            try:
+                _run(["mkfs.ext4", "-q", "-F", "-L", "appdata", app_loop], what="formatting the app data partition")
+            except SimError as e:
+                raise ProvisionError(str(e)) from None
+            self.mount_data()
+            keys = self.server_data_dir / "authorized_keys"
+            _atomic_write(keys, "".join(line.rstrip("\n") + "\n" for line in authorized_keys), mode=0o600)
+        finally:
+            self.unmount_all()
+            self.detach()
+
+    @classmethod
+    def open(cls, path: Path) -> SimDevice:
+        """An existing device directory (made by ``create``)."""
+        path = Path(path).resolve()
+        try:
+            saved = json.loads((path / DEVICE_JSON).read_text())
+        except FileNotFoundError:
+            raise SimError(f"{path} is not a simulated device ({DEVICE_JSON} missing)") from None
+        except (OSError, ValueError) as e:
+            raise SimError(f"{path / DEVICE_JSON} is unreadable: {e}") from None
+        try:
+            return cls(
+                path,
+                layout=Layout(**saved["layout"]),
+                fwup=saved["fwup"],
+                ssh_port=int(saved["ssh_port"]),
+                app_port=int(saved["app_port"]),
+                config_overrides=saved.get("config_overrides") or {},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise SimError(f"{path / DEVICE_JSON} is incomplete: {e}") from None
+
+    def _save(self) -> None:
+        saved = {
+            "layout": dataclasses.asdict(self.layout),
+            "fwup": self.fwup,
+            "ssh_port": self.ssh_port,
+            "app_port": self.app_port,
+            "config_overrides": self.config_overrides,
+        }
+        _atomic_write(self.path / DEVICE_JSON, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+    # --- loop devices
+
+    def _span(self, role: str) -> tuple[int, int]:
+        return self.layout.app_span if role == "app" else self.layout.slot_span(role)
+
+    def _loops(self) -> dict[str, LoopDevice]:
+        """Our attached loop devices by role (a, b, app), matched by offset and size."""
+        found: dict[str, LoopDevice] = {}
+        for loop in loop_devices(self.disk):
+            for role in ROLES:
+                if (loop.offset, loop.sizelimit) == self._span(role) and role not in found:
+                    found[role] = loop
+        return found
+
+    def attach(self) -> dict[str, str]:
+        """Power on the disk: loop devices for slot a, slot b (read-only) and app data (rw)."""
+        loops = self._loops()
+        for role in ROLES:
+            if role in loops:
+                continue
+            offset, size = self._span(role)
+            argv = ["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size)]
+            if role in SLOTS:
+                argv.append("--read-only")
+            _run([*argv, str(self.disk)], what=f"attaching a loop device for {role}")
+        loops = self._loops()
+        missing = [r for r in ROLES if r not in loops]
+        if missing:
+            raise SimError(f"loop devices for {missing} did not appear")
+        return {role: loop.name for role, loop in loops.items()}
+
+    def is_attached(self) -> bool:
+        return set(self._loops()) == set(ROLES)
+
+    def detach(self) -> None:
+        """Unmount what uses the disk and detach every loop device over it."""
+        self.unmount_all()
+        for loop in loop_devices(self.disk):
+            _run(["losetup", "-d", loop.name], what=f"detaching {loop.name}")
+
+    def slot_device(self, slot: str) -> str:
+        """The loop device of a slot (attached)."""
+        if slot not in SLOTS:
+            raise ValueError(f"no slot {slot!r} (slots are a and b)")
+        loop = self._loops().get(slot)
+        if loop is None:
+            raise SimError(f"slot {slot} of {self.path} has no loop device: the device is powered off")
+        return loop.name
+
+    def slot_devices(self) -> dict[str, str]:
+        return {slot: self.slot_device(slot) for slot in SLOTS}
+
+    @staticmethod
+    def flush(device: str) -> None:
+        """Drop a loop device's page cache so it shows what fwup wrote to the image file."""
+        _run(["blockdev", "--flushbufs", device], what=f"flushing {device}")
+
+    # --- mounts
+
+    def _mounted_at(self, mount_point: Path) -> Mount | None:
+        found = [m for m in mounts() if m.mount_point == mount_point]
+        return max(found, key=lambda m: m.mount_id) if found else None
+
+    def mount_root(self, slot: str, *, fstype: str = "squashfs") -> None:
+        """Mount a slot read-only as the running root at ``D/root`` (replacing another slot)."""
+        device = self.slot_device(slot)
+        current = self._mounted_at(self.root_dir)
+        if current is not None:
+            if current.source == device:
+                return
+            _unmount_under(self.root_dir)
+        self.root_dir.mkdir(parents=True, exist_ok=True)
+        self.flush(device)
+        _run(
+            ["mount", "-t", fstype, "-o", "ro,nodev,nosuid", device, str(self.root_dir)],
+            what=f"mounting slot {slot} ({device}) at {self.root_dir}",
+        )
+
+    def running_slot(self) -> str | None:
+        """The slot mounted at ``D/root``, from the mount table."""
+        current = self._mounted_at(self.root_dir)
+        if current is None:
+            return None
+        for slot, loop in self._loops().items():
+            if slot in SLOTS and loop.name == current.source:
+                return slot
+        return None
+
+    def mount_data(self) -> None:
+        """Mount the app data partition read-write at ``D/data``; make sshfwup's data dir."""
+        loop = self._loops().get("app")
+        if loop is None:
+            raise SimError(f"the data partition of {self.path} has no loop device: the device is powered off")
+        current = self._mounted_at(self.data_dir)
+        if current is None or current.source != loop.name:
+            if current is not None:
+                _unmount_under(self.data_dir)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            _run(
+                ["mount", "-t", APP_FSTYPE, "-o", "nodev,nosuid", loop.name, str(self.data_dir)],
+                what=f"mounting the data partition ({loop.name}) at {self.data_dir}",
+            )
+        self.server_data_dir.mkdir(mode=0o700, exist_ok=True)
+
+    def unmount_all(self) -> None:
+        """Unmount everything under ``D`` (the pipeline's run/slots/* too), deepest first."""
+        _unmount_under(self.path)
+
+    def cleanup(self) -> None:
+        cleanup(self.path)
+
+    # --- queries for tests
+
+    def boot_env(self) -> UBootEnv:
+        return UBootEnv(self.fw_env_config)
+
+    def env(self) -> dict[str, str]:
+        return self.boot_env().read()
+
+    def set_env(self, **variables: str | None) -> None:
+        """Set (None: delete) U-Boot variables, in one write."""
+        self.boot_env().write(variables)
+
+    def read_slot_file(self, slot: str, path: str) -> bytes:
+        """Read one file from a slot's filesystem (mounted read-only at a temporary directory)."""
+        relative = path.lstrip("/")
+        if not relative or ".." in Path(relative).parts:
+            raise ValueError(f"expected an absolute path inside the root filesystem, got {path!r}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        mount_point = Path(tempfile.mkdtemp(prefix=f"peek-{slot}-", dir=self.run_dir))
+        temp_loop: str | None = None
+        mounted = False
+        try:
+            loop = self._loops().get(slot)
+            if loop is None:
+                offset, size = self.layout.slot_span(slot)
+                temp_loop = _run(
+                    ["losetup", "--find", "--show", "--read-only", "--offset", str(offset),
+                     "--sizelimit", str(size), str(self.disk)],
+                    what=f"attaching slot {slot}",
+                ).strip()
+                device = temp_loop
+            else:
+                device = loop.name
+                self.flush(device)
+            _run(
+                ["mount", "-t", "squashfs", "-o", "ro,nodev,nosuid", device, str(mount_point)],
+                what=f"mounting slot {slot} ({device})",
+            )
+            mounted = True
+            return (mount_point / relative).read_bytes()
+        finally:
+            if mounted:
+                _umount(mount_point)
+            mount_point.rmdir()
+            if temp_loop:
+                _run(["losetup", "-d", temp_loop], what=f"detaching {temp_loop}")
+
+    def slot_bytes_sha256(self, slot: str, length: int) -> str:
+        """sha256 of the first ``length`` bytes of a slot, read from the disk image itself."""
+        offset, size = self.layout.slot_span(slot)
+        if not 0 <= length <= size:
+            raise ValueError(f"length must be between 0 and the slot size {size}, got {length}")
+        digest = hashlib.sha256()
+        with open(self.disk, "rb") as f:
+            f.seek(offset)
+            left = length
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+        return digest.hexdigest()
+
+    # --- server configuration
+
+    def _base_config(self) -> dict[str, Any]:
+        loops = self._loops()
+        slots = {
+            slot: loops[slot].name if slot in loops else str(self.run_dir / f"slot-{slot}.not-attached")
+            for slot in SLOTS
+        }
+        return {
+            "server": {
+                "listen": "127.0.0.1",
+                "port": self.ssh_port,
+                "host_key": str(self.server_data_dir / "ssh_host_ed25519_key"),
+                "authorized_keys": [str(self.server_data_dir / "authorized_keys")],
+                "data_dir": str(self.server_data_dir),
+                "run_dir": str(self.run_dir),
+                "lock_file": str(self.run_dir / "update.lock"),
+                "login_timeout": 10,
+            },
+            "fwup": {"path": self.fwup, "devpath": str(self.disk)},
+            "device": {
+                "fw_env_config": str(self.fw_env_config),
+                "root_mount": str(self.root_dir),
+                "slots": slots,
+                "reboot_command": [sys.executable, "-m", "sshfwup.sim", "reboot", str(self.path)],
+            },
+            "app": {
+                "command": [sys.executable, "{app_dir}/app.py"],
+                "app_dir": "/srv/app",
+                "sockets": [f"http=tcp:127.0.0.1:{self.app_port}"],
+                "ready": "notify",
+                "ready_timeout": 10,
+                "drain_timeout": 5,
+                "observe": 2,
+            },
+        }
+
+    def _write_checked(self, document: Mapping[str, Any]) -> None:
+        from sshfwup.config import ConfigError, parse_config
+
+        text = toml_dumps(document)
+        try:
+            parse_config(tomllib.loads(text), source=self.config_path)
+        except ConfigError as e:
+            raise SimError(f"the server configuration would be invalid: {e}") from None
+        _atomic_write(self.config_path, text)
+
+    def write_config(self, **overrides: Any) -> Path:
+        """Write ``D/sshfwup.toml``. Overrides deep-merge (``app={"strategy": "stop-first"}``)
+        and are remembered, so later rewrites (each power-on) keep them."""
+        merged = _deep_merge(self.config_overrides, overrides)
+        self._write_checked(_deep_merge(self._base_config(), merged))
+        if merged != self.config_overrides:
+            self.config_overrides = merged
+            self._save()
+        return self.config_path
+
+    def refresh_slots(self) -> Path:
+        """Point ``[device] slots`` at the current loop devices, keeping every other setting."""
+        try:
+            document = tomllib.loads(self.config_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            log.warning("%s missing or unreadable; writing it afresh", self.config_path)
+            return self.write_config()
+        document.setdefault("device", {})["slots"] = self.slot_devices()
+        self._write_checked(document)
+        return self.config_path
+
+    # --- removal
+
+    def destroy(self) -> None:
+        """Clean up and delete the whole directory."""
+        cleanup(self.path)
+        shutil.rmtree(self.path)

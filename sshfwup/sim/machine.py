@@ -1,0 +1,514 @@
+"""The simulated machine: firmware, init and service manager of one simulated device.
+
+``sshfwup sim run D`` runs in the foreground for as long as the device is "powered":
+
+- **boot**: U-Boot's choice (``bootloader.boot``), loop devices attached, data partition and the
+  chosen slot mounted (``D/data``, ``D/root``), ``[device] slots`` pointed at the loop devices,
+  then the server started — like a systemd service with ``Type=notify``: it gets a
+  ``NOTIFY_SOCKET`` and is ready when it sends ``READY=1`` (only the server's own pid counts,
+  like ``NotifyAccess=main``). A boot that fails (an unmountable slot) is retried like a
+  watchdog reset, so the boot counter can fall back; after several failures in a row the
+  machine halts.
+- **Restart=always**: a server that dies is started again after ``RESTART_DELAY``.
+- **SIGUSR1** reboot (SIGTERM the server, wait ``STOP_TIMEOUT``, SIGKILL everything left,
+  unmount, boot again), **SIGUSR2** power cut (SIGKILL everything at once, unmount, boot again),
+  **SIGTERM/SIGINT** power off (stop, unmount, detach the loop devices, exit 0).
+
+Every process started under the machine inherits ``SSHFWUP_SIM_MACHINE=<D>`` — the marker that
+lets a reboot find the app processes the server spawned. The machine's state is kept in
+``D/machine.json`` (atomically replaced) for ``SimMachine``, the CLI and humans.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from sshfwup.sim.bootloader import BootEnvError, UBootEnv, boot
+from sshfwup.sim.device import (
+    MACHINE_LOCK,
+    MARKER_ENV,
+    SimDevice,
+    SimError,
+    cleanup,
+    kill_marked_processes,
+    machine_pids,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MachineError",
+    "MachineState",
+    "SimMachine",
+    "power_cut_machine",
+    "reboot_machine",
+    "run_machine",
+]
+
+STATE_FILE = "machine.json"
+LOG_FILE = "machine.log"
+RESTART_DELAY = 0.5
+STOP_TIMEOUT = 10.0
+WATCHDOG_DELAY = 0.5
+MAX_FAILED_BOOTS = 5
+
+# Requests the machine acts on, from signals.
+REBOOT, POWER_CUT, POWER_OFF = "reboot", "power-cut", "power-off"
+_SIGNAL_REQUESTS = {
+    signal.SIGUSR1: REBOOT,
+    signal.SIGUSR2: POWER_CUT,
+    signal.SIGTERM: POWER_OFF,
+    signal.SIGINT: POWER_OFF,
+}
+
+
+class MachineError(Exception):
+    """The simulated machine could not be started, reached, or did not reach a state in time."""
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """The contents of ``D/machine.json``."""
+
+    pid: int
+    state: str  # booting | up | rebooting | halted (nothing boots) | stopping | off
+    boot_count: int = 0
+    slot: str | None = None
+    server_pid: int | None = None
+    server_restarts: int = 0
+    ready: bool = False
+    status: str | None = None
+    boot_reason: str = ""
+    error: str | None = None
+
+    @classmethod
+    def read(cls, device_dir: Path) -> MachineState | None:
+        """The last state written, or None when there is none (or it is unreadable)."""
+        try:
+            raw = json.loads((Path(device_dir) / STATE_FILE).read_text())
+            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            return cls(**known)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def _write_state(device_dir: Path, state: MachineState) -> None:
+    path = device_dir / STATE_FILE
+    tmp = path.with_name(f".{STATE_FILE}.tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --- the machine process ---------------------------------------------------------------------
+
+
+class _NotifySocket:
+    """The service manager's end of sd_notify: a datagram socket that learns each sender's pid."""
+
+    def __init__(self, device_dir: Path) -> None:
+        path = device_dir / "machine.notify"
+        if len(os.fsencode(path)) >= 100:  # sun_path holds 108 bytes; stay clear of it
+            path = Path("/tmp") / f"sshfwup-sim-{os.getpid()}.notify"
+        self.path = path
+        self.path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(str(self.path))
+        self.sock.setblocking(False)
+
+    async def receive(self) -> tuple[int | None, str]:
+        """(sender pid, message text) of the next datagram."""
+        creds_size = socket.CMSG_SPACE(struct.calcsize("iII"))
+        while True:
+            await anyio.wait_readable(self.sock)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, creds_size)
+            except BlockingIOError:
+                continue
+            pid = None
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[: struct.calcsize("iII")])[0]
+            return pid, data.decode(errors="replace")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Machine:
+    """Runs inside ``sshfwup sim run D``; see the module documentation."""
+
+    def __init__(self, device: SimDevice, *, server_command: Sequence[str] | None = None) -> None:
+        self.device = device
+        self.dir = device.path
+        self.server_command = list(server_command) if server_command else None
+        self.state = MachineState(pid=os.getpid(), state="booting")
+        self.server: anyio.abc.Process | None = None
+        self.stopping = False
+        self.notify: _NotifySocket | None = None
+
+    # --- state
+
+    def _update(self, **changes: Any) -> None:
+        self.state = MachineState(**{**asdict(self.state), **changes})
+        _write_state(self.dir, self.state)
+
+    def _command(self) -> list[str]:
+        if self.server_command is None:
+            return [sys.executable, "-m", "sshfwup", "serve", "--config", str(self.device.config_path)]
+        subst = {"{config}": str(self.device.config_path), "{device}": str(self.dir)}
+        out = []
+        for arg in self.server_command:
+            for token, value in subst.items():
+                arg = arg.replace(token, value)
+            out.append(arg)
+        return out
+
+    def _environment(self) -> dict[str, str]:
+        assert self.notify is not None
+        env = dict(os.environ)
+        env[MARKER_ENV] = str(self.dir)
+        env["NOTIFY_SOCKET"] = str(self.notify.path)
+        return env
+
+    # --- boot and shutdown (blocking work runs in a worker thread)
+
+    def _boot_sync(self) -> tuple[str, str]:
+        choice = boot(UBootEnv(self.device.fw_env_config))
+        self.device.attach()
+        self.device.mount_data()
+        self.device.mount_root(choice.slot)
+        self.device.refresh_slots()
+        return choice.slot, choice.reason
+
+    async def _boot(self) -> bool:
+        self._update(
+            state="booting", boot_count=self.state.boot_count + 1, ready=False, status=None,
+            server_pid=None, slot=None, error=None,
+        )
+        try:
+            slot, reason = await anyio.to_thread.run_sync(self._boot_sync)
+        except (BootEnvError, SimError) as e:
+            log.error("boot %d failed: %s", self.state.boot_count, e)
+            self._update(error=str(e), boot_reason=f"boot failed: {e}")
+            await anyio.to_thread.run_sync(self.device.unmount_all)
+            return False
+        log.info("boot %d: %s", self.state.boot_count, reason)
+        self._update(slot=slot, boot_reason=reason)
+        return True
+
+    async def _stop_everything(self, *, graceful: bool) -> None:
+        """Stop the server (politely if graceful), kill every marked process, unmount."""
+        self.stopping = True
+        server = self.server
+        if graceful and server is not None and server.returncode is None:
+            try:
+                server.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await server.wait()
+            if server.returncode is None:
+                log.warning("server (pid %d) did not stop within %s s; killing", server.pid, STOP_TIMEOUT)
+        killed = await anyio.to_thread.run_sync(kill_marked_processes, self.dir)
+        if killed:
+            log.info("killed %s", killed)
+        if server is not None:
+            with anyio.move_on_after(5):
+                await server.wait()
+        self.server = None
+        await anyio.to_thread.run_sync(self.device.unmount_all)
+        self.stopping = False
+
+    # --- the server service
+
+    async def _supervise_server(self) -> None:
+        """Start the server and keep it running (Restart=always) until cancelled."""
+        command = self._command()
+        first = True
+        while True:
+            if not first:
+                await anyio.sleep(RESTART_DELAY)
+                self._update(server_restarts=self.state.server_restarts + 1)
+            first = False
+            try:
+                self.server = await anyio.open_process(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=None,
+                    stderr=None,
+                    env=self._environment(),
+                    cwd=str(self.dir),
+                    start_new_session=True,  # a service: not in the terminal's process group
+                )
+            except OSError as e:
+                log.error("cannot start the server %s: %s", command, e)
+                self._update(state="up", server_pid=None, ready=False, error=f"cannot start the server: {e}")
+                continue
+            log.info("server started (pid %d)", self.server.pid)
+            self._update(state="up", server_pid=self.server.pid, ready=False, status=None)
+            status = await self.server.wait()
+            if self.stopping:
+                return
+            log.warning("server (pid %d) exited with status %s; restarting", self.server.pid, status)
+            self._update(server_pid=None, ready=False)
+
+    async def _listen_notify(self) -> None:
+        assert self.notify is not None
+        while True:
+            pid, text = await self.notify.receive()
+            server_pid = self.state.server_pid
+            if pid is not None and pid != server_pid:
+                log.warning("ignoring sd_notify message from pid %s (the server is pid %s): %r", pid, server_pid, text)
+                continue
+            changes: dict[str, Any] = {}
+            for line in text.splitlines():
+                if line == "READY=1":
+                    changes["ready"] = True
+                elif line.startswith("STATUS="):
+                    changes["status"] = line.removeprefix("STATUS=")
+            if changes:
+                self._update(**changes)
+
+    async def _watch_signals(
+        self, requests: MemoryObjectSendStream[str], *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        with anyio.open_signal_receiver(*_SIGNAL_REQUESTS) as signals:
+            task_status.started()
+            async for signum in signals:
+                request = _SIGNAL_REQUESTS[signum]
+                log.info("%s requested (%s)", request, signal.Signals(signum).name)
+                try:
+                    requests.send_nowait(request)
+                except anyio.WouldBlock:
+                    log.warning("too many pending requests; ignoring %s", request)
+
+    async def _until_request(self, requests: MemoryObjectReceiveStream[str], *, serve: bool) -> str:
+        async with anyio.create_task_group() as tg:
+            if serve:
+                tg.start_soon(self._supervise_server)
+            request = await requests.receive()
+            self.stopping = True
+            tg.cancel_scope.cancel()
+        return request
+
+    async def _main(self, requests: MemoryObjectReceiveStream[str]) -> None:
+        failed = 0
+        while True:
+            booted = await self._boot()
+            if booted:
+                failed = 0
+                request = await self._until_request(requests, serve=True)
+            else:
+                failed += 1
+                if failed < MAX_FAILED_BOOTS:
+                    pending: str | None = None
+                    with anyio.move_on_after(WATCHDOG_DELAY):  # then the watchdog resets the board
+                        pending = await requests.receive()
+                    if pending is None:
+                        continue
+                    request = pending
+                else:
+                    log.error("%d boots in a row failed; halting", failed)
+                    self._update(state="halted")
+                    request = await self._until_request(requests, serve=False)
+                failed = 0
+            self._update(state="stopping" if request == POWER_OFF else "rebooting", ready=False)
+            await self._stop_everything(graceful=request != POWER_CUT)
+            self._update(server_pid=None)
+            if request == POWER_OFF:
+                return
+
+    async def run(self) -> int:
+        self.dir.joinpath("run").mkdir(exist_ok=True)
+        lock = open(self.dir / MACHINE_LOCK, "w")  # held for the machine's life: how it is found
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MachineError(f"a simulated machine is already running for {self.dir}") from None
+            self.notify = _NotifySocket(self.dir)
+            send, receive = anyio.create_memory_object_stream[str](16)
+            stopped = False
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(self._watch_signals, send)
+                    tg.start_soon(self._listen_notify)
+                    try:
+                        await self._main(receive)
+                        stopped = True
+                    finally:
+                        tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not stopped:  # something broke: make sure nothing of the device keeps running
+                        await self._stop_everything(graceful=False)
+                    await anyio.to_thread.run_sync(self.device.detach)
+                    self._update(state="off", ready=False, server_pid=None)
+                self.notify.close()
+            log.info("powered off")
+            return 0
+        finally:
+            lock.close()
+
+
+async def run_machine(device_dir: Path, *, server_command: Sequence[str] | None = None) -> int:
+    """Run the machine of the device at ``device_dir`` until it is powered off."""
+    machine = Machine(SimDevice.open(device_dir), server_command=server_command)
+    return await machine.run()
+
+
+# --- reaching a running machine --------------------------------------------------------------
+
+
+def _machine_pid(device_dir: Path) -> int:
+    device_dir = Path(device_dir).resolve()
+    pids = machine_pids(device_dir)
+    if not pids:
+        raise MachineError(f"no simulated machine is running for {device_dir}")
+    return pids[0]
+
+
+def reboot_machine(device_dir: Path) -> None:
+    """Ask the running machine to reboot (the device's reboot command)."""
+    os.kill(_machine_pid(device_dir), signal.SIGUSR1)
+
+
+def power_cut_machine(device_dir: Path) -> None:
+    os.kill(_machine_pid(device_dir), signal.SIGUSR2)
+
+
+def power_off_machine(device_dir: Path) -> None:
+    os.kill(_machine_pid(device_dir), signal.SIGTERM)
+
+
+# --- the handle for tests ------------------------------------------------------------------
+
+
+class SimMachine:
+    """A machine running as a subprocess (``python -m sshfwup.sim run D``), driven by a test.
+
+    ``async with SimMachine.start(D) as machine:`` always powers off and cleans up at the end.
+    """
+
+    def __init__(self, device_dir: Path, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.dir = device_dir
+        self.process = process
+        self.log_path = log_path
+
+    @classmethod
+    def start(cls, device_dir: Path, *, server_command: Sequence[str] | None = None) -> SimMachine:
+        device_dir = Path(device_dir).resolve()
+        SimDevice.open(device_dir)  # fail here, not in the subprocess, for a wrong directory
+        (device_dir / STATE_FILE).unlink(missing_ok=True)  # a stale state must not satisfy a wait
+        argv = [sys.executable, "-m", "sshfwup.sim", "run", str(device_dir)]
+        if server_command:
+            argv += ["--server-command", json.dumps(list(server_command))]
+        log_path = device_dir / LOG_FILE
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return cls(device_dir, process, log_path)
+
+    def state(self) -> MachineState | None:
+        return MachineState.read(self.dir)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def _wait_for(self, predicate: Callable[[MachineState], bool], timeout: float, what: str) -> MachineState:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if state is not None and state.pid == self.process.pid and predicate(state):
+                return state
+            if self.process.poll() is not None:
+                raise MachineError(
+                    f"the machine exited (status {self.process.returncode}) before {what}; state {state}\n"
+                    f"{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise MachineError(f"timed out after {timeout:g} s waiting for {what}; state {state}\n{self.log_tail()}")
+            await anyio.sleep(0.05)
+
+    async def wait_up(self, timeout: float = 20.0) -> MachineState:
+        """Until the machine is up and the server has sent READY=1."""
+        return await self._wait_for(lambda s: s.state == "up" and s.ready, timeout, "the machine to be up and ready")
+
+    async def wait_boot(self, count: int, timeout: float = 20.0, *, ready: bool = True) -> MachineState:
+        """Until boot number ``count`` (or a later one) is up (and ready, unless ready=False)."""
+        return await self._wait_for(
+            lambda s: s.boot_count >= count and s.state == "up" and (s.ready or not ready),
+            timeout,
+            f"boot {count}",
+        )
+
+    async def wait_state(self, predicate: Callable[[MachineState], bool], timeout: float = 20.0) -> MachineState:
+        return await self._wait_for(predicate, timeout, "the expected machine state")
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.process.poll() is not None:
+            raise MachineError(f"the machine has exited (status {self.process.returncode})")
+        os.kill(self.process.pid, sig)
+
+    def reboot(self) -> None:
+        self._signal(signal.SIGUSR1)
+
+    def power_cut(self) -> None:
+        self._signal(signal.SIGUSR2)
+
+    def kill_server(self) -> int:
+        """SIGKILL the server only (the machine restarts it); returns the pid killed."""
+        state = self.state()
+        if state is None or state.server_pid is None:
+            raise MachineError(f"no server is running; state {state}")
+        os.kill(state.server_pid, signal.SIGKILL)
+        return state.server_pid
+
+    async def power_off(self, timeout: float = 30.0) -> int:
+        """SIGTERM the machine and wait for it to exit; returns its exit status."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None:
+                if time.monotonic() > deadline:
+                    self.process.kill()
+                    self.process.wait()
+                    raise MachineError(f"the machine did not power off within {timeout:g} s\n{self.log_tail()}")
+                await anyio.sleep(0.05)
+        return self.process.returncode
+
+    async def __aenter__(self) -> SimMachine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.power_off()
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            await anyio.to_thread.run_sync(cleanup, self.dir)

@@ -1,0 +1,992 @@
+"""Run the device's application, and swap it to a new version without refusing a connection.
+
+The supervisor binds the application's listening sockets itself and keeps them for its whole
+life; every instance of the app gets them as fds 3.. with systemd's ``LISTEN_*`` variables (see
+:mod:`sshfwup.app`). Because the listening socket never closes, a connection that arrives while
+one version drains and the next starts waits in the kernel's listen queue instead of being
+refused, and no ``SO_REUSEPORT`` hand-over (which resets queued connections) is needed.
+
+A swap (``overlap``, the default): start the new version from the new slot with the same sockets
+→ wait until it is ready → SIGTERM the old one (it closes its copies of the listeners, finishes
+its requests and exits; SIGKILL after ``drain_timeout``) → watch the new one for ``observe``
+seconds. ``stop-first`` stops the old version before starting the new one, for apps that hold an
+exclusive resource. If the new version fails at any point, it is stopped and the old version
+keeps serving — or is started again from its own slot when it had already been stopped — and
+:class:`SwapFailed` says why in words an operator understands.
+
+Readiness: ``notify`` waits for ``READY=1`` on a notify socket private to the instance.
+``http`` and ``tcp`` probe a private listening socket (127.0.0.1, passed last, named ``health``):
+a probe through the shared socket could be answered by the *old* version during an overlap. The
+app must therefore serve every socket it is given. ``http``: ``GET ready_path`` answers 2xx.
+``tcp``: the app accepted the probe connection — seen as the private listener's accept queue
+(``TCP_INFO``) emptying again; on loopback the kernel queues the connection before ``connect()``
+returns. During the observation window the process must stay alive and, for http/tcp, a probe
+every ``health_interval`` must pass within ``max(1 s, 2 × health_interval)``.
+
+Outside a swap, an instance that exits is restarted from the same source with exponential
+backoff (``restart_backoff``: first delay, maximum; a crash after running at least the maximum
+delay starts again from the first). An exit during a swap belongs to the swap, never to the
+restart loop.
+
+Each instance runs with cwd = ``root/app_dir`` (``app_dir`` is absolute inside the root
+filesystem) and the server's own environment, plus ``[app] env`` (``{root}`` and ``{app_dir}``
+are substituted there and in ``command``), ``PYTHONPATH`` starting with the app dir,
+``SSHFWUP_SLOT``, ``SSHFWUP_VERSION``, ``SSHFWUP_APP_ROOT`` (the root), ``SSHFWUP_APP_DIR``,
+``NOTIFY_SOCKET`` and ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID``. It is started through the
+exec shim in :mod:`sshfwup.app` (``pass_fds`` keeps the parent's fd numbers; the shim moves them
+to 3.. and sets ``LISTEN_PID`` in the process that then execs the app), in a session of its own
+so that SIGKILL reaches its whole process group.
+
+Every app process carries ``SSHFWUP_SUPERVISOR=<marker>`` in its environment and dies with the
+supervisor (``PR_SET_PDEATHSIG``); :func:`kill_strays` removes what an earlier server left behind.
+The marker must be the same for every run of one device's server and unique to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import secrets
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import anyio
+import anyio.abc
+
+from sshfwup import app as app_protocol
+from sshfwup.config import AppConfig, SocketSpec
+
+__all__ = [
+    "HEALTH_SOCKET_NAME",
+    "MARKER_VARIABLE",
+    "AppNotReady",
+    "AppSource",
+    "Instance",
+    "Listener",
+    "SupervisorError",
+    "SwapFailed",
+    "SwapResult",
+    "Supervisor",
+    "bind_listeners",
+    "kill_strays",
+    "marked_processes",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER_VARIABLE = "SSHFWUP_SUPERVISOR"
+INSTANCE_VARIABLE = "SSHFWUP_INSTANCE"  # one value per started process: finds what it left behind
+HEALTH_SOCKET_NAME = "health"
+_INHERITED_PROTOCOL_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "NOTIFY_SOCKET")
+_EXEC_SHIM = Path(app_protocol.__file__)
+_KILL_WAIT = 5.0  # a SIGKILLed process is gone well within this
+_REPORT_TIMEOUT = 5.0  # a stuck uploader channel must not stall a swap
+_PROBE_RETRY = 0.05
+_TCPI_UNACKED_OFFSET = 24  # struct tcp_info: 8 one-byte fields, rto, ato, snd_mss, rcv_mss, unacked
+
+Report = Callable[[str], Awaitable[None] | None]
+
+
+class SupervisorError(Exception):
+    """The application cannot be run as asked (nothing configured, socket in use, ...)."""
+
+
+class AppNotReady(SupervisorError):
+    """The application did not become ready; ``reason`` says why."""
+
+    def __init__(self, reason: str, *, pid: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.pid = pid
+
+
+class SwapFailed(SupervisorError):
+    """The new version failed; it was stopped and the old version serves (or is being restarted).
+
+    ``reason``: what the new version did ("2.0.0 did not become ready within 10 s");
+    ``rollback``: what serves now ("1.0.0 is still serving (pid 123)").
+    """
+
+    def __init__(
+        self, reason: str, *, rollback: str, new_pid: int | None, restored: Instance | None
+    ) -> None:
+        super().__init__(f"{reason}; {rollback}")
+        self.reason = reason
+        self.rollback = rollback
+        self.new_pid = new_pid
+        self.restored = restored
+
+
+@dataclass(frozen=True)
+class AppSource:
+    """The tree an instance runs from: the running root, or a mounted new slot after a swap."""
+
+    root: Path
+    slot: str
+    version: str
+
+    def app_dir(self, app_dir: str) -> Path:
+        """``app_dir`` is absolute inside the root filesystem: join it below ``root``."""
+        return self.root / app_dir.lstrip("/")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A snapshot of one app process. Times are ``time.monotonic()`` (uptime = now - started_at)."""
+
+    pid: int
+    source: AppSource
+    started_at: float
+    ready_at: float | None
+    restarts: int  # crash restarts that led to this process
+    returncode: int | None = None  # None while it runs; negative: killed by that signal
+    status: str = ""  # the last STATUS= the app sent
+
+    @property
+    def version(self) -> str:
+        return self.source.version
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    strategy: Literal["overlap", "stop-first"]
+    old_version: str
+    new_version: str
+    old_pid: int
+    new_pid: int
+    ready_seconds: float  # new version: start → ready
+    drain_seconds: float  # old version: SIGTERM → exited
+    observe_seconds: float
+    total_seconds: float
+    old_returncode: int | None  # -9 when it had to be killed
+    ready_at: float  # time.monotonic() when the new version was ready: it serves from then on
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket the supervisor owns and passes to every instance."""
+
+    name: str
+    spec: SocketSpec
+    sock: socket.socket
+
+    @property
+    def address(self) -> str:
+        if self.spec.kind == "unix":
+            return f"unix:{self.spec.address}"
+        host, port = self.sock.getsockname()[:2]
+        return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+# --- sockets -------------------------------------------------------------------------------
+
+
+def bind_listeners(specs: tuple[SocketSpec, ...]) -> tuple[Listener, ...]:
+    """Bind and listen on every socket; all or nothing."""
+    listeners: list[Listener] = []
+    try:
+        for index, spec in enumerate(specs):
+            name = spec.name or f"{spec.kind}-{index}"
+            if ":" in name:
+                raise SupervisorError(f"socket name {name!r} must not contain ':' (it separates LISTEN_FDNAMES)")
+            listeners.append(Listener(name, spec, _bind(spec)))
+    except BaseException:
+        _close_listeners(listeners)
+        raise
+    return tuple(listeners)
+
+
+def _bind(spec: SocketSpec) -> socket.socket:
+    try:
+        if spec.kind == "tcp":
+            family, _, _, _, address = socket.getaddrinfo(
+                spec.address, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            _remove_stale_unix_socket(Path(spec.address))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = spec.address
+        try:
+            sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+            # Non-blocking from the start and for good: the flag belongs to the shared file
+            # description, so flipping it later would change it under a running instance.
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as e:
+        raise SupervisorError(f"cannot listen on {spec}: {e.strerror or e}") from e
+    return sock
+
+
+def _remove_stale_unix_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SupervisorError(f"cannot listen on unix:{path}: the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody listens: a leftover of an earlier run
+            return
+    raise SupervisorError(f"cannot listen on unix:{path}: another process is listening there")
+
+
+def _close_listeners(listeners: list[Listener] | tuple[Listener, ...]) -> None:
+    for listener in listeners:
+        listener.sock.close()  # close, never shutdown(): an app may still hold its copy
+        if listener.spec.kind == "unix":
+            Path(listener.spec.address).unlink(missing_ok=True)
+
+
+def _open_notify_socket() -> tuple[socket.socket, str]:
+    """A datagram socket for one instance's sd_notify messages, in the abstract namespace."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    name = f"sshfwup-notify-{os.getpid()}-{secrets.token_hex(8)}"
+    sock.bind("\0" + name)
+    return sock, "@" + name
+
+
+def _open_health_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def _accept_queue_length(listener: socket.socket) -> int:
+    """Connections waiting to be accepted (Linux reports it in tcpi_unacked for a listener)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("=I", info, _TCPI_UNACKED_OFFSET)[0])
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Pids of the processes whose environment carries ``SSHFWUP_SUPERVISOR=<marker>``."""
+    return _processes_with(f"{MARKER_VARIABLE}={marker}")
+
+
+def kill_strays(marker: str, *, timeout: float = 2.0) -> list[int]:
+    """SIGKILL app processes left behind by an earlier server with the same marker.
+
+    Normally none exist (apps die with their server); this covers a server that was killed
+    while an app had detached itself. Waits up to ``timeout`` for them to be gone, so that their
+    listening sockets are free again. Returns the pids it killed.
+    """
+    pids = marked_processes(marker)
+    for pid in pids:
+        _kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pids:
+        log.warning("killed %d application process(es) left by an earlier server: %s", len(pids), pids)
+    return pids
+
+
+def _processes_with(entry: str) -> list[int]:
+    needle = entry.encode()
+    own = _own_lineage()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in own:
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to read
+        if needle in environ.split(b"\0"):
+            found.append(int(name))
+    return sorted(found)
+
+
+def _own_lineage() -> set[int]:
+    """This process and its ancestors: never strays, even if they carry the marker."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat_line.rpartition(")")[2].split()[1])
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "is running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+class _Child:
+    """One app process and what belongs to it alone (notify socket, health socket)."""
+
+    def __init__(
+        self,
+        process: anyio.abc.Process,
+        source: AppSource,
+        *,
+        instance_id: str,
+        notify: socket.socket,
+        health: socket.socket | None,
+        restarts: int,
+        failures: int,
+    ) -> None:
+        self.process = process
+        self.source = source
+        self.instance_id = instance_id
+        self.notify = notify
+        self.health = health
+        self.restarts = restarts
+        self.failures = failures  # consecutive crashes before this start: the backoff exponent
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+        self.returncode: int | None = None
+        self.status = ""
+        self.ready = anyio.Event()  # READY=1 arrived
+        self.exited = anyio.Event()
+        self.supervised = False  # an exit is the restart loop's business (never during start/swap)
+        self.stopping = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def version(self) -> str:
+        return self.source.version
+
+    def describe_exit(self) -> str:
+        return _describe_exit(self.returncode)
+
+    def snapshot(self) -> Instance:
+        return Instance(
+            self.pid, self.source, self.started_at, self.ready_at, self.restarts, self.returncode, self.status
+        )
+
+
+class _NotReady(Exception):
+    """Internal: why an instance did not make it (without the version in front)."""
+
+
+# --- the supervisor ------------------------------------------------------------------------
+
+
+class Supervisor:
+    """Owns the app's sockets and processes. Use as ``async with Supervisor(...) as sup:``;
+    leaving the block stops the app (SIGTERM → drain_timeout → SIGKILL) and closes the sockets.
+    """
+
+    def __init__(
+        self, config: AppConfig, *, marker: str, on_event: Callable[[str], None] | None = None
+    ) -> None:
+        if not marker or "\0" in marker:
+            raise ValueError("marker must be a non-empty string without NUL")
+        self._config = config
+        self._marker = marker
+        self._on_event = on_event
+        self._listeners: tuple[Listener, ...] = ()
+        self._current: _Child | None = None
+        self._children: set[_Child] = set()
+        self._lock = anyio.Lock()  # start, swap, stop and crash restarts never interleave
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._exit_stack: AsyncExitStack | None = None
+        self._closing = False
+        self._spawned = 0
+        self._token = secrets.token_hex(4)  # instance ids stay unique across supervisors
+
+    # --- context -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        stack = AsyncExitStack()
+        try:
+            await anyio.to_thread.run_sync(kill_strays, self._marker)
+            self._listeners = bind_listeners(self._config.sockets)
+            stack.callback(_close_listeners, self._listeners)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._exit_stack = stack
+        self._closing = False
+        for listener in self._listeners:
+            log.info("listening on %s (%s)", listener.address, listener.name)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._exit_stack is not None and self._task_group is not None
+        stack, self._exit_stack = self._exit_stack, None
+        self._closing = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.stop()
+        finally:
+            self._task_group.cancel_scope.cancel()  # crash-restart loops waiting out a backoff
+            try:
+                await stack.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                # The body runs inside our task group, and anyio groups the body's own exception
+                # (our tasks raise none): hand the caller back the exception it raised.
+                if exc is None or _sole_exception(group) is not exc:
+                    raise
+        return None
+
+    # --- public API ----------------------------------------------------------------------
+
+    @property
+    def current(self) -> Instance | None:
+        """The app process (running, starting, or crashed and waiting for its restart)."""
+        return self._current.snapshot() if self._current else None
+
+    @property
+    def sockets(self) -> tuple[Listener, ...]:
+        return self._listeners
+
+    async def start(self, source: AppSource) -> Instance:
+        """Start the app from ``source`` and wait until it is ready; keep it running afterwards.
+
+        Raises :class:`AppNotReady` (and leaves nothing running) if it is not ready in time.
+        """
+        self._check_open()
+        async with self._lock:
+            if self._current is not None and self._current.returncode is None:
+                raise SupervisorError(
+                    f"the application already runs ({self._current.version}, pid {self._current.pid})"
+                )
+            child: _Child | None = None
+            try:
+                child = await self._launch(source, restarts=0, failures=0)
+                await self._wait_ready(child)
+            except _NotReady as e:
+                raise AppNotReady(f"{source.version} {e}", pid=child.pid if child else None) from None
+            self._current = child
+            child.supervised = True
+            self._emit(f"{source.version} from slot {source.slot} is ready (pid {child.pid})")
+            return child.snapshot()
+
+    async def swap(self, source: AppSource, *, report: Report | None = None) -> SwapResult:
+        """Replace the running version with the one in ``source``; see the module docstring.
+
+        ``report`` receives one line per stage ("new version 2.0.0 ready in 0.31 s") for the
+        uploader. Raises :class:`SwapFailed` after rolling back.
+        """
+        self._check_open()
+        config = self._config
+
+        async def say(line: str) -> None:
+            await self._report(report, line)
+
+        async with self._lock:
+            old = self._current
+            if old is None:
+                raise SupervisorError("no application is running: start it before swapping")
+            old.supervised = False  # from here on, an exit of the old version is the swap's business
+            began = time.monotonic()
+            new: _Child | None = None
+            old_stopped = False
+            drain = ready = 0.0
+            try:
+                await say(
+                    f"swapping {old.version} (pid {old.pid}) for {source.version}"
+                    f" from slot {source.slot} ({config.strategy})"
+                )
+                if config.strategy == "stop-first":
+                    drain = await self._drain(old, say)
+                    old_stopped = True
+                launched = time.monotonic()
+                new = await self._launch(source, restarts=0, failures=0)
+                await self._wait_ready(new)
+                ready = time.monotonic() - launched
+                await say(f"new version {source.version} ready in {ready:.2f} s (pid {new.pid})")
+                self._current = new
+                if config.strategy == "overlap":
+                    drain = await self._drain(old, say)
+                    old_stopped = True
+                if config.observe > 0:
+                    await say(f"watching {source.version} for {_seconds(config.observe)}")
+                    problem = await self._watch(new, config.observe)
+                    if problem:
+                        raise _NotReady(f"{problem} during the observation window")
+            except _NotReady as e:
+                with anyio.CancelScope(shield=True):  # a rollback is never left half-done
+                    failure = await self._roll_back(old, new, f"{source.version} {e}", say)
+                raise failure from None
+            except BaseException:
+                # Cancelled (or a bug): leave one version serving — the new one only if it was
+                # ready and the old one is gone already.
+                with anyio.CancelScope(shield=True):
+                    if new is not None and (not old_stopped or new.ready_at is None):
+                        await self._stop_child(new)
+                        new = None
+                    if new is None:
+                        await self._restore(old)
+                    else:
+                        new.supervised = True
+                raise
+            new.supervised = True
+            total = time.monotonic() - began
+            await say(f"swap complete: {source.version} serves (pid {new.pid}); {total:.2f} s in all")
+            return SwapResult(
+                strategy=config.strategy,
+                old_version=old.version,
+                new_version=source.version,
+                old_pid=old.pid,
+                new_pid=new.pid,
+                ready_seconds=ready,
+                drain_seconds=drain,
+                observe_seconds=config.observe,
+                total_seconds=total,
+                old_returncode=old.returncode,
+                ready_at=new.ready_at or 0.0,
+            )
+
+    async def wait_healthy(self, duration: float) -> bool:
+        """True if the current instance stays alive (and passes its probes) for ``duration``."""
+        self._check_open()
+        child = self._current
+        if child is None or child.returncode is not None or child.ready_at is None:
+            return False
+        return await self._watch(child, duration) is None
+
+    async def stop(self) -> None:
+        """Stop the app (SIGTERM → drain_timeout → SIGKILL). The sockets stay bound."""
+        async with self._lock:
+            current, self._current = self._current, None
+            for child in sorted(self._children, key=lambda c: c is not current):
+                await self._stop_child(child)
+            if current is not None:
+                self._emit(f"{current.version} stopped ({current.describe_exit()})")
+
+    # --- instances -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._task_group is None or self._exit_stack is None:
+            raise SupervisorError("the supervisor is not running (use it as 'async with Supervisor(...)')")
+        if not self._config.command:
+            raise SupervisorError("[app] command is empty: there is no application to run")
+
+    async def _launch(self, source: AppSource, *, restarts: int, failures: int) -> _Child:
+        """Start one instance with the shared sockets at fds 3.. (raises _NotReady)."""
+        assert self._task_group is not None
+        config = self._config
+        source = AppSource(source.root.absolute(), source.slot, source.version)  # cwd moves
+        app_dir = source.app_dir(config.app_dir)
+        if not app_dir.is_dir():
+            raise _NotReady(f"could not be started: the application directory {app_dir} does not exist")
+        self._spawned += 1
+        instance_id = f"{self._marker}/{os.getpid()}.{self._token}/{self._spawned}"
+        notify, notify_address = _open_notify_socket()
+        health = _open_health_socket() if config.ready in ("http", "tcp") else None
+        sockets = [listener.sock for listener in self._listeners] + ([health] if health else [])
+        names = [listener.name for listener in self._listeners] + ([HEALTH_SOCKET_NAME] if health else [])
+        fds = [sock.fileno() for sock in sockets]
+        env = self._environment(source, app_dir, instance_id, notify_address, names)
+        command = [_substitute(arg, source.root, app_dir) for arg in config.command]
+        # The shim moves the fds to 3.., sets LISTEN_PID to its own pid and PR_SET_PDEATHSIG,
+        # then execs the command: pass_fds alone keeps the parent's fd numbers.
+        argv = [sys.executable, "-I", "-S", str(_EXEC_SHIM), "--sshfwup-exec", str(os.getpid()),
+                ",".join(map(str, fds)), "--", *command]  # fmt: skip
+        try:
+            process = await anyio.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=None, stderr=None, cwd=app_dir, env=env,
+                pass_fds=fds, start_new_session=True,  # fmt: skip
+            )
+        except OSError as e:
+            notify.close()
+            if health:
+                health.close()
+            raise _NotReady(f"could not be started: {e.strerror or e}") from e
+        child = _Child(process, source, instance_id=instance_id, notify=notify, health=health,
+                       restarts=restarts, failures=failures)  # fmt: skip
+        self._children.add(child)
+        await self._task_group.start(self._run_child, child)
+        log.info("started %s from slot %s: pid %d", source.version, source.slot, child.pid)
+        return child
+
+    def _environment(
+        self, source: AppSource, app_dir: Path, instance_id: str, notify_address: str, names: list[str]
+    ) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _INHERITED_PROTOCOL_VARIABLES}
+        env.update((key, _substitute(value, source.root, app_dir)) for key, value in self._config.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(app_dir), env.get("PYTHONPATH", "")]))
+        env.update(
+            SSHFWUP_SLOT=source.slot,
+            SSHFWUP_VERSION=source.version,
+            SSHFWUP_APP_ROOT=str(source.root),
+            SSHFWUP_APP_DIR=str(app_dir),
+            NOTIFY_SOCKET=notify_address,
+        )
+        env[MARKER_VARIABLE] = self._marker
+        env[INSTANCE_VARIABLE] = instance_id
+        if names:
+            env["LISTEN_FDS"] = str(len(names))
+            env["LISTEN_FDNAMES"] = ":".join(names)
+        return env
+
+    async def _run_child(
+        self, child: _Child, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Owns the process until it exits: reads its notifications, reaps it, cleans up."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._read_notifications, child)
+                task_status.started()
+                await child.process.wait()
+                tasks.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if child.process.returncode is None:  # cancelled while it runs: never leave it behind
+                    _kill_group(child)
+                    with anyio.move_on_after(_KILL_WAIT):
+                        await child.process.wait()
+            child.returncode = child.process.returncode
+            _receive_notifications(child)  # a last STATUS= sent right before exiting
+            child.notify.close()
+            if child.health is not None:
+                child.health.close()
+            leftovers = _processes_with(f"{INSTANCE_VARIABLE}={child.instance_id}")
+            for pid in leftovers:
+                _kill(pid, signal.SIGKILL)
+            if leftovers:
+                log.warning("killed %s left behind by %s (pid %d)", leftovers, child.version, child.pid)
+            self._children.discard(child)
+            child.exited.set()
+        self._on_exit(child)
+
+    async def _read_notifications(self, child: _Child) -> None:
+        while True:
+            await anyio.wait_readable(child.notify)
+            _receive_notifications(child)
+
+    async def _wait_ready(self, child: _Child) -> None:
+        """Return once ``child`` is ready; raise _NotReady if it exits or time runs out."""
+        config = self._config
+        outcome: list[str | None] = []  # the first finisher decides
+        last_probe = [""]
+
+        async def exits() -> None:
+            await child.exited.wait()
+            # The STATUS= of an instance that never got ready tells why (the exec shim sends one)
+            status = f" ({child.status})" if child.status else ""
+            outcome.append(f"{child.describe_exit()} before it became ready{status}")
+            tasks.cancel_scope.cancel()
+
+        async def becomes_ready() -> None:
+            if config.ready == "notify":
+                await child.ready.wait()
+            else:
+                while (problem := await self._probe(child, timeout=None)) is not None:
+                    last_probe[0] = problem
+                    await anyio.sleep(_PROBE_RETRY)
+            outcome.append(None)
+            tasks.cancel_scope.cancel()
+
+        with anyio.move_on_after(config.ready_timeout):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(exits)
+                tasks.start_soon(becomes_ready)
+        if not outcome:
+            hint = f" (last probe: {last_probe[0]})" if last_probe[0] else ""
+            await self._stop_child(child)
+            raise _NotReady(f"did not become ready within {_seconds(config.ready_timeout)}{hint}")
+        if outcome[0] is not None:
+            await self._stop_child(child)
+            raise _NotReady(outcome[0])
+        child.ready_at = time.monotonic()
+
+    async def _probe(self, child: _Child, *, timeout: float | None) -> str | None:
+        """One readiness/health probe on the instance's private socket: None if it passed."""
+        assert child.health is not None
+        port = child.health.getsockname()[1]
+        with anyio.move_on_after(timeout if timeout is not None else float("inf")):
+            try:
+                if self._config.ready == "http":
+                    return await _http_probe(port, self._config.ready_path)
+                return await _tcp_probe(child.health, port)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return "connection closed without a response"
+            except OSError as e:
+                return f"connection failed: {e.strerror or e}"
+        return f"no answer within {_seconds(timeout or 0)}"
+
+    async def _watch(self, child: _Child, duration: float) -> str | None:
+        """Watch ``child`` for ``duration``: None if it stayed alive and healthy, else what failed."""
+        interval = max(self._config.health_interval, 0.05)
+        probe_timeout = max(1.0, 2 * interval)
+        outcome: list[str] = []
+
+        async def exits() -> None:
+            await child.exited.wait()
+            outcome.append(child.describe_exit())
+            tasks.cancel_scope.cancel()
+
+        async def stays_healthy() -> None:
+            if child.health is None:
+                return  # notify readiness: alive is healthy
+            while True:
+                await anyio.sleep(interval)
+                problem = await self._probe(child, timeout=probe_timeout)
+                if problem is not None:
+                    outcome.append(f"failed its health check ({problem})")
+                    tasks.cancel_scope.cancel()
+
+        with anyio.move_on_after(duration):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(exits)
+                tasks.start_soon(stays_healthy)
+        return outcome[0] if outcome else None
+
+    async def _stop_child(self, child: _Child) -> tuple[float, bool]:
+        """SIGTERM, wait up to drain_timeout, then SIGKILL the process group.
+
+        Returns (seconds until it exited, whether it had to be killed). Not cancellable: a
+        half-stopped instance is worse than a late one.
+        """
+        child.supervised = False
+        child.stopping = True
+        began = time.monotonic()
+        killed = False
+        with anyio.CancelScope(shield=True):
+            if not child.exited.is_set():
+                try:
+                    child.process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                with anyio.move_on_after(self._config.drain_timeout):
+                    await child.exited.wait()
+            if not child.exited.is_set():
+                killed = True
+                _kill_group(child)
+                with anyio.move_on_after(_KILL_WAIT):
+                    await child.exited.wait()
+                if not child.exited.is_set():
+                    log.error("%s (pid %d) survived SIGKILL for %g s", child.version, child.pid, _KILL_WAIT)
+        return time.monotonic() - began, killed
+
+    async def _drain(self, old: _Child, say: Callable[[str], Awaitable[None]]) -> float:
+        if old.exited.is_set():
+            await say(f"old version {old.version} had already stopped ({old.describe_exit()})")
+            return 0.0
+        seconds, killed = await self._stop_child(old)
+        if killed:
+            await say(
+                f"old version {old.version} did not stop within {_seconds(self._config.drain_timeout)}"
+                " of SIGTERM: killed"
+            )
+        else:
+            await say(f"old version {old.version} drained in {seconds:.2f} s")
+        return seconds
+
+    # --- failure handling ----------------------------------------------------------------
+
+    async def _roll_back(
+        self, old: _Child, new: _Child | None, reason: str, say: Callable[[str], Awaitable[None]]
+    ) -> SwapFailed:
+        """Stop the new version, bring the old one back; the SwapFailed that tells the caller."""
+        await say(reason)
+        if new is not None:
+            await self._stop_child(new)
+        restored, rollback = await self._restore(old)
+        await say(rollback)
+        return SwapFailed(
+            reason,
+            rollback=rollback,
+            new_pid=new.pid if new else None,
+            restored=restored.snapshot() if restored else None,
+        )
+
+    async def _restore(self, old: _Child) -> tuple[_Child | None, str]:
+        """Make the old version serve again: it still does, or start it again from its source."""
+        if not old.exited.is_set() and not old.stopping:
+            old.supervised = True
+            self._current = old
+            return old, f"{old.version} is still serving (pid {old.pid})"
+        failed = old
+        try:
+            child = await self._launch(old.source, restarts=old.restarts, failures=0)
+            self._current = failed = child
+            await self._wait_ready(child)
+        except _NotReady as e:
+            self._current = failed
+            assert self._task_group is not None
+            self._task_group.start_soon(self._restart_after_crash, failed, 1)
+            return None, f"{old.version} could not be started again ({e}); retrying with backoff"
+        child.supervised = True
+        return child, f"{old.version} started again from slot {old.source.slot} (pid {child.pid})"
+
+    def _on_exit(self, child: _Child) -> None:
+        if self._closing or child.stopping or not child.supervised or child is not self._current:
+            return  # stopped on purpose, or a start/swap in progress owns it
+        maximum = self._config.restart_backoff[1]
+        ran = time.monotonic() - child.started_at
+        failures = 1 if ran >= maximum else child.failures + 1
+        assert self._task_group is not None
+        self._task_group.start_soon(self._restart_after_crash, child, failures)
+
+    async def _restart_after_crash(self, crashed: _Child, failures: int) -> None:
+        first, maximum = self._config.restart_backoff
+        while True:
+            delay = min(first * 2 ** (failures - 1), maximum)
+            self._emit(
+                f"{crashed.version} (pid {crashed.pid}) {crashed.describe_exit()};"
+                f" restarting in {_seconds(delay)}",
+                logging.WARNING,
+            )
+            await anyio.sleep(delay)
+            async with self._lock:
+                if self._current is not crashed or self._closing:
+                    return  # a swap, start or stop took over meanwhile
+                child: _Child | None = None
+                try:
+                    child = await self._launch(crashed.source, restarts=crashed.restarts + 1, failures=failures)
+                    self._current = child
+                    await self._wait_ready(child)
+                except _NotReady as e:
+                    self._emit(f"{crashed.version} {e}", logging.WARNING)
+                    crashed = child or crashed  # the failed attempt is the one to replace next
+                    failures += 1
+                    continue
+                child.supervised = True
+                self._emit(f"{child.version} restarted (pid {child.pid}, restart {child.restarts})")
+                return
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def _emit(self, message: str, level: int = logging.INFO) -> None:
+        log.log(level, "%s", message)
+        if self._on_event is not None:
+            try:
+                self._on_event(message)
+            except Exception:
+                log.exception("the on_event callback failed")
+
+    async def _report(self, report: Report | None, line: str) -> None:
+        self._emit(line)
+        if report is None:
+            return
+        try:
+            with anyio.move_on_after(_REPORT_TIMEOUT) as scope:
+                result = report(line)
+                if inspect.isawaitable(result):
+                    await result
+            if scope.cancelled_caught:
+                log.warning("reporting %r took over %s; carrying on", line, _seconds(_REPORT_TIMEOUT))
+        except Exception:
+            log.warning("cannot report %r; carrying on", line, exc_info=True)
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup):
+        if len(inner.exceptions) != 1:
+            return None
+        inner = inner.exceptions[0]
+    return inner
+
+
+def _receive_notifications(child: _Child) -> None:
+    """Handle every sd_notify datagram waiting on the instance's notify socket."""
+    while True:
+        try:
+            datagram = child.notify.recv(4096)
+        except OSError:  # nothing waiting (EAGAIN), or already closed
+            return
+        for line in datagram.decode(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            if key == "READY" and value == "1":
+                child.ready.set()
+            elif key == "STATUS":
+                child.status = value
+                log.info("%s (pid %d): %s", child.version, child.pid, value)
+            elif key == "STOPPING" and value == "1":
+                log.info("%s (pid %d) is stopping", child.version, child.pid)
+
+
+def _substitute(text: str, root: Path, app_dir: Path) -> str:
+    # str.replace, not str.format: commands may hold other braces (shell, awk, JSON)
+    return text.replace("{app_dir}", str(app_dir)).replace("{root}", str(root))
+
+
+def _kill_group(child: _Child) -> None:
+    """SIGKILL the instance's process group (it leads its own session) while its pid is ours."""
+    if child.process.returncode is None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def _http_probe(port: int, path: str) -> str | None:
+    path = path if path.startswith("/") else f"/{path}"
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: sshfwup-probe\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request.encode())
+        head = b""
+        while b"\r\n" not in head and len(head) < 8192:
+            head += await stream.receive()
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return f"not an HTTP response: {status_line[:60]!r}"
+    code = int(parts[1])
+    return None if 200 <= code < 300 else f"HTTP {code}"
+
+
+async def _tcp_probe(listener: socket.socket, port: int) -> str | None:
+    async with await anyio.connect_tcp("127.0.0.1", port):
+        # Only probes connect to this private socket; ours leaves the queue when the app accepts it.
+        while _accept_queue_length(listener) > 0:
+            await anyio.sleep(0.01)
+    return None

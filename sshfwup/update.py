@@ -1,0 +1,349 @@
+"""One firmware update, independent of how the bytes arrive (ssh -s, sftp, scp, upload client).
+
+    async with Update(device, uploader, report) as update:   # lock + precheck + start fwup
+        await update.write(chunk) ...                         # backpressure from fwup's pipe
+        outcome = await update.finish()                       # genuine EOF → fwup result → callback
+
+Leaving the block without ``finish()`` (disconnect, error, cancellation) kills fwup before it can
+reach its on-finish step, so a partial upload never switches the boot environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import time
+from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .bootenv import BootEnvError, BootState, other_slot
+from .device import Device
+from .fwup import FwupError, FwupProcess, FwupResult
+from .lock import DeviceBusy
+from .report import Report
+from .slots import SlotError, is_mounted, unmount
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "Outcome",
+    "Update",
+    "UpdateContext",
+    "UpdateError",
+    "UpdateRefused",
+    "Uploader",
+    "load_callback",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+class UpdateError(Exception):
+    """The update failed; the message is for the uploader."""
+
+
+class UpdateRefused(UpdateError):
+    """Refused before a byte reached fwup: nothing on the device changed."""
+
+
+@dataclass(frozen=True)
+class Uploader:
+    user: str
+    fingerprint: str
+    peer: str
+    transport: str
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.peer} key {self.fingerprint} via {self.transport}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    verdict: str
+    reboot: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_OK if self.ok else EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """What a precheck or success callback gets."""
+
+    device: Device
+    uploader: Uploader
+    report: Report
+    boot: BootState  # before the update (precheck) / after fwup (success callback)
+    running_root: str | None
+    fwup: FwupResult | None = None
+
+
+Callback = Callable[[UpdateContext], Any]
+
+
+def load_callback(spec: str) -> Callback:
+    """``"package.module:function"`` or ``"/path/to/file.py:function"`` → the function (sync or async)."""
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            # A plain file on the device: no package to install for a one-off hook.
+            loader_spec = importlib.util.spec_from_file_location(f"sshfwup_callback_{abs(hash(module_name))}", module_name)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ImportError(f"cannot load {module_name}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, attr)
+    except (ImportError, AttributeError, OSError, SyntaxError) as e:
+        raise UpdateError(f"callback {spec!r} cannot be loaded: {e}") from None
+    if not callable(fn):
+        raise UpdateError(f"callback {spec!r} is not callable")
+    return fn
+
+
+async def call(fn: Callback, ctx: UpdateContext) -> Any:
+    result = fn(ctx)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class Update:
+    def __init__(self, device: Device, uploader: Uploader, report: Report) -> None:
+        self.device = device
+        self.uploader = uploader
+        self.report = report
+        self.received = 0
+        self.started = time.monotonic()
+        self._fwup: FwupProcess | None = None
+        self._stack = AsyncExitStack()
+        self._finished = False
+        self._aborted: str | None = None
+        self.before: BootState | None = None
+        self.after: BootState | None = None
+        self.root: str | None = None
+        self._relayed = anyio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Update":
+        cfg = self.device.config
+        try:
+            self.device.lock.acquire(str(self.uploader))
+        except DeviceBusy as e:
+            log.warning("refused upload from %s: %s", self.uploader, e)
+            raise UpdateRefused(str(e)) from None
+        # Unwinds in reverse: relay task → fwup (killed unless finished) → lock.
+        stack = AsyncExitStack()
+        stack.callback(self.device.lock.release)
+        try:
+            await self._precheck()
+            journal = self.device.journal
+            if journal is not None and self.before is not None and self.root is not None:
+                journal.begin(
+                    uploader=str(self.uploader), from_slot=self.root, from_version=self.before.version(self.root)
+                )
+            fwup = FwupProcess(
+                fwup=cfg.fwup.path,
+                devpath=cfg.fwup.devpath,
+                task=cfg.fwup.task,
+                extra_args=[*cfg.fwup.extra_args, *_public_key_args(cfg.fwup.public_keys)],
+                env=dict(cfg.fwup.env),
+            )
+            try:
+                self._fwup = await stack.enter_async_context(fwup)
+            except FwupError as e:
+                self._journal("failed", f"fwup could not start: {e}")
+                raise UpdateRefused(str(e)) from None
+            stack.callback(self._journal_abort)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._stop_unfinished)  # runs first: an unfinished fwup dies before we wait
+            tg.start_soon(self._relay_events)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        log.info("update started by %s", self.uploader)
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._finished:
+            self._aborted = self._aborted or (str(exc) if exc else "upload ended without completing")
+            log.warning("update from %s aborted: %s; stopping fwup", self.uploader, self._aborted)
+        await self._stack.aclose()  # kills an unfinished fwup first (synchronously), then waits
+
+    def _stop_unfinished(self) -> None:
+        if not self._finished and self._fwup is not None:
+            self._fwup.kill()
+
+    def _journal_abort(self) -> None:
+        if not self._finished:
+            self._journal("failed", f"upload aborted: {self._aborted}; nothing was changed")
+
+    # --- data ------------------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        assert self._fwup is not None
+        if self._aborted:
+            raise UpdateError(self._aborted)
+        limit = self.device.config.server.max_upload_size
+        if limit and self.received + len(data) > limit:
+            self.abort(f"upload exceeds the limit of {limit} bytes ([server] max_upload_size)")
+            raise UpdateError(self._aborted or "")
+        self.received += len(data)
+        try:
+            await self._fwup.write(data)
+        except FwupError:
+            # fwup stopped reading: it failed on what it got; finish() collects its reason
+            raise UpdateError(await self._fwup_failure_reason()) from None
+
+    def abort(self, reason: str) -> None:
+        """Stop now (disconnect, limit, timeout): fwup is killed before it can switch anything."""
+        if self._finished:
+            return
+        self._aborted = self._aborted or reason
+        if self._fwup is not None:
+            self._fwup.kill()
+
+    async def finish(self) -> Outcome:
+        """The uploader sent a genuine, complete EOF: let fwup finish, then run the callback."""
+        assert self._fwup is not None
+        if self._aborted:
+            raise UpdateError(self._aborted)
+        result = await self._fwup.finish()
+        self._finished = True
+        await self._relayed.wait()
+        if not result.success:
+            outcome = Outcome(False, f"update failed: {result.reason}; the device was not changed")
+            log.warning("update from %s failed: %s", self.uploader, result.reason)
+            self._journal("failed", outcome.verdict)
+            return outcome
+        log.info("fwup applied %d bytes from %s in %.1f s", result.bytes_in, self.uploader, time.monotonic() - self.started)
+        outcome = await self._success(result)
+        # A callback that did not record how it ended (report_only, a custom one) leaves the
+        # firmware installed for the next boot: say so, or recovery would undo it.
+        after = self.after
+        target = {"to_slot": after.active, "to_version": after.version(after.active)} if after and after.active else {}
+        self._journal("installed" if outcome.ok else "failed", outcome.verdict, **target)
+        return outcome
+
+    def _journal(self, stage: str, verdict: str, **fields: Any) -> None:
+        from .journal import ACTIVE_STAGES
+
+        journal = self.device.journal
+        if journal is not None and journal.current is not None and journal.current.stage in ACTIVE_STAGES:
+            if journal.current.to_slot:
+                fields = {}
+            journal.advance(stage, verdict=verdict, **fields)  # type: ignore[arg-type]
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _precheck(self) -> None:
+        dev = self.device
+        try:
+            before = await dev.boot_state()
+        except BootEnvError as e:
+            raise UpdateRefused(f"cannot read the boot environment: {e}") from None
+        root = dev.running_root()
+        self.before, self.root = before, root
+        if root is None:
+            raise UpdateRefused(
+                f"cannot tell which slot is running: nothing from [device] slots is mounted at {dev.config.device.root_mount}"
+            )
+        if before.active is not None and before.active != root:
+            version = before.version(before.active) or "new firmware"
+            raise UpdateRefused(
+                f"a reboot is pending: slot {before.active} ({version}) is installed but the device still boots from "
+                f"slot {root}; another update now would overwrite the running root filesystem. "
+                f"Reboot first (ssh <device> reboot), then upload again"
+            )
+        # fwup targets the slot that is not active; never let that be a mounted filesystem
+        target = other_slot(before.active or root)
+        stale = dev.config.server.run_dir / "slots" / target
+        if is_mounted(stale):
+            try:
+                await unmount(stale)
+            except SlotError as e:
+                raise UpdateRefused(f"slot {target} is still in use ({e}); reboot the device first") from None
+        spec = dev.config.fwup.precheck_callback
+        if spec:
+            ctx = UpdateContext(dev, self.uploader, self.report, before, root)
+            try:
+                verdict = await call(load_callback(spec), ctx)
+            except UpdateRefused:
+                raise
+            except Exception as e:
+                raise UpdateRefused(f"precheck failed: {e}") from None
+            if verdict not in (None, True):
+                raise UpdateRefused(f"precheck refused the update: {verdict}")
+
+    async def _relay_events(self) -> None:
+        assert self._fwup is not None
+        try:
+            async for event in self._fwup.events():
+                await self.report.event(event)
+        finally:
+            self._relayed.set()
+
+    async def _fwup_failure_reason(self) -> str:
+        assert self._fwup is not None
+        with anyio.move_on_after(5):
+            result = await self._fwup.finish()
+            self._finished = True
+            return f"update failed: {result.reason}; the device was not changed"
+        self._fwup.kill()
+        return "update failed: fwup stopped reading its input"
+
+    async def _success(self, result: FwupResult) -> Outcome:
+        dev = self.device
+        spec = dev.config.fwup.success_callback
+        try:
+            after = self.after = await dev.boot_state()
+        except BootEnvError as e:
+            return Outcome(False, f"fwup finished but the boot environment cannot be read: {e}")
+        ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result)
+        if not spec:
+            return Outcome(True, _applied_verdict(ctx))
+        try:
+            outcome = await call(load_callback(spec), ctx)
+        except UpdateError as e:
+            return Outcome(False, str(e))
+        except Exception as e:
+            log.exception("success callback %s failed", spec)
+            return Outcome(False, f"the success callback {spec} failed: {e}")
+        if outcome is None:
+            return Outcome(True, _applied_verdict(ctx))
+        if not isinstance(outcome, Outcome):
+            return Outcome(False, f"the success callback {spec} returned {outcome!r}, not an Outcome")
+        return outcome
+
+
+def _applied_verdict(ctx: UpdateContext) -> str:
+    active = ctx.boot.active
+    version = ctx.boot.version(active) if active else None
+    return f"firmware {version or '?'} installed in slot {active or '?'}; it runs after the next reboot"
+
+
+def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
+    args: list[str] = []
+    for key in keys:
+        args += ["--public-key-file", str(key)]
+    return args
+
+
+async def report_only(ctx: UpdateContext) -> Outcome:
+    """Success callback that reports and does nothing else (the device boots it on next reboot)."""
+    return Outcome(True, _applied_verdict(ctx))

@@ -1,0 +1,234 @@
+"""Shared fixtures: keys, sample firmware, a running simulated device, OpenSSH client helpers.
+
+``pytest --real-fwup`` runs every test that involves fwup against the real fwup on PATH instead
+of the stand-in (``sshfwup/sim/fwup_standin.py``); ``pytest -m fwup --real-fwup`` runs only those.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sshfwup.sim.device import SimDevice, cleanup
+from sshfwup.sim.machine import SimMachine
+from sshfwup.sim.rootfs import build_sample_firmware
+
+SAMPLES = Path(__file__).resolve().parent / "data" / "fwup-1.16"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--real-fwup",
+        action="store_true",
+        help="run the fwup tests against the real fwup on PATH instead of the stand-in",
+    )
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    real = config.getoption("--real-fwup")
+    for item in items:
+        if "fwup" in getattr(item, "fixturenames", ()) or "sim" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fwup)
+        if item.get_closest_marker("standin_only") and real:
+            item.add_marker(pytest.mark.skip(reason="tests the stand-in itself, not fwup"))
+        if item.get_closest_marker("slow") and not config.getoption("--run-slow"):
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
+
+
+# --- fwup: the stand-in, or the real one ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fwup(request: pytest.FixtureRequest) -> str | None:
+    """The fwup executable for devices: None = the simulator's stand-in wrapper."""
+    if not request.config.getoption("--real-fwup"):
+        return None
+    path = shutil.which("fwup")
+    if path is None:
+        pytest.fail("--real-fwup given but no fwup on PATH")
+    return path
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Path
+    public: Path
+
+    @property
+    def public_line(self) -> str:
+        return self.public.read_text().strip()
+
+
+def _keygen(path: Path) -> KeyPair:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
+    return KeyPair(path, Path(f"{path}.pub"))
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    return _keygen(tmp_path_factory.mktemp("keys") / "uploader")
+
+
+@pytest.fixture(scope="session")
+def stranger_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    return _keygen(tmp_path_factory.mktemp("keys") / "stranger")
+
+
+# --- firmware ------------------------------------------------------------------------------
+
+
+FirmwareFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> FirmwareFactory:
+    """``firmware("2.0.0", hot=True, changes=("kernel",))`` → a cached .fw for the simulator."""
+    root = tmp_path_factory.mktemp("firmware")
+    cache: dict[str, Path] = {}
+
+    def make(version: str, **kwargs: Any) -> Path:
+        key = json.dumps([version, kwargs], sort_keys=True, default=str)
+        if key not in cache:
+            name = f"fw{len(cache)}-{version}"
+            cache[key] = build_sample_firmware(root / name, version=version, name=name, **kwargs)
+        return cache[key]
+
+    return make
+
+
+# --- the simulated device -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SSH_OPTIONS = (
+    "-o", "BatchMode=yes",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "LogLevel=ERROR",
+    "-o", "ConnectTimeout=10",
+)  # fmt: skip
+
+
+@dataclass
+class Sim:
+    device: SimDevice
+    machine: SimMachine
+    key: KeyPair
+    host: str = "127.0.0.1"
+    user: str = "root"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.device.ssh_port
+
+    @property
+    def app_port(self) -> int:
+        return self.device.app_port
+
+    def _opts(self, key: KeyPair | None, port_flag: str) -> list[str]:
+        return [*SSH_OPTIONS, "-i", str((key or self.key).private), port_flag, str(self.port)]
+
+    def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout, check=False)
+
+    def ssh(self, *args: str, key: KeyPair | None = None, input: bytes | None = None, options: Sequence[str] = (), timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+        return self.run(["ssh", *self._opts(key, "-p"), *options, f"{self.user}@{self.host}", *args], input=input, timeout=timeout)
+
+    def upload(self, fw: Path | bytes, *, key: KeyPair | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+        """``cat fw | ssh -s HOST fwup`` — exactly what Nerves' upload.sh does."""
+        data = fw if isinstance(fw, bytes) else fw.read_bytes()
+        return self.run(["ssh", *self._opts(key, "-p"), "-s", f"{self.user}@{self.host}", "fwup"], input=data, timeout=timeout)
+
+    def scp(self, fw: Path, target: str = "/fwup", *, legacy: bool = False, key: KeyPair | None = None) -> subprocess.CompletedProcess[bytes]:
+        return self.run(["scp", *(["-O"] if legacy else []), *self._opts(key, "-P"), str(fw), f"{self.user}@{self.host}:{target}"])
+
+    def sftp(self, batch: str, *, key: KeyPair | None = None) -> subprocess.CompletedProcess[bytes]:
+        return self.run(["sftp", *self._opts(key, "-P"), "-b", "-", f"{self.user}@{self.host}"], input=batch.encode())
+
+    def status(self) -> dict[str, Any]:
+        result = self.ssh("status", "--json")
+        assert result.returncode == 0, result.stderr.decode()
+        return json.loads(result.stdout)
+
+    def env(self) -> dict[str, str]:
+        return self.device.env()
+
+    def app(self, path: str = "/", timeout: float = 5) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.app_port}{path}", timeout=timeout) as r:
+            return json.loads(r.read())
+
+
+def output(result: subprocess.CompletedProcess[bytes]) -> str:
+    return (result.stdout + result.stderr).decode("utf-8", errors="replace")
+
+
+@pytest.fixture
+def sim_config() -> dict[str, Any]:
+    """Override per test: ``@pytest.mark.parametrize`` or a local fixture returning config overrides."""
+    return {}
+
+
+@pytest.fixture
+async def sim(
+    tmp_path: Path, firmware: FirmwareFactory, client_key: KeyPair, fwup: str | None, sim_config: dict[str, Any]
+) -> AsyncIterator[Sim]:
+    """A running simulated device with firmware 1.0.0 in slot a and its app serving."""
+    path = tmp_path / "device"
+    try:
+        device = SimDevice.create(
+            path,
+            firmware=firmware("1.0.0"),
+            fwup=fwup,
+            authorized_keys=[client_key.public_line],
+            ssh_port=free_port(),
+            app_port=free_port(),
+            config_overrides=sim_config,
+        )
+        async with SimMachine.start(device.path) as machine:
+            await machine.wait_up(timeout=60)
+            yield Sim(device, machine, client_key)
+    finally:
+        cleanup(path)
+
+
+@pytest.fixture
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Asserts a test leaves no squashfs mount or loop device of its own behind."""
+    before = _loops_and_mounts()
+    yield
+    after = _loops_and_mounts()
+    assert after <= before, f"left behind: {sorted(after - before)}"
+
+
+def _loops_and_mounts() -> set[str]:
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    items = {f"loop {line.split()[0]}" for line in out.splitlines() if line.strip()}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if " - squashfs " in line:
+            items.add(f"mount {line.split()[4]}")
+    return items

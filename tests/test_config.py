@@ -1,0 +1,77 @@
+"""Configuration: the documented defaults are the code's defaults; every bad value names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sshfwup.config import Config, ConfigError, SocketSpec, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_documented_config_is_exactly_the_defaults() -> None:
+    loaded = load_config(ROOT / "deploy" / "sshfwup.toml")
+    assert loaded.source is not None
+    assert {k: v for k, v in vars(loaded).items() if k != "source"} == {
+        k: v for k, v in vars(Config()).items() if k != "source"
+    }
+
+
+def test_every_option_is_documented() -> None:
+    text = (ROOT / "deploy" / "sshfwup.toml").read_text()
+    from dataclasses import fields
+
+    for section in ("server", "fwup", "device", "app", "inspect"):
+        for f in fields(type(getattr(Config(), section))):
+            assert f"\n{f.name} = " in text, f"[{section}] {f.name} is not documented in deploy/sshfwup.toml"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"server": {"port": "22"}}, "[server] port: expected an integer"),
+        ({"server": {"port": 0}}, "[server] port: must be 1..65535"),
+        ({"server": {"bogus": 1}}, "[server] bogus: unknown option"),
+        ({"nope": {}}, "unknown section [nope]"),
+        ({"device": {"slots": {"a": "/dev/x"}}}, "[device] slots: must name exactly the slots a and b"),
+        ({"fwup": {"success_callback": "no_colon"}}, '[fwup] success_callback: expected "package.module:function"'),
+        ({"app": {"ready": "maybe"}}, "[app] ready: must be one of notify, tcp, http"),
+        ({"app": {"sockets": ["udp:1.2.3.4:5"]}}, "[app] sockets: socket must start with tcp: or unix:"),
+        ({"app": {"drain_timeout": -1}}, "[app] drain_timeout: must not be negative"),
+        ({"server": {"authorized_keys": []}}, "[server] authorized_keys: at least one file is required"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, source=Path("/etc/sshfwup.toml"))
+    assert message in str(e.value)
+    assert str(e.value).startswith("/etc/sshfwup.toml")
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\nhost_key = "keys/host"\ndata_dir = "/abs"\n')
+    c = load_config(f)
+    assert c.server.host_key == tmp_path / "keys" / "host"
+    assert c.server.data_dir == Path("/abs")
+
+
+def test_socket_specs() -> None:
+    assert SocketSpec.parse("tcp:127.0.0.1:8080") == SocketSpec("tcp", "127.0.0.1", 8080, "tcp-0")
+    assert SocketSpec.parse("http=tcp:[::1]:80", index=2) == SocketSpec("tcp", "::1", 80, "http")
+    assert SocketSpec.parse("unix:/run/app.sock") == SocketSpec("unix", "/run/app.sock", 0, "unix-0")
+    assert str(SocketSpec.parse("tcp:[::1]:80")) == "tcp:[::1]:80"
+    for bad in ("tcp:1.2.3.4", "tcp::80", "unix:", "tcp:host:port"):
+        with pytest.raises(ValueError):
+            SocketSpec.parse(bad)

@@ -1,0 +1,384 @@
+"""The update path end to end: real OpenSSH clients → sshfwup → fwup → the simulated device.
+
+These tests keep the success callback at ``report_only`` (the pipeline has its own tests), so
+each one is about the transport, the lock, the limits and the refusals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncssh
+import pytest
+
+from conftest import KeyPair, Sim, output
+
+APPS = Path(__file__).resolve().parent / "apps"
+REPORT_ONLY = {"fwup": {"success_callback": "sshfwup.update:report_only"}}
+
+
+@pytest.fixture
+def sim_config() -> dict[str, Any]:
+    return REPORT_ONLY
+
+
+def assert_untouched(sim: Sim, slot_a: bytes | None = None) -> None:
+    """The device is exactly as before: slot a active and validated, slot b empty, a intact."""
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a", env
+    assert env["nerves_fw_validated"] == "1", env
+    assert "b.nerves_fw_version" not in env or env["b.nerves_fw_version"] in ("",), env
+    if slot_a is not None:
+        assert sim.device.read_slot_file("a", "/srv/app/VERSION") == slot_a
+
+
+def assert_applied(sim: Sim, result: subprocess.CompletedProcess[bytes], version: str = "2.0.0") -> None:
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "Success!" in text and "100% [" in text, text
+    env = sim.env()
+    assert env["nerves_fw_active"] == "b"
+    assert env["b.nerves_fw_version"] == version
+    assert env["nerves_fw_validated"] == "0"
+    # slot b really holds the new squashfs: mount it and read a file
+    assert sim.device.read_slot_file("b", "/srv/app/VERSION").decode().strip() == version
+
+
+def wait_unlocked(sim: Sim, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while sim.status()["update_in_progress"]:
+        assert time.monotonic() < deadline, "the update lock stayed held"
+        time.sleep(0.05)
+
+
+# --- every client applies the update ---------------------------------------------------------
+
+
+async def test_ssh_subsystem(sim: Sim, firmware) -> None:
+    result = sim.upload(firmware("2.0.0"))
+    assert_applied(sim, result)
+    assert "sshfwup: firmware 2.0.0 installed in slot b; it runs after the next reboot" in output(result)
+    status = sim.status()
+    assert status["pending_reboot"] and status["last_update"]["ok"]
+
+
+async def test_scp_sftp_mode(sim: Sim, firmware) -> None:
+    assert_applied(sim, sim.scp(firmware("2.0.0")))
+
+
+async def test_scp_sftp_mode_into_directory(sim: Sim, firmware) -> None:
+    assert_applied(sim, sim.scp(firmware("2.0.0"), target="/"))
+
+
+async def test_scp_legacy(sim: Sim, firmware) -> None:
+    assert_applied(sim, sim.scp(firmware("2.0.0"), legacy=True))
+
+
+async def test_sftp_put(sim: Sim, firmware) -> None:
+    result = sim.sftp(f"put {firmware('2.0.0')} /fwup\n")
+    assert_applied(sim, result)
+
+
+async def test_upload_client(sim: Sim, firmware) -> None:
+    result = sim.run(
+        [
+            sys.executable, "-m", "sshfwup", "upload", f"root@127.0.0.1", str(firmware("2.0.0")),
+            "-p", str(sim.port), "-i", str(sim.key.private), "--insecure-accept-host-key",
+        ]
+    )  # fmt: skip
+    assert_applied(sim, result)
+    assert "sshfwup: firmware 2.0.0 installed in slot b" in output(result)
+
+
+# --- bad input: clear message, non-zero exit, nothing changed ----------------------------------
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    b = bytearray(data)
+    b[offset] ^= 0xFF
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("empty", "fwup:"),
+        ("garbage", "fwup:"),
+        ("half", "fwup:"),
+        ("flipped-meta", "fwup:"),
+        ("flipped-data", "fwup:"),
+        ("wrong-platform", "Expecting platform="),
+    ],
+)
+async def test_bad_firmware_is_refused(sim: Sim, firmware, case: str, expect: str) -> None:
+    v2 = firmware("2.0.0").read_bytes()
+    data = {
+        "empty": b"",
+        "garbage": os.urandom(3000),
+        "half": v2[: len(v2) // 2],
+        "flipped-meta": _flip(v2, 200),  # inside meta.conf
+        "flipped-data": _flip(v2, len(v2) - 4096),  # inside rootfs.img
+        "wrong-platform": firmware("2.0.0", platform="otherboard").read_bytes(),
+    }[case]
+    slot_a = sim.device.read_slot_file("a", "/srv/app/VERSION")
+    result = sim.upload(data)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert expect in text, text
+    assert "sshfwup: update failed:" in text and "the device was not changed" in text, text
+    assert_untouched(sim, slot_a)
+    assert sim.app()["version"] == "1.0.0"  # the running application never noticed
+
+
+async def test_over_the_size_limit(tmp_path: Path, firmware, sim: Sim) -> None:
+    sim.device.write_config(server={"max_upload_size": 64 * 1024})
+    await _restart_server(sim)
+    v2 = firmware("2.0.0")
+    result = sim.upload(v2)
+    assert result.returncode == 1, output(result)
+    assert "exceeds the limit of 65536 bytes" in output(result)
+    legacy = sim.scp(v2, legacy=True)  # scp -O announces the size: refused before any data
+    assert legacy.returncode != 0 and "over the limit of 65536 bytes" in output(legacy), output(legacy)
+    assert_untouched(sim)
+
+
+async def test_second_upload_is_refused_while_the_first_runs(sim: Sim, firmware) -> None:
+    v2 = firmware("2.0.0").read_bytes()
+    async with _client(sim) as conn:
+        proc = await conn.create_process(subsystem="fwup", encoding=None)
+        proc.stdin.write(v2[: len(v2) // 2])
+        await proc.stdin.drain()
+        await anyio.sleep(0.5)  # the first holds the lock now
+        second = await anyio.to_thread.run_sync(lambda: sim.upload(v2))
+        assert second.returncode == 1
+        assert "another firmware update is in progress" in output(second), output(second)
+        # the lock is a real flock: an outside updater sees it too
+        flock = subprocess.run(["flock", "-n", str(sim.device.run_dir / "update.lock"), "true"])
+        assert flock.returncode == 1
+        proc.stdin.write(v2[len(v2) // 2 :])
+        proc.stdin.write_eof()
+        text = (await proc.stdout.read()).decode()
+        await proc.wait()
+        assert proc.exit_status == 0, text
+        assert "Success!" in text
+    assert sim.env()["b.nerves_fw_version"] == "2.0.0"
+
+
+async def test_an_outside_flock_holder_blocks_uploads(sim: Sim, firmware) -> None:
+    holder = subprocess.Popen(["flock", str(sim.device.run_dir / "update.lock"), "sleep", "30"])
+    try:
+        await anyio.sleep(0.3)
+        result = sim.upload(firmware("2.0.0"))
+        assert result.returncode == 1 and "another firmware update is in progress" in output(result)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_untouched(sim)
+
+
+async def test_disconnects_at_any_point_change_nothing(sim: Sim, firmware) -> None:
+    v2 = firmware("2.0.0").read_bytes()
+    n = len(v2)
+    offsets = [0, 1, 100, 1000, 4096, n // 3, n // 2, 9 * n // 10, n - 1024, n - 1]
+    for i, offset in enumerate(offsets):
+        if i % 2 == 0:
+            # abrupt: OpenSSH client SIGKILLed (no EOF, no channel close)
+            proc = subprocess.Popen(
+                ["ssh", *sim._opts(None, "-p"), "-s", "root@127.0.0.1", "fwup"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert proc.stdin is not None
+            proc.stdin.write(v2[:offset])
+            proc.stdin.flush()
+            await anyio.sleep(0.4)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            # polite: the channel is closed without EOF
+            async with _client(sim) as conn:
+                p = await conn.create_process(subsystem="fwup", encoding=None)
+                p.stdin.write(v2[:offset])
+                await p.stdin.drain()
+                await anyio.sleep(0.4)
+                p.close()
+        await anyio.to_thread.run_sync(wait_unlocked, sim)
+        assert_untouched(sim)
+    # the server kept serving: a complete upload still works
+    assert_applied(sim, sim.upload(v2))
+
+
+async def test_idle_upload_times_out(sim: Sim, firmware) -> None:
+    sim.device.write_config(server={"idle_timeout": 1})
+    await _restart_server(sim)
+    v2 = firmware("2.0.0").read_bytes()
+    async with _client(sim) as conn:
+        p = await conn.create_process(subsystem="fwup", encoding=None)
+        p.stdin.write(v2[:1000])
+        with anyio.fail_after(15):
+            text = (await p.stdout.read()).decode()
+            await p.wait()
+    assert p.exit_status == 1 and "no data for 1 s" in text, text
+    assert_untouched(sim)
+
+
+async def test_precheck_callback_can_refuse(sim: Sim, firmware, tmp_path: Path) -> None:
+    hook = tmp_path / "hook.py"
+    hook.write_text("def check(ctx):\n    return 'battery below 20%'\n")
+    sim.device.write_config(fwup={"precheck_callback": f"{hook}:check"})
+    await _restart_server(sim)
+    result = sim.upload(firmware("2.0.0"))
+    assert result.returncode == 1
+    assert "Error: precheck refused the update: battery below 20%" in output(result)
+    assert_untouched(sim)
+
+
+# --- who may connect, and what they may do ---------------------------------------------------
+
+
+async def test_unknown_key_is_refused(sim: Sim, firmware, stranger_key: KeyPair) -> None:
+    result = sim.upload(firmware("2.0.0"), key=stranger_key)
+    assert result.returncode == 255 and "Permission denied (publickey)" in output(result)
+    assert_untouched(sim)
+
+
+async def test_authorized_keys_are_reread_per_connection(sim: Sim, stranger_key: KeyPair) -> None:
+    assert sim.ssh("status", key=stranger_key).returncode == 255
+    keys = sim.device.server_data_dir / "authorized_keys"
+    keys.write_text(keys.read_text() + stranger_key.public_line + "\n")
+    result = sim.ssh("status", key=stranger_key)
+    assert result.returncode == 0, output(result)
+
+
+async def test_password_and_keyboard_interactive_are_refused(sim: Sim) -> None:
+    for method in ("password", "keyboard-interactive"):
+        result = sim.ssh(
+            "status",
+            options=["-o", f"PreferredAuthentications={method}", "-o", "PubkeyAuthentication=no", "-v"],
+        )
+        assert result.returncode == 255
+        assert "Authentications that can continue: publickey\r\n" in output(result) or (
+            "Authentications that can continue: publickey\n" in output(result)
+        ), output(result)[-2000:]
+
+
+async def test_shell_exec_pty_and_forwarding_are_refused(sim: Sim) -> None:
+    shell = sim.ssh()
+    assert shell.returncode == 1 and "no shell here" in output(shell), output(shell)
+    exe = sim.ssh("cat", "/etc/shadow")
+    assert exe.returncode == 1 and "command not allowed" in output(exe), output(exe)
+    pty = sim.ssh("status", options=["-tt"])
+    assert "PTY allocation request failed" in output(pty), output(pty)
+    local = sim.ssh(options=["-o", "ExitOnForwardFailure=yes", "-W", "127.0.0.1:22"])
+    assert local.returncode == 255 and "forwarding failed" in output(local), output(local)
+    remote = sim.ssh(
+        "status", options=["-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22"]
+    )
+    assert remote.returncode == 255 and "forwarding failed" in output(remote), output(remote)
+    agent = sim.ssh("status", options=["-A", "-o", "ForwardX11=yes"])
+    assert agent.returncode == 0  # requested, silently not granted: the command itself still runs
+
+
+@pytest.mark.parametrize(
+    "batch",
+    ["ls /", "get /fwup {tmp}/x", "rm /fwup", "mkdir /x", "rename /a.fw /b.fw", "put {fw} ../escape.fw",
+     "put {fw} /etc/passwd", "put {fw} /sub/dir.fw", "ls ..", "symlink /fwup /x.fw", "chmod 777 /fwup"],
+)  # fmt: skip
+async def test_sftp_refuses_everything_but_uploads(sim: Sim, firmware, batch: str, tmp_path: Path) -> None:
+    result = sim.sftp(batch.format(fw=firmware("2.0.0"), tmp=tmp_path) + "\n")
+    assert result.returncode != 0, output(result)
+    text = output(result)
+    assert any(
+        s in text for s in ("only accepts firmware uploads", "not allowed", "not found", "No such file", "Permission denied")
+    ), text
+    assert_untouched(sim)
+    assert not (tmp_path / "x").exists()
+
+
+async def test_too_many_connections(sim: Sim) -> None:
+    sim.device.write_config(server={"max_connections": 2})
+    await _restart_server(sim)
+    async with _client(sim), _client(sim):
+        result = sim.ssh("status")
+        assert result.returncode == 255 and "too many connections" in output(result), output(result)
+    assert sim.ssh("status").returncode == 0
+
+
+async def test_login_timeout(sim: Sim) -> None:
+    sim.device.write_config(server={"login_timeout": 1})
+    await _restart_server(sim)
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=10) as s:
+        assert s.recv(100).startswith(b"SSH-2.0-")
+        start = time.monotonic()
+        while s.recv(4096):
+            pass
+        assert time.monotonic() - start < 8  # the server hung up on a silent client
+
+
+async def test_host_key_is_private_and_stable(sim: Sim) -> None:
+    key = sim.device.server_data_dir / "ssh_host_ed25519_key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    fp1 = subprocess.run(["ssh-keygen", "-lf", str(key)], capture_output=True, text=True).stdout
+    await _restart_server(sim)
+    fp2 = subprocess.run(["ssh-keygen", "-lf", str(key)], capture_output=True, text=True).stdout
+    assert fp1 == fp2 and "ED25519" in fp1
+
+
+# --- memory stays bounded whatever the image size -------------------------------------------
+
+
+async def test_server_memory_is_bounded_with_a_slow_fwup(sim: Sim, tmp_path: Path) -> None:
+    sink = tmp_path / "fwup"
+    sink.write_text(f"#!/bin/sh\nexec {sys.executable} {APPS / 'sink_fwup.py'} --rate 40 \"$@\"\n")
+    sink.chmod(0o755)
+    sim.device.write_config(fwup={"path": str(sink), "success_callback": ""})
+    await _restart_server(sim)
+    pid = sim.machine.state().server_pid
+    size = 160 * 1024 * 1024
+    blob = tmp_path / "big.fw"
+    with open(blob, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    with open(blob, "rb") as f:
+        result = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                ["ssh", *sim._opts(None, "-p"), "-s", "root@127.0.0.1", "fwup"], stdin=f, capture_output=True
+            )
+        )
+    assert result.returncode == 0, output(result)
+    hwm = _vm_hwm(pid)
+    assert hwm < 100 * 1024 * 1024, f"server peak RSS {hwm / 2**20:.0f} MiB for a {size >> 20} MiB upload"
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _client(sim: Sim) -> Any:
+    return asyncssh.connect(
+        "127.0.0.1", sim.port, username="root", client_keys=[str(sim.key.private)], known_hosts=None
+    )
+
+
+async def _restart_server(sim: Sim) -> None:
+    """Apply a config change the way an operator would: restart the service."""
+    before = sim.machine.state()
+    sim.machine.kill_server()
+    await sim.machine.wait_state(
+        lambda s: s.server_restarts > before.server_restarts and s.ready and s.server_pid != before.server_pid,
+        timeout=30,
+    )

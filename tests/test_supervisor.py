@@ -1,0 +1,564 @@
+"""sshfwup.supervisor with real processes and real sockets on 127.0.0.1.
+
+The app under test is tests/apps/http_app.py, installed into one fake root filesystem per
+"firmware version" (root/srv/app/{server.py,VERSION,mode.json}); its mode.json makes a version
+misbehave the way a broken release would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from sshfwup.config import AppConfig, SocketSpec
+from sshfwup.supervisor import (
+    AppNotReady,
+    AppSource,
+    Supervisor,
+    SupervisorError,
+    SwapFailed,
+    kill_strays,
+    marked_processes,
+)
+
+APPS = Path(__file__).parent / "apps"
+TEST_TIMEOUT = 30  # a hang fails the test instead of stalling the suite
+
+
+# --- fixtures and helpers ------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    with anyio.move_on_after(timeout):
+        while alive(pid):
+            await anyio.sleep(0.02)
+    return not alive(pid)
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A marker of our own; afterwards nothing carrying it may be left running."""
+    value = f"sshfwup-test-{uuid.uuid4().hex[:12]}"
+    yield value
+    leftovers = marked_processes(value)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+def install_app(tmp_path: Path, slot: str, version: str, **mode: Any) -> AppSource:
+    root = tmp_path / f"rootfs-{slot}-{version}"
+    app_dir = root / "srv" / "app"
+    app_dir.mkdir(parents=True)
+    shutil.copy(APPS / "http_app.py", app_dir / "server.py")
+    (app_dir / "VERSION").write_text(version)
+    if mode:
+        (app_dir / "mode.json").write_text(json.dumps(mode))
+    return AppSource(root, slot, version)
+
+
+def app_config(tmp_path: Path, **overrides: Any) -> AppConfig:
+    config = AppConfig(
+        command=(sys.executable, "{app_dir}/server.py"),
+        app_dir="/srv/app",
+        env=(("APP_EVENTS", str(tmp_path / "events.log")),),
+        sockets=(SocketSpec("tcp", "127.0.0.1", 0, "web"),),
+        ready="notify",
+        ready_timeout=5.0,
+        drain_timeout=5.0,
+        observe=0.3,
+        health_interval=0.1,
+        restart_backoff=(0.1, 2.0),
+    )
+    return replace(config, **overrides)
+
+
+def app_events(tmp_path: Path) -> list[tuple[int, str]]:
+    path = tmp_path / "events.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(int(pid), text) for pid, _, text in (line.partition(" ") for line in lines)]
+
+
+@asynccontextmanager
+async def supervising(config: AppConfig, marker: str, events: list[str] | None = None) -> AsyncIterator[Supervisor]:
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with Supervisor(config, marker=marker, on_event=events.append if events is not None else None) as sup:
+            yield sup
+
+
+def port_of(sup: Supervisor, name: str = "web") -> int:
+    return next(s for s in sup.sockets if s.name == name).sock.getsockname()[1]
+
+
+@dataclass
+class Response:
+    status: int
+    body: str
+    headers: dict[str, str]
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Response(status, body.decode(), headers)
+
+
+async def get(port: int, path: str = "/", *, unix: str | None = None, timeout: float = 5.0) -> Response:
+    async def fetch() -> Response:
+        if unix:
+            reader, writer = await asyncio.open_unix_connection(unix)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+            return await read_response(reader)
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(fetch(), timeout)
+
+
+@dataclass
+class Load:
+    """A steady client: keep-alive connections plus a fresh connection per request, ~200 req/s."""
+
+    port: int
+    answers: list[tuple[float, str]] = field(default_factory=list)  # (request start, body)
+    failures: list[str] = field(default_factory=list)
+    running: bool = True
+
+    async def keep_alive(self) -> None:
+        reader = writer = None
+        while self.running:
+            began = time.monotonic()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                assert reader is not None
+                writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                response = await asyncio.wait_for(read_response(reader), 5)
+                self.record(began, response)
+                if response.headers.get("connection") == "close":
+                    writer.close()  # the server drains this connection: a new one goes to whoever accepts
+                    reader = writer = None
+            except Exception as e:  # every error is a failed request
+                self.failures.append(f"keep-alive: {e!r}")
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+            await asyncio.sleep(0.01)
+        if writer is not None:
+            writer.close()
+
+    async def fresh(self) -> None:
+        while self.running:
+            began = time.monotonic()
+            try:
+                self.record(began, await get(self.port))
+            except Exception as e:
+                self.failures.append(f"fresh connection: {e!r}")
+            await asyncio.sleep(0.008)
+
+    def record(self, began: float, response: Response) -> None:
+        if response.status != 200:
+            self.failures.append(f"HTTP {response.status}")
+        self.answers.append((began, response.body.split()[0]))
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self.keep_alive)
+            tasks.start_soon(self.keep_alive)
+            tasks.start_soon(self.fresh)
+
+
+async def swap_under_load(sup: Supervisor, source: AppSource, **kwargs: Any) -> tuple[Any, Load, float]:
+    load = Load(port_of(sup))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(load.run)
+        await anyio.sleep(0.3)
+        try:
+            result = await sup.swap(source, **kwargs)
+        finally:
+            swapped = time.monotonic()
+            await anyio.sleep(0.3)
+            load.running = False
+    return result, load, swapped
+
+
+# --- the LISTEN_* convention ---------------------------------------------------------------
+
+
+async def test_app_sees_sockets_at_fd3_with_its_own_listen_pid(tmp_path: Path, marker: str) -> None:
+    unix_path = tmp_path / "admin.sock"
+    config = app_config(
+        tmp_path,
+        ready="http",
+        sockets=(SocketSpec("tcp", "127.0.0.1", 0, "web"), SocketSpec("unix", str(unix_path), 0, "admin")),
+        env=(("APP_EVENTS", str(tmp_path / "events.log")), ("APP_DATA", "{root}/data")),
+    )
+    source = install_app(tmp_path, "a", "1.0.0")
+    async with supervising(config, marker) as sup:
+        instance = await sup.start(source)
+        info = json.loads((await get(port_of(sup), "/info")).body)
+        via_unix = json.loads((await get(0, "/info", unix=str(unix_path))).body)
+        assert [s.address for s in sup.sockets] == [f"tcp:127.0.0.1:{port_of(sup)}", f"unix:{unix_path}"]
+
+    assert via_unix["pid"] == info["pid"] == instance.pid
+    assert info["LISTEN_PID"] == str(instance.pid)
+    assert info["LISTEN_FDS"] == "3"
+    assert info["LISTEN_FDNAMES"] == "web:admin:health"
+    assert [(s["name"], s["fd"], s["family"]) for s in info["sockets"]] == [
+        ("web", 3, "AF_INET"),
+        ("admin", 4, "AF_UNIX"),
+        ("health", 5, "AF_INET"),
+    ]
+    assert info["env_after_listen_sockets"] == {"LISTEN_PID": None, "LISTEN_FDS": None, "LISTEN_FDNAMES": None}
+    app_dir = tmp_path / "rootfs-a-1.0.0" / "srv" / "app"
+    assert info["cwd"] == str(app_dir)
+    assert str(app_dir) in info["sys_path"]  # PYTHONPATH starts with the app dir
+    env = info["env"]
+    assert env["SSHFWUP_SLOT"] == "a" and env["SSHFWUP_VERSION"] == "1.0.0"
+    assert env["SSHFWUP_APP_ROOT"] == str(tmp_path / "rootfs-a-1.0.0")
+    assert env["SSHFWUP_SUPERVISOR"] == marker
+    assert env["APP_DATA"] == str(tmp_path / "rootfs-a-1.0.0" / "data")
+    assert info["NOTIFY_SOCKET"].startswith("@sshfwup-notify-")
+    assert not unix_path.exists()  # the socket file goes with the supervisor
+
+
+def test_a_stale_unix_socket_is_replaced_but_other_files_are_not(tmp_path: Path) -> None:
+    from sshfwup.supervisor import bind_listeners
+
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
+        old.bind(str(stale))  # closed without unlinking: what a crashed server leaves
+    (listener,) = bind_listeners((SocketSpec("unix", str(stale), 0, "s"),))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(stale))
+        with pytest.raises(SupervisorError, match="another process is listening"):
+            bind_listeners((SocketSpec("unix", str(stale), 0, "s"),))
+    finally:
+        listener.sock.close()
+    regular = tmp_path / "notes.txt"
+    regular.write_text("keep me")
+    with pytest.raises(SupervisorError, match="exists and is not a socket"):
+        bind_listeners((SocketSpec("unix", str(regular), 0, "s"),))
+    assert regular.read_text() == "keep me"
+
+
+# --- overlap swap ----------------------------------------------------------------------------
+
+
+async def test_overlap_swap_under_load_refuses_nothing(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    lines: list[str] = []
+    async with supervising(app_config(tmp_path), marker) as sup:
+        old = await sup.start(v1)
+        result, load, swapped = await swap_under_load(sup, v2, report=lines.append)
+        assert sup.current is not None and sup.current.pid == result.new_pid
+
+    assert load.failures == []
+    assert len(load.answers) >= 150, f"the load was too thin to prove anything: {len(load.answers)}"
+    versions = [version for _, version in load.answers]
+    assert "1.0.0" in versions and "2.0.0" in versions
+    assert {version for began, version in load.answers if began > swapped} == {"2.0.0"}
+    assert (result.old_pid, result.old_version, result.new_version) == (old.pid, "1.0.0", "2.0.0")
+    assert result.old_returncode == 0
+    assert 0 < result.ready_seconds < result.total_seconds
+    events = app_events(tmp_path)
+    assert (old.pid, "sigterm") in events and (old.pid, "exit") in events
+    assert not alive(old.pid)
+    assert any(line.startswith("new version 2.0.0 ready in ") for line in lines)
+    assert any(line.startswith("old version 1.0.0 drained in ") for line in lines)
+
+
+async def test_drain_lets_an_in_flight_request_finish(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    async with supervising(app_config(tmp_path), marker) as sup:
+        old = await sup.start(v1)
+        port = port_of(sup)
+        slow: list[Response] = []
+
+        async def slow_request() -> None:
+            slow.append(await get(port, "/slow?0.8"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(slow_request)
+            while (old.pid, "slow-begin") not in app_events(tmp_path):
+                await anyio.sleep(0.01)
+            result = await sup.swap(v2)
+        assert (await get(port)).body.startswith("2.0.0 ")
+
+    assert slow[0].status == 200 and slow[0].body == f"1.0.0 {old.pid}"
+    assert result.drain_seconds >= 0.4  # SIGTERM came while the slow request still had ~0.7 s to go
+    assert result.old_returncode == 0
+    events = app_events(tmp_path)
+    assert events.index((old.pid, "sigterm")) < events.index((old.pid, "slow-end")) < events.index((old.pid, "exit"))
+
+
+async def test_an_app_ignoring_sigterm_is_killed_after_the_drain_timeout(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0", ignore_sigterm=True)
+    v2 = install_app(tmp_path, "b", "2.0.0")
+    lines: list[str] = []
+    async with supervising(app_config(tmp_path, drain_timeout=0.5), marker) as sup:
+        old = await sup.start(v1)
+        result = await sup.swap(v2, report=lines.append)
+        assert (await get(port_of(sup))).body.startswith("2.0.0 ")
+
+    assert result.old_returncode == -signal.SIGKILL
+    assert 0.5 <= result.drain_seconds < 3
+    assert (old.pid, "sigterm") in app_events(tmp_path)
+    assert "old version 1.0.0 did not stop within 0.5 s of SIGTERM: killed" in lines
+    assert not alive(old.pid)
+
+
+async def test_stop_first_swap_serves_again_once_the_new_version_is_ready(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    async with supervising(app_config(tmp_path, strategy="stop-first"), marker) as sup:
+        old = await sup.start(v1)
+        result, load, swapped = await swap_under_load(sup, v2)
+
+    assert result.strategy == "stop-first" and result.new_version == "2.0.0"
+    # Connections that arrive in the gap wait in the listen queue; none may fail.
+    assert load.failures == []
+    assert {version for began, version in load.answers if began > swapped} == {"2.0.0"}
+    events = app_events(tmp_path)
+    assert events.index((old.pid, "exit")) < events.index((result.new_pid, "start"))
+
+
+async def test_a_failing_progress_report_does_not_stop_the_swap(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    seen: list[str] = []
+
+    async def broken_channel(line: str) -> None:
+        seen.append(line)
+        raise BrokenPipeError("the uploader went away")
+
+    async with supervising(app_config(tmp_path), marker) as sup:
+        await sup.start(v1)
+        result = await sup.swap(v2, report=broken_channel)
+        assert (await get(port_of(sup))).body == f"2.0.0 {result.new_pid}"
+    assert len(seen) >= 4  # every stage was still offered to the reporter
+
+
+async def test_a_cancelled_swap_leaves_the_old_version_serving(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", startup_delay=5)
+    async with supervising(app_config(tmp_path, ready_timeout=10), marker) as sup:
+        old = await sup.start(v1)
+        with anyio.move_on_after(0.5):
+            await sup.swap(v2)
+        assert sup.current is not None and sup.current.pid == old.pid
+        assert (await get(port_of(sup))).body == f"1.0.0 {old.pid}"
+        new_pids = [pid for pid, text in app_events(tmp_path) if text == "start" and pid != old.pid]
+        assert len(new_pids) == 1 and not alive(new_pids[0])
+
+
+# --- rollback --------------------------------------------------------------------------------
+
+
+async def test_new_version_never_ready_leaves_the_old_one_serving(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", ready="never")
+    async with supervising(app_config(tmp_path, ready_timeout=1.0), marker) as sup:
+        old = await sup.start(v1)
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert failure.value.reason == "2.0.0 did not become ready within 1 s"
+        assert failure.value.rollback == f"1.0.0 is still serving (pid {old.pid})"
+        assert sup.current is not None and sup.current.pid == old.pid
+        assert (await get(port_of(sup))).body == f"1.0.0 {old.pid}"
+        assert failure.value.new_pid and not alive(failure.value.new_pid)
+
+
+async def test_new_version_exiting_during_observation_brings_the_old_one_back(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", exit_after=[0.2, 3])
+    async with supervising(app_config(tmp_path, observe=1.5), marker) as sup:
+        old = await sup.start(v1)
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert failure.value.reason == "2.0.0 exited with status 3 during the observation window"
+        restored = failure.value.restored
+        assert restored is not None and restored.version == "1.0.0" and restored.pid != old.pid
+        assert sup.current is not None and sup.current.pid == restored.pid
+        assert (await get(port_of(sup))).body == f"1.0.0 {restored.pid}"
+        assert failure.value.new_pid and not alive(failure.value.new_pid)
+
+
+async def test_failing_http_health_check_during_observation_rolls_back(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", health_fail_after=0.3)
+    async with supervising(app_config(tmp_path, ready="http", observe=1.5), marker) as sup:
+        await sup.start(v1)
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert failure.value.reason == "2.0.0 failed its health check (HTTP 500) during the observation window"
+        assert (await get(port_of(sup))).body.startswith("1.0.0 ")
+        new_pid = failure.value.new_pid
+    assert (new_pid, "health") in app_events(tmp_path)  # the probes reached the new instance
+
+
+@pytest.mark.parametrize("ready", ["http", "tcp"])
+async def test_readiness_probes_reach_the_new_instance_not_the_old_one(
+    tmp_path: Path, marker: str, ready: str
+) -> None:
+    """The old version answers everything on the shared socket; a probe sent there would pass.
+    The new version never serves: only a probe on its private socket sees that."""
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", ready="never")
+    async with supervising(app_config(tmp_path, ready=ready, ready_timeout=1.0), marker) as sup:
+        old = await sup.start(v1)
+        probes_of_old = app_events(tmp_path).count((old.pid, "health"))
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert failure.value.reason.startswith("2.0.0 did not become ready within 1 s")
+        assert sup.current is not None and sup.current.pid == old.pid
+        assert app_events(tmp_path).count((old.pid, "health")) == probes_of_old
+
+
+async def test_an_old_version_that_crashes_during_a_swap_belongs_to_the_swap(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", startup_delay=0.5)
+    events: list[str] = []
+    async with supervising(app_config(tmp_path), marker, events) as sup:
+        old = await sup.start(v1)
+        async with anyio.create_task_group() as tasks:
+
+            async def crash_old_while_new_starts() -> None:
+                await anyio.sleep(0.2)
+                os.kill(old.pid, signal.SIGKILL)
+
+            tasks.start_soon(crash_old_while_new_starts)
+            result = await sup.swap(v2)
+        await anyio.sleep(0.5)  # a restart loop, if one had been started, would have acted by now
+        assert sup.current is not None and sup.current.pid == result.new_pid
+
+    assert result.old_returncode == -signal.SIGKILL
+    assert not any("restarting" in event for event in events)
+    assert [pid for pid, text in app_events(tmp_path) if text == "start"] == [old.pid, result.new_pid]
+
+
+# --- start, crash restart, process lifetime --------------------------------------------------
+
+
+async def test_start_failures_say_why(tmp_path: Path, marker: str) -> None:
+    source = install_app(tmp_path, "a", "1.0.0", exit_after=[0, 0])
+    exits_at_once = app_config(tmp_path, command=(sys.executable, "-c", "raise SystemExit(3)"))
+    async with supervising(exits_at_once, marker) as sup:
+        with pytest.raises(AppNotReady, match=r"^1\.0\.0 exited with status 3 before it became ready$"):
+            await sup.start(source)
+        assert sup.current is None
+    async with supervising(app_config(tmp_path, command=("/nonexistent/app",)), marker) as sup:
+        with pytest.raises(AppNotReady) as failure:
+            await sup.start(source)
+        assert failure.value.reason == (
+            "1.0.0 exited with status 127 before it became ready"
+            " (cannot run '/nonexistent/app': No such file or directory)"
+        )
+    async with supervising(app_config(tmp_path, app_dir="/opt/missing"), marker) as sup:
+        with pytest.raises(AppNotReady, match="application directory .*/opt/missing does not exist"):
+            await sup.start(source)
+
+
+async def test_a_crashed_app_is_restarted(tmp_path: Path, marker: str) -> None:
+    events: list[str] = []
+    async with supervising(app_config(tmp_path), marker, events) as sup:
+        first = await sup.start(install_app(tmp_path, "a", "1.0.0"))
+        os.kill(first.pid, signal.SIGKILL)
+        while not (sup.current and sup.current.pid != first.pid and sup.current.ready_at):
+            await anyio.sleep(0.02)
+        assert sup.current.restarts == 1
+        assert (await get(port_of(sup))).body == f"1.0.0 {sup.current.pid}"
+        assert await sup.wait_healthy(0.3)
+    assert f"1.0.0 (pid {first.pid}) was killed by SIGKILL; restarting in 0.1 s" in events
+
+
+async def test_repeated_crashes_back_off_exponentially(tmp_path: Path, marker: str) -> None:
+    events: list[str] = []
+    source = install_app(tmp_path, "a", "1.0.0", exit_after=[0.05, 1])
+    async with supervising(app_config(tmp_path, restart_backoff=(0.1, 2.0)), marker, events) as sup:
+        first = await sup.start(source)
+        while not (sup.current and sup.current.restarts >= 3):
+            await anyio.sleep(0.02)
+        assert not await sup.wait_healthy(1.0)
+    delays = [event.rpartition("restarting in ")[2] for event in events if "restarting in" in event]
+    assert delays[:3] == ["0.1 s", "0.2 s", "0.4 s"]
+    started = [pid for pid, text in app_events(tmp_path) if text == "start"]
+    assert started[0] == first.pid and len(set(started)) == len(started) >= 4
+
+
+async def test_app_dies_with_the_process_that_supervises_it(tmp_path: Path, marker: str) -> None:
+    source = install_app(tmp_path, "a", "1.0.0")
+    host = subprocess.Popen(
+        [sys.executable, str(APPS / "supervise.py"), marker, str(source.root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert host.stdout is not None
+        with anyio.fail_after(TEST_TIMEOUT):
+            app_pid = int(await anyio.to_thread.run_sync(host.stdout.readline))
+        assert alive(app_pid) and marked_processes(marker) == [app_pid]
+        host.kill()  # SIGKILL: the supervisor gets no chance to stop its app
+        host.wait()
+        assert await wait_gone(app_pid), "the app outlived its supervisor"
+    finally:
+        host.kill()
+        host.wait()
+
+
+async def test_kill_strays_finds_a_marked_orphan(tmp_path: Path, marker: str) -> None:
+    def orphan() -> int:
+        # The shell starts sleep in the background and exits: sleep is reparented, an orphan.
+        out = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+            env=dict(os.environ, SSHFWUP_SUPERVISOR=marker), capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(out.stdout)
+
+    stray = orphan()
+    assert marked_processes(marker) == [stray]
+    assert kill_strays(marker) == [stray]
+    assert not alive(stray)
+    # A supervisor does the same when it starts.
+    stray = orphan()
+    async with supervising(app_config(tmp_path), marker):
+        assert not alive(stray)
+
+
+async def test_leaving_the_supervisor_stops_the_app_and_releases_the_port(tmp_path: Path, marker: str) -> None:
+    async with supervising(app_config(tmp_path), marker) as sup:
+        instance = await sup.start(install_app(tmp_path, "a", "1.0.0"))
+        port = port_of(sup)
+        with pytest.raises(SupervisorError, match="already runs"):
+            await sup.start(install_app(tmp_path, "b", "2.0.0"))
+    assert not alive(instance.pid)
+    assert (instance.pid, "sigterm") in app_events(tmp_path)
+    with socket.create_server(("127.0.0.1", port)):
+        pass  # the port is free again
