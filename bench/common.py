@@ -143,16 +143,29 @@ def _stat_fields(pid: int) -> list[str]:
     return stat[stat.rindex(b")") + 2 :].decode().split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process itself (all its threads), in seconds."""
-    f = _stat_fields(pid)
-    return (int(f[11]) + int(f[12])) / CLK_TCK
+@dataclass(frozen=True)
+class CpuTimes:
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+    def __sub__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.user - other.user, self.system - other.system)
 
 
-def reaped_children_cpu_seconds(pid: int) -> float:
-    """cutime + cstime: CPU of the children this process has waited for (and theirs, transitively)."""
+def cpu_times(pid: int) -> CpuTimes:
+    """utime and stime of the process itself (all its threads), in seconds."""
     f = _stat_fields(pid)
-    return (int(f[13]) + int(f[14])) / CLK_TCK
+    return CpuTimes(int(f[11]) / CLK_TCK, int(f[12]) / CLK_TCK)
+
+
+def reaped_children_cpu_times(pid: int) -> CpuTimes:
+    """cutime and cstime: CPU of the children this process has waited for (theirs included)."""
+    f = _stat_fields(pid)
+    return CpuTimes(int(f[13]) / CLK_TCK, int(f[14]) / CLK_TCK)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -192,7 +205,7 @@ class SinkReport:
     payload_bytes: int
     first_byte_at: float | None
     ended_at: float
-    cpu: float  # the sink's own CPU seconds, its exec'ing shell or shim and their children included
+    cpu: CpuTimes  # the sink's own, its exec'ing shell or shim and their children included
     status: str
 
     @property
@@ -208,7 +221,7 @@ def read_sink_report(path: Path, timeout: float = 10.0) -> SinkReport:
         payload_bytes=raw["payload_bytes"],
         first_byte_at=raw["first_byte_at"],
         ended_at=raw["ended_at"],
-        cpu=raw["cpu_self"] + raw["cpu_children"],
+        cpu=CpuTimes(raw["cpu_user"], raw["cpu_system"]),
         status=raw["status"],
     )
 

@@ -13,7 +13,8 @@ Two modes:
 Both can be throttled (``--sink-rate MB/s``: a slow flash) and write a JSON report at exit
 (``--sink-report FILE``, replaced atomically): bytes, first-byte and end time on the system-wide
 monotonic clock (comparable with the benchmark's ``time.monotonic()``), and the sink's own CPU
-time (self and reaped children), so a benchmark can subtract it from a server's total.
+time (user and system; itself and its reaped children, e.g. a shell's start-up work), so a
+benchmark can subtract it from a server's total.
 
 Only the standard library; the shebang names the system python3 on purpose: a PATH lookup could
 land on a version manager's shim (pyenv here) and time its start-up instead.
@@ -47,8 +48,8 @@ class SinkReport:
     payload_bytes: int
     first_byte_at: float | None  # time.monotonic() of the first payload byte
     ended_at: float  # time.monotonic() when the input ended
-    cpu_self: float  # seconds (user + system) of this process, exec'ing shell or shim included
-    cpu_children: float  # seconds of reaped children (a shell's start-up work, if any)
+    cpu_user: float  # seconds of this process (an exec'ing shell or shim included) and reaped children
+    cpu_system: float
     status: str  # "ok" or why the input ended early
 
 
@@ -179,8 +180,8 @@ def main(argv: list[str]) -> int:
                 payload_bytes=total,
                 first_byte_at=first,
                 ended_at=ended,
-                cpu_self=me.ru_utime + me.ru_stime,
-                cpu_children=kids.ru_utime + kids.ru_stime,
+                cpu_user=me.ru_utime + kids.ru_utime,
+                cpu_system=me.ru_stime + kids.ru_stime,
                 status=status,
             ),
         )

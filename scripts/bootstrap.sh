@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # and systemd-analyze for checking the unit file.
 packages=(
   openssh-client openssh-server libubootenv-tool squashfs-tools e2fsprogs util-linux mount
-  wrk hey systemd python3-venv ca-certificates
+  wrk hey systemd shellcheck python3-venv ca-certificates
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -9,8 +9,7 @@ U-Boot's boot-count fallback where the system uses it.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,40 +70,52 @@ class BootState:
 
 
 class BootEnv:
-    """Adapter over the real tools; the simulator and tests point it at a disk image's config."""
+    """Adapter over the real tools; the simulator and tests point it at a disk image's config.
 
-    def __init__(self, config: Path, *, printenv: str = "fw_printenv", setenv: str = "fw_setenv") -> None:
-        self.config = config
+    The ``*_sync`` methods serve the simulator's bootloader; the server uses the async ones,
+    which run the same code in a worker thread.
+    """
+
+    def __init__(
+        self, config: Path, *, printenv: str = "fw_printenv", setenv: str = "fw_setenv", timeout: float = 10.0
+    ) -> None:
+        self.config = Path(config)
         self.printenv = printenv
         self.setenv = setenv
+        self.timeout = timeout
 
-    async def read(self) -> dict[str, str]:
-        result = await self._run([self.printenv, "-c", str(self.config)])
+    def read_sync(self) -> dict[str, str]:
+        """All variables. Raises BootEnvError when the block is missing or its CRC is wrong."""
         env: dict[str, str] = {}
-        for line in result.splitlines():
+        for line in self._run([self.printenv, "-c", str(self.config)]).splitlines():
             name, sep, value = line.partition("=")
             if sep:
                 env[name] = value
         return env
 
+    def write_sync(self, values: Mapping[str, str | None]) -> None:
+        """Set (or, with ``None`` or "", remove) several variables in one environment write."""
+        if not values:
+            return
+        lines = []
+        for name, value in values.items():
+            if not name or "=" in name or any(c.isspace() for c in name):
+                raise BootEnvError(f"invalid U-Boot variable name {name!r}")
+            if value is not None and ("\n" in value or "\0" in value):
+                raise BootEnvError(f"value of {name} must be a single line")
+            lines.append(f"{name}={value or ''}\n")
+        # libubootenv's script syntax: one name=value per line; "name=" deletes the variable.
+        self._run([self.setenv, "-c", str(self.config), "-s", "-"], stdin="".join(lines).encode())
+        log.info("boot env: %s", ", ".join(f"{k}={v if v else '(unset)'}" for k, v in values.items()))
+
+    async def read(self) -> dict[str, str]:
+        return await anyio.to_thread.run_sync(self.read_sync)
+
     async def state(self) -> BootState:
         return BootState.from_env(await self.read())
 
     async def write(self, values: Mapping[str, str | None]) -> None:
-        """Set (or, with ``None``, remove) several variables in one environment write."""
-        lines = []
-        for name, value in values.items():
-            if not name or "=" in name or "\n" in name or (value is not None and "\n" in value):
-                raise BootEnvError(f"refusing to write a malformed boot variable {name!r}")
-            lines.append(f"{name}={'' if value is None else value}\n")
-        fd, script = tempfile.mkstemp(prefix="sshfwup-env-", suffix=".txt")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.writelines(lines)
-            await self._run([self.setenv, "-c", str(self.config), "-s", script])
-        finally:
-            os.unlink(script)
-        log.info("boot env: %s", ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in values.items()))
+        await anyio.to_thread.run_sync(self.write_sync, values)
 
     # The two operations nerves_runtime performs, with the same variables.
 
@@ -128,13 +139,14 @@ class BootEnv:
             values["bootcount"] = "0"
         await self.write(values)
 
-    async def _run(self, args: list[str]) -> str:
+    def _run(self, argv: list[str], stdin: bytes | None = None) -> str:
         try:
-            result = await anyio.run_process(args, check=False)
+            proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=self.timeout, check=False)
         except FileNotFoundError:
-            raise BootEnvError(f"{args[0]} not found: install libubootenv's tools (fw_printenv/fw_setenv)") from None
-        out = result.stdout.decode("utf-8", errors="replace")
-        err = result.stderr.decode("utf-8", errors="replace").strip()
-        if result.returncode != 0:
-            raise BootEnvError(f"{Path(args[0]).name} failed (status {result.returncode}): {err or out.strip()}")
-        return out
+            raise BootEnvError(f"{argv[0]} not found: install libubootenv's tools (fw_printenv/fw_setenv)") from None
+        except subprocess.TimeoutExpired:
+            raise BootEnvError(f"{argv[0]} did not finish within {self.timeout:g} s") from None
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).decode(errors="replace").strip() or f"status {proc.returncode}"
+            raise BootEnvError(f"{Path(argv[0]).name} -c {self.config} failed: {detail}")
+        return proc.stdout.decode("utf-8", errors="replace")

@@ -57,30 +57,27 @@ async def status(device: Device) -> dict[str, Any]:
 
 
 def render_status(s: dict[str, Any]) -> str:
-    lines = []
-    lines.append(f"running root:   slot {s['running_root'] or '?'}")
+    rows: list[tuple[str, str]] = [("running root", f"slot {s['running_root'] or '?'}")]
     if s.get("boot_env_error"):
-        lines.append(f"boot env:       unreadable: {s['boot_env_error']}")
+        rows.append(("boot env", f"unreadable: {s['boot_env_error']}"))
     else:
-        lines.append(f"active (next boot): slot {s['active'] or '?'}{'' if s['validated'] else ' (not validated)'}")
+        rows.append(("next boot", f"slot {s['active'] or '?'}" + ("" if s["validated"] else " (not validated)")))
         for slot, info in s["slots"].items():
-            lines.append(f"slot {slot}:         {info['version'] or '(empty)'}")
+            rows.append((f"slot {slot}", info["version"] or "(empty)"))
     if s["pending_reboot"]:
-        lines.append(f"pending reboot: yes: slot {s['active']} runs after the next reboot (ssh <device> reboot)")
+        rows.append(("pending reboot", f"yes: slot {s['active']} runs after the next reboot (ssh <device> reboot)"))
     app = s.get("app")
     if app:
-        lines.append(
-            f"app:            {app['version']} from slot {app['slot']}, pid {app['pid']}, up {app['uptime']:.0f} s"
-            + (f", {app['restarts']} restarts" if app.get("restarts") else "")
-        )
+        text = f"{app['version']} from slot {app['slot']}, pid {app['pid']}, up {app['uptime']:.0f} s"
+        rows.append(("app", text + (f", {app['restarts']} restarts" if app.get("restarts") else "")))
     else:
-        lines.append("app:            not running")
+        rows.append(("app", "not running"))
     last = s.get("last_update")
     if last:
-        lines.append(f"last update:    {'ok' if last.get('ok') else 'FAILED'}: {last.get('verdict')}")
+        rows.append(("last update", f"{'ok' if last.get('ok') else 'FAILED'}: {last.get('verdict')}"))
     if s.get("update_in_progress"):
-        lines.append("update:         in progress")
-    return "\n".join(lines) + "\n"
+        rows.append(("update", "in progress"))
+    return "".join(f"{label + ':':<16}{value}\n" for label, value in rows)
 
 
 async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader) -> int:

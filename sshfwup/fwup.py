@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -136,6 +137,24 @@ class Journal:
             os.close(dfd)
         self.current = rec
         log.debug("journal: %s %s", rec.id, rec.stage)
+        self._failpoint(rec.stage)
+
+    def _failpoint(self, stage: str) -> None:
+        """Test hook: a file ``<data_dir>/failpoint`` reading ``<stage> kill|pause`` makes the
+        server die (SIGKILL) or hang right after journaling that stage, once. This is how the
+        recovery tests put a crash or a power cut at an exact point of an update."""
+        path = self.path.with_name("failpoint")
+        try:
+            wanted, _, action = path.read_text().strip().partition(" ")
+        except OSError:
+            return
+        if wanted != stage:
+            return
+        path.unlink(missing_ok=True)
+        log.warning("failpoint: %s after stage %s", action or "kill", stage)
+        if action == "pause":
+            time.sleep(3600)  # blocks the whole server, as a hung kernel would; the test cuts power
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,13 @@ def plan_recovery(rec: Record | None, *, running_root: str, active: str | None) 
     if rec is None:
         return Recovery(R, False, message="no update on record")
     if rec.stage in ACTIVE_STAGES:
+        if rec.from_slot is not None and R != rec.from_slot:
+            # Power was lost mid-update after fwup switched the boot env: the bootloader started
+            # the new firmware, which validates itself only if its app proves healthy.
+            return Recovery(
+                R, False, stage="booted",
+                message=f"update {rec.id} was interrupted at stage '{rec.stage}' by a reboot; booted the new firmware in slot {R}",
+            )
         # The update never finished: the uploader saw a dropped connection and will retry.
         # Put the boot env back on the firmware that is running (and was validated before fwup).
         revert = R if A is not None and A != R else None

@@ -31,7 +31,7 @@ import stat
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,7 +180,11 @@ def read_rootfs_file(root: Path, path: str, *, limit: int, what: str) -> bytes |
     """
     host = resolve_in_root(root, path)
     try:
-        with open(host, "rb") as f:
+        # O_NONBLOCK: opening a FIFO planted at this path must not hang the inspection
+        fd = os.open(host, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
+                raise IsADirectoryError
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise ManifestError(f"{what} {path} is not a regular file")
             data = f.read(limit + 1)

@@ -16,11 +16,26 @@ from typing import Any
 import anyio
 import anyio.abc
 import asyncssh
-from asyncssh import SFTPAttrs, SFTPFailure, SFTPName, SFTPNoSuchFile, SFTPOpUnsupported, SFTPPermissionDenied
+from asyncssh import (
+    SFTPAttrs,
+    SFTPFailure,
+    SFTPName,
+    SFTPNoSuchFile,
+    SFTPOpUnsupported,
+    SFTPPermissionDenied,
+)
 
 from .device import Device
 from .report import Report
-from .update import EXIT_FAILED, EXIT_OK, Outcome, Update, UpdateError, UpdateRefused, Uploader
+from .update import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Outcome,
+    Update,
+    UpdateError,
+    UpdateRefused,
+    Uploader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +120,8 @@ class _UploadBridge:
             self.error = str(e)
         except Exception as e:  # never let one upload take the server down
             log.exception("sftp upload failed")
+            if not started:
+                raise UpdateRefused(f"internal error: {e}") from e
             self.error = f"internal error: {e}"
         finally:
             self._recv.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,41 +31,38 @@ class SlotError(Exception):
 
 @dataclass(frozen=True)
 class MountInfo:
-    mount_point: str
+    mount_id: int
+    mount_point: Path
     device: tuple[int, int]  # major, minor
     fstype: str
     source: str
     options: str
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[MountInfo]:
+    """The mount table, in mount order (the last mount on a path is the visible one)."""
     result = []
-    for line in mountinfo.read_text().splitlines():
+    for line in mountinfo.read_text(errors="surrogateescape").splitlines():
         left, _, right = line.partition(" - ")
         f = left.split()
         r = right.split()
         if len(f) < 6 or len(r) < 2:
             continue
         major, minor = (int(x) for x in f[2].split(":"))
-        result.append(MountInfo(_unescape(f[4]), (major, minor), r[0], _unescape(r[1]), f[5]))
+        result.append(MountInfo(int(f[0]), Path(_unescape(f[4])), (major, minor), r[0], _unescape(r[1]), f[5]))
     return result
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+    target = Path(os.path.realpath(path))
     return any(m.mount_point == target for m in mounts())
 
 
@@ -80,7 +78,7 @@ def _rdev(device: Path) -> tuple[int, int] | None:
 
 def running_root(root_mount: Path, slots: Iterable[tuple[str, Path]]) -> str | None:
     """The slot mounted at ``root_mount``; None when the root is not one of the slots."""
-    target = os.path.realpath(root_mount)
+    target = Path(os.path.realpath(root_mount))
     stacked = [m for m in mounts() if m.mount_point == target]
     if not stacked:
         return None

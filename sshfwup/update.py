@@ -15,8 +15,8 @@ import importlib.util
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +177,7 @@ class Update:
             raise
         self._stack = stack
         log.info("update started by %s", self.uploader)
+        self.device.notify_status(f"receiving firmware from {self.uploader.user}@{self.uploader.peer}")
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -226,6 +227,7 @@ class Update:
         result = await self._fwup.finish()
         self._finished = True
         await self._relayed.wait()
+        self.device.notify_status(f"fwup: {result.reason}")
         if not result.success:
             outcome = Outcome(False, f"update failed: {result.reason}; the device was not changed")
             log.warning("update from %s failed: %s", self.uploader, result.reason)
@@ -300,12 +302,13 @@ class Update:
 
     async def _fwup_failure_reason(self) -> str:
         assert self._fwup is not None
+        reason = "update failed: fwup stopped reading its input"
         with anyio.move_on_after(5):
             result = await self._fwup.finish()
-            self._finished = True
-            return f"update failed: {result.reason}; the device was not changed"
+            reason = f"update failed: {result.reason}; the device was not changed"
         self._fwup.kill()
-        return "update failed: fwup stopped reading its input"
+        self._journal("failed", reason)
+        return reason
 
     async def _success(self, result: FwupResult) -> Outcome:
         dev = self.device

@@ -173,6 +173,18 @@ class Sim:
     def env(self) -> dict[str, str]:
         return self.device.env()
 
+    async def restart_server(self, **config: Any) -> None:
+        """Apply a config change the way an operator would: write it, restart the service."""
+        if config:
+            self.device.write_config(**config)
+        before = self.machine.state()
+        assert before is not None
+        self.machine.kill_server()
+        await self.machine.wait_state(
+            lambda s: s.server_restarts > before.server_restarts and s.ready and s.server_pid != before.server_pid,
+            timeout=30,
+        )
+
     def app(self, path: str = "/", timeout: float = 5) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.app_port}{path}", timeout=timeout) as r:
             return json.loads(r.read())

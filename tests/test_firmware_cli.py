@@ -26,9 +26,21 @@ import asyncssh
 import pytest
 
 from sshfwup import firmware
-from sshfwup.fwfile import compile_meta_conf, load_private_key, load_public_key, read_firmware, write_firmware
+from sshfwup.fwfile import (
+    compile_meta_conf,
+    load_private_key,
+    load_public_key,
+    read_firmware,
+    write_firmware,
+)
 from sshfwup.inspect import decide, inspect_slot
-from sshfwup.manifest import MANIFEST_PATH, MARKER_PATH, build_manifest, dump_manifest, load_manifest
+from sshfwup.manifest import (
+    MANIFEST_PATH,
+    MARKER_PATH,
+    build_manifest,
+    dump_manifest,
+    load_manifest,
+)
 from sshfwup.sim.firmware import build_firmware
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 from sshfwup.sim.rootfs import build_sample_firmware, make_rootfs

@@ -341,3 +341,13 @@ def test_manifest_dataclass_defaults() -> None:
     m = Manifest({})
     assert m.app_dirs == ("/srv/app",) and m.kernel is None and m.dtbs == ()
     assert load_manifest(dump_manifest(m)) == m
+
+
+def test_a_fifo_in_place_of_the_manifest_does_not_hang(tmp_path: Path) -> None:
+    from sshfwup.manifest import MANIFEST_PATH, ManifestError, read_rootfs_file
+
+    target = tmp_path / MANIFEST_PATH.lstrip("/")
+    target.parent.mkdir(parents=True)
+    os.mkfifo(target)
+    with pytest.raises(ManifestError, match="is not a regular file"):
+        read_rootfs_file(tmp_path, MANIFEST_PATH, limit=1 << 20, what="manifest")

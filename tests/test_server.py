@@ -6,6 +6,7 @@ each one is about the transport, the lock, the limits and the refusals.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,6 @@ from typing import Any
 import anyio
 import asyncssh
 import pytest
-
 from conftest import KeyPair, Sim, output
 
 APPS = Path(__file__).resolve().parent / "apps"
@@ -91,7 +91,7 @@ async def test_sftp_put(sim: Sim, firmware) -> None:
 async def test_upload_client(sim: Sim, firmware) -> None:
     result = sim.run(
         [
-            sys.executable, "-m", "sshfwup", "upload", f"root@127.0.0.1", str(firmware("2.0.0")),
+            sys.executable, "-m", "sshfwup", "upload", "root@127.0.0.1", str(firmware("2.0.0")),
             "-p", str(sim.port), "-i", str(sim.key.private), "--insecure-accept-host-key",
         ]
     )  # fmt: skip
@@ -137,11 +137,12 @@ async def test_bad_firmware_is_refused(sim: Sim, firmware, case: str, expect: st
     assert "sshfwup: update failed:" in text and "the device was not changed" in text, text
     assert_untouched(sim, slot_a)
     assert sim.app()["version"] == "1.0.0"  # the running application never noticed
+    journal = json.loads((sim.device.server_data_dir / "journal.json").read_text())
+    assert journal["stage"] == "failed" and "the device was not changed" in journal["verdict"]
 
 
 async def test_over_the_size_limit(tmp_path: Path, firmware, sim: Sim) -> None:
-    sim.device.write_config(server={"max_upload_size": 64 * 1024})
-    await _restart_server(sim)
+    await sim.restart_server(server={"max_upload_size": 64 * 1024})
     v2 = firmware("2.0.0")
     result = sim.upload(v2)
     assert result.returncode == 1, output(result)
@@ -217,8 +218,7 @@ async def test_disconnects_at_any_point_change_nothing(sim: Sim, firmware) -> No
 
 
 async def test_idle_upload_times_out(sim: Sim, firmware) -> None:
-    sim.device.write_config(server={"idle_timeout": 1})
-    await _restart_server(sim)
+    await sim.restart_server(server={"idle_timeout": 1})
     v2 = firmware("2.0.0").read_bytes()
     async with _client(sim) as conn:
         p = await conn.create_process(subsystem="fwup", encoding=None)
@@ -233,8 +233,7 @@ async def test_idle_upload_times_out(sim: Sim, firmware) -> None:
 async def test_precheck_callback_can_refuse(sim: Sim, firmware, tmp_path: Path) -> None:
     hook = tmp_path / "hook.py"
     hook.write_text("def check(ctx):\n    return 'battery below 20%'\n")
-    sim.device.write_config(fwup={"precheck_callback": f"{hook}:check"})
-    await _restart_server(sim)
+    await sim.restart_server(fwup={"precheck_callback": f"{hook}:check"})
     result = sim.upload(firmware("2.0.0"))
     assert result.returncode == 1
     assert "Error: precheck refused the update: battery below 20%" in output(result)
@@ -304,8 +303,7 @@ async def test_sftp_refuses_everything_but_uploads(sim: Sim, firmware, batch: st
 
 
 async def test_too_many_connections(sim: Sim) -> None:
-    sim.device.write_config(server={"max_connections": 2})
-    await _restart_server(sim)
+    await sim.restart_server(server={"max_connections": 2})
     async with _client(sim), _client(sim):
         result = sim.ssh("status")
         assert result.returncode == 255 and "too many connections" in output(result), output(result)
@@ -313,8 +311,7 @@ async def test_too_many_connections(sim: Sim) -> None:
 
 
 async def test_login_timeout(sim: Sim) -> None:
-    sim.device.write_config(server={"login_timeout": 1})
-    await _restart_server(sim)
+    await sim.restart_server(server={"login_timeout": 1})
     with socket.create_connection(("127.0.0.1", sim.port), timeout=10) as s:
         assert s.recv(100).startswith(b"SSH-2.0-")
         start = time.monotonic()
@@ -327,7 +324,7 @@ async def test_host_key_is_private_and_stable(sim: Sim) -> None:
     key = sim.device.server_data_dir / "ssh_host_ed25519_key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     fp1 = subprocess.run(["ssh-keygen", "-lf", str(key)], capture_output=True, text=True).stdout
-    await _restart_server(sim)
+    await sim.restart_server()
     fp2 = subprocess.run(["ssh-keygen", "-lf", str(key)], capture_output=True, text=True).stdout
     assert fp1 == fp2 and "ED25519" in fp1
 
@@ -339,8 +336,7 @@ async def test_server_memory_is_bounded_with_a_slow_fwup(sim: Sim, tmp_path: Pat
     sink = tmp_path / "fwup"
     sink.write_text(f"#!/bin/sh\nexec {sys.executable} {APPS / 'sink_fwup.py'} --rate 40 \"$@\"\n")
     sink.chmod(0o755)
-    sim.device.write_config(fwup={"path": str(sink), "success_callback": ""})
-    await _restart_server(sim)
+    await sim.restart_server(fwup={"path": str(sink), "success_callback": ""})
     pid = sim.machine.state().server_pid
     size = 160 * 1024 * 1024
     blob = tmp_path / "big.fw"
@@ -371,14 +367,4 @@ def _vm_hwm(pid: int) -> int:
 def _client(sim: Sim) -> Any:
     return asyncssh.connect(
         "127.0.0.1", sim.port, username="root", client_keys=[str(sim.key.private)], known_hosts=None
-    )
-
-
-async def _restart_server(sim: Sim) -> None:
-    """Apply a config change the way an operator would: restart the service."""
-    before = sim.machine.state()
-    sim.machine.kill_server()
-    await sim.machine.wait_state(
-        lambda s: s.server_restarts > before.server_restarts and s.ready and s.server_pid != before.server_pid,
-        timeout=30,
     )

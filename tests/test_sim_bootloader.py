@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.sim.bootloader import BootChoice, BootEnvError, UBootEnv, boot, choose_boot
+from sshfwup.bootenv import BootEnv, BootEnvError
+from sshfwup.sim.bootloader import BootChoice, boot, choose_boot
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 
 VALIDATED_A = {
@@ -122,7 +123,7 @@ def test_choose_boot_does_not_modify_its_input() -> None:
 
 
 @pytest.fixture
-def env_block(tmp_path: Path) -> UBootEnv:
+def env_block(tmp_path: Path) -> BootEnv:
     """An image with a valid env block at the simulated layout's offset, holding VALIDATED_A."""
     image = tmp_path / "disk.img"
     offset, size = DEFAULT_LAYOUT.uboot_env_span
@@ -134,30 +135,30 @@ def env_block(tmp_path: Path) -> UBootEnv:
     defaults.write_text("".join(f"{k}={v}\n" for k, v in VALIDATED_A.items()))
     # With no valid block on the image, fw_setenv stores the default environment.
     subprocess.run(["fw_setenv", "-c", str(config), "-f", str(defaults)], check=True, capture_output=True)
-    return UBootEnv(config)
+    return BootEnv(config)
 
 
-def test_read_returns_every_variable(env_block: UBootEnv) -> None:
-    assert env_block.read() == VALIDATED_A
+def test_read_returns_every_variable(env_block: BootEnv) -> None:
+    assert env_block.read_sync() == VALIDATED_A
 
 
-def test_write_sets_and_deletes_in_one_call(env_block: UBootEnv) -> None:
-    env_block.write({"nerves_fw_active": "b", "greeting": "hello world", "bootlimit": None})
-    env = env_block.read()
+def test_write_sets_and_deletes_in_one_call(env_block: BootEnv) -> None:
+    env_block.write_sync({"nerves_fw_active": "b", "greeting": "hello world", "bootlimit": None})
+    env = env_block.read_sync()
     assert env["nerves_fw_active"] == "b"
     assert env["greeting"] == "hello world"
     assert "bootlimit" not in env
 
 
 @pytest.mark.parametrize("name", ["", "a=b", "with space"])
-def test_write_rejects_bad_names(env_block: UBootEnv, name: str) -> None:
+def test_write_rejects_bad_names(env_block: BootEnv, name: str) -> None:
     with pytest.raises(BootEnvError, match="invalid U-Boot variable name"):
-        env_block.write({name: "1"})
+        env_block.write_sync({name: "1"})
 
 
-def test_write_rejects_multiline_values(env_block: UBootEnv) -> None:
+def test_write_rejects_multiline_values(env_block: BootEnv) -> None:
     with pytest.raises(BootEnvError, match="single line"):
-        env_block.write({"x": "1\ny=2"})
+        env_block.write_sync({"x": "1\ny=2"})
 
 
 def test_read_of_blank_image_is_an_error(tmp_path: Path) -> None:
@@ -166,31 +167,31 @@ def test_read_of_blank_image_is_an_error(tmp_path: Path) -> None:
     config = tmp_path / "fw_env.config"
     config.write_text(f"{image} 0x100000 0x20000\n")
     with pytest.raises(BootEnvError, match="fw_printenv"):
-        UBootEnv(config).read()
+        BootEnv(config).read_sync()
 
 
-def test_missing_tool_is_named(env_block: UBootEnv) -> None:
-    env = UBootEnv(env_block.config, fw_printenv="/nonexistent/fw_printenv")
+def test_missing_tool_is_named(env_block: BootEnv) -> None:
+    env = BootEnv(env_block.config, printenv="/nonexistent/fw_printenv")
     with pytest.raises(BootEnvError, match="libubootenv"):
-        env.read()
+        env.read_sync()
 
 
-def test_boot_cycle_on_real_env_falls_back_after_bootlimit(env_block: UBootEnv) -> None:
+def test_boot_cycle_on_real_env_falls_back_after_bootlimit(env_block: BootEnv) -> None:
     first = boot(env_block)
     assert first.slot == "a"
-    assert env_block.read()["nerves_fw_booted"] == "1"
+    assert env_block.read_sync()["nerves_fw_booted"] == "1"
 
-    env_block.write({"nerves_fw_active": "b", "nerves_fw_validated": "0", "upgrade_available": "1"})
+    env_block.write_sync({"nerves_fw_active": "b", "nerves_fw_validated": "0", "upgrade_available": "1"})
     slots = [boot(env_block).slot for _ in range(4)]
     assert slots == ["b", "b", "b", "a"]
-    env = env_block.read()
+    env = env_block.read_sync()
     assert env["nerves_fw_active"] == "a"
     assert env["nerves_fw_validated"] == "1"
     assert env["upgrade_available"] == "0"
     assert env["bootcount"] == "0"
 
 
-def test_boot_of_validated_firmware_leaves_env_unchanged_after_first_boot(env_block: UBootEnv) -> None:
+def test_boot_of_validated_firmware_leaves_env_unchanged_after_first_boot(env_block: BootEnv) -> None:
     boot(env_block)
     image = Path(env_block.config.read_text().split()[0])
     before = image.read_bytes()

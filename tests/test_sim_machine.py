@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from sshfwup.config import load_config
-from sshfwup.sim.device import MARKER_ENV, SimDevice, cleanup, loop_devices, machine_pids, marked_processes, mounts
+from sshfwup.sim.device import (
+    MARKER_ENV,
+    SimDevice,
+    cleanup,
+    loop_devices,
+    machine_pids,
+    marked_processes,
+    mounts,
+)
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 from sshfwup.sim.machine import MachineError, MachineState, SimMachine
 from sshfwup.sim.rootfs import build_sample_firmware

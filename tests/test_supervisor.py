@@ -7,7 +7,6 @@ misbehave the way a broken release would.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -19,12 +18,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from httpload import Load, Response, get
 
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.supervisor import (
@@ -112,90 +112,6 @@ async def supervising(config: AppConfig, marker: str, events: list[str] | None =
 
 def port_of(sup: Supervisor, name: str = "web") -> int:
     return next(s for s in sup.sockets if s.name == name).sock.getsockname()[1]
-
-
-@dataclass
-class Response:
-    status: int
-    body: str
-    headers: dict[str, str]
-
-
-async def read_response(reader: asyncio.StreamReader) -> Response:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Response(status, body.decode(), headers)
-
-
-async def get(port: int, path: str = "/", *, unix: str | None = None, timeout: float = 5.0) -> Response:
-    async def fetch() -> Response:
-        if unix:
-            reader, writer = await asyncio.open_unix_connection(unix)
-        else:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
-            return await read_response(reader)
-        finally:
-            writer.close()
-
-    return await asyncio.wait_for(fetch(), timeout)
-
-
-@dataclass
-class Load:
-    """A steady client: keep-alive connections plus a fresh connection per request, ~200 req/s."""
-
-    port: int
-    answers: list[tuple[float, str]] = field(default_factory=list)  # (request start, body)
-    failures: list[str] = field(default_factory=list)
-    running: bool = True
-
-    async def keep_alive(self) -> None:
-        reader = writer = None
-        while self.running:
-            began = time.monotonic()
-            try:
-                if writer is None:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                assert reader is not None
-                writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-                response = await asyncio.wait_for(read_response(reader), 5)
-                self.record(began, response)
-                if response.headers.get("connection") == "close":
-                    writer.close()  # the server drains this connection: a new one goes to whoever accepts
-                    reader = writer = None
-            except Exception as e:  # every error is a failed request
-                self.failures.append(f"keep-alive: {e!r}")
-                if writer is not None:
-                    writer.close()
-                reader = writer = None
-            await asyncio.sleep(0.01)
-        if writer is not None:
-            writer.close()
-
-    async def fresh(self) -> None:
-        while self.running:
-            began = time.monotonic()
-            try:
-                self.record(began, await get(self.port))
-            except Exception as e:
-                self.failures.append(f"fresh connection: {e!r}")
-            await asyncio.sleep(0.008)
-
-    def record(self, began: float, response: Response) -> None:
-        if response.status != 200:
-            self.failures.append(f"HTTP {response.status}")
-        self.answers.append((began, response.body.split()[0]))
-
-    async def run(self) -> None:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self.keep_alive)
-            tasks.start_soon(self.keep_alive)
-            tasks.start_soon(self.fresh)
 
 
 async def swap_under_load(sup: Supervisor, source: AppSource, **kwargs: Any) -> tuple[Any, Load, float]:

@@ -1,9 +1,8 @@
 """The simulated U-Boot: which slot boots, and what the boot script writes back to the env.
 
 ``choose_boot`` is the boot script's decision as a pure function of the environment, so every
-branch is testable without a disk. ``UBootEnv`` reads and writes the real environment block
-inside the disk image with libubootenv's ``fw_printenv``/``fw_setenv``, and ``boot`` joins the
-two the way U-Boot does at power-on: read, decide, save.
+branch is testable without a disk. ``boot`` joins it with :class:`sshfwup.bootenv.BootEnv` (the
+same libubootenv adapter the server uses) the way U-Boot does at power-on: read, decide, save.
 
 The rules (Nerves-style A/B with a boot counter):
 
@@ -17,22 +16,18 @@ The rules (Nerves-style A/B with a boot counter):
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from sshfwup.bootenv import BootEnv, BootEnvError, other_slot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BootChoice", "BootEnvError", "UBootEnv", "boot", "choose_boot", "other_slot"]
+__all__ = ["BootChoice", "BootEnv", "BootEnvError", "boot", "choose_boot", "other_slot"]
 
 SLOTS = ("a", "b")
 DEFAULT_SLOT = "a"
 DEFAULT_BOOTLIMIT = 3
-
-
-class BootEnvError(Exception):
-    """The U-Boot environment could not be read or written."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +37,6 @@ class BootChoice:
     slot: str
     updates: dict[str, str] = field(default_factory=dict)
     reason: str = ""
-
-
-def other_slot(slot: str) -> str:
-    return "b" if slot == "a" else "a"
 
 
 def _int_var(env: Mapping[str, str], name: str, default: int, notes: list[str]) -> int:
@@ -115,65 +106,11 @@ def choose_boot(env: Mapping[str, str]) -> BootChoice:
     return BootChoice(slot=active, updates=updates, reason=reason)
 
 
-class UBootEnv:
-    """The U-Boot environment block, through libubootenv's command-line tools."""
-
-    def __init__(
-        self,
-        config: Path,
-        *,
-        fw_printenv: str = "fw_printenv",
-        fw_setenv: str = "fw_setenv",
-        timeout: float = 10.0,
-    ) -> None:
-        self.config = Path(config)
-        self.fw_printenv = fw_printenv
-        self.fw_setenv = fw_setenv
-        self.timeout = timeout
-
-    def _run(self, argv: list[str], stdin: bytes | None = None) -> str:
-        try:
-            proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=self.timeout, check=False)
-        except FileNotFoundError:
-            raise BootEnvError(f"{argv[0]} not found: install libubootenv's tools (libubootenv-tool)") from None
-        except subprocess.TimeoutExpired:
-            raise BootEnvError(f"{argv[0]} did not finish within {self.timeout:g} s") from None
-        if proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).decode(errors="replace").strip() or f"exit status {proc.returncode}"
-            raise BootEnvError(f"{argv[0]} -c {self.config} failed: {detail}")
-        return proc.stdout.decode(errors="replace")
-
-    def read(self) -> dict[str, str]:
-        """All variables. Raises BootEnvError when the block is missing or its CRC is wrong."""
-        text = self._run([self.fw_printenv, "-c", str(self.config)])
-        env: dict[str, str] = {}
-        for line in text.splitlines():
-            name, sep, value = line.partition("=")
-            if sep:
-                env[name] = value
-        return env
-
-    def write(self, updates: Mapping[str, str | None]) -> None:
-        """Set (or, with None or "", delete) variables in one ``fw_setenv`` call: one env write."""
-        if not updates:
-            return
-        script = []
-        for name, value in updates.items():
-            if not name or "=" in name or any(c.isspace() for c in name):
-                raise BootEnvError(f"invalid U-Boot variable name {name!r}")
-            value = value or ""
-            if "\n" in value or "\0" in value:
-                raise BootEnvError(f"value of {name} must be a single line")
-            script.append(f"{name}={value}\n")
-        # libubootenv's script syntax: name=value per line; "name=" deletes the variable.
-        self._run([self.fw_setenv, "-c", str(self.config), "-s", "-"], stdin="".join(script).encode())
-
-
-def boot(env: UBootEnv) -> BootChoice:
+def boot(env: BootEnv) -> BootChoice:
     """Power-on: read the env, choose a slot, save the variables that changed."""
-    current = env.read()
+    current = env.read_sync()
     choice = choose_boot(current)
     changed = {k: v for k, v in choice.updates.items() if current.get(k) != v}
-    env.write(changed)
+    env.write_sync(changed)
     log.info("U-Boot: %s", choice.reason)
     return choice

@@ -19,7 +19,13 @@ from sshfwup.fwfile import FirmwareError
 from sshfwup.manifest import ManifestError
 from sshfwup.sim.bootloader import BootEnvError
 from sshfwup.sim.device import SimDevice, SimError, cleanup
-from sshfwup.sim.machine import MachineError, MachineState, power_cut_machine, reboot_machine, run_machine
+from sshfwup.sim.machine import (
+    MachineError,
+    MachineState,
+    power_cut_machine,
+    reboot_machine,
+    run_machine,
+)
 
 __all__ = ["build_parser", "main"]
 

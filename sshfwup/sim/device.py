@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -39,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sshfwup.sim.bootloader import UBootEnv
+from sshfwup.bootenv import BootEnv
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
 from sshfwup.sim.toml_write import dumps as toml_dumps
+from sshfwup.slots import MountInfo, mounts
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ __all__ = [
     "MACHINE_LOCK",
     "MARKER_ENV",
     "LoopDevice",
-    "Mount",
     "ProvisionError",
     "SimDevice",
     "SimError",
@@ -130,41 +129,7 @@ def loop_devices(back_file: Path | None = None) -> list[LoopDevice]:
     return found
 
 
-@dataclass(frozen=True)
-class Mount:
-    mount_id: int
-    mount_point: Path
-    source: str
-    fstype: str
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts() -> list[Mount]:
-    """The current mount table (``/proc/self/mountinfo``)."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            out.append(
-                Mount(
-                    mount_id=int(fields[0]),
-                    mount_point=Path(_unescape(fields[4])),
-                    source=_unescape(fields[sep + 2]),
-                    fstype=fields[sep + 1],
-                )
-            )
-    return out
-
-
-def _mounts_under(path: Path) -> list[Mount]:
+def _mounts_under(path: Path) -> list[MountInfo]:
     return [m for m in mounts() if m.mount_point == path or path in m.mount_point.parents]
 
 
@@ -558,7 +523,7 @@ class SimDevice:
 
     # --- mounts
 
-    def _mounted_at(self, mount_point: Path) -> Mount | None:
+    def _mounted_at(self, mount_point: Path) -> MountInfo | None:
         found = [m for m in mounts() if m.mount_point == mount_point]
         return max(found, key=lambda m: m.mount_id) if found else None
 
@@ -612,15 +577,15 @@ class SimDevice:
 
     # --- queries for tests
 
-    def boot_env(self) -> UBootEnv:
-        return UBootEnv(self.fw_env_config)
+    def boot_env(self) -> BootEnv:
+        return BootEnv(self.fw_env_config)
 
     def env(self) -> dict[str, str]:
-        return self.boot_env().read()
+        return self.boot_env().read_sync()
 
     def set_env(self, **variables: str | None) -> None:
         """Set (None: delete) U-Boot variables, in one write."""
-        self.boot_env().write(variables)
+        self.boot_env().write_sync(variables)
 
     def read_slot_file(self, slot: str, path: str) -> bytes:
         """Read one file from a slot's filesystem (mounted read-only at a temporary directory)."""

@@ -35,9 +35,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from sshfwup import __version__
-from sshfwup import fwfile
-from sshfwup.fwfile import BLOCK_SIZE, ArchiveInputError, Call, FirmwareError, FirmwareInfo, Task, ZipStream
+from sshfwup import __version__, fwfile
+from sshfwup.fwfile import (
+    BLOCK_SIZE,
+    ArchiveInputError,
+    Call,
+    FirmwareError,
+    FirmwareInfo,
+    Task,
+    ZipStream,
+)
 
 FWUP_COMPAT_VERSION = "1.16.0"  # the fwup whose behaviour this stand-in follows
 _READ_SIZE = 256 * 1024

@@ -40,7 +40,8 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from sshfwup.sim.bootloader import BootEnvError, UBootEnv, boot
+from sshfwup.bootenv import BootEnv, BootEnvError
+from sshfwup.sim.bootloader import boot
 from sshfwup.sim.device import (
     MACHINE_LOCK,
     MARKER_ENV,
@@ -192,7 +193,7 @@ class Machine:
     # --- boot and shutdown (blocking work runs in a worker thread)
 
     def _boot_sync(self) -> tuple[str, str]:
-        choice = boot(UBootEnv(self.device.fw_env_config))
+        choice = boot(BootEnv(self.device.fw_env_config))
         self.device.attach()
         self.device.mount_data()
         self.device.mount_root(choice.slot)
@@ -279,6 +280,7 @@ class Machine:
             if pid is not None and pid != server_pid:
                 log.warning("ignoring sd_notify message from pid %s (the server is pid %s): %r", pid, server_pid, text)
                 continue
+            log.info("sd_notify from the server: %s", text.replace("\n", " | "))
             changes: dict[str, Any] = {}
             for line in text.splitlines():
                 if line == "READY=1":

@@ -6,7 +6,6 @@ Stands in for fwup where only the transport is under test (memory, backpressure,
 the zero-length packet; exit 1 with an ``ER`` packet when the input ends without it.
 """
 
-import os
 import struct
 import sys
 import time

@@ -1,0 +1,223 @@
+"""The README's first command: a simulated A/B device, the server, a v1 → v2 hot update under
+load, then a reboot-required update — printing what happens as it happens.
+
+    sudo ./scripts/demo.sh            (installs what it needs, then runs this)
+    python -m sshfwup.demo [--rate 200] [--workdir .demo]
+
+Everything is real except the board: OpenSSH's ``ssh`` uploads, the server is ``sshfwup serve``,
+slots are squashfs images on loop devices, the boot env is read and written with libubootenv,
+the load comes from ``hey``. fwup is the project's stand-in unless a real fwup is on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .client import OutputParser
+from .sim.device import SimDevice, cleanup
+from .sim.loadgen import LoadGenerator, LoadSpec
+from .sim.machine import SimMachine
+from .sim.rootfs import build_sample_firmware
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def step(n: int, text: str) -> None:
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    say(f"\n{bold}[{n}] {text}{plain}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dev_key(keys_dir: Path) -> Path:
+    key = keys_dir / "id_ed25519"
+    if not key.exists():
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshfwup-demo", "-f", str(key)], check=True)
+    return key
+
+
+class Demo:
+    def __init__(self, workdir: Path, rate: float, real_fwup: bool) -> None:
+        self.workdir = workdir.resolve()
+        self.rate = rate
+        self.fwup = shutil.which("fwup") if real_fwup else None
+        self.key = _dev_key(ROOT / "keys" / "dev")
+        self.device: SimDevice | None = None
+
+    def ssh_argv(self, *args: str) -> list[str]:
+        assert self.device is not None
+        return [
+            "ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-i", str(self.key), "-p", str(self.device.ssh_port), *args,
+        ]  # fmt: skip
+
+    def app(self) -> dict[str, Any]:
+        assert self.device is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.device.app_port}/", timeout=2) as r:
+            return json.loads(r.read())
+
+    def env(self, *names: str) -> str:
+        assert self.device is not None
+        env = self.device.env()
+        return ", ".join(f"{n}={env.get(n, '')}" for n in names)
+
+    async def upload(self, fw: Path) -> tuple[int, float | None]:
+        """``cat fw | ssh -s device fwup``, showing the device's output; returns (exit status, time of Success!)."""
+        say(f"  $ cat {fw.name} | ssh -s device fwup")
+        success_at = None
+        parser = OutputParser()
+        last_pct = -1
+        with fw.open("rb") as f:
+            proc = await anyio.open_process(
+                self.ssh_argv("-s", "root@127.0.0.1", "fwup"), stdin=f, stderr=subprocess.STDOUT
+            )
+            assert proc.stdout is not None
+            async for chunk in proc.stdout:
+                for item in parser.feed(chunk.decode("utf-8", errors="replace")):
+                    if item.percent is not None and item.percent // 25 > last_pct:
+                        last_pct = item.percent // 25
+                        say(f"  │ fwup {item.percent:3d}%")
+                    elif item.text is not None:
+                        if item.text == "Success!" and success_at is None:
+                            success_at = time.monotonic()
+                        say(f"  │ {item.text}")
+            status = await proc.wait()
+        say(f"  └ exit status {status}")
+        return status, success_at
+
+    async def wait_version(self, version: str, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.app()["version"] == version:
+                    return time.monotonic()
+            except OSError:
+                pass
+            await anyio.sleep(0.02)
+        raise RuntimeError(f"{version} never answered")
+
+    async def run(self) -> int:
+        say("sshfwup demo: zero-downtime A/B firmware updates over SSH, on a simulated device")
+        say(f"  fwup: {self.fwup or 'the sshfwup stand-in (no real fwup on PATH)'}")
+
+        step(1, "Build firmware 1.0.0, 2.0.0 (app-only, marked hot) and 3.0.0 (changes /etc)")
+        fwdir = self.workdir / "firmware"
+        shutil.rmtree(fwdir, ignore_errors=True)
+        v1 = build_sample_firmware(fwdir / "v1", version="1.0.0", name="v1")
+        v2 = build_sample_firmware(fwdir / "v2", version="2.0.0", name="v2")
+        v3 = build_sample_firmware(fwdir / "v3", version="3.0.0", name="v3", changes=("system-file",))
+        for fw in (v1, v2, v3):
+            say(f"  {fw.relative_to(self.workdir.parent)}  {fw.stat().st_size / 1024:.0f} KiB")
+
+        step(2, "Provision a simulated A/B device with 1.0.0 (fwup -t complete) and boot it")
+        path = self.workdir / "device"
+        cleanup(path)
+        shutil.rmtree(path, ignore_errors=True)
+        self.device = SimDevice.create(
+            path, firmware=v1, fwup=self.fwup, authorized_keys=[Path(f"{self.key}.pub").read_text().strip()],
+            ssh_port=_free_port(), app_port=_free_port(),
+        )  # fmt: skip
+        async with SimMachine.start(path) as machine:
+            await machine.wait_up(timeout=60)
+            app = self.app()
+            say(f"  device up: slot {machine.state().slot}, SSH on 127.0.0.1:{self.device.ssh_port}")
+            say(f"  app: {app['version']} from slot {app['slot']} (pid {app['pid']}) on http://127.0.0.1:{self.device.app_port}/")
+            say(f"  boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'a.nerves_fw_version')}")
+
+            step(3, f"Hot update 1.0.0 → 2.0.0 with `ssh -s` while hey sends {self.rate:.0f} req/s to the app")
+            url = f"http://127.0.0.1:{self.device.app_port}/"
+            async with LoadGenerator(LoadSpec(url, rate=self.rate)) as load:
+                await anyio.sleep(5)
+                await load.mark("during")
+                started = time.monotonic()
+                async with anyio.create_task_group() as tg:
+                    result: dict[str, Any] = {}
+
+                    async def watch() -> None:
+                        result["new"] = await self.wait_version("2.0.0")
+
+                    tg.start_soon(watch)
+                    status, ok_at = await self.upload(v2)
+                await load.mark("after")
+                await anyio.sleep(5)
+            report = load.report
+            say("")
+            say(report.table())
+            if ok_at is not None:
+                say(f"  fwup OK → 2.0.0 answering: {result['new'] - ok_at:.2f} s; upload start → 2.0.0: {result['new'] - started:.2f} s")
+            app = self.app()
+            say(f"  app: {app['version']} from slot {app['slot']} (pid {app['pid']}), boot count {machine.state().boot_count} (no reboot)")
+            say(f"  boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'b.nerves_fw_version')}")
+            failed = report.failed
+            say(f"  requests: {report.sent} sent, {failed} failed, {report.refused} refused")
+
+            step(4, "Upload 3.0.0 now: refused, because a reboot is pending (slot a is still the running root)")
+            await self.upload(v3)
+
+            step(5, "Reboot (ssh device reboot): the device boots 2.0.0 from slot b and validates it")
+            subprocess.run(self.ssh_argv("root@127.0.0.1", "reboot"), check=False, capture_output=True)
+            state = await machine.wait_boot(2, timeout=60)
+            await self._wait_validated()
+            say(f"  booted slot {state.slot}; app {self.app()['version']}; boot env: {self.env('nerves_fw_active', 'nerves_fw_validated')}")
+
+            step(6, "Update to 3.0.0, which changes /etc: the device decides a reboot is required")
+            status3, _ = await self.upload(v3)
+            state = await machine.wait_boot(3, timeout=60)
+            await self._wait_validated()
+            say(f"  booted slot {state.slot}; app {self.app()['version']}; boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'a.nerves_fw_version')}")
+
+            step(7, "Device status (ssh device status)")
+            out = subprocess.run(self.ssh_argv("root@127.0.0.1", "status"), capture_output=True, text=True)
+            for line in out.stdout.splitlines():
+                say(f"  {line}")
+        say("\ndevice powered off; mounts, loop devices and processes cleaned up.")
+        ok = status == 0 and failed == 0 and status3 == 0
+        say("demo " + ("succeeded" if ok else "FAILED"))
+        return 0 if ok else 1
+
+    async def _wait_validated(self, timeout: float = 60) -> None:
+        assert self.device is not None
+        deadline = time.monotonic() + timeout
+        while self.device.env().get("nerves_fw_validated") != "1":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the new firmware was not validated")
+            await anyio.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sshfwup.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=200, help="requests per second during the hot update")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="where the device and firmware live")
+    parser.add_argument("--real-fwup", action="store_true", help="use the real fwup on PATH instead of the stand-in")
+    args = parser.parse_args(argv)
+    demo = Demo(args.workdir, args.rate, args.real_fwup)
+    try:
+        return anyio.run(demo.run)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cleanup(args.workdir.resolve() / "device")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

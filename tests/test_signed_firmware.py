@@ -1,0 +1,85 @@
+"""Signed firmware end to end: with ``[fwup] public_keys`` set, only firmware signed by one of
+those keys reaches the device; every refusal is clear, non-zero, and changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Sim, output
+
+from sshfwup import fwfile
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("signing")
+    paths: dict[str, Path] = {}
+    for name in ("ours", "theirs"):
+        priv, pub = fwfile.generate_keypair()
+        (out / f"{name}.priv").write_text(priv)
+        (out / f"{name}.pub").write_text(pub)
+        paths[name] = out / f"{name}.priv"
+        paths[f"{name}.pub"] = out / f"{name}.pub"
+    return paths
+
+
+@pytest.fixture
+def sim_config(keys: dict[str, Path]) -> dict[str, Any]:
+    return {"fwup": {"public_keys": [str(keys["ours.pub"])], "success_callback": "sshfwup.update:report_only"}}
+
+
+def signed(firmware: Path, key: Path, out: Path) -> Path:
+    return fwfile.sign_firmware(firmware, out, fwfile.load_private_key(key))
+
+
+def assert_untouched(sim: Sim) -> None:
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1"
+    assert not env.get("b.nerves_fw_version")
+
+
+async def test_signed_firmware_is_accepted(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path) -> None:
+    result = sim.upload(signed(firmware("2.0.0"), keys["ours"], tmp_path / "v2.signed.fw"))
+    assert result.returncode == 0, output(result)
+    assert sim.env()["b.nerves_fw_version"] == "2.0.0"
+
+
+def swapped_payload(signed_fw: Path, other_fw: Path, out: Path) -> Path:
+    """The signature and meta.conf of ``signed_fw`` with another firmware's rootfs, in a well-formed
+    zip (valid CRCs): what an attacker who cannot sign would have to try."""
+    import zipfile
+
+    with zipfile.ZipFile(signed_fw) as a, zipfile.ZipFile(other_fw) as b, zipfile.ZipFile(out, "w") as z:
+        z.writestr("meta.conf.ed25519", a.read("meta.conf.ed25519"))
+        z.writestr("meta.conf", a.read("meta.conf"), compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("data/rootfs.img", b.read("data/rootfs.img"), compress_type=zipfile.ZIP_DEFLATED)
+    return out
+
+
+@pytest.mark.parametrize("case", ["unsigned", "other-key", "flipped-payload", "swapped-payload"])
+async def test_refusals(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path, case: str) -> None:
+    if case == "unsigned":
+        data = firmware("2.0.0").read_bytes()
+    elif case == "other-key":
+        data = signed(firmware("2.0.0"), keys["theirs"], tmp_path / "x.fw").read_bytes()
+    elif case == "flipped-payload":
+        good = bytearray(signed(firmware("2.0.0"), keys["ours"], tmp_path / "x.fw").read_bytes())
+        good[len(good) - 4096] ^= 0x01  # inside rootfs.img
+        data = bytes(good)
+    else:
+        ours = signed(firmware("2.0.0"), keys["ours"], tmp_path / "x.fw")
+        data = swapped_payload(ours, firmware("2.0.0", changes=("kernel",)), tmp_path / "evil.fw").read_bytes()
+    result = sim.upload(data)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "sshfwup: update failed:" in text and "the device was not changed" in text, text
+    expected = {
+        "unsigned": "Expecting signed firmware archive",
+        "other-key": "fails digital signature verification",
+        "flipped-payload": "ZIP bad CRC",  # the zip's own check catches a careless change first
+        "swapped-payload": "mismatch",  # the signed meta.conf pins the rootfs hash
+    }[case]
+    assert expected in text, text
+    assert_untouched(sim)
