@@ -22,6 +22,7 @@ land on a version manager's shim (pyenv here) and time its start-up instead.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -100,8 +101,7 @@ def packet(kind: bytes, code: int = 0, text: bytes = b"") -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def run_raw(opts: SinkOptions) -> tuple[int, float | None, str]:
-    stdin = sys.stdin.buffer.raw  # type: ignore[attr-defined]
+def run_raw(opts: SinkOptions, stdin: io.FileIO) -> tuple[int, float | None, str]:
     buf = bytearray(READ_SIZE)
     throttle = Throttle(opts.rate)
     total, first = 0, None
@@ -115,8 +115,7 @@ def run_raw(opts: SinkOptions) -> tuple[int, float | None, str]:
         throttle.consumed(total)
 
 
-def run_framed(opts: SinkOptions) -> tuple[int, float | None, str]:
-    stdin = sys.stdin.buffer.raw  # type: ignore[attr-defined]
+def run_framed(opts: SinkOptions, stdin: io.FileIO) -> tuple[int, float | None, str]:
     out = sys.stdout.buffer
     buf = bytearray(READ_SIZE)
     view = memoryview(buf)
@@ -168,7 +167,8 @@ def write_report(path: str, report: SinkReport) -> None:
 
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
-    total, first, status = (run_raw if opts.raw else run_framed)(opts)
+    with open(0, "rb", buffering=0, closefd=False) as stdin:  # unbuffered: readinto straight from the pipe
+        total, first, status = (run_raw if opts.raw else run_framed)(opts, stdin)
     ended = time.monotonic()
     if opts.report:
         me = resource.getrusage(resource.RUSAGE_SELF)

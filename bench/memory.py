@@ -78,15 +78,17 @@ async def main(args: argparse.Namespace) -> int:
             pid = sim.server_pid
             start_rss = common.status_kib(pid, "VmRSS") / 1024
             start_hwm = common.status_kib(pid, "VmHWM") / 1024
-            print(f"sshfwup serve pid {pid}: RSS {start_rss:.1f} MiB after start-up (start-up peak {start_hwm:.1f} MiB); "
-                  f"sink throttled to {args.rate:g} MB/s; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+            print(f"sshfwup serve pid {pid}: RSS {start_rss:.1f} MiB after start-up "
+                  f"(start-up peak {start_hwm:.1f} MiB); sink throttled to {args.rate:g} MB/s; "
+                  f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
             for size in sizes:
                 payload = common.make_payload(work / "payload", size)
                 s = await measure(sim, key, report_path, payload, size)
                 payload.unlink()
                 samples.append(s)
-                print(f"  {common.size_label(size):>8}: RSS before {s.rss_before_mib:5.1f} MiB, peak {s.peak_mib:5.1f} MiB "
-                      f"(VmHWM {s.hwm_mib:5.1f}, sampled VmRSS max {s.rss_samples_max_mib:5.1f}), {s.seconds:5.1f} s at {s.mb_s:.1f} MB/s", flush=True)  # fmt: skip
+                print(f"  {common.size_label(size):>8}: RSS before {s.rss_before_mib:5.1f} MiB, "
+                      f"peak {s.peak_mib:5.1f} MiB (VmHWM {s.hwm_mib:5.1f}, sampled VmRSS max "
+                      f"{s.rss_samples_max_mib:5.1f}), {s.seconds:5.1f} s at {s.mb_s:.1f} MB/s", flush=True)  # fmt: skip
     small, large = samples
     ratio = large.peak_mib / small.peak_mib
     lines = [
@@ -94,7 +96,8 @@ async def main(args: argparse.Namespace) -> int:
         f"peak RSS of sshfwup serve, uploads into a {args.rate:g} MB/s sink:",
         f"{'size':>8} {'RSS before':>11} {'peak':>13} {'peak - before':>14}",
         *(
-            f"{common.size_label(s.size):>8} {s.rss_before_mib:9.1f} M {s.peak_mib:11.1f} M {s.peak_mib - s.rss_before_mib:12.1f} M"
+            f"{common.size_label(s.size):>8} {s.rss_before_mib:9.1f} M {s.peak_mib:11.1f} M"
+            f" {s.peak_mib - s.rss_before_mib:12.1f} M"
             for s in samples
         ),
         f"ratio {common.size_label(large.size)} / {common.size_label(small.size)} peak: {ratio:.3f}",

@@ -30,7 +30,7 @@ import common
 from common import MB, BenchError, GiB, KeyPair, MiB, SimRun, Sshd
 
 CIPHERS = (None, "aes128-gcm@openssh.com")  # None: OpenSSH's default choice (printed per server)
-PY_SPY_CANDIDATES = ("py-spy", "/tmp/h6-pyspy/bin/py-spy")
+PY_SPY = os.environ.get("PY_SPY", "py-spy")  # not a project dependency: a scratch venv's is fine
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,8 @@ async def profile_upload(sim: SimRun, key: KeyPair, report_path: Path, payload: 
     releases the GIL) and not time spent preempted by the client or the sink on a busy machine —
     the user/system split of the figures above covers those.
     """
-    py_spy = next((p for p in PY_SPY_CANDIDATES if shutil.which(p)), None)
-    if py_spy is None:
-        return ["(py-spy not found; `pip install py-spy` into a scratch venv)"]
+    py_spy = shutil.which(PY_SPY)
+    assert py_spy is not None
     proc = subprocess.Popen(
         [py_spy, "record", "--pid", str(sim.server_pid), "--rate", "250", "--format", "raw", "--output", str(out),
          "--nonblocking", "--gil"],
@@ -252,7 +251,9 @@ async def main(args: argparse.Namespace) -> int:
                                       f"{server:<8} {s.mb_s:6.0f} MB/s {s.wall:6.2f} s wall "
                                       f"{s.cpu:6.2f} CPU-s ({s.cpu_per_gib:.2f}/GiB)", flush=True)  # fmt: skip
                 profile: list[str] = []
-                if args.profile:
+                if args.profile and shutil.which(PY_SPY) is None:
+                    profile = [f"({PY_SPY} not found: pip install py-spy into a scratch venv, then PY_SPY=/path/to/py-spy)"]
+                elif args.profile:
                     common.RESULTS.mkdir(exist_ok=True)
                     for cipher in CIPHERS:
                         out = common.RESULTS / f"pyspy-serve-{_short_cipher(cipher or 'default')}.txt"

@@ -20,7 +20,7 @@ from typing import IO
 import anyio
 import asyncssh
 
-__all__ = ["OutputParser", "upload", "upload_main"]
+__all__ = ["OutputParser", "connect_options", "upload", "upload_main"]
 
 CHUNK = 256 * 1024
 _PERCENT = re.compile(r"^\s*(\d{1,3})% \[")
@@ -118,6 +118,21 @@ class _Display:
             self._drawn = False
 
 
+def connect_options(
+    username: str | None, identities: list[str] | None, known_hosts: str | None | tuple[()]
+) -> dict[str, object]:
+    """asyncssh.connect() options for our clients. ``known_hosts``: ``()`` for asyncssh's default
+    (``~/.ssh/known_hosts``), a file, or None to accept any host key (first contact)."""
+    options: dict[str, object] = {}
+    if identities:
+        options["client_keys"] = identities
+    if known_hosts != ():
+        options["known_hosts"] = known_hosts
+    if username:
+        options["username"] = username
+    return options
+
+
 async def upload(
     host: str,
     file: Path,
@@ -132,15 +147,8 @@ async def upload(
     """Upload ``file``; returns the device's exit status (255: connection lost)."""
     total = file.stat().st_size
     display = _Display(total, stream, quiet=quiet)
-    options: dict[str, object] = {}
-    if identities:
-        options["client_keys"] = identities
-    if known_hosts != ():
-        options["known_hosts"] = known_hosts
-    if username:
-        options["username"] = username
     try:
-        async with asyncssh.connect(host, port, **options) as conn:
+        async with asyncssh.connect(host, port, **connect_options(username, identities, known_hosts)) as conn:
             async with conn.create_process(subsystem="fwup", encoding=None, stderr=asyncssh.STDOUT) as proc:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_send, proc, file, display)

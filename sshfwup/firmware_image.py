@@ -34,16 +34,12 @@ from pathlib import Path
 from typing import Literal
 
 from .fwfile import FirmwareError, FirmwareInfo, extract_resource
-from .inspect import ManifestState, MarkerState, verify_app_files
+from .inspect import ManifestState, MarkerState, read_states, verify_app_files
 from .manifest import (
     MANIFEST_PATH,
     MARKER_PATH,
-    MAX_MANIFEST_BYTES,
-    MAX_MARKER_BYTES,
     Manifest,
     ManifestError,
-    load_manifest,
-    read_marker,
 )
 
 log = logging.getLogger(__name__)
@@ -270,23 +266,6 @@ def open_rootfs(fw: Path, info: FirmwareInfo, resource: str | None = None) -> It
         yield SquashfsImage(image)
 
 
-def _manifest_state(image: SquashfsImage, path: str) -> ManifestState:
-    # Same steps and wording as inspect's reading of a mounted slot.
-    try:
-        data = image.read_file(path, limit=MAX_MANIFEST_BYTES, what="manifest")
-        return None if data is None else load_manifest(data, name=path)
-    except ManifestError as e:
-        return e
-
-
-def _marker_state(image: SquashfsImage, path: str) -> MarkerState:
-    try:
-        data = image.read_file(path, limit=MAX_MARKER_BYTES, what="HOT_RELOAD marker")
-        return read_marker(data, name=path)
-    except ManifestError as e:
-        return e
-
-
 def _app_mismatches(
     image: SquashfsImage, manifest: Manifest, app_dirs: Sequence[str], manifest_path: str, marker_path: str
 ) -> tuple[str, ...]:
@@ -312,8 +291,7 @@ def read_rootfs_view(
     """
     name = choose_rootfs_resource(info, resource)
     with open_rootfs(fw, info, name) as image:
-        manifest = _manifest_state(image, manifest_path)
-        marker = _marker_state(image, marker_path)
+        manifest, marker = read_states(image.read_file, manifest_path=manifest_path, marker_path=marker_path)
         mismatches = None
         if verify_app_dirs is not None and isinstance(manifest, Manifest):
             dirs = verify_app_dirs(manifest) if callable(verify_app_dirs) else verify_app_dirs

@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 import asyncssh
 
+from .client import connect_options
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RemoteError", "RunningFirmware", "fetch_status", "running_firmware"]
@@ -52,16 +54,9 @@ async def fetch_status(
     ``known_hosts``: ``()`` for asyncssh's default (``~/.ssh/known_hosts``), a file, or None
     to accept any host key (first contact).
     """
-    options: dict[str, Any] = {}
-    if identities:
-        options["client_keys"] = identities
-    if known_hosts != ():
-        options["known_hosts"] = known_hosts
-    if username:
-        options["username"] = username
     try:
         with anyio.fail_after(timeout):
-            async with asyncssh.connect(host, port, **options) as conn:
+            async with asyncssh.connect(host, port, **connect_options(username, identities, known_hosts)) as conn:
                 result = await conn.run(STATUS_COMMAND, check=False)
     except TimeoutError:
         raise RemoteError(f"{host}:{port}: no answer to `{STATUS_COMMAND}` within {timeout:.0f} s") from None

@@ -37,7 +37,7 @@ import fnmatch
 import logging
 import posixpath
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -341,25 +341,31 @@ def verify_app_files(
     return tuple(mismatched)
 
 
-def _manifest_state(root: Path, path: str) -> ManifestState:
-    try:
-        data = read_rootfs_file(root, path, limit=MAX_MANIFEST_BYTES, what="manifest")
-        return None if data is None else load_manifest(data, name=path)
-    except ManifestError as e:
-        return e
+FileReader = Callable[..., "bytes | None"]  # read(path, *, limit, what) -> bytes, or None if missing
 
 
-def _marker_state(root: Path, path: str) -> MarkerState:
+def read_states(read: FileReader, *, manifest_path: str, marker_path: str) -> tuple[ManifestState, MarkerState]:
+    """Manifest and marker through ``read`` — a mounted tree on the device, a squashfs image on
+    the host — each None when missing or a ManifestError when bad: one reading, one wording."""
     try:
-        data = read_rootfs_file(root, path, limit=MAX_MARKER_BYTES, what="HOT_RELOAD marker")
-        return read_marker(data, name=path)
+        data = read(manifest_path, limit=MAX_MANIFEST_BYTES, what="manifest")
+        manifest: ManifestState = None if data is None else load_manifest(data, name=manifest_path)
     except ManifestError as e:
-        return e
+        manifest = e
+    try:
+        marker: MarkerState = read_marker(
+            read(marker_path, limit=MAX_MARKER_BYTES, what="HOT_RELOAD marker"), name=marker_path
+        )
+    except ManifestError as e:
+        marker = e
+    return manifest, marker
 
 
 def read_slot(root: Path, *, manifest_path: str = MANIFEST_PATH, marker_path: str = MARKER_PATH) -> tuple[ManifestState, MarkerState]:
     """A mounted tree's manifest and marker, each None when missing or a ManifestError when bad."""
-    return _manifest_state(root, manifest_path), _marker_state(root, marker_path)
+    return read_states(
+        lambda path, **kw: read_rootfs_file(root, path, **kw), manifest_path=manifest_path, marker_path=marker_path
+    )
 
 
 def inspect_slot(

@@ -50,8 +50,6 @@ import os
 import secrets
 import signal
 import socket
-import stat
-import struct
 import subprocess
 import sys
 import time
@@ -66,7 +64,9 @@ import anyio
 import anyio.abc
 
 from sshfwup import app as app_protocol
+from sshfwup import listeners, procs
 from sshfwup.config import AppConfig, SocketSpec
+from sshfwup.listeners import Listener
 
 __all__ = [
     "HEALTH_SOCKET_NAME",
@@ -94,7 +94,6 @@ _EXEC_SHIM = Path(app_protocol.__file__)
 _KILL_WAIT = 5.0  # a SIGKILLed process is gone well within this
 _REPORT_TIMEOUT = 5.0  # a stuck uploader channel must not stall a swap
 _PROBE_RETRY = 0.05
-_TCPI_UNACKED_OFFSET = 24  # struct tcp_info: 8 one-byte fields, rto, ato, snd_mss, rcv_mss, unacked
 
 Report = Callable[[str], Awaitable[None] | None]
 
@@ -174,117 +173,20 @@ class SwapResult:
     ready_at: float  # time.monotonic() when the new version was ready: it serves from then on
 
 
-@dataclass(frozen=True)
-class Listener:
-    """A listening socket the supervisor owns and passes to every instance."""
-
-    name: str
-    spec: SocketSpec
-    sock: socket.socket
-
-    @property
-    def address(self) -> str:
-        if self.spec.kind == "unix":
-            return f"unix:{self.spec.address}"
-        host, port = self.sock.getsockname()[:2]
-        return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
-
-
-# --- sockets -------------------------------------------------------------------------------
+# --- sockets and strays --------------------------------------------------------------------
 
 
 def bind_listeners(specs: tuple[SocketSpec, ...]) -> tuple[Listener, ...]:
-    """Bind and listen on every socket; all or nothing."""
-    listeners: list[Listener] = []
+    """Bind and listen on every socket; all or nothing (see :mod:`sshfwup.listeners`)."""
     try:
-        for index, spec in enumerate(specs):
-            name = spec.name or f"{spec.kind}-{index}"
-            if ":" in name:
-                raise SupervisorError(f"socket name {name!r} must not contain ':' (it separates LISTEN_FDNAMES)")
-            listeners.append(Listener(name, spec, _bind(spec)))
-    except BaseException:
-        _close_listeners(listeners)
-        raise
-    return tuple(listeners)
-
-
-def _bind(spec: SocketSpec) -> socket.socket:
-    try:
-        if spec.kind == "tcp":
-            family, _, _, _, address = socket.getaddrinfo(
-                spec.address, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        else:
-            _remove_stale_unix_socket(Path(spec.address))
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address = spec.address
-        try:
-            sock.bind(address)
-            sock.listen(socket.SOMAXCONN)
-            # Non-blocking from the start and for good: the flag belongs to the shared file
-            # description, so flipping it later would change it under a running instance.
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-    except OSError as e:
-        raise SupervisorError(f"cannot listen on {spec}: {e.strerror or e}") from e
-    return sock
-
-
-def _remove_stale_unix_socket(path: Path) -> None:
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SupervisorError(f"cannot listen on unix:{path}: the path exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink(missing_ok=True)  # nobody listens: a leftover of an earlier run
-            return
-    raise SupervisorError(f"cannot listen on unix:{path}: another process is listening there")
-
-
-def _close_listeners(listeners: list[Listener] | tuple[Listener, ...]) -> None:
-    for listener in listeners:
-        listener.sock.close()  # close, never shutdown(): an app may still hold its copy
-        if listener.spec.kind == "unix":
-            Path(listener.spec.address).unlink(missing_ok=True)
-
-
-def _open_notify_socket() -> tuple[socket.socket, str]:
-    """A datagram socket for one instance's sd_notify messages, in the abstract namespace."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    name = f"sshfwup-notify-{os.getpid()}-{secrets.token_hex(8)}"
-    sock.bind("\0" + name)
-    return sock, "@" + name
-
-
-def _open_health_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    return sock
-
-
-def _accept_queue_length(listener: socket.socket) -> int:
-    """Connections waiting to be accepted (Linux reports it in tcpi_unacked for a listener)."""
-    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("=I", info, _TCPI_UNACKED_OFFSET)[0])
-
-
-# --- processes -----------------------------------------------------------------------------
+        return listeners.bind_listeners(specs)
+    except listeners.ListenerError as e:
+        raise SupervisorError(str(e)) from e
 
 
 def marked_processes(marker: str) -> list[int]:
     """Pids of the processes whose environment carries ``SSHFWUP_SUPERVISOR=<marker>``."""
-    return _processes_with(f"{MARKER_VARIABLE}={marker}")
+    return procs.processes_with(f"{MARKER_VARIABLE}={marker}")
 
 
 def kill_strays(marker: str, *, timeout: float = 2.0) -> list[int]:
@@ -294,59 +196,10 @@ def kill_strays(marker: str, *, timeout: float = 2.0) -> list[int]:
     while an app had detached itself. Waits up to ``timeout`` for them to be gone, so that their
     listening sockets are free again. Returns the pids it killed.
     """
-    pids = marked_processes(marker)
-    for pid in pids:
-        _kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    pids = list(procs.end_processes_with(f"{MARKER_VARIABLE}={marker}", timeout=timeout).signalled)
     if pids:
         log.warning("killed %d application process(es) left by an earlier server: %s", len(pids), pids)
     return pids
-
-
-def _processes_with(entry: str) -> list[int]:
-    needle = entry.encode()
-    own = _own_lineage()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in own:
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue  # gone, or not ours to read
-        if needle in environ.split(b"\0"):
-            found.append(int(name))
-    return sorted(found)
-
-
-def _own_lineage() -> set[int]:
-    """This process and its ancestors: never strays, even if they carry the marker."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat_line = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat_line.rpartition(")")[2].split()[1])
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -449,7 +302,7 @@ class Supervisor:
         try:
             await anyio.to_thread.run_sync(kill_strays, self._marker)
             self._listeners = bind_listeners(self._config.sockets)
-            stack.callback(_close_listeners, self._listeners)
+            stack.callback(listeners.close_listeners, self._listeners)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
         except BaseException:
             await stack.aclose()
@@ -624,8 +477,8 @@ class Supervisor:
             raise _NotReady(f"could not be started: the application directory {app_dir} does not exist")
         self._spawned += 1
         instance_id = f"{self._marker}/{os.getpid()}.{self._token}/{self._spawned}"
-        notify, notify_address = _open_notify_socket()
-        health = _open_health_socket() if config.ready in ("http", "tcp") else None
+        notify, notify_address = listeners.open_notify_socket()
+        health = listeners.open_health_socket() if config.ready in ("http", "tcp") else None
         sockets = [listener.sock for listener in self._listeners] + ([health] if health else [])
         names = [listener.name for listener in self._listeners] + ([HEALTH_SOCKET_NAME] if health else [])
         fds = [sock.fileno() for sock in sockets]
@@ -693,9 +546,9 @@ class Supervisor:
             child.notify.close()
             if child.health is not None:
                 child.health.close()
-            leftovers = _processes_with(f"{INSTANCE_VARIABLE}={child.instance_id}")
+            leftovers = procs.processes_with(f"{INSTANCE_VARIABLE}={child.instance_id}")
             for pid in leftovers:
-                _kill(pid, signal.SIGKILL)
+                procs.send_signal(pid, signal.SIGKILL)
             if leftovers:
                 log.warning("killed %s left behind by %s (pid %d)", leftovers, child.version, child.pid)
             self._children.discard(child)
@@ -750,8 +603,8 @@ class Supervisor:
         with anyio.move_on_after(timeout if timeout is not None else float("inf")):
             try:
                 if self._config.ready == "http":
-                    return await _http_probe(port, self._config.ready_path)
-                return await _tcp_probe(child.health, port)
+                    return await listeners.http_probe(port, self._config.ready_path)
+                return await listeners.tcp_probe(child.health, port)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return "connection closed without a response"
             except OSError as e:
@@ -963,30 +816,3 @@ def _kill_group(child: _Child) -> None:
             os.killpg(child.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-async def _http_probe(port: int, path: str) -> str | None:
-    path = path if path.startswith("/") else f"/{path}"
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: sshfwup-probe\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-        await stream.send(request.encode())
-        head = b""
-        while b"\r\n" not in head and len(head) < 8192:
-            head += await stream.receive()
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split()
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return f"not an HTTP response: {status_line[:60]!r}"
-    code = int(parts[1])
-    return None if 200 <= code < 300 else f"HTTP {code}"
-
-
-async def _tcp_probe(listener: socket.socket, port: int) -> str | None:
-    async with await anyio.connect_tcp("127.0.0.1", port):
-        # Only probes connect to this private socket; ours leaves the queue when the app accepts it.
-        while _accept_queue_length(listener) > 0:
-            await anyio.sleep(0.01)
-    return None

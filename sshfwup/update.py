@@ -310,6 +310,16 @@ class Update:
         self._journal("failed", reason)
         return reason
 
+    async def _revert(self) -> str:
+        """Undo fwup's switch of the boot env: a failed update must leave the old firmware booting."""
+        if self.root is None:
+            return "the boot env was left as fwup set it"
+        try:
+            await self.device.bootenv.revert_to(self.root)
+            return f"boot env reverted to slot {self.root}"
+        except BootEnvError as e:
+            return f"REVERTING THE BOOT ENV FAILED ({e})"
+
     async def _success(self, result: FwupResult) -> Outcome:
         dev = self.device
         spec = dev.config.fwup.success_callback
@@ -322,15 +332,15 @@ class Update:
             return Outcome(True, _applied_verdict(ctx))
         try:
             outcome = await call(load_callback(spec), ctx)
-        except UpdateError as e:
-            return Outcome(False, str(e))
         except Exception as e:
-            log.exception("success callback %s failed", spec)
-            return Outcome(False, f"the success callback {spec} failed: {e}")
+            if not isinstance(e, UpdateError):
+                log.exception("success callback %s failed", spec)
+            reason = str(e) if isinstance(e, UpdateError) else f"the success callback {spec} failed: {e}"
+            return Outcome(False, f"{reason}; {await self._revert()}")
         if outcome is None:
             return Outcome(True, _applied_verdict(ctx))
         if not isinstance(outcome, Outcome):
-            return Outcome(False, f"the success callback {spec} returned {outcome!r}, not an Outcome")
+            return Outcome(False, f"the success callback {spec} returned {outcome!r}, not an Outcome; {await self._revert()}")
         return outcome
 
 

@@ -32,7 +32,7 @@ Summary:
   Fastest:\t0.0019 secs
   Average:\t0.0091 secs
   Requests/sec:\t50.1789
-  
+
   Total data:\t1254400 bytes
   Size/request:\t7840 bytes
 
@@ -258,3 +258,15 @@ async def test_poll_version_times_out() -> None:
     with pytest.raises(TimeoutError, match="did not answer version '9'"):
         await poll_version(f"http://127.0.0.1:{_closed_port()}/", "9", timeout=0.3)
     assert time.monotonic() - started < 2
+
+
+@needs_hey
+async def test_run_in_a_task_group_for_a_duration(tiny_server: TinyServer) -> None:
+    load = LoadGenerator(LoadSpec(tiny_server.url, rate=50, concurrency=2))
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        await tg.start(load.run, 0.6)
+        with pytest.raises(LoadError, match="still running"):
+            load.report  # noqa: B018 - the property raises while the load runs
+    assert 0.5 < time.monotonic() - started < 5
+    assert load.report.phase("before").sent == tiny_server.requests > 10

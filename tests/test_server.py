@@ -240,6 +240,33 @@ async def test_precheck_callback_can_refuse(sim: Sim, firmware, tmp_path: Path) 
     assert_untouched(sim)
 
 
+async def test_a_custom_sync_success_callback(sim: Sim, firmware, tmp_path: Path) -> None:
+    hook = tmp_path / "hook.py"
+    seen = tmp_path / "seen.txt"
+    hook.write_text(
+        "from pathlib import Path\n"
+        "def done(ctx):\n"
+        f"    Path({str(seen)!r}).write_text(ctx.boot.active + ' ' + ctx.boot.version(ctx.boot.active))\n"
+        "    ctx.report  # the uploader's channel is available to callbacks\n"
+    )
+    await sim.restart_server(fwup={"success_callback": f"{hook}:done"})
+    result = sim.upload(firmware("2.0.0"))
+    assert result.returncode == 0, output(result)
+    assert seen.read_text() == "b 2.0.0"
+    assert "sshfwup: firmware 2.0.0 installed in slot b" in output(result)
+
+
+async def test_a_failing_success_callback_is_reported(sim: Sim, firmware, tmp_path: Path) -> None:
+    hook = tmp_path / "hook.py"
+    hook.write_text("def done(ctx):\n    raise RuntimeError('disk full')\n")
+    await sim.restart_server(fwup={"success_callback": f"{hook}:done"})
+    result = sim.upload(firmware("2.0.0"))
+    assert result.returncode == 1
+    assert f"the success callback {hook}:done failed: disk full; boot env reverted to slot a" in output(result)
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1"
+
+
 # --- who may connect, and what they may do ---------------------------------------------------
 
 

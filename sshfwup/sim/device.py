@@ -33,11 +33,12 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sshfwup import procs
 from sshfwup.bootenv import BootEnv
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
 from sshfwup.sim.toml_write import dumps as toml_dumps
@@ -161,67 +162,22 @@ def _unmount_under(path: Path) -> None:
     raise SimError(f"mounts under {path} keep reappearing")
 
 
-def _process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # "pid (comm) S ..." — comm may hold spaces and parentheses: split after the last ")"
-    return stat[stat.rindex(b")") + 2 :].split(b" ", 1)[0].decode()
-
-
-def _alive(pid: int) -> bool:
-    state = _process_state(pid)
-    return state is not None and state not in ("Z", "X")
-
-
 def marked_processes(device_dir: Path) -> list[int]:
     """Live processes whose environment carries this device's machine marker."""
-    needle = f"{MARKER_ENV}={Path(device_dir).resolve()}".encode()
-    me = os.getpid()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and _alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    pending = [p for p in pids if _alive(p)]
-    while pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-        pending = [p for p in pending if _alive(p)]
-    return pending
+    return procs.processes_with(_marker_entry(device_dir))
 
 
 def kill_marked_processes(device_dir: Path, *, timeout: float = 5.0) -> list[int]:
     """SIGKILL every marked process (repeatedly: a dying parent may just have forked)."""
-    killed: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = marked_processes(device_dir)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except ProcessLookupError:
-                pass
-        _wait_gone(pids, max(0.0, deadline - time.monotonic()))
-    left = marked_processes(device_dir)
-    if left:
+    sweep = procs.end_processes_with(_marker_entry(device_dir), timeout=timeout)
+    if sweep.survivors:
+        left = list(sweep.survivors)
         raise SimError(f"processes {left} of the simulated device {device_dir} survived SIGKILL")
-    return sorted(killed)
+    return list(sweep.signalled)
+
+
+def _marker_entry(device_dir: Path) -> str:
+    return f"{MARKER_ENV}={Path(device_dir).resolve()}"
 
 
 def lock_holders(path: Path) -> list[int]:
@@ -245,7 +201,7 @@ def lock_holders(path: Path) -> list[int]:
 
 def machine_pids(device_dir: Path) -> list[int]:
     """The running machine of this device: whoever holds ``D/machine.lock`` (held for its life)."""
-    return [pid for pid in lock_holders(Path(device_dir).resolve() / MACHINE_LOCK) if _alive(pid)]
+    return [pid for pid in lock_holders(Path(device_dir).resolve() / MACHINE_LOCK) if procs.alive(pid)]
 
 
 def cleanup(path: Path) -> None:
@@ -258,11 +214,8 @@ def cleanup(path: Path) -> None:
     problems: list[str] = []
     machines = machine_pids(device_dir)
     for pid in machines:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _wait_gone(machines, 5.0)
+        procs.send_signal(pid, signal.SIGKILL)
+    procs.wait_gone(machines, 5.0)
     try:
         kill_marked_processes(device_dir)
     except SimError as e:

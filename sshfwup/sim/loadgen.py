@@ -22,6 +22,7 @@ latency percentiles with 0.1 ms resolution (10/25/50/75/90/95/99 %); p50 and p99
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -255,7 +256,9 @@ class LoadReport:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value * 1000:.1f}"
 
-        lines = [f"{'phase':<8} {'secs':>6} {'sent':>7} {'req/s':>6} {'failed':>6} {'refused':>7} {'p50 ms':>7} {'p99 ms':>7}"]
+        lines = [
+            f"{'phase':<8} {'secs':>6} {'sent':>7} {'req/s':>6} {'failed':>6} {'refused':>7} {'p50 ms':>7} {'p99 ms':>7}"
+        ]
         for p in self.phases:
             lines.append(
                 f"{p.name:<8} {p.duration:6.1f} {p.sent:7d} {p.rate:6.0f} {p.failed:6d} {p.refused:7d}"
@@ -284,7 +287,8 @@ class LoadGenerator:
     """Runs hey against ``spec.url`` phase by phase; see the module documentation.
 
     Use as an async context manager, or run it in your own task group with
-    ``await tg.start(load.run)`` and end it with ``await load.stop()``.
+    ``await tg.start(load.run)`` (or ``tg.start(load.run, 30)`` for 30 seconds) and end it with
+    ``await load.stop()``.
     """
 
     def __init__(self, spec: LoadSpec, *, hey: str = "hey", first_phase: str = "before") -> None:
@@ -295,7 +299,7 @@ class LoadGenerator:
         self._tg: anyio.abc.TaskGroup | None = None
         self._current: _Run | None = None
         self._phases: list[PhaseStats] = []
-        self._stopped = anyio.Event()
+        self._stopped: anyio.Event | None = None  # made in __aenter__: an Event needs the event loop
         self._report: LoadReport | None = None
 
     @property
@@ -316,6 +320,9 @@ class LoadGenerator:
     async def __aenter__(self) -> LoadGenerator:
         if shutil.which(self.hey) is None:
             raise LoadError(f"{self.hey} not found (Debian: apt install hey)")
+        if self._stack is not None:
+            raise LoadError("a LoadGenerator runs once; make a new one")
+        self._stopped = anyio.Event()
         stack = AsyncExitStack()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         self._stack = stack
@@ -336,11 +343,16 @@ class LoadGenerator:
         finally:
             await self._stack.aclose()
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Own the load from a caller's task group until :meth:`stop` (or cancellation)."""
+    async def run(
+        self, duration: float | None = None, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the load from a caller's task group: until :meth:`stop`, ``duration`` seconds, or
+        cancellation. The report is then in :attr:`report`."""
         async with self:
             task_status.started()
-            await self._stopped.wait()
+            assert self._stopped is not None
+            with anyio.move_on_after(duration):
+                await self._stopped.wait()
 
     async def mark(self, phase: str) -> None:
         """End the current phase now and start ``phase``."""
@@ -362,7 +374,8 @@ class LoadGenerator:
             run, self._current = self._current, None
             self._phases.append(await self._finish(run, time.monotonic()))
         self._report = LoadReport(self.spec, tuple(self._phases))
-        self._stopped.set()
+        if self._stopped is not None:
+            self._stopped.set()
         return self._report
 
     # --- hey processes
@@ -397,10 +410,8 @@ class LoadGenerator:
 
     async def _finish(self, run: _Run, at: float) -> PhaseStats:
         if run.process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 run.process.send_signal(signal.SIGINT)  # hey: stop workers, wait in-flight, print
-            except ProcessLookupError:
-                pass
         with anyio.move_on_after(self.spec.request_timeout + STOP_GRACE):
             await run.done.wait()
         if not run.done.is_set():
@@ -418,7 +429,8 @@ class LoadGenerator:
         run, self._current = self._current, None
         if run is not None and run.process.returncode is None:
             run.process.kill()
-        self._stopped.set()
+        if self._stopped is not None:
+            self._stopped.set()
 
 
 # --- "is the new version serving yet?" ------------------------------------------------------

@@ -1,0 +1,268 @@
+"""fwup's ``.fw`` archive, read as a stream: signature, meta.conf, uuid, verified resources.
+
+A ``.fw`` file is a ZIP archive. An optional ``meta.conf.ed25519`` (a 64-byte raw ed25519
+signature over the exact meta.conf bytes) comes first, then ``meta.conf`` (fwup's *compiled*
+configuration), then one ``data/<resource>`` entry per file resource. fwup reads the archive
+from stdin without seeking, so this does too (:class:`~sshfwup.fwfile.zipstream.ZipStream`).
+
+Facts this module relies on (checked against fwup's source and real fwup 1.16 output):
+
+- meta-uuid = blake2b-256(fwup's namespace UUID bytes + meta.conf bytes), first 16 bytes, with
+  the version nibble of byte 6 set to 5.
+- meta-creation-date is the meta.conf entry's modification time (fwup >= 1.2), unless
+  meta.conf itself carries one (older archives).
+- Resource hashes are blake2b-256, checked while the data streams.
+
+Writing and signing archives is :mod:`sshfwup.fwfile.build`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .conf import quote_value
+from .errors import ArchiveInputError, FirmwareError
+from .keys import as_public_key, signature_matches
+from .metaconf import MetaConf, parse_meta_conf
+from .zipstream import FirmwareEntry, ZipStream
+
+SIGNATURE_NAME = "meta.conf.ed25519"
+META_CONF_NAME = "meta.conf"
+DATA_PREFIX = "data/"
+SIGNATURE_LEN = 64
+META_CONF_MAX = 50000  # fwup refuses a meta.conf of this size or larger
+
+_FWUP_NAMESPACE = bytes.fromhex("2053dffbd51e4310b93b956da89f9f34")
+
+
+def firmware_uuid(meta_conf: bytes) -> str:
+    """fwup's meta-uuid of an archive: a function of the exact meta.conf bytes only."""
+    digest = hashlib.blake2b(_FWUP_NAMESPACE + meta_conf, digest_size=32).digest()
+    raw = bytearray(digest[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # "version 5"; fwup leaves the variant bits alone
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@dataclass(frozen=True)
+class FirmwareInfo:
+    """What a ``.fw`` holds: signature, meta.conf (bytes and parsed), uuid, entries."""
+
+    source: str
+    signature: bytes | None
+    meta_conf: bytes
+    meta: MetaConf
+    uuid: str
+    creation_date: str
+    entries: tuple[FirmwareEntry, ...] = ()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """``fwup -m``'s fields (without ``meta-``): meta.conf's plus creation-date and uuid.
+
+        fwup 1.16 also prints a ``meta-nickname`` derived from the uuid with a word list;
+        that one is left out.
+        """
+        meta = self.meta.meta
+        out = {k: meta[k] for k in ("product", "description", "version", "author", "platform", "architecture")
+               if k in meta}
+        out |= {k: meta[k] for k in ("vcs-identifier", "misc") if k in meta}
+        out["creation-date"] = self.creation_date
+        if "fwup-version" in meta:
+            out["fwup-version"] = meta["fwup-version"]
+        out["uuid"] = self.uuid
+        return out
+
+    @property
+    def version(self) -> str:
+        return self.meta.meta.get("version", "")
+
+    @property
+    def platform(self) -> str:
+        return self.meta.meta.get("platform", "")
+
+    @property
+    def architecture(self) -> str:
+        return self.meta.meta.get("architecture", "")
+
+
+# --- what fwup prints about an archive -----------------------------------------------------------
+
+
+def format_metadata(metadata: Mapping[str, str]) -> str:
+    """``fwup -m`` output for metadata keyed without the ``meta-`` prefix."""
+    return "".join(f"meta-{key}={quote_value(value)}\n" for key, value in metadata.items())
+
+
+def format_size(n: int) -> str:
+    """Byte counts the way fwup's progress line shows them (``2.12 KB``, ``176.21 KB``)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_head(
+    stream: ZipStream, *, public_keys: Sequence[Any] = (), source: str = "the archive"
+) -> FirmwareInfo:
+    """Read the signature (if any) and meta.conf from the start of an archive stream.
+
+    With ``public_keys`` the archive must be signed by one of them. The stream is left at the
+    first resource entry.
+    """
+    entry = stream.next_entry()
+    if entry is None:
+        raise FirmwareError("not a firmware archive: it has no entries",
+                            fwup_message="Unrecognized archive format")
+    signature: bytes | None = None
+    if entry.name == SIGNATURE_NAME:
+        signature = stream.read_all(entry, SIGNATURE_LEN)
+        if len(signature) != SIGNATURE_LEN:
+            raise FirmwareError(f"corrupt firmware archive: its signature is {len(signature)} bytes, not 64",
+                                fwup_message=f"Unexpected meta.conf.ed25519 size: {len(signature)}")
+        entry = stream.next_entry()
+        if entry is None:
+            raise FirmwareError("corrupt firmware archive: it holds only a signature",
+                                fwup_message="Expecting more than meta.conf.ed25519 in archive")
+    if entry.name != META_CONF_NAME:
+        raise FirmwareError(f"not a firmware archive: it starts with {entry.name}, not meta.conf",
+                            fwup_message=f"Expecting meta.conf to be at the beginning of {source}")
+    try:
+        meta_conf = stream.read_all(entry, META_CONF_MAX)
+    except ArchiveInputError:
+        raise
+    except FirmwareError as e:
+        # fwup reads what it can of meta.conf and then complains about its size
+        raise FirmwareError(str(e), fwup_message="Unexpected meta.conf size: 0") from None
+    if not 10 <= len(meta_conf) < META_CONF_MAX:
+        raise FirmwareError(f"corrupt firmware archive: meta.conf is {len(meta_conf)} bytes",
+                            fwup_message=f"Unexpected meta.conf size: {len(meta_conf)}")
+    keys = [as_public_key(k) for k in public_keys]
+    if keys:
+        if signature is None:
+            raise FirmwareError("the firmware is not signed, and a signature is required",
+                                fwup_message="Expecting signed firmware archive.")
+        if not any(signature_matches(k, signature, meta_conf) for k in keys):
+            raise FirmwareError("the firmware's signature does not match any trusted public key",
+                                fwup_message="Firmware archive's meta.conf fails digital signature verification.")
+    try:
+        text = meta_conf.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FirmwareError("corrupt firmware archive: meta.conf is not UTF-8 text",
+                            fwup_message="Unexpected error parsing meta.conf") from None
+    meta = parse_meta_conf(text)
+    fw_uuid = firmware_uuid(meta_conf)
+    if meta.meta.get("uuid", fw_uuid) != fw_uuid:
+        raise FirmwareError("corrupt firmware archive: meta.conf sets its own meta-uuid",
+                            fwup_message="meta.conf isn't allowed to change 'meta-uuid' or '$FWUP_META_UUID'")
+    created = meta.meta.get("creation-date") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.mtime or 0))
+    return FirmwareInfo(source, signature, meta_conf, meta, fw_uuid, created)
+
+
+def _open_source(source: str | os.PathLike[str] | BinaryIO) -> tuple[BinaryIO, str, bool]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            return path.open("rb"), str(path), True
+        except OSError as e:
+            raise FirmwareError(f"{path}: cannot open: {e.strerror}") from None
+    return source, getattr(source, "name", "<stream>"), False
+
+
+def checked_resource(info: FirmwareInfo, name: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Pass a resource's chunks through, then check its length and blake2b-256 against meta.conf."""
+    resource = info.meta.resources.get(name)
+    if resource is None:
+        raise FirmwareError(f"corrupt firmware archive: data/{name} has no file-resource in meta.conf",
+                            fwup_message=f"Can't find file-resource for {name}")
+    hasher = hashlib.blake2b(digest_size=32)
+    length = 0
+    for chunk in chunks:
+        hasher.update(chunk)
+        length += len(chunk)
+        yield chunk
+    if length != resource.length:
+        raise FirmwareError(
+            f"corrupt firmware archive: {name} is {length} bytes, meta.conf says {resource.length}",
+            fwup_message=f"Length mismatch for {name}",
+        )
+    if hasher.hexdigest() != resource.blake2b_256:
+        raise FirmwareError(f"corrupt firmware archive: {name} does not match its blake2b-256 in meta.conf",
+                            fwup_message=f"Detected blake2b digest mismatch for {name}")
+
+
+def read_entries(stream: ZipStream, info: FirmwareInfo, *, check: bool = True) -> FirmwareInfo:
+    """Read the rest of an archive after :func:`read_head`: every entry's CRC and, with
+    ``check``, every resource's length and blake2b-256 (what ``fwup -V`` checks)."""
+    seen: set[str] = set()
+    while (entry := stream.next_entry()) is not None:
+        if not entry.name.startswith(DATA_PREFIX):
+            raise FirmwareError(f"corrupt firmware archive: unexpected entry {entry.name}",
+                                fwup_message=f"Unexpected file in archive: {entry.name}")
+        resource = entry.name.removeprefix(DATA_PREFIX)
+        if resource in seen:
+            raise FirmwareError(f"corrupt firmware archive: {entry.name} appears twice",
+                                fwup_message=f"Processing {resource} twice. Archive is corrupt.")
+        seen.add(resource)
+        chunks = stream.read_data(entry)
+        for _ in checked_resource(info, resource, chunks) if check else chunks:
+            pass
+    if check:
+        missing = [r for r in info.meta.resources if r not in seen]
+        if missing:
+            raise FirmwareError(f"corrupt firmware archive: data/{missing[0]} is missing",
+                                fwup_message=f"Resource {missing[0]} not found in archive")
+    return replace(info, entries=tuple(stream.entries))
+
+
+def read_firmware(
+    source: str | os.PathLike[str] | BinaryIO, *, public_keys: Sequence[Any] = (), check: bool = True
+) -> FirmwareInfo:
+    """Read a whole ``.fw`` front to back without extracting anything: signature, meta.conf,
+    uuid, entries. Every entry's CRC is checked, and with ``check`` every resource's length
+    and blake2b-256 too (like ``fwup -V``). ``public_keys``: require a signature by one."""
+    stream_in, name, owned = _open_source(source)
+    try:
+        stream = ZipStream(stream_in.read)
+        return read_entries(stream, read_head(stream, public_keys=public_keys, source=name), check=check)
+    except FirmwareError as e:
+        raise type(e)(f"{name}: {e}", fwup_message=e.fwup_message) from None
+    finally:
+        if owned:
+            stream_in.close()
+
+
+def iter_resource(path: str | os.PathLike[str], name: str) -> Iterator[bytes]:
+    """Stream one resource's decompressed data; its length and blake2b-256 are checked at the
+    end (a FirmwareError then means the chunks already yielded must not be trusted)."""
+    with Path(path).open("rb") as f:
+        stream = ZipStream(f.read)
+        info = read_head(stream, source=str(path))
+        while (entry := stream.next_entry()) is not None:
+            if entry.name == DATA_PREFIX + name:
+                yield from checked_resource(info, name, stream.read_data(entry))
+                return
+    raise FirmwareError(f"{path}: has no resource {name}", fwup_message=f"Resource {name} not found in archive")
+
+
+def extract_resource(path: str | os.PathLike[str], name: str, dest: str | os.PathLike[str]) -> Path:
+    """Write one verified resource to ``dest`` (removed again if verification fails)."""
+    dest = Path(dest)
+    try:
+        with dest.open("wb") as out:
+            for chunk in iter_resource(path, name):
+                out.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest
+

@@ -1,0 +1,120 @@
+"""Find processes by an entry in their environment, and end them.
+
+Processes started for one purpose carry a marker variable (``SSHFWUP_SUPERVISOR=<marker>`` for
+the app, ``SSHFWUP_SIM_MACHINE=<dir>`` under a simulated machine). The marker is inherited by
+everything they start, also by what leaves their session or process group, so scanning
+``/proc/*/environ`` finds them all, however deep. A zombie counts as gone: it holds no sockets,
+mounts or files any more and only waits for its parent to reap it. The caller and its ancestors
+are never found, even when they carry the marker themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Sweep", "alive", "end_processes_with", "processes_with", "send_signal", "wait_gone"]
+
+_POLL = 0.02
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What :func:`end_processes_with` did: the pids it signalled, and those still alive."""
+
+    signalled: tuple[int, ...]
+    survivors: tuple[int, ...]
+
+
+def _read(pid: int | str, name: str) -> bytes | None:
+    """``/proc/<pid>/<name>``; None if the process is gone, or not ours to read."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat_after_comm(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name: state, ppid, ...; None if gone."""
+    stat = _read(pid, "stat")
+    if stat is None:
+        return None
+    # "pid (comm) S ppid ..." — comm may hold spaces and parentheses: split after the last ")"
+    return stat[stat.rfind(b")") + 1 :].decode(errors="replace").split()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (or sleeps, or is stopped); False once it is gone or a zombie."""
+    fields = _stat_after_comm(pid)
+    if not fields:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def _own_lineage() -> set[int]:
+    """This process and its ancestors."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        fields = _stat_after_comm(pid)
+        if fields is None or len(fields) < 2:
+            break
+        pid = int(fields[1])
+    return pids
+
+
+def processes_with(entry: str) -> list[int]:
+    """Sorted pids of the live processes whose environment holds ``entry`` (``NAME=value``)."""
+    needle = entry.encode()
+    own = _own_lineage()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in own:
+            continue
+        environ = _read(name, "environ")
+        if environ is not None and needle in environ.split(b"\0") and alive(int(name)):
+            found.append(int(name))
+    return sorted(found)
+
+
+def send_signal(pid: int, signum: int) -> bool:
+    """Signal ``pid``; False if it no longer exists."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for every pid to be gone; the ones still alive."""
+    deadline = time.monotonic() + timeout
+    pending = [pid for pid in pids if alive(pid)]
+    while pending and time.monotonic() < deadline:
+        time.sleep(_POLL)
+        pending = [pid for pid in pending if alive(pid)]
+    return pending
+
+
+def end_processes_with(entry: str, *, grace: float = 0.0, timeout: float = 5.0) -> Sweep:
+    """End every process whose environment holds ``entry``, and wait until they are gone.
+
+    With ``grace`` > 0 they get SIGTERM first and that long to exit. Then SIGKILL, repeated
+    until none is found any more or ``timeout`` has passed: a dying parent may just have forked.
+    At least one round of SIGKILL is sent, even with ``timeout`` 0.
+    """
+    signalled: set[int] = set()
+    if grace > 0:
+        pids = processes_with(entry)
+        signalled.update(pid for pid in pids if send_signal(pid, signal.SIGTERM))
+        wait_gone(pids, grace)
+    deadline = time.monotonic() + timeout
+    while pids := processes_with(entry):
+        signalled.update(pid for pid in pids if send_signal(pid, signal.SIGKILL))
+        if wait_gone(pids, max(0.0, deadline - time.monotonic())) or time.monotonic() >= deadline:
+            break
+    return Sweep(tuple(sorted(signalled)), tuple(processes_with(entry)))
