@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from sshfwup.sim.device import SimDevice, cleanup  # noqa: E402
+from sshfwup.sim.host import free_port, ssh_keygen
 from sshfwup.sim.machine import SimMachine  # noqa: E402
 from sshfwup.sim.rootfs import build_sample_firmware  # noqa: E402
 
@@ -59,12 +60,6 @@ class BenchError(Exception):
 # --- small things ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class KeyPair:
     private: Path
@@ -76,10 +71,7 @@ class KeyPair:
 
 
 def make_key(path: Path) -> KeyPair:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True
-    )
-    return KeyPair(path, Path(f"{path}.pub"))
+    return KeyPair(ssh_keygen(path), Path(f"{path}.pub"))
 
 
 def make_payload(path: Path, size: int) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import anyio
 
 from .client import OutputParser
 from .sim.device import SimDevice, cleanup
+from .sim.host import free_port, ssh_keygen
 from .sim.loadgen import LoadGenerator, LoadSpec
 from .sim.machine import SimMachine
 from .sim.rootfs import build_sample_firmware
@@ -42,26 +42,12 @@ def step(n: int, text: str) -> None:
     say(f"\n{bold}[{n}] {text}{plain}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dev_key(keys_dir: Path) -> Path:
-    key = keys_dir / "id_ed25519"
-    if not key.exists():
-        keys_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshfwup-demo", "-f", str(key)], check=True)
-    return key
-
-
 class Demo:
     def __init__(self, workdir: Path, rate: float, real_fwup: bool) -> None:
         self.workdir = workdir.resolve()
         self.rate = rate
         self.fwup = shutil.which("fwup") if real_fwup else None
-        self.key = _dev_key(ROOT / "keys" / "dev")
+        self.key = ssh_keygen(ROOT / "keys" / "dev" / "id_ed25519", comment="sshfwup-demo")
         self.device: SimDevice | None = None
 
     def ssh_argv(self, *args: str) -> list[str]:
@@ -135,7 +121,7 @@ class Demo:
         shutil.rmtree(path, ignore_errors=True)
         self.device = SimDevice.create(
             path, firmware=v1, fwup=self.fwup, authorized_keys=[Path(f"{self.key}.pub").read_text().strip()],
-            ssh_port=_free_port(), app_port=_free_port(),
+            ssh_port=free_port(), app_port=free_port(),
         )  # fmt: skip
         async with SimMachine.start(path) as machine:
             await machine.wait_up(timeout=60)

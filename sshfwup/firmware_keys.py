@@ -15,14 +15,13 @@ unless ``force`` is given; without it the whole run is refused before anything i
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .fsutil import write_atomically
 from .fwfile import generate_keypair
 
 log = logging.getLogger(__name__)
@@ -51,26 +50,11 @@ class WrittenKey:
 
 
 def _write(path: Path, data: bytes, mode: int, *, force: bool) -> None:
-    """Write ``path`` with exactly ``mode``, atomically; never replace it unless ``force``.
-
-    The temporary file is created 0600 (mkstemp), so a private key is never readable by
-    others, not even for a moment.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``path`` with exactly ``mode``, atomically; never replace it unless ``force``."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path exists: no window in which it could be replaced
+        write_atomically(path, data, mode=mode, overwrite=force)
     except FileExistsError:
         raise KeyExistsError(f"{path} already exists (use --force to replace it)") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _ssh_key(comment: str) -> tuple[bytes, bytes, str]:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .fsutil import write_atomically
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Journal", "Recovery", "Record", "Stage", "plan_recovery"]
@@ -121,20 +123,8 @@ class Journal:
 
     def _write(self, rec: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         data = json.dumps(rec.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)  # the rename itself must survive a power loss
-        finally:
-            os.close(dfd)
+        write_atomically(self.path, data, mode=0o644, durable=True)  # the rename must survive a power loss
         self.current = rec
         log.debug("journal: %s %s", rec.id, rec.stage)
         self._failpoint(rec.stage)

@@ -28,7 +28,6 @@ import os
 import posixpath
 import re
 import stat
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
+from .fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -414,32 +414,19 @@ def dump_manifest(manifest: Manifest) -> bytes:
     return ("{\n" + ",\n".join(fields) + "\n}\n").encode()
 
 
-def _write_atomically(target: Path, data: bytes, mode: int) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(root: Path, manifest: Manifest, path: str = MANIFEST_PATH) -> Path:
     """Write the manifest into the tree at ``root`` (atomically, mode 0644); return the file."""
     target = _host(root, _normalize(path, "manifest path"))
-    _write_atomically(target, dump_manifest(manifest), 0o644)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, dump_manifest(manifest), mode=0o644, durable=False)
     return target
 
 
 def write_marker(root: Path, hot: bool, path: str = MARKER_PATH) -> Path:
     """Write the HOT_RELOAD marker (``true``/``false``) into the tree at ``root``."""
     target = _host(root, _normalize(path, "marker path"))
-    _write_atomically(target, b"true\n" if hot else b"false\n", 0o644)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, b"true\n" if hot else b"false\n", mode=0o644, durable=False)
     return target
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from sshfwup.sim.device import SimDevice, cleanup
+from sshfwup.sim.host import free_port, ssh_keygen
 from sshfwup.sim.machine import SimMachine
 from sshfwup.sim.rootfs import build_sample_firmware
 
@@ -73,8 +73,7 @@ class KeyPair:
 
 
 def _keygen(path: Path) -> KeyPair:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
-    return KeyPair(path, Path(f"{path}.pub"))
+    return KeyPair(ssh_keygen(path), Path(f"{path}.pub"))
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +109,6 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> FirmwareFactory:
 
 
 # --- the simulated device -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SSH_OPTIONS = (

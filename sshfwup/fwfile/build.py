@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..fsutil import atomic_file
 from .archive import (
     DATA_PREFIX,
     META_CONF_NAME,
@@ -36,21 +37,9 @@ def _file_chunks(path: Path, size: int = OUT_CHUNK) -> Iterator[bytes]:
 
 
 def _write_atomically(out: Path, write: Callable[[BinaryIO], None]) -> Path:
-    import tempfile  # not at module level: the fwup stand-in imports this package and never writes archives
-
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    with atomic_file(Path(out), mode=0o644) as f:
+        write(f)
+    return Path(out)
 
 
 def write_firmware(

@@ -40,6 +40,7 @@ from typing import Any
 
 from sshfwup import procs
 from sshfwup.bootenv import BootEnv
+from sshfwup.fsutil import write_atomically
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
 from sshfwup.sim.toml_write import dumps as toml_dumps
 from sshfwup.slots import MountInfo, mounts
@@ -247,13 +248,7 @@ def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, 
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fchmod(f.fileno(), mode)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, text, mode=mode)
 
 
 _FWUP_WRAPPER = """#!/bin/sh

@@ -41,6 +41,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sshfwup.bootenv import BootEnv, BootEnvError
+from sshfwup.fsutil import write_atomically
 from sshfwup.sim.bootloader import boot
 from sshfwup.sim.device import (
     MACHINE_LOCK,
@@ -111,10 +112,8 @@ class MachineState:
 
 
 def _write_state(device_dir: Path, state: MachineState) -> None:
-    path = device_dir / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    # Not durable: the machine's state is rewritten often and means nothing after a host crash.
+    write_atomically(device_dir / STATE_FILE, json.dumps(asdict(state), indent=2, sort_keys=True) + "\n", durable=False)
 
 
 # --- the machine process ---------------------------------------------------------------------
