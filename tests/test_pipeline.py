@@ -317,3 +317,26 @@ async def test_the_service_manager_hears_ready_and_status(sim: Sim, firmware) ->
     assert "STATUS=receiving firmware from root@127.0.0.1:" in log and "STATUS=fwup: applied" in log
     assert "STATUS=swapping the app to 2.0.0" in log
     assert "STATUS=running 2.0.0 (hot); reboot pending" in log
+
+
+async def test_uploader_vanishing_mid_pipeline_leaves_a_consistent_device(sim: Sim, firmware) -> None:
+    """The upload was complete (EOF sent); the uploader drops the connection during the swap.
+    The device must finish (or roll back) on its own, never stop half-way."""
+    import asyncssh
+
+    async with asyncssh.connect(
+        "127.0.0.1", sim.port, username="root", client_keys=[str(sim.key.private)], known_hosts=None
+    ) as conn:
+        proc = await conn.create_process(subsystem="fwup", encoding=None)
+        proc.stdin.write(firmware("2.0.0").read_bytes())
+        proc.stdin.write_eof()
+        seen = b""
+        while b"swapping" not in seen:
+            chunk = await proc.stdout.read(4096)
+            assert chunk, seen
+            seen += chunk
+        conn.abort()  # gone, without a goodbye
+    await wait_until(lambda: journal(sim)["stage"] in ("hot", "rolled-back"), what="the update to settle")
+    assert journal(sim)["stage"] == "hot"
+    assert sim.app()["version"] == "2.0.0" and len(app_processes(sim)) == 1
+    assert not sim.status()["update_in_progress"]
