@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from sshfwup.sim.device import SimDevice, cleanup  # noqa: E402
-from sshfwup.sim.host import free_port, ssh_keygen
+from sshfwup.sim.host import KeyPair, free_port, ssh_keygen
 from sshfwup.sim.machine import SimMachine  # noqa: E402
 from sshfwup.sim.rootfs import build_sample_firmware  # noqa: E402
 
@@ -60,18 +60,8 @@ class BenchError(Exception):
 # --- small things ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KeyPair:
-    private: Path
-    public: Path
-
-    @property
-    def public_line(self) -> str:
-        return self.public.read_text().strip()
-
-
 def make_key(path: Path) -> KeyPair:
-    return KeyPair(ssh_keygen(path), Path(f"{path}.pub"))
+    return ssh_keygen(path)
 
 
 def make_payload(path: Path, size: int) -> Path:

@@ -47,7 +47,7 @@ class Demo:
         self.workdir = workdir.resolve()
         self.rate = rate
         self.fwup = shutil.which("fwup") if real_fwup else None
-        self.key = ssh_keygen(ROOT / "keys" / "dev" / "id_ed25519", comment="sshfwup-demo")
+        self.key = ssh_keygen(ROOT / "keys" / "dev" / "id_ed25519", comment="sshfwup-demo").private
         self.device: SimDevice | None = None
 
     def ssh_argv(self, *args: str) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from sshfwup.sim.device import SimDevice, cleanup
-from sshfwup.sim.host import free_port, ssh_keygen
+from sshfwup.sim.host import KeyPair, free_port, ssh_keygen
 from sshfwup.sim.machine import SimMachine
 from sshfwup.sim.rootfs import build_sample_firmware
 
@@ -62,18 +62,8 @@ def fwup(request: pytest.FixtureRequest) -> str | None:
 # --- keys --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KeyPair:
-    private: Path
-    public: Path
-
-    @property
-    def public_line(self) -> str:
-        return self.public.read_text().strip()
-
-
 def _keygen(path: Path) -> KeyPair:
-    return KeyPair(ssh_keygen(path), Path(f"{path}.pub"))
+    return ssh_keygen(path)
 
 
 @pytest.fixture(scope="session")
