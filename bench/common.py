@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from sshfwup.sim.device import SimDevice, cleanup  # noqa: E402
-from sshfwup.sim.host import KeyPair, free_port, ssh_keygen
+from sshfwup.sim.host import KeyPair, free_port, ssh_keygen, zip_payload
 from sshfwup.sim.machine import SimMachine  # noqa: E402
 from sshfwup.sim.rootfs import build_sample_firmware  # noqa: E402
 
@@ -65,15 +65,9 @@ def make_key(path: Path) -> KeyPair:
 
 
 def make_payload(path: Path, size: int) -> Path:
-    """``size`` bytes of incompressible data (one random MiB, repeated): the upload's content."""
-    block = os.urandom(MiB)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, MiB)
-            f.write(block[:n])
-            left -= n
-    return path
+    """About ``size`` bytes of incompressible data in a zip archive (the server refuses an upload
+    that does not start and end like a ``.fw``): the upload's content."""
+    return zip_payload(path, size)
 
 
 @contextmanager

@@ -88,10 +88,11 @@ fi
 mksquashfs "$staging" "$work/rootfs.squashfs" -noappend -all-root -no-xattrs -quiet -no-progress \
   "${mksquashfs_opts[@]}"
 
-# 3. the firmware archive; deploy/fwup.conf takes the image from $ROOTFS and the version
-# from $NERVES_SDK_VERSION.
+# 3. the firmware archive; deploy/fwup.conf takes the image from $ROOTFS (an absolute path:
+# fwup resolves a relative one against the conf file's folder) and the version from
+# $NERVES_FW_VERSION (fwup's define() keeps a value the environment sets).
 mkdir -p "$(dirname "$out")"
-ROOTFS=$work/rootfs.squashfs NERVES_SDK_VERSION=$version "${fwup[@]}" -c -f "$fwup_conf" -o "$out"
+ROOTFS=$work/rootfs.squashfs NERVES_FW_VERSION=$version "${fwup[@]}" -c -f "$fwup_conf" -o "$out"
 
 # 4. signature
 if [[ -n ${SSHFWUP_SIGNING_KEY:-} ]]; then

@@ -6,7 +6,7 @@ load, then a reboot-required update — printing what happens as it happens.
 
 Everything is real except the board: OpenSSH's ``ssh`` uploads, the server is ``sshfwup serve``,
 slots are squashfs images on loop devices, the boot env is read and written with libubootenv,
-the load comes from ``hey``. fwup is the project's stand-in unless a real fwup is on PATH.
+the load comes from ``hey``, and fwup is the real fwup on PATH.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Any
 import anyio
 
 from .client import OutputParser
+from .fwfile import FirmwareError
 from .sim.device import SimDevice, cleanup
+from .sim.firmware import find_fwup
 from .sim.host import free_port, ssh_keygen
 from .sim.loadgen import LoadGenerator, LoadSpec
 from .sim.machine import SimMachine
@@ -43,10 +45,10 @@ def step(n: int, text: str) -> None:
 
 
 class Demo:
-    def __init__(self, workdir: Path, rate: float, real_fwup: bool) -> None:
+    def __init__(self, workdir: Path, rate: float) -> None:
         self.workdir = workdir.resolve()
         self.rate = rate
-        self.fwup = shutil.which("fwup") if real_fwup else None
+        self.fwup = find_fwup()
         self.key = ssh_keygen(ROOT / "keys" / "dev" / "id_ed25519", comment="sshfwup-demo").private
         self.device: SimDevice | None = None
 
@@ -104,7 +106,8 @@ class Demo:
 
     async def run(self) -> int:
         say("sshfwup demo: zero-downtime A/B firmware updates over SSH, on a simulated device")
-        say(f"  fwup: {self.fwup or 'the sshfwup stand-in (no real fwup on PATH)'}")
+        version = subprocess.run([self.fwup, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+        say(f"  fwup: {version} at {self.fwup}")
 
         step(1, "Build firmware 1.0.0, 2.0.0 (app-only, marked hot) and 3.0.0 (changes /etc)")
         fwdir = self.workdir / "firmware"
@@ -194,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sshfwup.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=200, help="requests per second during the hot update")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="where the device and firmware live")
-    parser.add_argument("--real-fwup", action="store_true", help="use the real fwup on PATH instead of the stand-in")
     args = parser.parse_args(argv)
-    demo = Demo(args.workdir, args.rate, args.real_fwup)
+    try:
+        demo = Demo(args.workdir, args.rate)
+    except FirmwareError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
     try:
         return anyio.run(demo.run)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ def atomic_file(path: Path, *, mode: int = 0o644, overwrite: bool = True, durabl
     another file could be replaced. ``durable`` also fsyncs the directory, so that the rename
     itself survives a power loss (the journal needs that; a status file does not).
     """
-    import tempfile  # here, not at module level: the fwup stand-in imports modules that use this
+    import tempfile  # here, not at module level: serve need not import it at start-up
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

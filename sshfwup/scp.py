@@ -87,8 +87,15 @@ async def run_scp_sink(process: asyncssh.SSHServerProcess, device: Device, uploa
     status = EXIT_OK
     uploaded = False
     stdout.write(b"\0")
+    idle = device.config.server.idle_timeout
     while True:
-        line = await stdin.readline()
+        try:
+            with anyio.fail_after(idle):
+                line = await stdin.readline()
+        except TimeoutError:
+            log.warning("scp from %s sent no file header for %.0f s; closing", uploader, idle)
+            stdout.write(f"\x02scp: no file header for {idle:.0f} s\n".encode())
+            return EXIT_FAILED
         if not line:
             break
         if len(line) > MAX_LINE or not line.endswith(b"\n"):
@@ -125,12 +132,18 @@ async def run_scp_sink(process: asyncssh.SSHServerProcess, device: Device, uploa
             continue
         uploaded = True
         ok, verdict, refused = await _receive(process, device, uploader, report, size)
-        await (report.error(verdict) if refused else report.line(f"sshfwup: {verdict}"))
         if ok:
+            await report.line(f"sshfwup: {verdict}")
             stdout.write(b"\0")
-        else:
+        elif refused:
+            # refused before any data: scp prints the protocol's message; one copy is enough
             status = EXIT_FAILED
             stdout.write(b"\x01scp: " + verdict.replace("\n", " ").encode() + b"\n")
+        else:
+            # the verdict follows the stage lines on stderr; the protocol only says it failed
+            status = EXIT_FAILED
+            await report.line(f"sshfwup: {verdict}")
+            stdout.write(b"\x01scp: firmware update failed (see the message above)\n")
     return status
 
 
@@ -185,7 +198,4 @@ async def _receive(
         return False, f"no data for {idle:.0f} s; upload aborted", False
     except (asyncssh.Error, OSError, EOFError) as e:
         return False, f"upload interrupted ({e})", False
-    device.last_outcome = {"ok": outcome.ok, "verdict": outcome.verdict}
-    if outcome.reboot:
-        device.request_reboot(outcome.verdict)
     return outcome.ok, outcome.verdict, False

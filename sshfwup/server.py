@@ -249,10 +249,6 @@ class FirmwareServer:
             log.warning("update from %s failed: %s", uploader, e)
             return EXIT_FAILED
         await report.line(f"sshfwup: {outcome.verdict}")
-        log.info("update from %s: %s", uploader, outcome.verdict)
-        self.device.last_outcome = {"ok": outcome.ok, "verdict": outcome.verdict}
-        if outcome.reboot:
-            self.device.request_reboot(outcome.verdict)
         return outcome.exit_status
 
     # --- reboot ----------------------------------------------------------------------------

@@ -201,14 +201,18 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
 
     async def close(self, file_obj: object) -> None:
         bridge = self._bridge(file_obj)
+        if not _client_sending(self.channel):
+            # asyncssh closes the handles left open when a session ends: after a dropped connection
+            # (or an EOF with the file still open) that is not the client's close of a whole file.
+            await bridge.abort()
+            self._status = EXIT_FAILED
+            log.warning("sftp upload by %s interrupted after %d bytes: the session ended without a close",
+                        self._uploader, bridge.offset)
+            return
         outcome = await bridge.finish()
         self._status = outcome.exit_status
         report = Report(self._write_stderr)
         await report.line(f"sshfwup: {outcome.verdict}")
-        log.info("sftp upload by %s: %s", self._uploader, outcome.verdict)
-        self._device.last_outcome = {"ok": outcome.ok, "verdict": outcome.verdict}
-        if outcome.reboot:
-            self._device.request_reboot(outcome.verdict)
         if not outcome.ok:
             raise SFTPFailure(outcome.verdict)
 
@@ -295,6 +299,14 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
 
     async def _write_stderr(self, text: str) -> None:
         self.channel.write_stderr(text.encode("utf-8"))
+
+
+def _client_sending(chan: asyncssh.SSHServerChannel) -> bool:
+    """The client's side of the channel is still open: a close request now is a real one.
+
+    asyncssh has no public "EOF received" flag; ``_recv_state`` is ``'open'`` until the client's
+    EOF or close arrives (tests/test_sftp.py cuts connections to check this stays true)."""
+    return not chan.is_closing() and getattr(chan, "_recv_state", "open") == "open"
 
 
 def _peer(conn: Any) -> str:

@@ -4,8 +4,11 @@
         await update.write(chunk) ...                         # backpressure from fwup's pipe
         outcome = await update.finish()                       # genuine EOF → fwup result → callback
 
-Leaving the block without ``finish()`` (disconnect, error, cancellation) kills fwup before it can
-reach its on-finish step, so a partial upload never switches the boot environment.
+fwup commits as soon as it reads the archive's central directory, so the last bytes of the
+upload are held back (:mod:`.holdback`) until the transport saw a genuine end and the archive's
+end record checks out. Leaving the block without ``finish()`` (disconnect, error, cancellation)
+kills fwup, which then never saw the central directory: a cut upload never switches the boot
+environment. Once fwup reports success, the update succeeded, whatever the pipe does next.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import anyio
 from .bootenv import BootEnvError, BootState, other_slot
 from .device import Device
 from .fwup import FwupError, FwupProcess, FwupResult
+from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .lock import DeviceBusy
 from .report import Report
 from .slots import SlotError, is_mounted, unmount
@@ -136,6 +140,9 @@ class Update:
         self.after: BootState | None = None
         self.root: str | None = None
         self._relayed = anyio.Event()
+        self._holdback = Holdback()
+        self._head = b""  # the first bytes, until the zip signature is checked
+        self._applied: FwupResult | None = None  # fwup succeeded before the upload ended
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -181,7 +188,13 @@ class Update:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if not self._finished:
+        if not self._finished and self._applied is not None:
+            # fwup already switched the boot env: its verdict stands even though the upload's
+            # end never arrived, so the update goes on (inspect, swap or reboot) without the uploader.
+            log.warning("fwup applied the update before the upload from %s ended; completing it", self.uploader)
+            with anyio.CancelScope(shield=True):
+                await self._complete(self._applied)
+        elif not self._finished:
             self._aborted = self._aborted or (str(exc) if exc else "upload ended without completing")
             log.warning("update from %s aborted: %s; stopping fwup", self.uploader, self._aborted)
         await self._stack.aclose()  # kills an unfinished fwup first (synchronously), then waits
@@ -205,11 +218,45 @@ class Update:
             self.abort(f"upload exceeds the limit of {limit} bytes ([server] max_upload_size)")
             raise UpdateError(self._aborted or "")
         self.received += len(data)
+        if len(self._head) < 4:
+            self._head += data[: 4 - len(self._head)]
+            self._check(check_start, self._head)
+        if self._applied is not None:
+            return  # fwup finished already (bytes after the archive's end): nothing more to feed
+        for piece in self._holdback.push(data):
+            await self._feed(piece)
+
+    async def _feed(self, data: bytes | memoryview) -> None:
+        assert self._fwup is not None
+        idle = self.device.config.server.idle_timeout
         try:
-            await self._fwup.write(data)
+            with anyio.fail_after(idle):
+                await self._fwup.write(data)
+        except TimeoutError:
+            reason = f"update failed: fwup accepted no data for {idle:.0f} s and was stopped; the device was not changed"
+            log.error("fwup (pid %d) hung: it read nothing for %.0f s", self._fwup.pid, idle)
+            self._journal("failed", reason)
+            self.abort(reason)
+            raise UpdateError(reason) from None
         except FwupError:
-            # fwup stopped reading: it failed on what it got; finish() collects its reason
-            raise UpdateError(await self._fwup_failure_reason()) from None
+            # fwup stopped reading: it failed on what it got — or it already succeeded
+            result = await self._fwup_exit(idle)
+            if result.success:
+                log.warning("fwup finished before the end of the upload from %s (bytes after the archive)", self.uploader)
+                self._applied = result
+                return
+            reason = f"update failed: {result.reason}; the device was not changed"
+            self._journal("failed", reason)
+            raise UpdateError(reason) from None
+
+    def _check(self, check: Callable[..., object], *args: Any) -> None:
+        try:
+            check(*args)
+        except IncompleteArchive as e:
+            reason = f"update failed: {e}; the device was not changed"
+            self._journal("failed", reason)
+            self.abort(str(e))
+            raise UpdateError(reason) from None
 
     def abort(self, reason: str) -> None:
         """Stop now (disconnect, limit, timeout): fwup is killed before it can switch anything."""
@@ -220,19 +267,29 @@ class Update:
             self._fwup.kill()
 
     async def finish(self) -> Outcome:
-        """The uploader sent a genuine, complete EOF: let fwup finish, then run the callback."""
+        """The uploader sent a genuine, complete EOF: check the archive's end, let fwup finish,
+        then run the callback."""
         assert self._fwup is not None
         if self._aborted:
             raise UpdateError(self._aborted)
-        result = await self._fwup.finish()
+        result = self._applied
+        if result is None:
+            tail = self._holdback.tail()
+            self._check(check_start, self._head)
+            self._check(check_end, tail, self.received)
+            await self._feed(tail)
+            result = self._applied or await self._fwup_exit(self.device.config.server.idle_timeout)
+        return await self._complete(result)
+
+    async def _complete(self, result: FwupResult) -> Outcome:
         self._finished = True
         await self._relayed.wait()
         self.device.notify_status(f"fwup: {result.reason}")
         if not result.success:
-            outcome = Outcome(False, f"update failed: {result.reason}; the device was not changed")
+            outcome = Outcome(False, f"update failed: {result.reason}; {await self._unchanged()}")
             log.warning("update from %s failed: %s", self.uploader, result.reason)
             self._journal("failed", outcome.verdict)
-            return outcome
+            return self._conclude(outcome)
         log.info("fwup applied %d bytes from %s in %.1f s", result.bytes_in, self.uploader, time.monotonic() - self.started)
         outcome = await self._success(result)
         # A callback that did not record how it ended (report_only, a custom one) leaves the
@@ -240,6 +297,15 @@ class Update:
         after = self.after
         target = {"to_slot": after.active, "to_version": after.version(after.active)} if after and after.active else {}
         self._journal("installed" if outcome.ok else "failed", outcome.verdict, **target)
+        return self._conclude(outcome)
+
+    def _conclude(self, outcome: Outcome) -> Outcome:
+        """Record the outcome for ``status``; a reboot verdict asks the server to reboot (it waits
+        for the uploader's channel to close first)."""
+        log.info("update from %s: %s", self.uploader, outcome.verdict)
+        self.device.last_outcome = {"ok": outcome.ok, "verdict": outcome.verdict}
+        if outcome.reboot:
+            self.device.request_reboot(outcome.verdict)
         return outcome
 
     def _journal(self, stage: str, verdict: str, **fields: Any) -> None:
@@ -268,8 +334,8 @@ class Update:
         if before.active is not None and before.active != root:
             version = before.version(before.active) or "new firmware"
             raise UpdateRefused(
-                f"a reboot is pending: slot {before.active} ({version}) is installed but the device still boots from "
-                f"slot {root}; another update now would overwrite the running root filesystem. "
+                f"a reboot is pending: slot {before.active} ({version}) is installed and boots next, but the device "
+                f"still runs slot {root}; another update now would overwrite the root filesystem in use. "
                 f"Reboot first (ssh <device> reboot), then upload again"
             )
         # fwup targets the slot that is not active; never let that be a mounted filesystem
@@ -300,15 +366,26 @@ class Update:
         finally:
             self._relayed.set()
 
-    async def _fwup_failure_reason(self) -> str:
+    async def _fwup_exit(self, timeout: float) -> FwupResult:
+        """fwup's result once its input ended or it stopped reading (bounded: a hung fwup is killed)."""
         assert self._fwup is not None
-        reason = "update failed: fwup stopped reading its input"
-        with anyio.move_on_after(5):
-            result = await self._fwup.finish()
-            reason = f"update failed: {result.reason}; the device was not changed"
+        with anyio.move_on_after(timeout):
+            return await self._fwup.finish()
         self._fwup.kill()
-        self._journal("failed", reason)
-        return reason
+        log.error("fwup did not exit within %d s after its input ended; killed it", timeout)
+        return FwupResult(exit_code=None, success=False, errors=(f"fwup hung: no result {timeout:.0f} s after its input ended; killed",))
+
+    async def _unchanged(self) -> str:
+        """After a failed fwup: the boot env must still name the slot that was active before (a fwup
+        killed inside on-finish may have got further than its exit status says)."""
+        try:
+            now = await self.device.boot_state()
+        except BootEnvError as e:
+            return f"the boot environment cannot be read to confirm nothing changed ({e})"
+        if self.before is not None and now.active == self.before.active:
+            return "the device was not changed"
+        log.error("fwup failed but the boot env now names slot %s; reverting", now.active)
+        return f"fwup had switched the boot env; {await self._revert()}"
 
     async def _revert(self) -> str:
         """Undo fwup's switch of the boot env: a failed update must leave the old firmware booting."""

@@ -1,7 +1,8 @@
 """Shared fixtures: keys, sample firmware, a running simulated device, OpenSSH client helpers.
 
-``pytest --real-fwup`` runs every test that involves fwup against the real fwup on PATH instead
-of the stand-in (``sshfwup/sim/fwup_standin.py``); ``pytest -m fwup --real-fwup`` runs only those.
+Every test runs against the real fwup on PATH (>= 1.16; ``scripts/bootstrap.sh`` builds it from
+``FWUP_SOURCE``); the header line of a run names it. ``pytest -m fwup`` selects the tests that
+apply firmware with it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,37 +27,46 @@ from sshfwup.sim.rootfs import build_sample_firmware
 SAMPLES = Path(__file__).resolve().parent / "data" / "fwup-1.16"
 
 
+FWUP_MIN = (1, 16)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--real-fwup",
-        action="store_true",
-        help="run the fwup tests against the real fwup on PATH instead of the stand-in",
-    )
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
+def _fwup() -> tuple[str | None, str]:
+    path = shutil.which("fwup")
+    if path is None:
+        return None, "no fwup on PATH"
+    result = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return path, result.stdout.strip() or "unknown version"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    path, version = _fwup()
+    return f"fwup {version} at {path}" if path else "fwup: none on PATH (the tests that need it fail)"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    real = config.getoption("--real-fwup")
     for item in items:
         if "fwup" in getattr(item, "fixturenames", ()) or "sim" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.fwup)
-        if item.get_closest_marker("standin_only") and real:
-            item.add_marker(pytest.mark.skip(reason="tests the stand-in itself, not fwup"))
         if item.get_closest_marker("slow") and not config.getoption("--run-slow"):
             item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
 
 
-# --- fwup: the stand-in, or the real one ---------------------------------------------------
+# --- fwup ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def fwup(request: pytest.FixtureRequest) -> str | None:
-    """The fwup executable for devices: None = the simulator's stand-in wrapper."""
-    if not request.config.getoption("--real-fwup"):
-        return None
-    path = shutil.which("fwup")
+def fwup() -> str:
+    """The real fwup on PATH; a test that needs it fails (never skips) without one."""
+    path, version = _fwup()
     if path is None:
-        pytest.fail("--real-fwup given but no fwup on PATH")
+        pytest.fail("fwup not found on PATH: run ./scripts/bootstrap.sh (it builds fwup from FWUP_SOURCE)")
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < FWUP_MIN:
+        pytest.fail(f"fwup {version} at {path} is older than {'.'.join(map(str, FWUP_MIN))}")
     return path
 
 
@@ -83,7 +94,7 @@ FirmwareFactory = Callable[..., Path]
 
 
 @pytest.fixture(scope="session")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> FirmwareFactory:
+def firmware(tmp_path_factory: pytest.TempPathFactory, fwup: str) -> FirmwareFactory:
     """``firmware("2.0.0", hot=True, changes=("kernel",))`` → a cached .fw for the simulator."""
     root = tmp_path_factory.mktemp("firmware")
     cache: dict[str, Path] = {}
@@ -177,6 +188,38 @@ def output(result: subprocess.CompletedProcess[bytes]) -> str:
     return (result.stdout + result.stderr).decode("utf-8", errors="replace")
 
 
+# --- what a test checks on a device after an upload -------------------------------------------
+
+
+def assert_untouched(sim: Sim, slot_a: bytes | None = None) -> None:
+    """The device is exactly as before: slot a active and validated, slot b empty, a intact."""
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a", env
+    assert env["nerves_fw_validated"] == "1", env
+    assert "b.nerves_fw_version" not in env or env["b.nerves_fw_version"] in ("",), env
+    if slot_a is not None:
+        assert sim.device.read_slot_file("a", "/srv/app/VERSION") == slot_a
+
+
+def assert_applied(sim: Sim, result: subprocess.CompletedProcess[bytes], version: str = "2.0.0") -> None:
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "Success!" in text and "100% [" in text, text
+    env = sim.env()
+    assert env["nerves_fw_active"] == "b"
+    assert env["b.nerves_fw_version"] == version
+    assert env["nerves_fw_validated"] == "0"
+    # slot b really holds the new squashfs: mount it and read a file
+    assert sim.device.read_slot_file("b", "/srv/app/VERSION").decode().strip() == version
+
+
+def wait_unlocked(sim: Sim, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while sim.status()["update_in_progress"]:
+        assert time.monotonic() < deadline, "the update lock stayed held"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def sim_config() -> dict[str, Any]:
     """Override per test: ``@pytest.mark.parametrize`` or a local fixture returning config overrides."""
@@ -185,7 +228,7 @@ def sim_config() -> dict[str, Any]:
 
 @pytest.fixture
 async def sim(
-    tmp_path: Path, firmware: FirmwareFactory, client_key: KeyPair, fwup: str | None, sim_config: dict[str, Any]
+    tmp_path: Path, firmware: FirmwareFactory, client_key: KeyPair, fwup: str, sim_config: dict[str, Any]
 ) -> AsyncIterator[Sim]:
     """A running simulated device with firmware 1.0.0 in slot a and its app serving."""
     path = tmp_path / "device"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import shutil
 import stat
+import subprocess
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -27,11 +27,9 @@ import pytest
 
 from sshfwup import firmware
 from sshfwup.fwfile import (
-    compile_meta_conf,
     load_private_key,
     load_public_key,
     read_firmware,
-    write_firmware,
 )
 from sshfwup.inspect import decide, inspect_slot
 from sshfwup.manifest import (
@@ -41,8 +39,7 @@ from sshfwup.manifest import (
     dump_manifest,
     load_manifest,
 )
-from sshfwup.sim.firmware import build_firmware
-from sshfwup.sim.layout import DEFAULT_LAYOUT
+from sshfwup.sim.firmware import build_firmware, reference_conf
 from sshfwup.sim.rootfs import build_sample_firmware, make_rootfs
 
 pytestmark = pytest.mark.skipif(shutil.which("unsquashfs") is None, reason="needs squashfs-tools")
@@ -308,12 +305,14 @@ def test_real_fwup_archives(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(out)["verdict"] == expected.to_json()
 
 
-def test_diff_refuses_a_non_squashfs_rootfs(builds: Builds, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_diff_refuses_a_non_squashfs_rootfs(
+    builds: Builds, tmp_path: Path, capsys: pytest.CaptureFixture[str], fwup: str
+) -> None:
     image = tmp_path / "rootfs.ext4"
     image.write_bytes(b"\0" * 8192)
-    digest = hashlib.blake2b(image.read_bytes(), digest_size=32).hexdigest()
-    meta = compile_meta_conf(DEFAULT_LAYOUT, version="9.0.0", rootfs_length=8192, rootfs_blake2b=digest)
-    fw = write_firmware(tmp_path / "ext4.fw", meta, {"rootfs.img": image})
+    fw = tmp_path / "ext4.fw"
+    env = {**os.environ, "ROOTFS": str(image), "NERVES_FW_VERSION": "9.0.0"}
+    subprocess.run([fwup, "-c", "-f", str(reference_conf()), "-o", str(fw)], env=env, check=True, capture_output=True)
     rc, _, err = run(capsys, "firmware", "diff", builds.v1.fw, fw)
     assert rc == 1
     assert "not a squashfs image" in err

@@ -113,8 +113,7 @@ def test_create_provisions_like_a_factory(device: SimDevice, firmware_v1: Path) 
     assert device.read_slot_file("a", "/srv/app/VERSION") == b"1.0.0\n"
     assert device.disk.stat().st_size == DEFAULT_LAYOUT.disk_bytes
     assert device.fw_env_config.read_text() == f"{device.disk} 0x100000 0x20000\n"
-    wrapper = device.path / "bin" / "fwup"
-    assert os.access(wrapper, os.X_OK) and "sshfwup.sim.fwup_standin" in wrapper.read_text()
+    assert Path(device.fwup).name == "fwup" and os.access(device.fwup, os.X_OK)  # the real fwup on PATH
     # powered off after creation: nothing mounted, no loop device
     assert leftovers(device.path) == ([], [])
 
@@ -136,7 +135,7 @@ def test_create_writes_the_server_config(device: SimDevice) -> None:
     assert config.server.host_key == d / "data/sshfwup/ssh_host_ed25519_key"
     assert config.server.authorized_keys == (d / "data/sshfwup/authorized_keys",)
     assert config.server.lock_file == d / "run/update.lock"
-    assert config.fwup.path == str(d / "bin/fwup") and config.fwup.devpath == d / "disk.img"
+    assert config.fwup.path == device.fwup and config.fwup.devpath == d / "disk.img"
     assert config.device.fw_env_config == d / "fw_env.config"
     assert config.device.root_mount == d / "root"
     assert config.device.reboot_command == (sys.executable, "-m", "sshfwup.sim", "reboot", str(d))

@@ -1,10 +1,9 @@
-"""The sim's firmware builder: real mksquashfs, the fwup stand-in, a loop-mounted slot."""
+"""The sim's firmware builder: real mksquashfs, real fwup -c, a loop-mounted slot."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import pytest
 from sshfwup import fwfile
 from sshfwup.fwfile import FirmwareError
 from sshfwup.sim.firmware import build_firmware, build_squashfs
-from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
+from sshfwup.sim.layout import DEFAULT_LAYOUT
 
-STANDIN = [sys.executable, "-m", "sshfwup.sim.fwup_standin"]
 
 
 @pytest.fixture
@@ -88,7 +86,7 @@ def loop_mount(tmp_path: Path) -> Iterator[Callable[[Path, int, int], Path]]:
 
 
 def test_built_firmware_applies_and_its_slot_mounts(
-    staging: Path, tmp_path: Path, loop_mount: Callable[[Path, int, int], Path], fwup: str | None
+    staging: Path, tmp_path: Path, loop_mount: Callable[[Path, int, int], Path], fwup: str
 ) -> None:
     fw = build_firmware(staging, tmp_path / "fw" / "v1.fw", version="1.0.0")
     info = fwfile.read_firmware(fw)
@@ -100,15 +98,14 @@ def test_built_firmware_applies_and_its_slot_mounts(
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(DEFAULT_LAYOUT.disk_bytes)
-    cmd = STANDIN if fwup is None else [fwup]  # conftest: the real fwup with --real-fwup
-    result = subprocess.run([*cmd, "-a", "-d", str(image), "-i", str(fw), "-t", "complete"], capture_output=True)
+    result = subprocess.run([fwup, "-a", "-d", str(image), "-i", str(fw), "-t", "complete"], capture_output=True)
     assert result.returncode == 0, result.stdout
     mounted = loop_mount(image, *DEFAULT_LAYOUT.slot_span("a"))
     assert tree(mounted) == tree(staging)
     assert all(st.st_uid == 0 and st.st_gid == 0 for st in (p.lstat() for p in mounted.rglob("*")))
 
 
-def test_same_tree_same_firmware(staging: Path, tmp_path: Path) -> None:
+def test_same_tree_same_firmware(staging: Path, tmp_path: Path, fwup: str) -> None:
     one = build_firmware(staging, tmp_path / "one.fw", version="2.0.0")
     two = build_firmware(staging, tmp_path / "two.fw", version="2.0.0")
     assert one.read_bytes() == two.read_bytes()
@@ -117,7 +114,7 @@ def test_same_tree_same_firmware(staging: Path, tmp_path: Path) -> None:
     assert fwfile.read_firmware(other).uuid != fwfile.read_firmware(one).uuid
 
 
-def test_signed_build(staging: Path, tmp_path: Path) -> None:
+def test_signed_build(staging: Path, tmp_path: Path, fwup: str) -> None:
     priv, pub = fwfile.generate_keypair()
     (tmp_path / "fwup-key.priv").write_text(priv)
     (tmp_path / "fwup-key.pub").write_text(pub)
@@ -126,11 +123,11 @@ def test_signed_build(staging: Path, tmp_path: Path) -> None:
     assert info.signature is not None
 
 
-def test_refuses_a_rootfs_larger_than_a_slot(staging: Path, tmp_path: Path) -> None:
+def test_refuses_a_rootfs_larger_than_a_slot(staging: Path, tmp_path: Path, fwup: str) -> None:
     (staging / "big.bin").write_bytes(os.urandom(64 * 1024))
-    tiny = Layout(rootfs_count=16)  # 8 KiB slots
-    with pytest.raises(FirmwareError, match="larger than a slot"):
-        build_firmware(staging, tmp_path / "big.fw", version="1.0.0", layout=tiny)
+    tiny = {"ROOTFS_A_PART_COUNT": "16"}  # 8 KiB slots: deploy/fwup.conf's assert-size-lte refuses
+    with pytest.raises(FirmwareError, match="size assertion failed"):
+        build_firmware(staging, tmp_path / "big.fw", version="1.0.0", variables=tiny)
     assert list(tmp_path.glob("*.fw")) == [] and list(tmp_path.glob(".sshfwup-build-*")) == []
 
 
@@ -139,5 +136,7 @@ def test_clear_errors_without_mksquashfs_or_staging(staging: Path, tmp_path: Pat
     with pytest.raises(FirmwareError, match="staging tree not found"):
         build_squashfs(tmp_path / "missing", tmp_path / "x.img")
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    with pytest.raises(FirmwareError, match="mksquashfs not found"):
+    with pytest.raises(FirmwareError, match="not found"):
         build_firmware(staging, tmp_path / "x.fw", version="1.0.0")
+    with pytest.raises(FirmwareError, match="fwup not found.*FWUP_SOURCE"):
+        build_firmware(staging, tmp_path / "x.fw", version="1.0.0", fwup="no-such-fwup")

@@ -61,6 +61,7 @@ class FirmwareInfo:
     uuid: str
     creation_date: str
     entries: tuple[FirmwareEntry, ...] = ()
+    meta_mtime: int | None = None  # meta.conf's entry timestamp (fwup -m's creation date)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -121,51 +122,42 @@ def read_head(
     """
     entry = stream.next_entry()
     if entry is None:
-        raise FirmwareError("not a firmware archive: it has no entries",
-                            fwup_message="Unrecognized archive format")
+        raise FirmwareError("not a firmware archive: it has no entries")
     signature: bytes | None = None
     if entry.name == SIGNATURE_NAME:
         signature = stream.read_all(entry, SIGNATURE_LEN)
         if len(signature) != SIGNATURE_LEN:
-            raise FirmwareError(f"corrupt firmware archive: its signature is {len(signature)} bytes, not 64",
-                                fwup_message=f"Unexpected meta.conf.ed25519 size: {len(signature)}")
+            raise FirmwareError(f"corrupt firmware archive: its signature is {len(signature)} bytes, not 64")
         entry = stream.next_entry()
         if entry is None:
-            raise FirmwareError("corrupt firmware archive: it holds only a signature",
-                                fwup_message="Expecting more than meta.conf.ed25519 in archive")
+            raise FirmwareError("corrupt firmware archive: it holds only a signature")
     if entry.name != META_CONF_NAME:
-        raise FirmwareError(f"not a firmware archive: it starts with {entry.name}, not meta.conf",
-                            fwup_message=f"Expecting meta.conf to be at the beginning of {source}")
+        raise FirmwareError(f"not a firmware archive: it starts with {entry.name}, not meta.conf")
     try:
         meta_conf = stream.read_all(entry, META_CONF_MAX)
     except ArchiveInputError:
         raise
     except FirmwareError as e:
         # fwup reads what it can of meta.conf and then complains about its size
-        raise FirmwareError(str(e), fwup_message="Unexpected meta.conf size: 0") from None
+        raise FirmwareError(str(e)) from None
     if not 10 <= len(meta_conf) < META_CONF_MAX:
-        raise FirmwareError(f"corrupt firmware archive: meta.conf is {len(meta_conf)} bytes",
-                            fwup_message=f"Unexpected meta.conf size: {len(meta_conf)}")
+        raise FirmwareError(f"corrupt firmware archive: meta.conf is {len(meta_conf)} bytes")
     keys = [as_public_key(k) for k in public_keys]
     if keys:
         if signature is None:
-            raise FirmwareError("the firmware is not signed, and a signature is required",
-                                fwup_message="Expecting signed firmware archive.")
+            raise FirmwareError("the firmware is not signed, and a signature is required")
         if not any(signature_matches(k, signature, meta_conf) for k in keys):
-            raise FirmwareError("the firmware's signature does not match any trusted public key",
-                                fwup_message="Firmware archive's meta.conf fails digital signature verification.")
+            raise FirmwareError("the firmware's signature does not match any trusted public key")
     try:
         text = meta_conf.decode("utf-8")
     except UnicodeDecodeError:
-        raise FirmwareError("corrupt firmware archive: meta.conf is not UTF-8 text",
-                            fwup_message="Unexpected error parsing meta.conf") from None
+        raise FirmwareError("corrupt firmware archive: meta.conf is not UTF-8 text") from None
     meta = parse_meta_conf(text)
     fw_uuid = firmware_uuid(meta_conf)
     if meta.meta.get("uuid", fw_uuid) != fw_uuid:
-        raise FirmwareError("corrupt firmware archive: meta.conf sets its own meta-uuid",
-                            fwup_message="meta.conf isn't allowed to change 'meta-uuid' or '$FWUP_META_UUID'")
+        raise FirmwareError("corrupt firmware archive: meta.conf sets its own meta-uuid")
     created = meta.meta.get("creation-date") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.mtime or 0))
-    return FirmwareInfo(source, signature, meta_conf, meta, fw_uuid, created)
+    return FirmwareInfo(source, signature, meta_conf, meta, fw_uuid, created, meta_mtime=entry.mtime)
 
 
 def _open_source(source: str | os.PathLike[str] | BinaryIO) -> tuple[BinaryIO, str, bool]:
@@ -182,8 +174,7 @@ def checked_resource(info: FirmwareInfo, name: str, chunks: Iterable[bytes]) -> 
     """Pass a resource's chunks through, then check its length and blake2b-256 against meta.conf."""
     resource = info.meta.resources.get(name)
     if resource is None:
-        raise FirmwareError(f"corrupt firmware archive: data/{name} has no file-resource in meta.conf",
-                            fwup_message=f"Can't find file-resource for {name}")
+        raise FirmwareError(f"corrupt firmware archive: data/{name} has no file-resource in meta.conf")
     hasher = hashlib.blake2b(digest_size=32)
     length = 0
     for chunk in chunks:
@@ -193,11 +184,9 @@ def checked_resource(info: FirmwareInfo, name: str, chunks: Iterable[bytes]) -> 
     if length != resource.length:
         raise FirmwareError(
             f"corrupt firmware archive: {name} is {length} bytes, meta.conf says {resource.length}",
-            fwup_message=f"Length mismatch for {name}",
         )
     if hasher.hexdigest() != resource.blake2b_256:
-        raise FirmwareError(f"corrupt firmware archive: {name} does not match its blake2b-256 in meta.conf",
-                            fwup_message=f"Detected blake2b digest mismatch for {name}")
+        raise FirmwareError(f"corrupt firmware archive: {name} does not match its blake2b-256 in meta.conf")
 
 
 def read_entries(stream: ZipStream, info: FirmwareInfo, *, check: bool = True) -> FirmwareInfo:
@@ -206,12 +195,10 @@ def read_entries(stream: ZipStream, info: FirmwareInfo, *, check: bool = True) -
     seen: set[str] = set()
     while (entry := stream.next_entry()) is not None:
         if not entry.name.startswith(DATA_PREFIX):
-            raise FirmwareError(f"corrupt firmware archive: unexpected entry {entry.name}",
-                                fwup_message=f"Unexpected file in archive: {entry.name}")
+            raise FirmwareError(f"corrupt firmware archive: unexpected entry {entry.name}")
         resource = entry.name.removeprefix(DATA_PREFIX)
         if resource in seen:
-            raise FirmwareError(f"corrupt firmware archive: {entry.name} appears twice",
-                                fwup_message=f"Processing {resource} twice. Archive is corrupt.")
+            raise FirmwareError(f"corrupt firmware archive: {entry.name} appears twice")
         seen.add(resource)
         chunks = stream.read_data(entry)
         for _ in checked_resource(info, resource, chunks) if check else chunks:
@@ -219,8 +206,7 @@ def read_entries(stream: ZipStream, info: FirmwareInfo, *, check: bool = True) -
     if check:
         missing = [r for r in info.meta.resources if r not in seen]
         if missing:
-            raise FirmwareError(f"corrupt firmware archive: data/{missing[0]} is missing",
-                                fwup_message=f"Resource {missing[0]} not found in archive")
+            raise FirmwareError(f"corrupt firmware archive: data/{missing[0]} is missing")
     return replace(info, entries=tuple(stream.entries))
 
 
@@ -235,7 +221,7 @@ def read_firmware(
         stream = ZipStream(stream_in.read)
         return read_entries(stream, read_head(stream, public_keys=public_keys, source=name), check=check)
     except FirmwareError as e:
-        raise type(e)(f"{name}: {e}", fwup_message=e.fwup_message) from None
+        raise type(e)(f"{name}: {e}") from None
     finally:
         if owned:
             stream_in.close()
@@ -251,7 +237,7 @@ def iter_resource(path: str | os.PathLike[str], name: str) -> Iterator[bytes]:
             if entry.name == DATA_PREFIX + name:
                 yield from checked_resource(info, name, stream.read_data(entry))
                 return
-    raise FirmwareError(f"{path}: has no resource {name}", fwup_message=f"Resource {name} not found in archive")
+    raise FirmwareError(f"{path}: has no resource {name}")
 
 
 def extract_resource(path: str | os.PathLike[str], name: str, dest: str | os.PathLike[str]) -> Path:

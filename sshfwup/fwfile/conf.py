@@ -9,7 +9,7 @@ gives fwup's bytes back.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import FirmwareError
@@ -102,8 +102,7 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None:
-            raise FirmwareError(f"meta.conf line {line}: cannot parse {text[pos:pos + 20]!r}",
-                                fwup_message="Unexpected error parsing meta.conf")
+            raise FirmwareError(f"meta.conf line {line}: cannot parse {text[pos:pos + 20]!r}")
         kind = m.lastgroup or ""
         value = m.group(0)
         if kind == "dq":
@@ -126,7 +125,7 @@ class _ConfParser:
 
     def fail(self, message: str) -> FirmwareError:
         line = self.tokens[min(self.pos, len(self.tokens) - 1)][2] if self.tokens else 1
-        return FirmwareError(f"meta.conf line {line}: {message}", fwup_message="Unexpected error parsing meta.conf")
+        return FirmwareError(f"meta.conf line {line}: {message}")
 
     def peek(self) -> str | None:
         return self.tokens[self.pos][0] if self.pos < len(self.tokens) else None
@@ -186,61 +185,3 @@ def parse_conf(text: str) -> ConfSection:
     """Parse fwup's libconfuse dialect (compiled meta.conf, and the source syntax's shape)."""
     parser = _ConfParser(text)
     return ConfSection("", None, parser.items(nested=False))
-
-
-# --- printing --------------------------------------------------------------------------------
-
-
-class ConfWriter:
-    """Writes the syntax the way fwup prints a compiled meta.conf: no indentation, ``key=value``,
-    quoted titles. :func:`format_conf` and the meta.conf compiler both print through it."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    @staticmethod
-    def value(v: str | int | bool) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int):
-            return str(v)
-        return quote_value(v)
-
-    def opt(self, key: str, v: str | int | bool) -> None:
-        self.lines.append(f"{key}={self.value(v)}")
-
-    def list_opt(self, key: str, values: Iterable[str | int | bool]) -> None:
-        self.lines.append(f"{key}={{{','.join(self.value(v) for v in values)}}}")
-
-    def call(self, name: str, args: Iterable[str]) -> None:
-        self.lines.append(f"{name}({', '.join(self.value(v) for v in args)})")
-
-    def open(self, name: str, title: str | None = None) -> None:
-        self.lines.append(f'{name} "{title}" {{' if title is not None else f"{name} {{")
-
-    def close(self) -> None:
-        self.lines.append("}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-def format_conf(section: ConfSection) -> str:
-    """Print a parsed tree the way fwup prints a compiled meta.conf (round-trips fwup's bytes)."""
-    w = ConfWriter()
-
-    def emit(items: Iterable[ConfOption | ConfCall | ConfSection]) -> None:
-        for item in items:
-            if isinstance(item, ConfSection):
-                w.open(item.name, item.title)
-                emit(item.items)
-                w.close()
-            elif isinstance(item, ConfOption) and isinstance(item.value, tuple):
-                w.list_opt(item.name, item.value)
-            elif isinstance(item, ConfOption):
-                w.opt(item.name, item.value)
-            else:
-                w.call(item.name, item.args)
-
-    emit(section.items)
-    return w.text()

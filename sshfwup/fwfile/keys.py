@@ -5,8 +5,7 @@ fwup's key files are base64 (padded, no newline) of the raw 32-byte public key a
 ``meta.conf.ed25519``, a 64-byte raw ed25519 signature over the exact meta.conf bytes: that
 covers the resources too, since meta.conf holds their blake2b-256 hashes.
 
-``cryptography`` is imported only where a key is used: the fwup stand-in imports this package
-and must start fast.
+``cryptography`` is imported only where a key is used, so reading archives starts fast.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FirmwareError
 
-if TYPE_CHECKING:  # pragma: no cover - typing only; keeps the fwup stand-in's start-up light
+if TYPE_CHECKING:  # pragma: no cover - typing only
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
         Ed25519PublicKey,
@@ -42,12 +41,10 @@ def _read_key_file(path: str | os.PathLike[str], size: int, kind: str, fwup_kind
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise FirmwareError(f"{path}: cannot read {kind} key: {e.strerror}",
-                            fwup_message=f"Error reading {fwup_kind} key from file '{path}'") from None
+        raise FirmwareError(f"{path}: cannot read {kind} key: {e.strerror}") from None
     key = _b64_or_raw(data, size)
     if key is None:
-        raise FirmwareError(f"{path}: not an fwup {kind} key (expected base64 of {size} bytes)",
-                            fwup_message=f"Error reading {fwup_kind} key from file '{path}'")
+        raise FirmwareError(f"{path}: not an fwup {kind} key (expected base64 of {size} bytes)")
     return key
 
 

@@ -98,11 +98,9 @@ def _flat_calls(values: Sequence[str], where: str) -> tuple[Call, ...]:
         try:
             argc = int(values[i], 0)
         except ValueError:
-            raise FirmwareError(f"meta.conf: {where}: expected an argument count, found {values[i]!r}",
-                                fwup_message="Unexpected argc value in funlist") from None
+            raise FirmwareError(f"meta.conf: {where}: expected an argument count, found {values[i]!r}") from None
         if argc < 1 or i + 1 + argc > len(values):
-            raise FirmwareError(f"meta.conf: {where}: argument count {argc} runs past the list",
-                                fwup_message="Unexpected argc value in funlist")
+            raise FirmwareError(f"meta.conf: {where}: argument count {argc} runs past the list")
         calls.append(Call(values[i + 1], tuple(values[i + 2 : i + 1 + argc])))
         i += 1 + argc
     return tuple(calls)
@@ -112,14 +110,12 @@ def _int(value: Any, where: str) -> int:
     try:
         return int(str(value), 0)
     except ValueError:
-        raise FirmwareError(f"meta.conf: {where}: expected an integer, found {value!r}",
-                            fwup_message="Unexpected error parsing meta.conf") from None
+        raise FirmwareError(f"meta.conf: {where}: expected an integer, found {value!r}") from None
 
 
 def _str(value: str | tuple[str, ...] | None, where: str) -> str | None:
     if isinstance(value, tuple):
-        raise FirmwareError(f"meta.conf: {where}: expected a single value, found a list",
-                            fwup_message="Unexpected error parsing meta.conf")
+        raise FirmwareError(f"meta.conf: {where}: expected a single value, found a list")
     return value
 
 
@@ -155,8 +151,7 @@ def parse_meta_conf(text: str) -> MetaConf:
         length = sec.option("length")
         digest = _str(sec.option("blake2b-256"), where)
         if length is None or not digest:
-            raise FirmwareError(f"meta.conf: {where} lacks length or blake2b-256",
-                                fwup_message=f"invalid blake2b-256 hash for '{name}'")
+            raise FirmwareError(f"meta.conf: {where} lacks length or blake2b-256")
         resources[name] = FileResource(name, _int(length, where), digest.lower())
     envs: dict[str, UBootEnvironment] = {}
     for sec in root.sections("uboot-environment"):

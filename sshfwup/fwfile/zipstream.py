@@ -130,35 +130,28 @@ class ZipStream:
         sig = self._exact(4)
         if len(sig) < 4:
             if start == 0:
-                raise FirmwareError("not a firmware archive: the input is empty",
-                                    fwup_message="Unrecognized archive format")
+                raise FirmwareError("not a firmware archive: the input is empty")
             raise FirmwareError(
                 f"truncated firmware archive: it ends at byte {start}, before its central directory",
-                fwup_message="Truncated ZIP file header",
             )
         (value,) = struct.unpack("<I", sig)
         if value in (CENTRAL_SIG, EOCD_SIG):
             if start == 0:
-                raise FirmwareError("not a firmware archive: the ZIP archive is empty",
-                                    fwup_message="Unrecognized archive format")
+                raise FirmwareError("not a firmware archive: the ZIP archive is empty")
             self._finished = True
             return None
         if value != LOCAL_SIG:
             if start == 0:
-                raise FirmwareError("not a firmware archive: it does not start with a ZIP header",
-                                    fwup_message="Unrecognized archive format")
-            raise FirmwareError(f"corrupt firmware archive: no ZIP header at byte {start}",
-                                fwup_message="Damaged ZIP archive")
+                raise FirmwareError("not a firmware archive: it does not start with a ZIP header")
+            raise FirmwareError(f"corrupt firmware archive: no ZIP header at byte {start}")
         head = sig + self._exact(LOCAL_HEADER.size - 4)
         if len(head) < LOCAL_HEADER.size:
-            raise FirmwareError(f"truncated firmware archive: it ends inside the ZIP header at byte {start}",
-                                fwup_message="Truncated ZIP file header")
+            raise FirmwareError(f"truncated firmware archive: it ends inside the ZIP header at byte {start}")
         _, _, flags, method, tm, date, crc, csize, usize, nlen, xlen = LOCAL_HEADER.unpack(head)
         raw_name = self._exact(nlen)
         extra = self._exact(xlen)
         if len(raw_name) < nlen or len(extra) < xlen:
-            raise FirmwareError(f"truncated firmware archive: it ends inside the ZIP header at byte {start}",
-                                fwup_message="Truncated ZIP file header")
+            raise FirmwareError(f"truncated firmware archive: it ends inside the ZIP header at byte {start}")
         name = raw_name.decode("utf-8", errors="replace")
         mtime, zip64 = _dos_time(date, tm), False
         i = 0
@@ -176,22 +169,24 @@ class ZipStream:
                     csize = fields.pop(0)
             i += 4 + size
         if flags & 0x01:
-            raise FirmwareError(f"unsupported firmware archive: {name} is encrypted",
-                                fwup_message="Encrypted file is unsupported")
+            raise FirmwareError(f"unsupported firmware archive: {name} is encrypted")
         if method not in (0, 8):
-            raise FirmwareError(f"unsupported firmware archive: {name} uses ZIP compression method {method}",
-                                fwup_message=f"Unsupported ZIP compression method ({method})")
+            raise FirmwareError(f"unsupported firmware archive: {name} uses ZIP compression method {method}")
         descriptor = bool(flags & 0x08)
+        sized = not descriptor
         if descriptor and method == 0:
-            raise FirmwareError(f"unsupported firmware archive: {name} is stored without sizes in its header",
-                                fwup_message="Unsupported ZIP entry: stored data with a data descriptor")
+            # Stored data has no end marker: its length must be in the header. libarchive (fwup -S,
+            # fwup -c -s) writes meta.conf.ed25519 so: sizes in the header *and* a descriptor after.
+            if csize != usize or (csize == 0 and usize == 0 and nlen and not name.endswith("/")):
+                raise FirmwareError(f"unsupported firmware archive: {name} is stored without sizes in its header")
+            sized = True
         entry = ZipEntry(
             name=name,
             method=method,
             flags=flags,
             crc32=crc,
-            compressed_size=None if descriptor else csize,
-            size=None if descriptor else usize,
+            compressed_size=csize if sized else None,
+            size=usize if sized else None,
             mtime=mtime,
             header_offset=start,
             data_offset=self._position,
@@ -219,8 +214,7 @@ class ZipStream:
             while left:
                 data = self._take(min(left, chunk_size))
                 if not data:
-                    raise FirmwareError(f"truncated firmware archive: it ends inside {name}",
-                                        fwup_message="Truncated ZIP file data")
+                    raise FirmwareError(f"truncated firmware archive: it ends inside {name}")
                 left -= len(data)
                 consumed += len(data)
                 crc = zlib.crc32(data, crc)
@@ -236,17 +230,15 @@ class ZipStream:
                     want = _IN_CHUNK if limit is None else min(_IN_CHUNK, limit - consumed)
                     if want <= 0:
                         raise FirmwareError(f"corrupt firmware archive: {name}'s compressed data is longer than "
-                                            "its header says", fwup_message="ZIP decompression failed (-5)")
+                                            "its header says")
                     data = self._take(want)
                     if not data:
-                        raise FirmwareError(f"truncated firmware archive: it ends inside {name}",
-                                            fwup_message="ZIP decompression failed (-5)")
+                        raise FirmwareError(f"truncated firmware archive: it ends inside {name}")
                     consumed += len(data)
                 try:
                     out = inflater.decompress(data, chunk_size)
                 except zlib.error as e:
-                    raise FirmwareError(f"corrupt firmware archive: {name} does not decompress ({e})",
-                                        fwup_message=f"ZIP decompression failed ({_zlib_code(e)})") from None
+                    raise FirmwareError(f"corrupt firmware archive: {name} does not decompress ({e})") from None
                 if out:
                     crc = zlib.crc32(out, crc)
                     size += len(out)
@@ -262,10 +254,9 @@ class ZipStream:
             raise FirmwareError(
                 f"corrupt firmware archive: {name} is {size} bytes ({consumed} compressed), "
                 f"its ZIP header says {expected_size} ({expected_csize} compressed)",
-                fwup_message="ZIP compressed data is wrong size",
             )
         if crc != expected_crc:
-            raise FirmwareError(f"corrupt firmware archive: {name} fails its CRC check", fwup_message="ZIP bad CRC")
+            raise FirmwareError(f"corrupt firmware archive: {name} fails its CRC check")
         self.entries.append(FirmwareEntry(name, consumed, size, crc, entry.data_offset))
         self._reading = False
 
@@ -276,8 +267,7 @@ class ZipStream:
             first = self._exact(4)
         rest = self._exact(2 * width)
         if len(first) < 4 or len(rest) < 2 * width:
-            raise FirmwareError(f"truncated firmware archive: it ends inside {entry.name}'s data descriptor",
-                                fwup_message="Truncated ZIP file data")
+            raise FirmwareError(f"truncated firmware archive: it ends inside {entry.name}'s data descriptor")
         (crc,) = struct.unpack("<I", first)
         csize, usize = struct.unpack("<QQ" if width == 8 else "<II", rest)
         return crc, csize, usize
@@ -294,7 +284,6 @@ class ZipStream:
             buf.write(chunk)
             if buf.tell() > limit:
                 self._reading = False
-                raise FirmwareError(f"corrupt firmware archive: {entry.name} is larger than {limit} bytes",
-                                    fwup_message=f"Unexpected {entry.name} size: {buf.tell()}")
+                raise FirmwareError(f"corrupt firmware archive: {entry.name} is larger than {limit} bytes")
         return buf.getvalue()
 

@@ -1,7 +1,7 @@
-"""Write a ZIP archive the way fwup does: deflate, data descriptors, fixed times, mode 0644.
+"""Write a ZIP archive the way fwup does: deflate, data descriptors, mode 0644.
 
-The output is deterministic: every entry gets the same timestamp ($SOURCE_DATE_EPOCH, else
-1980-01-01), so the same inputs give the same bytes.
+Each entry gets the timestamp it is given (the signer keeps the source archive's), else one
+fixed time ($SOURCE_DATE_EPOCH, else 1980-01-01): the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -51,20 +51,22 @@ class ZipWriter:
     def __init__(self, out: BinaryIO, mtime: int | None = None) -> None:
         self.out = out
         self.mtime = _archive_mtime() if mtime is None else mtime
-        t = time.gmtime(self.mtime)
-        self.dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
-        self.dos_date = ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
         self.central: list[bytes] = []
         self.count = 0
 
-    def add(self, name: str, chunks: Iterable[bytes]) -> tuple[int, str]:
-        """Add one entry; returns its (length, blake2b-256 hex) for checking against meta.conf."""
+    def add(self, name: str, chunks: Iterable[bytes], mtime: int | None = None) -> tuple[int, str]:
+        """Add one entry (timestamp ``mtime``, else the writer's); returns its (length,
+        blake2b-256 hex) for checking against meta.conf."""
         raw_name = name.encode("utf-8")
-        extra = struct.pack("<HHBi", 0x5455, 5, 1, self.mtime)
+        mtime = self.mtime if mtime is None else max(mtime, _DEFAULT_MTIME)
+        t = time.gmtime(mtime)
+        dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
+        dos_date = ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
+        extra = struct.pack("<HHBi", 0x5455, 5, 1, mtime)
         offset = self.out.tell()
         self.out.write(
             LOCAL_HEADER.pack(
-                LOCAL_SIG, 20, 0x08, 8, self.dos_time, self.dos_date, 0, 0, 0, len(raw_name), len(extra)
+                LOCAL_SIG, 20, 0x08, 8, dos_time, dos_date, 0, 0, 0, len(raw_name), len(extra)
             )
         )
         self.out.write(raw_name + extra)
@@ -93,7 +95,7 @@ class ZipWriter:
         self.central.append(
             struct.pack(
                 "<IHHHHHHIIIHHHHHII",
-                CENTRAL_SIG, 0x0314, 20, 0x08, 8, self.dos_time, self.dos_date, crc, csize, size,
+                CENTRAL_SIG, 0x0314, 20, 0x08, 8, dos_time, dos_date, crc, csize, size,
                 len(raw_name), len(extra), 0, 0, 0, 0o100644 << 16, offset,
             )
             + raw_name

@@ -60,7 +60,7 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
         "--authorized-key", type=Path, action="append", default=[], metavar="FILE",
         help="a public key file allowed to upload (repeatable)",
     )
-    create.add_argument("--fwup", metavar="PATH", help="a real fwup executable (default: the project's stand-in)")
+    create.add_argument("--fwup", metavar="PATH", help="the fwup executable (default: fwup on PATH)")
 
     run = sub.add_parser("run", help="power the device on; runs in the foreground until SIGTERM/Ctrl-C")
     run.add_argument("dir", type=Path, metavar="DIR", help="the device directory")

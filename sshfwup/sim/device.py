@@ -10,7 +10,6 @@ The directory ``D`` holds everything (see docs/ARCHITECTURE.md)::
     D/run/            the server's run dir (lock, the pipeline's slot mounts)
     D/sshfwup.toml    the server's configuration
     D/machine.json    the simulated machine's state (written by machine.py)
-    D/bin/fwup        a wrapper around the fwup stand-in, unless a real fwup is used
 
 This kernel sandbox creates no partition nodes (loopNpM), so each partition is its own loop
 device over ``disk.img`` with an offset and a size limit. fwup writes ``disk.img`` itself, not
@@ -25,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -41,6 +39,8 @@ from typing import Any
 from sshfwup import procs
 from sshfwup.bootenv import BootEnv
 from sshfwup.fsutil import write_atomically
+from sshfwup.fwfile import FirmwareError
+from sshfwup.sim.firmware import find_fwup
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
 from sshfwup.sim.toml_write import dumps as toml_dumps
 from sshfwup.slots import MountInfo, mounts
@@ -251,12 +251,6 @@ def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     write_atomically(path, text, mode=mode)
 
 
-_FWUP_WRAPPER = """#!/bin/sh
-# fwup for this simulated device: the project's stand-in (a test double, not the real fwup).
-exec {python} -m sshfwup.sim.fwup_standin "$@"
-"""
-
-
 class SimDevice:
     """A simulated device in a directory. Power and mounts are driven by the machine."""
 
@@ -336,12 +330,12 @@ class SimDevice:
             raise ProvisionError(f"firmware file {firmware} not found")
         if (path / "disk.img").exists() or (path / DEVICE_JSON).exists():
             raise SimError(f"{path} already holds a simulated device (destroy it first)")
-        for sub in ("", "root", "data", "run", "bin"):
+        try:
+            fwup = find_fwup(fwup)
+        except FirmwareError as e:
+            raise ProvisionError(str(e)) from None
+        for sub in ("", "root", "data", "run"):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        if fwup is None:
-            wrapper = path / "bin" / "fwup"
-            _atomic_write(wrapper, _FWUP_WRAPPER.format(python=shlex.quote(sys.executable)), mode=0o755)
-            fwup = str(wrapper)
         device = cls(
             path,
             layout=layout,

@@ -3,27 +3,25 @@
 The staging tree is packed as it is (its manifest and HOT_RELOAD marker are written by the
 caller beforehand). The squashfs is reproducible: fixed timestamps, every file owned by root,
 so the same tree always gives the same bytes, and unchanged files hash the same across
-versions. The ``.fw`` carries meta.conf compiled for :mod:`sshfwup.sim.layout` — the same
-tasks as ``deploy/fwup.conf`` — so the real fwup and the stand-in both apply it.
+versions. The ``.fw`` is made by the real ``fwup -c`` from ``deploy/fwup.conf`` — the conf we
+ship is the conf the simulator, the demo and the tests apply.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from sshfwup import fwfile
 from sshfwup.fwfile import FirmwareError
-from sshfwup.sim.layout import BLOCK_SIZE, DEFAULT_LAYOUT, Layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SQUASHFS_TIME", "build_firmware", "build_squashfs"]
+__all__ = ["SQUASHFS_TIME", "build_firmware", "build_squashfs", "find_fwup", "reference_conf"]
 
 SQUASHFS_TIME = 1700000000  # every timestamp inside the image (2023-11-14T22:13:20Z)
 
@@ -51,14 +49,20 @@ def build_squashfs(staging: Path, out: Path) -> Path:
     return out
 
 
-def _blake2b(path: Path) -> tuple[int, str]:
-    hasher = hashlib.blake2b(digest_size=32)
-    length = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-            length += len(chunk)
-    return length, hasher.hexdigest()
+def reference_conf() -> Path:
+    """``deploy/fwup.conf``, the fwup configuration sshfwup ships (``sim/fwup.conf`` links to it)."""
+    return Path(__file__).with_name("fwup.conf").resolve()
+
+
+def find_fwup(fwup: str | None = None) -> str:
+    """The fwup executable: ``fwup`` if given, else the one on PATH; a clear error without one."""
+    found = shutil.which(fwup or "fwup")
+    if found is None:
+        raise FirmwareError(
+            f"{fwup or 'fwup'} not found: install fwup >= 1.16 (./scripts/bootstrap.sh builds it from "
+            "the source tarball named by FWUP_SOURCE)"
+        )
+    return found
 
 
 def build_firmware(
@@ -66,40 +70,44 @@ def build_firmware(
     out: Path,
     *,
     version: str,
-    layout: Layout = DEFAULT_LAYOUT,
     platform: str | None = None,
     architecture: str | None = None,
     signing_key: Path | None = None,
-    author: str = "sshfwup sim",
-    description: str = "",
+    author: str | None = None,
+    description: str | None = None,
+    conf: Path | None = None,
+    variables: Mapping[str, str] | None = None,
+    fwup: str | None = None,
 ) -> Path:
-    """Pack ``staging`` into a squashfs and that into a ``.fw`` for the sim layout.
+    """Pack ``staging`` into a reproducible squashfs and that into a ``.fw`` with the real
+    ``fwup -c -f deploy/fwup.conf`` (or ``conf``).
 
-    ``platform``/``architecture`` default to the layout's (a different platform makes a
-    firmware that devices refuse). ``signing_key``: a ``fwup-key.priv`` file.
+    ``platform``/``architecture``/``author``/``description`` override the conf's defaults
+    (a different platform makes a firmware that devices refuse); ``variables`` are further
+    environment variables for the conf (fwup's ``define()`` keeps a value the environment
+    sets). ``signing_key``: a ``fwup-key.priv`` file (``fwup -c -s``). ``SOURCE_DATE_EPOCH``
+    is fixed, so the same tree and version give the same bytes.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fwup_path = find_fwup(fwup)
+    conf = Path(conf) if conf is not None else reference_conf()
+    env = {**os.environ, **(variables or {}), "SOURCE_DATE_EPOCH": str(SQUASHFS_TIME), "NERVES_FW_VERSION": version}
+    for name, value in (("PLATFORM", platform), ("ARCHITECTURE", architecture), ("AUTHOR", author),
+                        ("DESCRIPTION", description)):  # fmt: skip
+        if value is not None:
+            env[f"NERVES_FW_{name}"] = value
     with tempfile.TemporaryDirectory(prefix=".sshfwup-build-", dir=out.parent) as tmp:
         rootfs = build_squashfs(Path(staging), Path(tmp) / "rootfs.img")
-        length, digest = _blake2b(rootfs)
-        slot_bytes = layout.rootfs_count * BLOCK_SIZE
-        if length > slot_bytes:
-            raise FirmwareError(
-                f"{staging}: the root filesystem is {length} bytes, larger than a slot "
-                f"({slot_bytes} bytes); remove files or enlarge the layout's rootfs_count"
-            )
-        meta_conf = fwfile.compile_meta_conf(
-            layout,
-            version=version,
-            rootfs_length=length,
-            rootfs_blake2b=digest,
-            author=author,
-            description=description,
-            platform=platform,
-            architecture=architecture,
-        )
-        key = fwfile.load_private_key(signing_key) if signing_key is not None else None
-        fwfile.write_firmware(out, meta_conf, {fwfile.ROOTFS_RESOURCE: rootfs}, signing_key=key)
-    log.info("built %s: version %s, rootfs %d bytes%s", out, version, length, ", signed" if key else "")
+        env["ROOTFS"] = str(rootfs)
+        partial = Path(tmp) / out.name
+        argv = [fwup_path, "-c", "-f", str(conf), "-o", str(partial)]
+        if signing_key is not None:
+            argv += ["-s", str(signing_key)]
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            detail = (result.stdout + result.stderr).strip()
+            raise FirmwareError(f"fwup -c failed for {staging}: {detail or f'exit status {result.returncode}'}")
+        os.replace(partial, out)
+    log.info("built %s: version %s%s", out, version, ", signed" if signing_key else "")
     return out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KeyPair", "free_port", "ssh_keygen"]
+__all__ = ["KeyPair", "free_port", "ssh_keygen", "zip_payload"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,18 @@ def ssh_keygen(path: Path, *, comment: str | None = None) -> KeyPair:
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment or path.name, "-f", str(path)], check=True
         )
     return KeyPair(path, Path(f"{path}.pub"))
+
+
+def zip_payload(path: Path, size: int) -> Path:
+    """A zip archive of about ``size`` bytes (one stored entry of incompressible data: one random
+    MiB, repeated): shaped like a ``.fw`` as far as the server checks (it must start and end like
+    a zip archive), for transport tests and benchmarks whose fwup is a sink."""
+    block = os.urandom(1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        with z.open("data/payload", "w", force_zip64=size >= 0xFFFFFFFF) as entry:
+            left = max(size - 200, 0)
+            while left:
+                n = min(left, len(block))
+                entry.write(block[:n])
+                left -= n
+    return path

@@ -126,11 +126,14 @@ def make_rootfs(
     changes: Iterable[str] = (),
     app_behavior: Mapping[str, Any] | None = None,
     manifest: bool = True,
+    filler: int = 0,
 ) -> Path:
     """Build the staging tree at ``dest`` (replaced if it exists) and return it.
 
     ``hot`` is the HOT_RELOAD marker (None: no marker), ``changes`` the deliberate differences
-    from the baseline (see the module doc), ``app_behavior`` the sample app's behavior.json.
+    from the baseline (see the module doc), ``app_behavior`` the sample app's behavior.json,
+    ``filler`` the size of an incompressible system file that is the same in every version
+    (a bigger firmware for tests that need one).
     """
     from sshfwup.manifest import build_manifest, write_manifest, write_marker
 
@@ -147,6 +150,8 @@ def make_rootfs(
 
     for path, (content, mode) in sorted(_baseline(changed, version).items()):
         _write(dest, path, content, mode)
+    if filler:
+        _write(dest, "/usr/share/sshfwup-sim/filler.bin", _blob("filler", filler), 0o644)
     _write(dest, "/srv/app/app.py", SAMPLE_APP.read_bytes(), 0o644)
     _write(dest, "/srv/app/VERSION", f"{version}\n".encode(), 0o644)
     behavior = json.dumps(dict(app_behavior or {}), sort_keys=True, indent=2) + "\n"
