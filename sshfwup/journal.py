@@ -34,6 +34,7 @@ Stage = Literal[
     "hot",  # done: the app runs the new version from the new slot; reboot pending
     "reboot",  # done: a reboot into the new firmware was requested
     "installed",  # done: installed for the next boot by a callback that does not reboot
+    "unchanged",  # done: the upload was the firmware already running; fwup never ran
     "booted",  # the device booted the new firmware
     "validated",  # the new firmware proved itself after boot
     "failed",  # fwup failed or refused: nothing changed

@@ -28,6 +28,7 @@ import anyio
 from .bootenv import BootEnvError, BootState, other_slot
 from .device import Device
 from .fwup import FwupError, FwupProcess, FwupResult
+from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .lock import DeviceBusy
 from .report import Report
@@ -141,8 +142,11 @@ class Update:
         self.root: str | None = None
         self._relayed = anyio.Event()
         self._holdback = Holdback()
-        self._head = b""  # the first bytes, until the zip signature is checked
+        self._start = b""  # the first bytes, until the zip signature is checked
         self._applied: FwupResult | None = None  # fwup succeeded before the upload ended
+        self.head: FirmwareHead | None = None  # what the upload says it is (meta.conf)
+        self._head_read = False  # decided: head read, or left to fwup
+        self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -218,13 +222,36 @@ class Update:
             self.abort(f"upload exceeds the limit of {limit} bytes ([server] max_upload_size)")
             raise UpdateError(self._aborted or "")
         self.received += len(data)
-        if len(self._head) < 4:
-            self._head += data[: 4 - len(self._head)]
-            self._check(check_start, self._head)
-        if self._applied is not None:
-            return  # fwup finished already (bytes after the archive's end): nothing more to feed
-        for piece in self._holdback.push(data):
+        if len(self._start) < 4:
+            self._start += data[: 4 - len(self._start)]
+            self._check(check_start, self._start)
+        if self._applied is not None or self._skip is not None:
+            return  # fwup finished already (bytes after the archive's end), or nothing to do
+        pieces = self._holdback.push(data)
+        if not self._head_read:
+            self._read_head(final=self.received >= MAX_HEAD)
+            if self._skip is not None:
+                return
+        for piece in pieces:
             await self._feed(piece)
+
+    def _read_head(self, *, final: bool) -> None:
+        """Read meta.conf from the held bytes before fwup sees any: the same firmware as the one
+        running needs no update at all."""
+        head = read_head_bytes(self._holdback.head(MAX_HEAD), public_keys=self.device.config.fwup.public_keys,
+                               final=final)  # fmt: skip
+        if head is None and not final:
+            return
+        self._head_read, self.head = True, head
+        if head is None or self.before is None or self.root is None:
+            return
+        log.info("upload from %s is %s %s (uuid %s)", self.uploader, head.product, head.version, head.uuid)
+        running = self.before.slots[self.root]
+        if running.uuid and running.uuid == head.uuid:
+            self._skip = Outcome(True, f"already running {head.version} (uuid {head.uuid}); nothing changed")
+            self._journal("unchanged", self._skip.verdict, to_slot=self.root, to_version=head.version)
+            if self._fwup is not None:
+                self._fwup.kill()  # it has seen nothing
 
     async def _feed(self, data: bytes | memoryview) -> None:
         assert self._fwup is not None
@@ -272,10 +299,15 @@ class Update:
         assert self._fwup is not None
         if self._aborted:
             raise UpdateError(self._aborted)
+        if not self._head_read and self._skip is None:
+            self._read_head(final=True)
+        if self._skip is not None:
+            self._finished = True
+            return self._conclude(self._skip)
         result = self._applied
         if result is None:
             tail = self._holdback.tail()
-            self._check(check_start, self._head)
+            self._check(check_start, self._start)
             self._check(check_end, tail, self.received)
             await self._feed(tail)
             result = self._applied or await self._fwup_exit(self.device.config.server.idle_timeout)

@@ -83,3 +83,32 @@ async def test_refusals(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Pat
     }[case]
     assert expected in text, text
     assert_untouched(sim)
+
+
+@pytest.fixture
+def real_keys(tmp_path_factory: pytest.TempPathFactory, fwup: str) -> Path:
+    """A key pair made by fwup itself (``fwup -g``)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("fwup-g")
+    subprocess.run([fwup, "-g", "-o", str(out / "real")], check=True, capture_output=True)
+    return out / "real"
+
+
+@pytest.mark.parametrize("how", ["fwup -S", "firmware sign"])
+async def test_firmware_signed_by_fwup_with_its_own_key(
+    sim: Sim, firmware, fwup: str, real_keys: Path, tmp_path: Path, how: str
+) -> None:
+    """fwup -g keys on the device; the firmware signed by fwup -S, or by our signer with fwup's key."""
+    import subprocess
+
+    await sim.restart_server(fwup={"public_keys": [f"{real_keys}.pub"]})
+    out = tmp_path / "v2.signed.fw"
+    if how == "fwup -S":
+        subprocess.run([fwup, "-S", "-s", f"{real_keys}.priv", "-i", str(firmware("2.0.0")), "-o", str(out)],
+                       check=True, capture_output=True)  # fmt: skip
+    else:
+        signed(firmware("2.0.0"), Path(f"{real_keys}.priv"), out)
+    result = sim.upload(out)
+    assert result.returncode == 0, output(result)
+    assert sim.env()["b.nerves_fw_version"] == "2.0.0"

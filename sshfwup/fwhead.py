@@ -1,0 +1,57 @@
+"""What an upload says it is, read from its first bytes before fwup sees any of them.
+
+A ``.fw`` starts with meta.conf (after an optional signature): product, version, platform, the
+firmware's uuid (the hash of meta.conf), and every resource with its size and blake2b hash.
+Reading it before fwup starts writing lets the device answer "already running this firmware"
+without touching a slot. It is advisory: fwup checks everything again (signature included), and
+an upload whose head cannot be read here goes to fwup, whose error message is the authority.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FirmwareHead", "read_head_bytes"]
+
+MAX_HEAD = 256 * 1024  # meta.conf is < 50 000 bytes (fwup's limit), deflated, after a 64-byte signature
+
+
+@dataclass(frozen=True)
+class FirmwareHead:
+    uuid: str
+    version: str
+    platform: str
+    architecture: str
+    product: str
+    signed: bool
+    resources: tuple[tuple[str, int, str], ...]  # (name, size, blake2b-256 hex)
+
+
+def read_head_bytes(data: bytes, *, public_keys: Sequence[Path] = (), final: bool = False) -> FirmwareHead | None:
+    """The firmware's head from the first bytes of an upload, or None: not there yet (more bytes
+    may bring it), or not readable (``final``, or more than :data:`MAX_HEAD` bytes without it).
+    With ``public_keys`` an unsigned or wrongly signed head is not readable."""
+    from .fwfile import FirmwareError, ZipStream, read_head  # first upload only: not at serve start-up
+
+    try:
+        info = read_head(ZipStream(io.BytesIO(data).read), public_keys=public_keys)
+    except FirmwareError as e:
+        if final or len(data) >= MAX_HEAD:
+            log.info("cannot read the upload's meta.conf (%s); fwup will judge it", e)
+        return None
+    meta = info.meta.meta
+    return FirmwareHead(
+        uuid=info.uuid,
+        version=meta.get("version", ""),
+        platform=meta.get("platform", ""),
+        architecture=meta.get("architecture", ""),
+        product=meta.get("product", ""),
+        signed=info.signature is not None,
+        resources=tuple((r.name, r.length, r.blake2b_256) for r in info.meta.resources.values()),
+    )
