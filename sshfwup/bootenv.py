@@ -18,7 +18,17 @@ import anyio
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BootEnv", "BootEnvError", "BootState", "SlotInfo", "other_slot"]
+__all__ = [
+    "INCOMPLETE",
+    "ROLLED_BACK",
+    "SLOT_STATE",
+    "BootEnv",
+    "BootEnvError",
+    "BootState",
+    "SlotInfo",
+    "other_slot",
+    "slot_state_var",
+]
 
 
 class BootEnvError(Exception):
@@ -29,6 +39,19 @@ def other_slot(slot: str) -> str:
     return {"a": "b", "b": "a"}[slot]
 
 
+# sshfwup's own record of a slot's content, in the boot env beside fwup's <slot>.nerves_fw_*:
+# "incomplete" from before fwup writes a byte to the slot until fwup's on-finish (which unsets it
+# in the same environment write that switches to the slot); "rolled-back" once a firmware failed
+# and the env went back to the other slot. Unset: the slot holds what <slot>.nerves_fw_* describe.
+SLOT_STATE = "sshfwup_state"
+INCOMPLETE = "incomplete"
+ROLLED_BACK = "rolled-back"
+
+
+def slot_state_var(slot: str) -> str:
+    return f"{slot}.{SLOT_STATE}"
+
+
 @dataclass(frozen=True)
 class SlotInfo:
     slot: str
@@ -36,6 +59,12 @@ class SlotInfo:
     uuid: str | None
     platform: str | None
     product: str | None
+    state: str | None = None  # INCOMPLETE, ROLLED_BACK or None (whole, as described)
+
+    @property
+    def usable(self) -> bool:
+        """Holds a whole firmware that has not been rolled back: something to boot."""
+        return bool(self.version) and self.state is None
 
 
 @dataclass(frozen=True)
@@ -60,6 +89,7 @@ class BootState:
                 env.get(f"{s}.nerves_fw_uuid") or None,
                 env.get(f"{s}.nerves_fw_platform") or None,
                 env.get(f"{s}.nerves_fw_product") or None,
+                env.get(slot_state_var(s)) or None,
             )
             for s in ("a", "b")
         }
@@ -129,15 +159,25 @@ class BootEnv:
             values["bootcount"] = "0"
         await self.write(values)
 
-    async def revert_to(self, slot: str) -> None:
-        """Make ``slot`` (a firmware that already proved itself) the one that boots next."""
+    async def revert_to(self, slot: str, *, proven: bool = True, also: Mapping[str, str | None] | None = None) -> None:
+        """Make ``slot`` the one that boots next, in one environment write with ``also``.
+
+        ``proven``: its firmware already proved itself (it runs now and was validated), so it boots
+        validated. Otherwise it boots unvalidated with a fresh boot count, and the bootloader falls
+        back if it never validates — the fallback is never switched off for an unproven firmware.
+        """
         env = await self.read()
-        values: dict[str, str | None] = {"nerves_fw_active": slot, "nerves_fw_validated": "1"}
-        if "upgrade_available" in env:
-            values["upgrade_available"] = "0"
+        values: dict[str, str | None] = {"nerves_fw_active": slot, "nerves_fw_validated": "1" if proven else "0"}
+        if "upgrade_available" in env or not proven:
+            values["upgrade_available"] = "0" if proven else "1"
         if "bootcount" in env:
             values["bootcount"] = "0"
+        values.update(also or {})
         await self.write(values)
+
+    async def mark_slot(self, slot: str, state: str | None) -> None:
+        """Record ``slot``'s state (INCOMPLETE, ROLLED_BACK, or None: whole)."""
+        await self.write({slot_state_var(slot): state})
 
     def _run(self, argv: list[str], stdin: bytes | None = None) -> str:
         try:

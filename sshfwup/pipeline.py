@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 
-from .bootenv import BootEnvError, other_slot
+from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_slot, slot_state_var
 from .device import Device
 from .inspect import Verdict, inspect_slot
 from .lock import DeviceBusy
@@ -145,7 +145,7 @@ async def _roll_back(ctx: UpdateContext, old: str, new: str, old_version: str, n
     reverted = ""
     if cfg.app.revert_on_failure:
         try:
-            await device.bootenv.revert_to(old)
+            await device.bootenv.revert_to(old, also={slot_state_var(new): ROLLED_BACK})
             reverted = f"; boot env reverted to slot {old}"
         except BootEnvError as e:
             reverted = f"; REVERTING THE BOOT ENV FAILED ({e}): slot {new} would boot next"
@@ -163,7 +163,7 @@ async def _abandon(ctx: UpdateContext, old: str, new: str, reason: str) -> Outco
     device = ctx.device
     await _unmount_quietly(slot_mount_point(device, new))
     try:
-        await device.bootenv.revert_to(old)
+        await device.bootenv.revert_to(old, also={slot_state_var(new): ROLLED_BACK})
         tail = f"boot env reverted to slot {old}"
     except BootEnvError as e:
         tail = f"REVERTING THE BOOT ENV FAILED ({e})"
@@ -234,13 +234,27 @@ async def revert(device: Device, who: Uploader) -> str:
             log.warning("reverted to %s in slot %s by %s", version, root, who)
             return f"reverted: slot {root} ({version}) runs and boots next; no reboot needed"
         other = other_slot(root)
-        if not boot.version(other):
+        info = boot.slots[other]
+        if not info.version:
             raise PipelineError(f"slot {other} holds no firmware to revert to")
-        await device.bootenv.revert_to(other)
+        if info.state == INCOMPLETE:
+            raise PipelineError(
+                f"slot {other} is incomplete (an upload to it was interrupted or failed): nothing to revert to; "
+                f"slot {root} keeps booting"
+            )
+        if info.state == ROLLED_BACK:
+            raise PipelineError(
+                f"slot {other} holds {info.version}, which failed and was rolled back: refusing to revert to it; "
+                f"slot {root} keeps booting"
+            )
+        # Not proven on this boot: it boots unvalidated and must pass the same boot validation,
+        # or the bootloader falls back to slot {root}.
+        await device.bootenv.revert_to(other, proven=False)
         if device.journal is not None and device.journal.current is not None:
             device.journal.advance("reverted", verdict=f"reverted to slot {other} by {who}")
         log.warning("boot env reverted to slot %s by %s", other, who)
-        return f"slot {other} ({boot.version(other)}) boots next; reboot to run it (ssh <device> reboot)"
+        return (f"slot {other} ({info.version}) boots next, unvalidated until it proves healthy (else the device "
+                f"falls back to slot {root}); reboot to run it (ssh <device> reboot)")
 
 
 class _locked:

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from .bootenv import BootEnvError, BootState, other_slot
+from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .device import Device
 from .fwup import FwupError, FwupProcess, FwupResult
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
@@ -147,6 +147,7 @@ class Update:
         self.head: FirmwareHead | None = None  # what the upload says it is (meta.conf)
         self._head_read = False  # decided: head read, or left to fwup
         self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
+        self._target: str | None = None  # the slot fwup writes, once it may have started
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -235,6 +236,19 @@ class Update:
         for piece in pieces:
             await self._feed(piece)
 
+    async def _mark_target(self) -> None:
+        """fwup is about to see its first bytes and may start writing the inactive slot: record
+        that slot as incomplete first (fwup's on-finish unsets it as it switches to the slot)."""
+        assert self.before is not None and self.root is not None
+        self._target = other_slot(self.before.active or self.root)
+        try:
+            await self.device.bootenv.mark_slot(self._target, INCOMPLETE)
+        except BootEnvError as e:
+            reason = f"update failed: cannot write the boot environment ({e}); the device was not changed"
+            self._journal("failed", reason)
+            self.abort(reason)
+            raise UpdateError(reason) from None
+
     def _read_head(self, *, final: bool) -> None:
         """Read meta.conf from the held bytes before fwup sees any: the same firmware as the one
         running needs no update at all."""
@@ -255,6 +269,8 @@ class Update:
 
     async def _feed(self, data: bytes | memoryview) -> None:
         assert self._fwup is not None
+        if self._target is None:
+            await self._mark_target()
         idle = self.device.config.server.idle_timeout
         try:
             with anyio.fail_after(idle):
@@ -417,14 +433,15 @@ class Update:
         if self.before is not None and now.active == self.before.active:
             return "the device was not changed"
         log.error("fwup failed but the boot env now names slot %s; reverting", now.active)
-        return f"fwup had switched the boot env; {await self._revert()}"
+        return f"fwup had switched the boot env; {await self._revert(INCOMPLETE)}"
 
-    async def _revert(self) -> str:
-        """Undo fwup's switch of the boot env: a failed update must leave the old firmware booting."""
+    async def _revert(self, state: str = ROLLED_BACK) -> str:
+        """Undo fwup's switch of the boot env: a failed update must leave the old firmware booting,
+        and the slot it wrote is marked (``state``) so that nothing reverts to it later."""
         if self.root is None:
             return "the boot env was left as fwup set it"
         try:
-            await self.device.bootenv.revert_to(self.root)
+            await self.device.bootenv.revert_to(self.root, also={slot_state_var(other_slot(self.root)): state})
             return f"boot env reverted to slot {self.root}"
         except BootEnvError as e:
             return f"REVERTING THE BOOT ENV FAILED ({e})"
@@ -434,6 +451,10 @@ class Update:
         spec = dev.config.fwup.success_callback
         try:
             after = self.after = await dev.boot_state()
+            if after.active and after.slots[after.active].state == INCOMPLETE:
+                # an fwup.conf that does not unset it in on-finish: the slot is whole now
+                await dev.bootenv.mark_slot(after.active, None)
+                after = self.after = await dev.boot_state()
         except BootEnvError as e:
             return Outcome(False, f"fwup finished but the boot environment cannot be read: {e}")
         ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result)

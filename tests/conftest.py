@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from sshfwup.sim.device import SimDevice, cleanup
@@ -209,6 +210,7 @@ def assert_applied(sim: Sim, result: subprocess.CompletedProcess[bytes], version
     assert env["nerves_fw_active"] == "b"
     assert env["b.nerves_fw_version"] == version
     assert env["nerves_fw_validated"] == "0"
+    assert "b.sshfwup_state" not in env  # fwup's on-finish dropped the "incomplete" mark with the switch
     # slot b really holds the new squashfs: mount it and read a file
     assert sim.device.read_slot_file("b", "/srv/app/VERSION").decode().strip() == version
 
@@ -218,6 +220,29 @@ def wait_unlocked(sim: Sim, timeout: float = 10) -> None:
     while sim.status()["update_in_progress"]:
         assert time.monotonic() < deadline, "the update lock stayed held"
         time.sleep(0.05)
+
+
+async def upload(sim: Sim, fw: Path | bytes) -> subprocess.CompletedProcess[bytes]:
+    """``sim.upload`` off the event loop (the device's server runs in another process)."""
+    return await anyio.to_thread.run_sync(lambda: sim.upload(fw))
+
+
+def journal(sim: Sim) -> dict[str, Any]:
+    """The device's update journal, as the server last wrote it."""
+    return json.loads((sim.device.server_data_dir / "journal.json").read_text())
+
+
+async def wait_until(predicate: Any, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (OSError, ValueError, AssertionError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.1)
 
 
 @pytest.fixture

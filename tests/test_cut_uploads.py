@@ -11,7 +11,6 @@ last MiB, 20 spread over the file).
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -24,15 +23,11 @@ from typing import Any
 import anyio
 import asyncssh
 import pytest
-from conftest import SSH_OPTIONS, Sim, assert_untouched, output, wait_unlocked
+from conftest import SSH_OPTIONS, Sim, assert_untouched, journal, output, wait_unlocked
 
 from sshfwup.sim.host import zip_payload
 
 MiB = 1 << 20
-
-
-def journal(sim: Sim) -> dict[str, Any]:
-    return json.loads((sim.device.server_data_dir / "journal.json").read_text())
 
 
 def assert_nothing_changed(sim: Sim, what: str) -> None:

@@ -3,15 +3,13 @@ pending reboot, validation at boot, recovery from a crash or power cut at every 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import Sim, output
+from conftest import Sim, journal, output, upload, wait_until
 from httpload import Load
 
 from sshfwup.sim.device import marked_processes
@@ -22,14 +20,6 @@ FAST = {"app": {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}}
 @pytest.fixture
 def sim_config() -> dict[str, Any]:
     return FAST
-
-
-async def upload(sim: Sim, fw: Path) -> subprocess.CompletedProcess[bytes]:
-    return await anyio.to_thread.run_sync(lambda: sim.upload(fw))
-
-
-def journal(sim: Sim) -> dict[str, Any]:
-    return json.loads((sim.device.server_data_dir / "journal.json").read_text())
 
 
 def app_processes(sim: Sim) -> list[int]:
@@ -48,19 +38,6 @@ def app_processes(sim: Sim) -> list[int]:
 def slot_mounts(sim: Sim) -> list[str]:
     run = str(sim.device.run_dir / "slots")
     return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines() if line.split()[4].startswith(run)]
-
-
-async def wait_until(predicate: Any, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError, AssertionError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.1)
 
 
 # --- hot swap --------------------------------------------------------------------------------
@@ -340,3 +317,49 @@ async def test_uploader_vanishing_mid_pipeline_leaves_a_consistent_device(sim: S
     assert journal(sim)["stage"] == "hot"
     assert sim.app()["version"] == "2.0.0" and len(app_processes(sim)) == 1
     assert not sim.status()["update_in_progress"]
+
+
+# --- slots are known, not assumed ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {**FAST["app"], "ready_timeout": 2}}])
+async def test_revert_refuses_a_firmware_that_was_rolled_back(sim: Sim, firmware) -> None:
+    result = await upload(sim, firmware("2.0.0", app_behavior={"never_ready": True}))
+    assert result.returncode == 1 and "rolled back" in output(result)
+    env = sim.env()
+    assert env["b.sshfwup_state"] == "rolled-back" and env["nerves_fw_active"] == "a"
+    refused = sim.ssh("revert")
+    assert refused.returncode == 1 and "failed and was rolled back" in output(refused), output(refused)
+    assert sim.env() == env  # nothing written: the bootloader's fallback stays on, slot a boots
+    good = await upload(sim, firmware("2.0.1"))  # a new firmware for slot b clears the mark
+    assert good.returncode == 0 and "b.sshfwup_state" not in sim.env(), output(good)
+
+
+async def test_revert_refuses_a_slot_an_interrupted_upload_overwrote(sim: Sim, firmware) -> None:
+    """The brick of the issue: slot b still described as 2.0.0 in the env, but partly overwritten."""
+    assert (await upload(sim, firmware("2.0.0"))).returncode == 0
+    assert sim.ssh("revert").returncode == 0  # back on 1.0.0; slot b holds a whole 2.0.0
+    big = firmware("2.1.0", filler=1200 * 1024).read_bytes()
+    cut = await upload(sim, big[: len(big) - 100_000])  # fwup wrote ~900 KB of slot b, then the end never came
+    assert cut.returncode == 1, output(cut)
+    env = sim.env()
+    assert env["b.nerves_fw_version"] == "2.0.0" and env["b.sshfwup_state"] == "incomplete"
+    refused = sim.ssh("revert")
+    assert refused.returncode == 1 and "slot b is incomplete" in output(refused), output(refused)
+    assert sim.env() == env and env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1"
+
+
+async def test_revert_to_the_other_slot_boots_it_unvalidated(sim: Sim, firmware) -> None:
+    assert (await upload(sim, firmware("2.0.0"))).returncode == 0
+    assert sim.ssh("reboot").returncode == 0
+    await sim.machine.wait_boot(2, timeout=30)
+    await wait_until(lambda: sim.env()["nerves_fw_validated"] == "1", what="2.0.0 validated")
+    result = sim.ssh("revert")
+    assert result.returncode == 0 and "unvalidated until it proves healthy" in output(result), output(result)
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "0" and env["upgrade_available"] == "1"
+    assert sim.ssh("reboot").returncode == 0
+    state = await sim.machine.wait_boot(3, timeout=30)
+    assert state.slot == "a"
+    await wait_until(lambda: sim.env()["nerves_fw_validated"] == "1", what="1.0.0 validated again after a healthy boot")
+    assert sim.app()["version"] == "1.0.0"
