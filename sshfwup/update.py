@@ -24,7 +24,7 @@ import anyio
 
 from .bootenv import BootEnvError, BootState, other_slot
 from .device import Device
-from .fwup import FwupError, FwupProcess, FwupResult
+from .fwup import FwupError, FwupProcess, FwupResult, Progress
 from .lock import DeviceBusy
 from .report import Report
 from .slots import SlotError, is_mounted, unmount
@@ -156,6 +156,9 @@ class Update:
                 journal.begin(
                     uploader=str(self.uploader), from_slot=self.root, from_version=self.before.version(self.root)
                 )
+            from_version = self.before.version(self.root) if self.before is not None and self.root else None
+            self.device.progress.begin(self.uploader, from_slot=self.root, from_version=from_version)
+            stack.callback(self.device.progress.end)
             fwup = FwupProcess(
                 fwup=cfg.fwup.path,
                 devpath=cfg.fwup.devpath,
@@ -205,6 +208,7 @@ class Update:
             self.abort(f"upload exceeds the limit of {limit} bytes ([server] max_upload_size)")
             raise UpdateError(self._aborted or "")
         self.received += len(data)
+        self.device.progress.set(received=self.received)
         try:
             await self._fwup.write(data)
         except FwupError:
@@ -296,6 +300,8 @@ class Update:
         assert self._fwup is not None
         try:
             async for event in self._fwup.events():
+                if isinstance(event, Progress):
+                    self.device.progress.set(percent=event.percent)
                 await self.report.event(event)
         finally:
             self._relayed.set()
@@ -327,6 +333,7 @@ class Update:
             after = self.after = await dev.boot_state()
         except BootEnvError as e:
             return Outcome(False, f"fwup finished but the boot environment cannot be read: {e}")
+        dev.progress.set(stage="applied", to_slot=after.active, to_version=after.version(after.active) if after.active else None)
         ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result)
         if not spec:
             return Outcome(True, _applied_verdict(ctx))
