@@ -146,7 +146,7 @@ async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader)
             request = parse_logs(argv[1:], limit=device.logs.max_lines)
         except UsageError as e:
             return fail(str(e))
-        return await _logs(process, device, request)
+        return await _logs(process, device, request, who)
     if name == "reboot" and len(argv) == 1:
         log.warning("reboot requested by %s", who)
         say("rebooting\n")
@@ -203,7 +203,7 @@ def parse_logs(args: list[str], *, limit: int) -> LogsRequest:
     return LogsRequest(lines, follow)
 
 
-async def _logs(process: asyncssh.SSHServerProcess, device: Device, request: LogsRequest) -> int:
+async def _logs(process: asyncssh.SSHServerProcess, device: Device, request: LogsRequest, who: Uploader) -> int:
     ring = device.logs
     last = ring.last_seq  # the position the tail ends at: following starts right after it
     tail = [line for line in ring.tail(request.lines) if line.seq <= last]
@@ -220,6 +220,7 @@ async def _logs(process: asyncssh.SSHServerProcess, device: Device, request: Log
             await _send(process, text)
 
     # Until the client leaves (Ctrl-C closes the channel); stdin's EOF (ssh -n) is not leaving.
+    log.info("%s follows the log", who)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_cancel_when_closed, process.channel, tg.cancel_scope)
         try:
@@ -227,6 +228,7 @@ async def _logs(process: asyncssh.SSHServerProcess, device: Device, request: Log
         except (OSError, asyncssh.Error, BrokenPipeError):
             pass  # the channel went away while we wrote
         tg.cancel_scope.cancel()
+    log.info("%s stopped following the log", who)
     return EXIT_OK
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import asyncssh
 import pytest
-from conftest import KeyPair, Sim, output
+from conftest import SSH_OPTIONS, KeyPair, Sim, output
 
 APPS = Path(__file__).resolve().parent / "apps"
 REPORT_ONLY = {"fwup": {"success_callback": "sshfwup.update:report_only"}}
@@ -41,10 +41,10 @@ def assert_untouched(sim: Sim, slot_a: bytes | None = None) -> None:
         assert sim.device.read_slot_file("a", "/srv/app/VERSION") == slot_a
 
 
-def assert_applied(sim: Sim, result: subprocess.CompletedProcess[bytes], version: str = "2.0.0") -> None:
+def assert_applied(sim: Sim, result: subprocess.CompletedProcess[bytes], version: str = "2.0.0", *, bar: bool = True) -> None:
     text = output(result)
     assert result.returncode == 0, text
-    assert "Success!" in text and "100% [" in text, text
+    assert "Success!" in text and ("100% [" in text or not bar), text
     env = sim.env()
     assert env["nerves_fw_active"] == "b"
     assert env["b.nerves_fw_version"] == version
@@ -95,8 +95,10 @@ async def test_upload_client(sim: Sim, firmware) -> None:
             "-p", str(sim.port), "-i", str(sim.key.private), "--insecure-accept-host-key",
         ]
     )  # fmt: skip
-    assert_applied(sim, result)
-    assert "sshfwup: firmware 2.0.0 installed in slot b" in output(result)
+    text = output(result)
+    assert "fwup   100%" in text and "Success!" in text, text  # its own display (tests/test_client.py)
+    assert_applied(sim, result, bar=False)
+    assert "sshfwup: firmware 2.0.0 installed in slot b" in text
 
 
 # --- bad input: clear message, non-zero exit, nothing changed ----------------------------------
@@ -305,6 +307,13 @@ async def test_shell_exec_pty_and_forwarding_are_refused(sim: Sim) -> None:
     assert "PTY allocation request failed" in output(pty), output(pty)
     local = sim.ssh(options=["-o", "ExitOnForwardFailure=yes", "-W", "127.0.0.1:22"])
     assert local.returncode == 255 and "forwarding failed" in output(local), output(local)
+    # what the user reads (ssh prints it at its default log level): not allowed, not "Connection refused"
+    options = [o for pair in zip(SSH_OPTIONS[::2], SSH_OPTIONS[1::2]) if pair[1] != "LogLevel=ERROR" for o in pair]
+    argv = ["ssh", *options, "-o", "LogLevel=INFO", "-i", str(sim.key.private),
+            "-p", str(sim.port), "-o", "ExitOnForwardFailure=yes", "-W", "127.0.0.1:22", f"root@{sim.host}"]  # fmt: skip
+    told = output(sim.run(argv))
+    assert "open failed: administratively prohibited: port forwarding is not allowed on this device" in told, told
+    assert "Connection refused" not in told
     remote = sim.ssh(
         "status", options=["-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22"]
     )
