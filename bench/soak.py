@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, seed as use_seed, settings  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
 
 import test_model  # noqa: E402
@@ -34,6 +34,7 @@ def main() -> int:
     runs = -(-args.steps // args.steps_per_run)
     print(f"soak: {runs} runs x {args.steps_per_run} steps, seed {seed}", flush=True)
     test_model.COVERED.clear()
+    use_seed(seed)(test_model.UpdateSafety)
     started = time.monotonic()
     try:
         run_state_machine_as_test(

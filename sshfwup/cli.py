@@ -7,7 +7,50 @@ import logging
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+from . import __version__
+
+__all__ = ["main", "operator_errors"]
+
+DESCRIPTION = """\
+Zero-downtime A/B firmware updates over SSH for embedded Linux devices.
+
+On the device:        sshfwup serve --config /etc/sshfwup.toml
+From a build machine: sshfwup upload [USER@]HOST FILE.fw       (or: cat FILE.fw | ssh -s HOST fwup)
+                      ssh HOST status | logs [-n N] [-f] | reboot | revert | validate
+Build side:           sshfwup firmware manifest|mark|info|diff|sign …,  sshfwup keys gen …
+Try it without a board: sshfwup sim create DIR; sshfwup sim run DIR   (root; see `sshfwup sim --help`)
+"""
+
+UPLOAD_DESCRIPTION = """\
+Stream FILE.fw to a device's `fwup` SSH subsystem — exactly what `cat FILE.fw | ssh -s HOST fwup`
+and Nerves' upload.sh send, so it works with any ssh_subsystem_fwup-compatible device — and
+follow the update: a bar for the transfer (bytes, rate, time left), one for fwup, the device's
+stage lines and its verdict. Without a terminal (CI logs, pipes) the same as plain lines.
+
+With --wait (the default on a terminal), after a hot swap it shows the app's new version and the
+pending reboot; after a reboot verdict it reconnects until the device is back (bounded by
+--timeout) and tells whether the new firmware booted and was validated, or the device fell back.
+"""
+
+UPLOAD_EPILOG = """\
+exit status:
+  0    the update was applied (with --wait after a reboot: the new firmware runs and is validated)
+  1    refused or failed: nothing changed, or it was rolled back (the message says which);
+       with --wait: the device fell back, or the new firmware was not validated in time
+  2    bad arguments: no such file, a directory, an unreadable key
+  255  the connection failed or was lost (as ssh); with --wait: the device did not come back
+
+examples:
+  sshfwup upload root@device app.fw
+  sshfwup upload -p 2222 -i keys/dev/id_ed25519 root@127.0.0.1 app.fw --wait --timeout 120
+"""
+
+SERVE_DESCRIPTION = """\
+Run the device side: recover from whatever a crash or power cut left, start the application,
+listen for SSH uploads and device commands, tell systemd READY=1 (Type=notify), and validate a
+first boot of new firmware once the app has stayed healthy. deploy/sshfwup.toml documents every
+option; docs/deploying.md shows configurations for common board layouts.
+"""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -15,23 +58,121 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
     from .daemon import run_daemon
+    from .logring import RingFormatter
 
+    for handler in logging.getLogger().handlers:  # the app's output lines show its version too
+        handler.setFormatter(RingFormatter())
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"sshfwup: {e}", file=sys.stderr)
+        print(f"sshfwup serve: {e}", file=sys.stderr)
         return 2
     try:
         anyio.run(run_daemon, config)
     except KeyboardInterrupt:
         pass
+    except BaseException as e:  # noqa: B036 - groups from the task groups, sorted below
+        problems = operator_errors(e)
+        if problems is None:
+            raise
+        for problem in problems:
+            print(f"sshfwup serve: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def operator_errors(error: BaseException) -> list[str] | None:
+    """The messages of an error (or exception group) made only of problems an operator can fix
+    from the message alone — a wrong setting, a port in use — or None for anything else (a bug,
+    whose traceback is worth having)."""
+    from .bootenv import BootEnvError
+    from .daemon import DaemonError
+    from .slots import SlotError
+    from .supervisor import SupervisorError
+
+    expected = (DaemonError, SupervisorError, BootEnvError, SlotError, OSError)
+    leaves: list[BaseException] = []
+    stack = [error]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, BaseExceptionGroup):
+            stack.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    if not leaves or not all(isinstance(leaf, expected) for leaf in leaves):
+        return None
+    return [str(leaf) for leaf in leaves]
 
 
 def _upload(args: argparse.Namespace) -> int:
     from .client import upload_main
 
     return upload_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sshfwup", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"sshfwup {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="what `serve` logs to stderr and to `ssh HOST logs` (default: info)",
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve", help="run the device-side server (SSH listener + app supervisor)",
+        description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see deploy/sshfwup.toml)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "upload", help="upload a .fw file to a device and follow the update",
+        description=UPLOAD_DESCRIPTION, epilog=UPLOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_upload_arguments(p)
+    p.set_defaults(func=_upload)
+
+    sub.add_parser("sim", help="the simulated A/B device (see `sshfwup sim --help`)", add_help=False)
+    sub.add_parser("firmware", help="build-side tools: manifest, mark, info, diff, sign (see `sshfwup firmware --help`)",
+                   add_help=False)  # fmt: skip
+    sub.add_parser("keys", help="generate firmware signing and SSH keys (see `sshfwup keys --help`)", add_help=False)
+    return parser
+
+
+def add_connection_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How to reach a device: the same option names wherever sshfwup connects to one."""
+    p.add_argument("-p", "--port", type=int, default=22, metavar="PORT", help="the device's SSH port (default: 22)")
+    p.add_argument(
+        "-i", "--identity", action="append", default=[], metavar="KEY",
+        help="private key file to log in with; repeatable (default: ssh-agent and ~/.ssh/id_*)",
+    )  # fmt: skip
+    p.add_argument(
+        "--known-hosts", default=None, metavar="FILE",
+        help="known_hosts file with the device's host key (default: ~/.ssh/known_hosts)",
+    )  # fmt: skip
+    p.add_argument(
+        "--insecure-accept-host-key", action="store_true",
+        help="do not check the device's host key (first contact on a trusted network only)",
+    )  # fmt: skip
+
+
+def add_upload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("host", metavar="[USER@]HOST", help="the device (user: any name the device accepts, e.g. root)")
+    p.add_argument("file", metavar="FILE.fw", help="the firmware file")
+    add_connection_arguments(p)
+    p.add_argument(
+        "--wait", action=argparse.BooleanOptionalAction, default=None,
+        help="after the verdict, follow the device: the app's new version after a hot swap; after a reboot, "
+        "reconnect and report what booted, validated or fell back (default: on when stderr is a terminal)",
+    )  # fmt: skip
+    p.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS",
+        help="how long --wait waits for the device to come back and validate (default: 300)",
+    )  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or percentages: stage lines and verdict only")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,33 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return firmware_main(argv)
 
-    parser = argparse.ArgumentParser(
-        prog="sshfwup", description="Zero-downtime A/B firmware updates over SSH for embedded Linux devices."
-    )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("serve", help="run the device-side server (SSH listener + app supervisor)")
-    p.add_argument("--config", required=True, help="TOML configuration (see deploy/sshfwup.toml)")
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("upload", help="upload a .fw file to a device and follow the update")
-    p.add_argument("host", help="device address (HOST or USER@HOST)")
-    p.add_argument("file", help="firmware file (.fw)")
-    p.add_argument("-p", "--port", type=int, default=22)
-    p.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
-    p.add_argument("--known-hosts", default=None, help="known_hosts file (default: ~/.ssh/known_hosts)")
-    p.add_argument(
-        "--insecure-accept-host-key", action="store_true", help="do not check the device's host key (first contact)"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; stage lines and verdict only")
-    p.set_defaults(func=_upload)
-
-    sub.add_parser("sim", help="the simulated A/B device (see `sshfwup sim --help`)")
-    sub.add_parser("firmware", help="build-side tools: manifest, mark, info, diff, sign (see `sshfwup firmware --help`)")
-    sub.add_parser("keys", help="generate firmware signing and SSH keys (see `sshfwup keys --help`)")
-
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

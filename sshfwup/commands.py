@@ -1,24 +1,34 @@
-"""Device commands over SSH exec: ``status [--json]``, ``reboot``, ``revert``, ``validate``."""
+"""Device commands over SSH exec: ``status [--json]``, ``logs [-n N] [-f]``, ``reboot``,
+``revert``, ``validate``."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import asyncssh
 
+from . import __version__
 from .bootenv import BootEnvError
 from .device import Device
 from .update import EXIT_FAILED, EXIT_OK, Uploader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NAMES", "run", "status"]
+__all__ = ["NAMES", "LogsRequest", "UsageError", "parse_logs", "render_status", "run", "status"]
 
-NAMES = ("status", "status --json", "reboot", "revert", "validate")
+NAMES = ("status", "status --json", "logs [-n N] [-f]", "reboot", "revert", "validate")
+DEFAULT_LOG_LINES = 100
+
+
+class UsageError(ValueError):
+    """A device command was given arguments it does not take; the message says what it takes."""
 
 
 async def status(device: Device) -> dict[str, Any]:
@@ -39,7 +49,18 @@ async def status(device: Device) -> dict[str, Any]:
         "app": None,
         "last_update": device.last_outcome,
         "update_in_progress": device.lock.busy(),
+        "update": None,
+        "rebooting": device.reboot_requested.reason if device.reboot_requested else None,
+        "server": {
+            "version": __version__,
+            "pid": os.getpid(),
+            "instance": device.instance,
+            "uptime": round(time.time() - device.started, 1),
+        },
     }
+    progress = device.update_progress()
+    if progress is not None:
+        out["update"] = progress.to_json()
     sup = device.supervisor
     if sup is not None and sup.current is not None:
         inst = sup.current
@@ -75,9 +96,31 @@ def render_status(s: dict[str, Any]) -> str:
     last = s.get("last_update")
     if last:
         rows.append(("last update", f"{'ok' if last.get('ok') else 'FAILED'}: {last.get('verdict')}"))
-    if s.get("update_in_progress"):
-        rows.append(("update", "in progress"))
-    return "".join(f"{label + ':':<16}{value}\n" for label, value in rows)
+    update = s.get("update")
+    if update:
+        rows += _update_rows(update)
+    elif s.get("update_in_progress"):
+        rows.append(("update", "in progress (the update lock is held outside this server)"))
+    if s.get("rebooting"):
+        rows.append(("rebooting", s["rebooting"]))
+    return "".join(f"{label + ':' if label else '':<16}{value}\n" for label, value in rows)
+
+
+def _update_rows(u: dict[str, Any]) -> list[tuple[str, str]]:
+    """``update:`` rows: stage, who and how, then versions, bytes and fwup's percentage."""
+    head = f"{u['stage']} ({u['transport']} from {u['uploader']}, {u['elapsed']:.0f} s)"
+    target = u["to_version"] or "?"
+    if u.get("to_slot"):
+        target += f" (slot {u['to_slot']})"
+    source = (u["from_version"] or "?") + (f" (slot {u['from_slot']})" if u.get("from_slot") else "")
+    detail = f"{source} → {target}; {_megabytes(u['received'])} received"
+    if u.get("percent") is not None:
+        detail += f"; fwup {u['percent']}%"
+    return [("update", head), ("", detail)]
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
 
 
 async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader) -> int:
@@ -98,6 +141,12 @@ async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader)
         s = await status(device)
         say(json.dumps(s, indent=2, sort_keys=True) + "\n" if argv[1:] == ["--json"] else render_status(s))
         return EXIT_OK
+    if name == "logs":
+        try:
+            request = parse_logs(argv[1:], limit=device.logs.max_lines)
+        except UsageError as e:
+            return fail(str(e))
+        return await _logs(process, device, request, who)
     if name == "reboot" and len(argv) == 1:
         log.warning("reboot requested by %s", who)
         say("rebooting\n")
@@ -117,3 +166,78 @@ async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader)
     log.warning("refused command %r from %s", process.command, who)
     return fail(f"command not allowed: {process.command!r}; allowed: {', '.join(NAMES)}, and uploads (scp -t)")
 
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogsRequest:
+    """``logs [-n N] [-f]``: the last ``lines`` lines, then (``follow``) new ones as they come."""
+
+    lines: int = DEFAULT_LOG_LINES
+    follow: bool = False
+
+
+def parse_logs(args: list[str], *, limit: int) -> LogsRequest:
+    """``-n N`` / ``-nN`` / ``--lines N`` (0..limit), ``-f`` / ``--follow``, in any order."""
+    usage = f"usage: logs [-n N] [-f]  (N from 0 to {limit}, default {min(DEFAULT_LOG_LINES, limit)})"
+    lines, follow = min(DEFAULT_LOG_LINES, limit), False
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-f", "--follow"):
+            follow = True
+            continue
+        if arg in ("-n", "--lines"):
+            if not rest:
+                raise UsageError(f"logs: {arg} needs a number; {usage}")
+            value = rest.pop(0)
+        elif arg.startswith("-n") and len(arg) > 2:
+            value = arg[2:]
+        else:
+            raise UsageError(f"logs: unknown argument {arg!r}; {usage}")
+        if not value.isdigit() or int(value) > limit:
+            raise UsageError(f"logs: -n takes a number from 0 to {limit}, not {value!r}; {usage}")
+        lines = int(value)
+    return LogsRequest(lines, follow)
+
+
+async def _logs(process: asyncssh.SSHServerProcess, device: Device, request: LogsRequest, who: Uploader) -> int:
+    ring = device.logs
+    last = ring.last_seq  # the position the tail ends at: following starts right after it
+    tail = [line for line in ring.tail(request.lines) if line.seq <= last]
+    await _send(process, "".join(line.text + "\n" for line in tail))
+    if not request.follow:
+        return EXIT_OK
+
+    async def follow() -> None:
+        async for item in ring.follow(last):
+            if isinstance(item, int):
+                text = f"-- {item} line{'s' if item != 1 else ''} skipped: this connection fell behind the log --\n"
+            else:
+                text = item.text + "\n"
+            await _send(process, text)
+
+    # Until the client leaves (Ctrl-C closes the channel); stdin's EOF (ssh -n) is not leaving.
+    log.info("%s follows the log", who)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_when_closed, process.channel, tg.cancel_scope)
+        try:
+            await follow()
+        except (OSError, asyncssh.Error, BrokenPipeError):
+            pass  # the channel went away while we wrote
+        tg.cancel_scope.cancel()
+    log.info("%s stopped following the log", who)
+    return EXIT_OK
+
+
+async def _cancel_when_closed(channel: asyncssh.SSHServerChannel, scope: anyio.CancelScope) -> None:
+    await channel.wait_closed()
+    scope.cancel()
+
+
+async def _send(process: asyncssh.SSHServerProcess, text: str) -> None:
+    if text:
+        process.stdout.write(text.encode("utf-8", errors="replace"))
+        await process.stdout.drain()  # the client's window: a slow reader slows this follower only

@@ -32,20 +32,36 @@ from .supervisor import AppNotReady, AppSource, Supervisor, SupervisorError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_daemon"]
+__all__ = ["DaemonError", "run_daemon"]
+
+
+class DaemonError(Exception):
+    """``sshfwup serve`` cannot run as configured; the message says what to fix."""
 
 
 async def run_daemon(config: Config, *, on_ready: Callable[[FirmwareServer], None] | None = None) -> None:
     device = Device(config)
     device.journal = Journal(config.server.data_dir)
+    _running_root(device)  # before any task group, so a wrong [device] setting reads as one message
     server = FirmwareServer(config, device)
+    # Every log line (the app's output too, see the supervisor) also goes to `ssh device logs`.
+    root_logger = logging.getLogger()
+    root_logger.addHandler(device.logs)
+    try:
+        await _serve(device, server, on_ready)
+    finally:
+        root_logger.removeHandler(device.logs)
+
+
+async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[FirmwareServer], None] | None) -> None:
+    config = device.config
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_unmount_slots, config.server.run_dir)  # runs last: the app is gone by then
         tg = await stack.enter_async_context(anyio.create_task_group())
         plan = await _recover(device)
         app_ok = True
         if config.app.command:
-            supervisor = Supervisor(config.app, marker=f"sshfwup:{config.server.data_dir}", on_event=_app_event)
+            supervisor = Supervisor(config.app, marker=f"sshfwup:{config.server.data_dir}")
             device.supervisor = await stack.enter_async_context(supervisor)
             app_ok = await _start_app(device, plan, tg)
         await server.start(tg)
@@ -64,21 +80,36 @@ async def run_daemon(config: Config, *, on_ready: Callable[[FirmwareServer], Non
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 break
         notify("STOPPING=1")
+        await _stop_app(device)
         tg.cancel_scope.cancel()
 
 
-def _app_event(message: str) -> None:
-    log.info("app: %s", message)
+async def _stop_app(device: Device) -> None:
+    """Stop the app the polite way (SIGTERM, drain) *before* the task group is cancelled: a
+    cancelled supervisor can only SIGKILL (an app that drains and exits would be recorded as
+    killed, and its in-flight requests lost)."""
+    sup = device.supervisor
+    if sup is None:
+        return
+    with anyio.move_on_after(device.config.app.drain_timeout + 10):
+        await sup.stop()
+
+
+def _running_root(device: Device) -> str:
+    root = device.running_root()
+    if root is None:
+        slots = ", ".join(f"{slot} = {path}" for slot, path in device.config.device.slots)
+        raise DaemonError(
+            f"cannot tell which slot is running: neither slot ({slots}) is mounted at "
+            f"{device.config.device.root_mount} ([device] slots and root_mount must name the running root's "
+            f"block device and where it is mounted; see the mount table, /proc/self/mountinfo)"
+        )
+    return root
 
 
 async def _recover(device: Device) -> Recovery:
     """Bring the device back to a consistent state before anything else runs."""
-    root = device.running_root()
-    if root is None:
-        raise SystemExit(
-            f"sshfwup: cannot tell which slot is running: nothing from [device] slots is mounted at "
-            f"{device.config.device.root_mount}"
-        )
+    root = _running_root(device)
     try:
         boot: BootState | None = await device.boot_state()
     except BootEnvError as e:

@@ -180,6 +180,8 @@ class Demo:
             for line in out.stdout.splitlines():
                 say(f"  {line}")
         say("\ndevice powered off; mounts, loop devices and processes cleaned up.")
+        say("by hand: `sshfwup sim --help` (a device with SSH on 127.0.0.1:2222 and its app on :8080;")
+        say("         `ssh -p 2222 root@127.0.0.1 logs -f`, `sshfwup upload -p 2222 root@127.0.0.1 FILE.fw --wait`)")
         ok = status == 0 and failed == 0 and status3 == 0
         say("demo " + ("succeeded" if ok else "FAILED"))
         return 0 if ok else 1

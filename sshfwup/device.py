@@ -7,14 +7,17 @@ commands, so none of them reaches for globals or re-reads configuration.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import secrets
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from .bootenv import BootEnv, BootState
 from .config import Config
 from .lock import DeviceLock
+from .logring import LogRing
 from .slots import running_root
 
 if TYPE_CHECKING:
@@ -23,12 +26,114 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Device", "RebootRequest"]
+__all__ = ["Device", "ProgressTracker", "RebootRequest", "UpdateProgress"]
 
 
 @dataclass(frozen=True)
 class RebootRequest:
     reason: str
+
+
+class _UploaderLike(Protocol):
+    user: str
+    fingerprint: str
+    peer: str
+    transport: str
+
+
+@dataclass(frozen=True)
+class UpdateProgress:
+    """Where the update in progress stands, for ``status`` (a snapshot: replaced, never changed)."""
+
+    user: str
+    peer: str
+    fingerprint: str
+    transport: str
+    stage: str = "receiving"  # the journal's stage names: receiving, applied, mounted, inspected, swapping, …
+    received: int = 0  # bytes from the uploader so far
+    percent: int | None = None  # fwup's progress, once it reported any
+    from_slot: str | None = None
+    from_version: str | None = None
+    to_slot: str | None = None
+    to_version: str | None = None  # known once fwup has applied the firmware
+    started: float = 0.0  # time.time()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uploader": f"{self.user}@{self.peer}",
+            "key": self.fingerprint,
+            "transport": self.transport,
+            "stage": self.stage,
+            "received": self.received,
+            "percent": self.percent,
+            "from_slot": self.from_slot,
+            "from_version": self.from_version,
+            "to_slot": self.to_slot,
+            "to_version": self.to_version,
+            "started": round(self.started, 3),
+            "elapsed": round(max(0.0, time.time() - self.started), 1),
+        }
+
+
+_PROGRESS_FIELDS = frozenset(UpdateProgress.__dataclass_fields__) - {"user", "peer", "fingerprint", "transport", "started"}
+
+
+def _decile(progress: UpdateProgress) -> int | None:
+    return None if progress.percent is None else progress.percent // 10
+
+
+class ProgressTracker:
+    """The live state of the one update in progress; the update code drives it:
+
+        device.progress.begin(uploader, from_slot="a", from_version="1.0.0")   # lock taken
+        device.progress.set(received=n)            # each chunk from the uploader
+        device.progress.set(percent=p)             # each fwup progress event
+        device.progress.set(stage="applied", to_slot="b", to_version="2.0.0")
+        device.progress.end()                      # lock released (also on failure)
+
+    ``set`` before ``begin`` or after ``end`` is ignored, so a late event cannot resurrect a
+    finished update. A stage change, and every 10 % of fwup's progress, also go to the
+    service manager as ``STATUS=`` (what ``systemctl status`` shows).
+    """
+
+    def __init__(self, notify: Any = None) -> None:
+        self._notify = notify
+        self.current: UpdateProgress | None = None
+
+    def begin(self, uploader: _UploaderLike, **fields: Any) -> None:
+        self._check(fields)
+        self.current = UpdateProgress(
+            uploader.user, uploader.peer, uploader.fingerprint, uploader.transport, started=time.time(), **fields
+        )
+        self._tell(None)
+
+    def set(self, **changes: Any) -> None:
+        self._check(changes)
+        before = self.current
+        if before is None:
+            return
+        self.current = replace(before, **changes)
+        self._tell(before)
+
+    def end(self) -> None:
+        self.current = None
+
+    @staticmethod
+    def _check(fields: dict[str, Any]) -> None:
+        unknown = set(fields) - _PROGRESS_FIELDS
+        if unknown:
+            raise TypeError(f"unknown progress fields: {sorted(unknown)}")
+
+    def _tell(self, before: UpdateProgress | None) -> None:
+        now = self.current
+        if self._notify is None or now is None:
+            return
+        if before is not None and before.stage == now.stage and _decile(before) == _decile(now):
+            return  # bytes alone change too often for the service manager
+        text = f"update from {now.user}@{now.peer}: {now.stage}"
+        if now.stage == "receiving" and now.percent is not None:
+            text += f", fwup {now.percent}%"
+        self._notify(text)
 
 
 class Device:
@@ -43,6 +148,29 @@ class Device:
         self.reboot_requested: RebootRequest | None = None
         self._reboot_event = anyio.Event()
         self.last_outcome: dict[str, Any] | None = None
+        self.progress = ProgressTracker(self.notify_status)
+        self.logs = LogRing()  # the daemon attaches it to the root logger
+        # Changes with every start of the server (so with every boot): `upload --wait` tells a
+        # device that came back from one that has not gone down yet.
+        self.instance = secrets.token_hex(8)
+        self.started = time.time()
+
+    def update_progress(self) -> UpdateProgress | None:
+        """The update in progress, with the stage and target the journal knows (the pipeline
+        records mounted → inspected → swapping → observing → hot/reboot there), or None."""
+        now = self.progress.current
+        if now is None:
+            return None
+        record = self.journal.current if self.journal is not None else None
+        # A record advanced during this update (fwup's "receiving" is ours to tell, with bytes).
+        if record is not None and record.stage != "receiving" and record.updated >= now.started:
+            now = replace(
+                now,
+                stage=record.stage,
+                to_slot=now.to_slot or record.to_slot,
+                to_version=now.to_version or record.to_version,
+            )
+        return now
 
     def running_root(self) -> str | None:
         """The slot mounted as the root filesystem (from the mount table), or None."""

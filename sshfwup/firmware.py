@@ -631,6 +631,8 @@ def _add_rootfs_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_connection_arguments
+
     parser = argparse.ArgumentParser(prog="sshfwup", description="sshfwup build-machine tools.")
     families = parser.add_subparsers(dest="family", required=True, metavar="firmware|keys")
 
@@ -650,8 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     mark = p.add_mutually_exclusive_group()
     mark.add_argument("--hot", action="store_true", help="also write HOT_RELOAD=true (app-only release)")
     mark.add_argument("--reboot", action="store_true", help="also write HOT_RELOAD=false (needs a reboot)")
-    p.add_argument("--manifest-path", default=MANIFEST_PATH, metavar="PATH", help=f"default {MANIFEST_PATH}")
-    p.add_argument("--marker-path", default=MARKER_PATH, metavar="PATH", help=f"default {MARKER_PATH}")
+    p.add_argument("--manifest-path", default=MANIFEST_PATH, metavar="PATH",
+                   help=f"where the manifest goes inside the root filesystem (default {MANIFEST_PATH})")  # fmt: skip
+    p.add_argument("--marker-path", default=MARKER_PATH, metavar="PATH",
+                   help=f"where the HOT_RELOAD marker goes inside the root filesystem (default {MARKER_PATH})")  # fmt: skip
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("mark", help="claim the next build hot-reloadable (--hot) or not (--reboot)",
@@ -661,13 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
     mark.add_argument("--hot", action="store_true", help="app-only release: the device may hot-swap the app")
     mark.add_argument("--reboot", action="store_true", help="the device must reboot into this release")
     p.add_argument("rootfs_dir", metavar="ROOTFS_DIR", help="the staging root filesystem")
-    p.add_argument("--marker-path", default=MARKER_PATH, metavar="PATH", help=f"default {MARKER_PATH}")
+    p.add_argument("--marker-path", default=MARKER_PATH, metavar="PATH",
+                   help=f"where the HOT_RELOAD marker goes inside the root filesystem (default {MARKER_PATH})")  # fmt: skip
     p.set_defaults(func=cmd_mark)
 
     p = sub.add_parser("info", help="show what a .fw holds, its signature and its root filesystem's claims",
                        description="Show a firmware's metadata, signature, resources, HOT_RELOAD marker and "
                        "manifest. With --public-key, exit 1 unless the signature is valid for one of the keys.")  # fmt: skip
-    p.add_argument("file", metavar="FILE.fw")
+    p.add_argument("file", metavar="FILE.fw", help="the firmware file")
     p.add_argument("--public-key", action="append", default=[], metavar="KEY",
                    help="fwup public key file (fwup-key.pub) to check the signature with; repeatable")  # fmt: skip
     p.add_argument("--app-dir", action="append", default=[], metavar="DIR",
@@ -694,16 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--running", metavar="[USER@]HOST", help="ask this device (sshfwup `status --json`) what it runs")
     r.add_argument("--running-fw", action="append", default=[], metavar="FILE|DIR",
                    help="the .fw the device runs, or a directory to find it in by uuid; repeatable")  # fmt: skip
-    r.add_argument("-p", "--port", type=int, default=22, help="the device's SSH port (default 22)")
-    r.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
-    r.add_argument("--known-hosts", default=None, help="known_hosts file (default: ~/.ssh/known_hosts)")
-    r.add_argument("--insecure-accept-host-key", action="store_true", help="do not check the device's host key")
+    add_connection_arguments(r)  # the same options as `sshfwup upload`
     p.set_defaults(func=lambda args, _parser=p: cmd_diff(args, _parser))
 
     p = sub.add_parser("sign", help="sign a .fw (meta.conf.ed25519 first, as fwup expects)",
                        description="Sign a firmware archive with an fwup private key (fwup-key.priv). "
                        "Every resource is verified on the way. Without -o the file is replaced.")  # fmt: skip
-    p.add_argument("file", metavar="FILE.fw")
+    p.add_argument("file", metavar="FILE.fw", help="the firmware file (signed in place without -o)")
     p.add_argument("--private-key", required=True, metavar="KEY", help="fwup private key (fwup-key.priv)")
     p.add_argument("-o", "--output", metavar="OUT", help="write the signed archive here (default: in place)")
     p.set_defaults(func=cmd_sign)
@@ -715,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "key for a new device and an SSH client key for uploading (OpenSSH formats). "
                         "Without --firmware/--ssh-host/--ssh-client all three. Existing files are never "
                         "replaced without --force.")  # fmt: skip
-    p.add_argument("--out", default=".", metavar="DIR", help="directory for the key files (default: .)")
+    p.add_argument("-o", "--output", "--out", dest="out", default=".", metavar="DIR",
+                   help="directory for the key files (default: .)")  # fmt: skip
     p.add_argument("--firmware", action="store_true", help="fwup-key.priv / fwup-key.pub")
     p.add_argument("--ssh-host", action="store_true", help="ssh_host_ed25519_key(.pub)")
     p.add_argument("--ssh-client", action="store_true", help="id_ed25519(.pub)")

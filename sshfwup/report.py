@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from .fwup import FwupEvent, TextRenderer
+from .fwup import Failure, FwupEvent, Message, Progress, Success, TextRenderer
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,22 @@ class Report:
         self._write = write
         self._renderer = TextRenderer()
         self.lines: list[str] = []  # our own lines, kept for the journal and the log
+        self._logged_quarter = -1
 
     async def event(self, event: FwupEvent) -> None:
+        self._log(event)
         await self._send(self._renderer.render(event))
+
+    def _log(self, event: FwupEvent) -> None:
+        """fwup's messages, and its progress in quarters, for `ssh device logs -f`."""
+        if isinstance(event, Progress):
+            if event.percent // 25 > self._logged_quarter:
+                self._logged_quarter = event.percent // 25
+                log.info("fwup %d%%", event.percent)
+        elif isinstance(event, (Message, Failure)):
+            log.log(logging.WARNING if isinstance(event, Failure) else logging.INFO, "fwup: %s", event.text)
+        elif isinstance(event, Success):
+            log.info("fwup: Success!")
 
     async def line(self, text: str) -> None:
         """A stage line of our own, e.g. ``sshfwup: mounted slot b (0.05 s)``."""

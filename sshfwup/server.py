@@ -36,6 +36,9 @@ ONLY = (
 )
 
 
+FORWARDING_REFUSED = "port forwarding is not allowed on this device (firmware uploads and device commands only)"
+
+
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
     """The server's ed25519 host key, generated on first start and stored mode 0600."""
     if path.exists():
@@ -115,14 +118,16 @@ class _Connection(asyncssh.SSHServer):
     # no forwarding of any kind
     def connection_requested(self, *args: Any) -> bool:
         log.warning("refused a port-forwarding request from %s", self._peer)
-        return False
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_REFUSED)
 
     def server_requested(self, *args: Any) -> bool:
+        # SSH has no words for a refused global request: the client says "remote port forwarding failed"
         log.warning("refused a remote port-forwarding request from %s", self._peer)
         return False
 
     def unix_connection_requested(self, *args: Any) -> bool:
-        return False
+        log.warning("refused a unix-socket forwarding request from %s", self._peer)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_REFUSED)
 
     def unix_server_requested(self, *args: Any) -> bool:
         return False

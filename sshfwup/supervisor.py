@@ -64,7 +64,7 @@ import anyio
 import anyio.abc
 
 from sshfwup import app as app_protocol
-from sshfwup import listeners, procs
+from sshfwup import listeners, logring, procs
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.listeners import Listener
 
@@ -94,6 +94,8 @@ _EXEC_SHIM = Path(app_protocol.__file__)
 _KILL_WAIT = 5.0  # a SIGKILLed process is gone well within this
 _REPORT_TIMEOUT = 5.0  # a stuck uploader channel must not stall a swap
 _PROBE_RETRY = 0.05
+_OUTPUT_DRAIN = 1.0  # after an exit, the app's last output lines still get this long to arrive
+_app_output = logging.getLogger(logring.APP_LOGGER)
 
 Report = Callable[[str], Awaitable[None] | None]
 
@@ -490,7 +492,7 @@ class Supervisor:
                 ",".join(map(str, fds)), "--", *command]  # fmt: skip
         try:
             process = await anyio.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=None, stderr=None, cwd=app_dir, env=env,
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=app_dir, env=env,
                 pass_fds=fds, start_new_session=True,  # fmt: skip
             )
         except OSError as e:
@@ -532,8 +534,12 @@ class Supervisor:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._read_notifications, child)
+                output_done = anyio.Event()
+                tasks.start_soon(_log_output, child, output_done)
                 task_status.started()
                 await child.process.wait()
+                with anyio.move_on_after(_OUTPUT_DRAIN):  # its last lines, e.g. "drained; exiting"
+                    await output_done.wait()
                 tasks.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -541,6 +547,8 @@ class Supervisor:
                     _kill_group(child)
                     with anyio.move_on_after(_KILL_WAIT):
                         await child.process.wait()
+                if child.process.stdout is not None:
+                    await child.process.stdout.aclose()
             child.returncode = child.process.returncode
             _receive_notifications(child)  # a last STATUS= sent right before exiting
             child.notify.close()
@@ -802,6 +810,16 @@ def _receive_notifications(child: _Child) -> None:
                 log.info("%s (pid %d): %s", child.version, child.pid, value)
             elif key == "STOPPING" and value == "1":
                 log.info("%s (pid %d) is stopping", child.version, child.pid)
+
+
+async def _log_output(child: _Child, done: anyio.Event) -> None:
+    """The app's stdout and stderr (one pipe) as log lines, with its version and pid as fields."""
+    fields = {"app_version": child.version, "app_pid": child.pid}
+    try:
+        if child.process.stdout is not None:
+            await logring.pump_lines(child.process.stdout, lambda line: _app_output.info("%s", line, extra=fields))
+    finally:
+        done.set()
 
 
 def _substitute(text: str, root: Path, app_dir: Path) -> str:

@@ -27,7 +27,7 @@ import anyio
 
 from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .device import Device
-from .fwup import FwupError, FwupProcess, FwupResult
+from .fwup import FwupError, FwupProcess, FwupResult, Progress
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .lock import DeviceBusy
@@ -168,6 +168,9 @@ class Update:
                 journal.begin(
                     uploader=str(self.uploader), from_slot=self.root, from_version=self.before.version(self.root)
                 )
+            from_version = self.before.version(self.root) if self.before is not None and self.root else None
+            self.device.progress.begin(self.uploader, from_slot=self.root, from_version=from_version)
+            stack.callback(self.device.progress.end)
             fwup = FwupProcess(
                 fwup=cfg.fwup.path,
                 devpath=cfg.fwup.devpath,
@@ -223,6 +226,7 @@ class Update:
             self.abort(f"upload exceeds the limit of {limit} bytes ([server] max_upload_size)")
             raise UpdateError(self._aborted or "")
         self.received += len(data)
+        self.device.progress.set(received=self.received)
         if len(self._start) < 4:
             self._start += data[: 4 - len(self._start)]
             self._check(check_start, self._start)
@@ -260,6 +264,7 @@ class Update:
         if head is None or self.before is None or self.root is None:
             return
         log.info("upload from %s is %s %s (uuid %s)", self.uploader, head.product, head.version, head.uuid)
+        self.device.progress.set(to_version=head.version)
         running = self.before.slots[self.root]
         if running.uuid and running.uuid == head.uuid:
             self._skip = Outcome(True, f"already running {head.version} (uuid {head.uuid}); nothing changed")
@@ -410,6 +415,8 @@ class Update:
         assert self._fwup is not None
         try:
             async for event in self._fwup.events():
+                if isinstance(event, Progress):
+                    self.device.progress.set(percent=event.percent)
                 await self.report.event(event)
         finally:
             self._relayed.set()
@@ -457,6 +464,7 @@ class Update:
                 after = self.after = await dev.boot_state()
         except BootEnvError as e:
             return Outcome(False, f"fwup finished but the boot environment cannot be read: {e}")
+        dev.progress.set(stage="applied", to_slot=after.active, to_version=after.version(after.active) if after.active else None)
         ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result)
         if not spec:
             return Outcome(True, _applied_verdict(ctx))

@@ -202,10 +202,12 @@ def assert_untouched(sim: Sim, slot_a: bytes | None = None) -> None:
         assert sim.device.read_slot_file("a", "/srv/app/VERSION") == slot_a
 
 
-def assert_applied(sim: Sim, result: subprocess.CompletedProcess[bytes], version: str = "2.0.0") -> None:
+def assert_applied(
+    sim: Sim, result: subprocess.CompletedProcess[bytes], version: str = "2.0.0", *, bar: bool = True
+) -> None:
     text = output(result)
     assert result.returncode == 0, text
-    assert "Success!" in text and "100% [" in text, text
+    assert "Success!" in text and ("100% [" in text or not bar), text
     env = sim.env()
     assert env["nerves_fw_active"] == "b"
     assert env["b.nerves_fw_version"] == version
@@ -278,8 +280,8 @@ async def sim(
 def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test must clean up the mounts and loop devices it made, even when it fails."""
     yield
-    base = tmp_path_factory.getbasetemp().resolve()
-    leaks = sorted(item for item in _loops_and_mounts() if str(base) in item)
+    base = f"{tmp_path_factory.getbasetemp().resolve()}/"  # the slash: pytest-9 is not pytest-94
+    leaks = sorted(item for item in _loops_and_mounts() if base in item)
     if leaks:
         for item in leaks:  # don't let one test's leak fail every later one
             subprocess.run(["umount", "-l", item.split(" ", 2)[2]] if item.startswith("mount") else

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import asyncssh
 import pytest
-from conftest import KeyPair, Sim, assert_applied, assert_untouched, output, wait_unlocked
+from conftest import SSH_OPTIONS, KeyPair, Sim, assert_applied, assert_untouched, output, wait_unlocked
 
 from sshfwup.sim.host import zip_payload
 
@@ -68,8 +68,10 @@ async def test_upload_client(sim: Sim, firmware) -> None:
             "-p", str(sim.port), "-i", str(sim.key.private), "--insecure-accept-host-key",
         ]
     )  # fmt: skip
-    assert_applied(sim, result)
-    assert "sshfwup: firmware 2.0.0 installed in slot b" in output(result)
+    text = output(result)
+    assert "fwup   100%" in text and "Success!" in text, text  # its own display (tests/test_client.py)
+    assert_applied(sim, result, bar=False)
+    assert "sshfwup: firmware 2.0.0 installed in slot b" in text
 
 
 # --- bad input: clear message, non-zero exit, nothing changed ----------------------------------
@@ -278,6 +280,13 @@ async def test_shell_exec_pty_and_forwarding_are_refused(sim: Sim) -> None:
     assert "PTY allocation request failed" in output(pty), output(pty)
     local = sim.ssh(options=["-o", "ExitOnForwardFailure=yes", "-W", "127.0.0.1:22"])
     assert local.returncode == 255 and "forwarding failed" in output(local), output(local)
+    # what the user reads (ssh prints it at its default log level): not allowed, not "Connection refused"
+    options = [o for pair in zip(SSH_OPTIONS[::2], SSH_OPTIONS[1::2]) if pair[1] != "LogLevel=ERROR" for o in pair]
+    argv = ["ssh", *options, "-o", "LogLevel=INFO", "-i", str(sim.key.private),
+            "-p", str(sim.port), "-o", "ExitOnForwardFailure=yes", "-W", "127.0.0.1:22", f"root@{sim.host}"]  # fmt: skip
+    told = output(sim.run(argv))
+    assert "open failed: administratively prohibited: port forwarding is not allowed on this device" in told, told
+    assert "Connection refused" not in told
     remote = sim.ssh(
         "status", options=["-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22"]
     )

@@ -385,6 +385,11 @@ def test_cli_create_status_destroy(device_dir: Path, firmware_v1: Path, tmp_path
     )
     assert created.returncode == 0, created.stderr
     assert load_config(device_dir / "sshfwup.toml").server.port == 2203
+    # it says how to use it: the ports, and the commands of the README's hands-on section
+    assert "SSH on 127.0.0.1:2203, the sample app on 127.0.0.1:8203" in created.stdout
+    for line in (f"sshfwup sim run {device_dir}", "ssh -p 2203 root@127.0.0.1 status", "ssh -p 2203 root@127.0.0.1 logs -f",
+                 "sshfwup upload -p 2203 root@127.0.0.1 FILE.fw --wait", "curl http://127.0.0.1:8203/"):  # fmt: skip
+        assert line in created.stdout, created.stdout
 
     status = sim_cli("status", str(device_dir))
     assert status.returncode == 0, status.stderr
@@ -397,6 +402,29 @@ def test_cli_create_status_destroy(device_dir: Path, firmware_v1: Path, tmp_path
     destroyed = sim_cli("destroy", str(device_dir))
     assert destroyed.returncode == 0, destroyed.stderr
     assert not device_dir.exists()
+
+
+def test_cli_help_tells_the_default_ports() -> None:
+    from sshfwup.sim.cli import build_parser
+
+    create = build_parser().parse_args(["create", "/x"])
+    text = sim_cli("--help").stdout
+    assert f"listens on 127.0.0.1:{create.ssh_port} and its sample app on\n127.0.0.1:{create.app_port}" in text, text
+    assert (create.ssh_port, create.app_port) == (2222, 8080)
+
+
+@pytest.mark.parametrize(("change", "hot"), [([], True), (["--change", "system-file"], False)])
+def test_cli_firmware_builds_a_sample_to_upload(tmp_path: Path, change: list[str], hot: bool) -> None:
+    from sshfwup.fwfile import read_firmware
+
+    result = sim_cli("firmware", str(tmp_path / "out" / "v2.fw"), "--version", "2.0.0", *change)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(("hot reload (app only)\n" if hot else "reboot (system-file changed)\n")), result.stdout
+    assert read_firmware(tmp_path / "out" / "v2.fw").version == "2.0.0"
+    bad = sim_cli("firmware", str(tmp_path / "v2"), "--version", "2.0.0")
+    assert bad.returncode == 1 and "must end in .fw" in bad.stderr
+    unknown = sim_cli("firmware", str(tmp_path / "v3.fw"), "--version", "3.0.0", "--change", "bios")
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
 
 
 def test_cli_create_without_firmware_builds_a_sample(device_dir: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import anyio
 
+from sshfwup import __version__
 from sshfwup.fwfile import FirmwareError
 from sshfwup.manifest import ManifestError
 from sshfwup.sim.bootloader import BootEnvError
@@ -26,6 +27,7 @@ from sshfwup.sim.machine import (
     reboot_machine,
     run_machine,
 )
+from sshfwup.sim.rootfs import CHANGES
 
 __all__ = ["build_parser", "main"]
 
@@ -36,11 +38,22 @@ Simulated A/B devices for sshfwup: a disk image with a U-Boot environment, two r
 filesystem slots and a data partition, mounted through loop devices (needs root).
 
   sshfwup sim create DIR                 make a device (factory-flashed with a sample v1)
+  sshfwup sim firmware OUT.fw --version V   build a sample firmware to upload (--change: reboot)
   sshfwup sim run DIR                    power it on in the foreground (Ctrl-C powers off)
   sshfwup sim reboot DIR                 reboot the running machine
   sshfwup sim power-cut DIR              cut its power (it boots again at once)
   sshfwup sim status DIR                 machine state and boot environment
   sshfwup sim destroy DIR                stop everything and delete the directory
+
+By default the device's SSH server listens on 127.0.0.1:2222 and its sample app on
+127.0.0.1:8080. Hands-on, with your own key (as root):
+
+  sshfwup sim create /tmp/dev --authorized-key ~/.ssh/id_ed25519.pub --fwup "$(command -v fwup)"
+  sshfwup sim run /tmp/dev &
+  ssh -p 2222 root@127.0.0.1 status
+  ssh -p 2222 root@127.0.0.1 logs -f          (another terminal; Ctrl-C leaves)
+  sshfwup sim firmware /tmp/v2.fw --version 2.0.0
+  sshfwup upload -p 2222 root@127.0.0.1 /tmp/v2.fw --wait
 """
 
 
@@ -49,6 +62,7 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
         prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"sshfwup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     create = sub.add_parser("create", help="make a new simulated device in DIR")
@@ -61,6 +75,18 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
         help="a public key file allowed to upload (repeatable)",
     )
     create.add_argument("--fwup", metavar="PATH", help="the fwup executable (default: fwup on PATH)")
+
+    fw = sub.add_parser(
+        "firmware", help="build a sample firmware (.fw) to upload to a simulated device",
+        description="Build the sample app's firmware for a simulated device: app-only changes (hot "
+        "reload) by default; --change makes the device decide a reboot.",
+    )  # fmt: skip
+    fw.add_argument("output", type=Path, metavar="OUT.fw", help="the firmware file to write")
+    fw.add_argument("--version", dest="fw_version", required=True, metavar="VERSION", help="its version, e.g. 2.0.0")
+    fw.add_argument(
+        "--change", action="append", default=[], choices=sorted(CHANGES), metavar="WHAT",
+        help=f"also change this outside the app, so that the device reboots; repeatable ({', '.join(sorted(CHANGES))})",
+    )  # fmt: skip
 
     run = sub.add_parser("run", help="power the device on; runs in the foreground until SIGTERM/Ctrl-C")
     run.add_argument("dir", type=Path, metavar="DIR", help="the device directory")
@@ -104,10 +130,38 @@ def _create(args: argparse.Namespace) -> int:
                 args.dir, firmware=firmware, fwup=args.fwup, authorized_keys=keys,
                 ssh_port=args.ssh_port, app_port=args.app_port,
             )
-    print(f"created {device.path} (ssh port {device.ssh_port}, app port {device.app_port})")
+    print(f"created {device.path} (SSH on 127.0.0.1:{device.ssh_port}, the sample app on 127.0.0.1:{device.app_port})")
     if not keys:
-        print(f"note: no authorized keys; add public keys to {device.server_data_dir}/authorized_keys while it runs")
-    print(f"power it on with: sshfwup sim run {device.path}")
+        print(f"note: no key may log in yet: pass --authorized-key FILE.pub, or add public keys to "
+              f"{device.server_data_dir}/authorized_keys while it runs")  # fmt: skip
+    print(next_steps(device.path, device.ssh_port, device.app_port))
+    return 0
+
+
+def next_steps(path: Path, ssh_port: int, app_port: int) -> str:
+    """What to type after ``create`` (the same words as the README's hands-on section)."""
+    ssh = f"ssh -p {ssh_port} root@127.0.0.1"
+    return (
+        f"power it on:     sshfwup sim run {path}   (foreground; Ctrl-C powers it off)\n"
+        f"then:            {ssh} status\n"
+        f"                 {ssh} logs -f\n"
+        f"                 sshfwup upload -p {ssh_port} root@127.0.0.1 FILE.fw --wait\n"
+        f"                 curl http://127.0.0.1:{app_port}/"
+    )
+
+
+def _firmware(args: argparse.Namespace) -> int:
+    from sshfwup.sim.rootfs import build_sample_firmware
+
+    out = args.output.resolve()
+    if out.suffix != ".fw":
+        raise SimError(f"{args.output}: the firmware file name must end in .fw")
+    with tempfile.TemporaryDirectory(prefix="sshfwup-sim-fw-") as work:
+        built = build_sample_firmware(Path(work), version=args.fw_version, name="firmware", changes=tuple(args.change))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(built, out)
+    kind = f"reboot ({', '.join(args.change)} changed)" if args.change else "hot reload (app only)"
+    print(f"built {out}: version {args.fw_version}, {kind}")
     return 0
 
 
@@ -158,6 +212,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "sshfwup sim") -> int
         return 1
     handlers = {
         "create": _create,
+        "firmware": _firmware,
         "run": _run,
         "reboot": lambda a: reboot_machine(a.dir) or 0,
         "power-cut": lambda a: power_cut_machine(a.dir) or 0,
