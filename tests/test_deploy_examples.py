@@ -28,7 +28,6 @@ from conftest import SSH_OPTIONS, KeyPair
 
 from sshfwup.bootenv import BootEnv
 from sshfwup.config import parse_config
-from sshfwup.fwfile.ubootenv import write_uboot_env
 from sshfwup.sim.host import free_port
 from sshfwup.sim.rootfs import make_rootfs
 from sshfwup.sim.toml_write import dumps as toml_dumps
@@ -71,12 +70,13 @@ def board(tmp_path: Path) -> Iterator[dict[str, Any]]:
         _run(["mount", "-t", "squashfs", "-o", "ro,nodev,nosuid", loops[0], str(root)])
         mounted = True
         env_file = tmp_path / "uboot.env"
-        env_file.write_bytes(write_uboot_env(0x20000, {
-            "nerves_fw_active": "a", "nerves_fw_validated": "1",
-            "a.nerves_fw_version": "1.0.0", "b.nerves_fw_version": "1.0.0",
-        }))  # fmt: skip
+        env_file.write_bytes(bytes(0x20000))
         env_config = tmp_path / "fw_env.config"
         env_config.write_text(f"{env_file} 0x0 0x20000\n")
+        # a blank env block, written by libubootenv itself (-f: start from an empty default env)
+        script = "nerves_fw_active=a\nnerves_fw_validated=1\na.nerves_fw_version=1.0.0\nb.nerves_fw_version=1.0.0\n"
+        subprocess.run(["fw_setenv", "-c", str(env_config), "-f", "/dev/null", "-s", "-"], input=script.encode(),
+                       check=True, capture_output=True)  # fmt: skip
         assert BootEnv(env_config).read_sync()["nerves_fw_active"] == "a"  # fw_printenv reads it
         yield {"slots": {"a": loops[0], "b": loops[1]}, "root": root, "env_config": env_config}
     finally:
