@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from hypothesis import HealthCheck, seed as use_seed, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+from hypothesis import seed as use_seed  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
 
 import test_model  # noqa: E402
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="total steps, at least (default %(default)s)")
     parser.add_argument("--steps-per-run", type=int, default=12, help="steps per simulated device (default %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: random, printed)")
+    parser.add_argument("--no-shrink", action="store_true", help="report the first failure as found (faster)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     runs = -(-args.steps // args.steps_per_run)
@@ -40,7 +42,8 @@ def main() -> int:
         run_state_machine_as_test(
             test_model.UpdateSafety,
             settings=settings(max_examples=runs, stateful_step_count=args.steps_per_run, deadline=None,
-                              database=None, suppress_health_check=list(HealthCheck)),  # fmt: skip
+                              database=None, suppress_health_check=list(HealthCheck),
+                              phases=[Phase.generate] if args.no_shrink else list(Phase)),  # fmt: skip
             _min_steps=args.steps_per_run,
         )
         failed = None
@@ -56,7 +59,8 @@ def main() -> int:
     for s in states:
         print(f"{s:<{width}}  " + "  ".join(f"{test_model.COVERED.get((s, e), 0) or '.':>14}" for e in events))
     if failed is not None:
-        print(f"\nFAILED: {failed}")
+        for e in getattr(failed, "exceptions", [failed]):
+            print(f"\nFAILED: {type(e).__name__}: {e}")
         return 1
     print("\nevery invariant held after every step")
     return 0

@@ -391,6 +391,14 @@ class Update:
                 f"still runs slot {root}; another update now would overwrite the root filesystem in use. "
                 f"Reboot first (ssh <device> reboot), then upload again"
             )
+        if before.active == root and not before.validated:
+            # The other slot is this firmware's fallback until it validates: never write it now
+            # (fwup's upgrade tasks refuse too, but only after the upload started).
+            raise UpdateRefused(
+                f"the running firmware {before.version(root) or '?'} (slot {root}) is not validated yet, and slot "
+                f"{other_slot(root)} is its fallback; wait until it proves healthy (it validates itself) or run "
+                f"`ssh <device> validate`, then upload again"
+            )
         # fwup targets the slot that is not active; never let that be a mounted filesystem
         target = other_slot(before.active or root)
         stale = dev.config.server.run_dir / "slots" / target

@@ -35,7 +35,7 @@ SSH_OPTIONS = (
 CONFIG = {"app": {"ready_timeout": 3, "observe": 1.0, "drain_timeout": 2}, "device": {"reboot_delay": 0.2}}
 
 # Documented reasons a good upload may be refused (README: pending reboot; fwup: unvalidated).
-ALLOWED_REFUSALS = ("a reboot is pending", "Please validate the running firmware", "already running")
+ALLOWED_REFUSALS = ("a reboot is pending", "is not validated yet", "already running")
 
 
 class ModelViolation(AssertionError):

@@ -363,3 +363,20 @@ async def test_revert_to_the_other_slot_boots_it_unvalidated(sim: Sim, firmware)
     assert state.slot == "a"
     await wait_until(lambda: sim.env()["nerves_fw_validated"] == "1", what="1.0.0 validated again after a healthy boot")
     assert sim.app()["version"] == "1.0.0"
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {**FAST["app"], "observe": 60}}])
+async def test_no_upload_while_the_running_firmware_is_unvalidated(sim: Sim, firmware) -> None:
+    """Found by the model: the fallback slot of an unvalidated firmware must never be written (or
+    marked incomplete) — a bad boot would then have nowhere to go."""
+    await upload(sim, firmware("3.0.0", changes=("kernel",)))
+    await sim.machine.wait_boot(2, timeout=30)
+    env = sim.env()
+    assert env["nerves_fw_validated"] == "0" and env["nerves_fw_active"] == "b"
+    slot_a = sim.device.slot_bytes_sha256("a", 1 << 20)
+    result = await upload(sim, firmware("4.0.0"))
+    text = output(result)
+    assert result.returncode == 1 and "is not validated yet" in text and "ssh <device> validate" in text, text
+    assert sim.env() == env and sim.device.slot_bytes_sha256("a", 1 << 20) == slot_a
+    assert sim.ssh("validate").returncode == 0
+    assert (await upload(sim, firmware("4.0.0"))).returncode == 0  # once validated, it goes through
