@@ -3,7 +3,7 @@
 ``sshfwup sim run D`` runs in the foreground for as long as the device is "powered":
 
 - **boot**: U-Boot's choice (``bootloader.boot``), loop devices attached, data partition and the
-  chosen slot mounted (``D/data``, ``D/root``), ``[device] slots`` pointed at the loop devices,
+  chosen slot mounted (``D/data``, ``R/root``: see ``sim/device.py``), ``[device] slots`` pointed at the loop devices,
   then the server started — like a systemd service with ``Type=notify``: it gets a
   ``NOTIFY_SOCKET`` and is ready when it sends ``READY=1`` (only the server's own pid counts,
   like ``NotifyAccess=main``). A boot that fails (an unmountable slot) is retried like a
@@ -339,7 +339,8 @@ class Machine:
                 return
 
     async def run(self) -> int:
-        self.dir.joinpath("run").mkdir(exist_ok=True)
+        self.device.make_runtime_dirs()
+        self.device.prepare_app_user()
         lock = open(self.dir / MACHINE_LOCK, "w")  # held for the machine's life: how it is found
         try:
             try:
