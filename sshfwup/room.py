@@ -45,6 +45,7 @@ __all__ = [
     "RoomError",
     "cgroup_for",
     "delegated_cgroup",
+    "is_delegated",
     "prepare_room",
     "release_cgroup",
 ]
@@ -171,17 +172,23 @@ def delegated_cgroup() -> Path | None:
     if own is None:
         log.info("no cgroup2 hierarchy: app processes are tracked by their environment marker only")
         return None
+    if not is_delegated(own):
+        log.info("cgroup %s is not delegated to sshfwup (systemd: Delegate=yes): no per-instance cgroups", own)
+        return None
+    log.info("app instances run in cgroups of their own below %s", own)
+    _remove_empty_instance_cgroups(own)
+    return own
+
+
+def is_delegated(cgroup: Path) -> bool:
+    """Marked as delegated by the service manager, and writable by us."""
     for name in ("trusted.delegate", "user.delegate"):
         try:
-            if os.getxattr(own, name).strip() in (b"1", b"yes", b"true"):
-                if os.access(own, os.W_OK):
-                    log.info("app instances run in cgroups of their own below %s", own)
-                    _remove_empty_instance_cgroups(own)
-                    return own
+            if os.getxattr(cgroup, name).strip() in (b"1", b"yes", b"true"):
+                return os.access(cgroup, os.W_OK)
         except OSError:
             continue
-    log.info("cgroup %s is not delegated to sshfwup (systemd: Delegate=yes): no per-instance cgroups", own)
-    return None
+    return False
 
 
 def _own_cgroup() -> Path | None:
