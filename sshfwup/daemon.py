@@ -24,7 +24,7 @@ from .app import notify
 from .bootenv import BootEnvError, BootState, other_slot
 from .config import Config
 from .device import Device
-from .journal import Journal, Recovery, plan_recovery
+from .journal import Journal, Recovery, StageHook, plan_recovery
 from .pipeline import slot_mount_point
 from .server import FirmwareServer
 from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
@@ -35,9 +35,14 @@ log = logging.getLogger(__name__)
 __all__ = ["run_daemon"]
 
 
-async def run_daemon(config: Config, *, on_ready: Callable[[FirmwareServer], None] | None = None) -> None:
+async def run_daemon(
+    config: Config,
+    *,
+    on_ready: Callable[[FirmwareServer], None] | None = None,
+    on_stage: StageHook | None = None,  # tests' fault injection (see journal.StageHook)
+) -> None:
     device = Device(config)
-    device.journal = Journal(config.server.data_dir)
+    device.journal = Journal(config.server.data_dir, on_stage=on_stage)
     server = FirmwareServer(config, device)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_unmount_slots, config.server.run_dir)  # runs last: the app is gone by then

@@ -357,6 +357,7 @@ class SimDevice:
         ssh_port: int,
         app_port: int,
         config_overrides: Mapping[str, Any] | None = None,
+        server_command: Sequence[str] | None = None,
     ) -> None:
         self.path = Path(path).resolve()
         self.layout = layout
@@ -364,6 +365,7 @@ class SimDevice:
         self.ssh_port = ssh_port
         self.app_port = app_port
         self.config_overrides: dict[str, Any] = dict(config_overrides or {})
+        self.server_command = list(server_command) if server_command else None
 
     # --- paths
 
@@ -487,6 +489,7 @@ class SimDevice:
                 ssh_port=int(saved["ssh_port"]),
                 app_port=int(saved["app_port"]),
                 config_overrides=saved.get("config_overrides") or {},
+                server_command=saved.get("server_command"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SimError(f"{path / DEVICE_JSON} is incomplete: {e}") from None
@@ -498,6 +501,7 @@ class SimDevice:
             "ssh_port": self.ssh_port,
             "app_port": self.app_port,
             "config_overrides": self.config_overrides,
+            "server_command": self.server_command,
         }
         _atomic_write(self.path / DEVICE_JSON, json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
@@ -754,6 +758,13 @@ class SimDevice:
             self.config_overrides = merged
             self._save()
         return self.config_path
+
+    def set_server_command(self, argv: Sequence[str] | None) -> None:
+        """The command the machine starts the server with from its next (re)start on
+        (``{config}`` and ``{device}`` are substituted); None: ``sshfwup serve``. Tests use it to
+        run the server under an entry point that installs a test seam."""
+        self.server_command = list(argv) if argv else None
+        self._save()
 
     def refresh_slots(self) -> Path:
         """Point ``[device] slots`` at the current loop devices, keeping every other setting."""

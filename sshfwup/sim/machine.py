@@ -172,11 +172,14 @@ class Machine:
         _write_state(self.dir, self.state)
 
     def _command(self) -> list[str]:
-        if self.server_command is None:
+        """The server's command line: ``--server-command``, else the device's own setting (read
+        at every start, like a service's ExecStart after a daemon-reload), else ``sshfwup serve``."""
+        command = self.server_command or SimDevice.open(self.dir).server_command
+        if command is None:
             return [sys.executable, "-m", "sshfwup", "serve", "--config", str(self.device.config_path)]
         subst = {"{config}": str(self.device.config_path), "{device}": str(self.dir)}
         out = []
-        for arg in self.server_command:
+        for arg in command:
             for token, value in subst.items():
                 arg = arg.replace(token, value)
             out.append(arg)
@@ -242,13 +245,13 @@ class Machine:
 
     async def _supervise_server(self) -> None:
         """Start the server and keep it running (Restart=always) until cancelled."""
-        command = self._command()
         first = True
         while True:
             if not first:
                 await anyio.sleep(RESTART_DELAY)
                 self._update(server_restarts=self.state.server_restarts + 1)
             first = False
+            command = self._command()
             try:
                 self.server = await anyio.open_process(
                     command,
