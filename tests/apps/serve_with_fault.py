@@ -25,6 +25,7 @@ import anyio
 from sshfwup.config import load_config
 from sshfwup.daemon import run_daemon
 from sshfwup.journal import Record
+from sshfwup.logsafe import install
 
 log = logging.getLogger("serve_with_fault")
 
@@ -40,6 +41,7 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    install()
 
     def fault(record: Record) -> None:
         if record.stage != args.stage or args.once.exists():
