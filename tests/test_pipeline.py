@@ -188,6 +188,27 @@ async def test_each_reboot_reason_reboots_into_the_new_firmware(sim: Sim, firmwa
     assert sim.app()["version"] == "3.0.0"
 
 
+async def test_the_new_firmware_does_not_choose_its_own_inspection(sim: Sim, tmp_path: Path) -> None:
+    """The issue's attack: a manifest that excludes /etc and /boot and calls an ELF "not
+    native", with a new kernel and an ELF in the app. The device's policy decides: reboot."""
+    from sshfwup.manifest import MANIFEST_PATH
+    from sshfwup.sim.firmware import build_firmware
+    from sshfwup.sim.rootfs import make_rootfs
+
+    staging = make_rootfs(tmp_path / "claims.rootfs", version="3.0.0", changes=("kernel", "app-executable"))
+    manifest = staging / MANIFEST_PATH.lstrip("/")
+    doc = json.loads(manifest.read_text())
+    doc["excluded"] += ["/etc", "/boot"]
+    doc["entries"]["/srv/app/helper"]["native"] = False
+    manifest.write_text(json.dumps(doc))
+    fw = build_firmware(staging, tmp_path / "claims.fw", version="3.0.0")
+    result = await upload(sim, fw)
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "reboot required: kernel changed, native code in the app changed (/srv/app/helper)" in text, text
+    await sim.machine.wait_boot(2, timeout=30)
+
+
 async def test_reboot_then_validation(sim: Sim, firmware) -> None:
     assert (await upload(sim, firmware("2.0.0"))).returncode == 0  # hot, reboot pending
     result = sim.ssh("reboot")
