@@ -127,9 +127,13 @@ async def serve(
     handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     *,
     stop: asyncio.Event,
+    drain_timeout: float | None = None,
 ) -> None:
     """Accept connections on ``sockets`` and run ``handle`` for each until ``stop`` is set;
-    then close this process's copies of the listeners and return once every handler finished.
+    then close this process's copies of the listeners and return once every handler finished —
+    or, with ``drain_timeout``, once that many seconds have passed: the handlers still running
+    are cancelled (a client that never finishes must not hold the old version forever; set it
+    below ``[app] drain_timeout``, after which the supervisor kills the process).
 
     Unlike ``asyncio.start_server`` followed by ``Server.close()``, no connection is ever accepted
     and then dropped: each accept and the creation of its handler task happen in one callback, so
@@ -180,8 +184,13 @@ async def serve(
         for listener in listeners:
             loop.remove_reader(listener.fileno())
             listener.close()  # our copy only: the supervisor's keeps the queue alive
-    while handlers:
-        await asyncio.wait(set(handlers))
+    if handlers:
+        _, late = await asyncio.wait(set(handlers), timeout=drain_timeout)
+        if late:
+            log.warning("%d connection(s) still busy after %s s of draining; closing them", len(late), drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
 
 
 # --- sd_notify -----------------------------------------------------------------------------

@@ -250,6 +250,8 @@ def _str_map(value: Any) -> tuple[tuple[str, str], ...]:
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected {what}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):  # TOML has inf and nan
+        raise ValueError(f"must be a finite number (every wait has a limit), got {value!r}")
     if value < 0:
         raise ValueError(f"must not be negative, got {value!r}")
     return value
