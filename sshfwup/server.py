@@ -118,8 +118,9 @@ class _Connection(asyncssh.SSHServer):
         log.info("connection from %s", self._peer)
 
     def _shed(self) -> None:
-        log.warning("dropped connection from %s: silent, and a new connection needed its place", self._peer)
         assert self._conn is not None
+        why = "silent" if self._conn.get_extra_info("client_version") is None else "not logged in yet"
+        log.warning("dropped connection from %s: %s, and a new connection needed its place", self._peer, why)
         self._conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,6 +135,8 @@ class _Connection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         assert self._conn is not None
+        if self._ticket is not None:
+            self._app.admission.trying(self._ticket)
         log.info("%s: client %s, user %s", self._peer, self._conn.get_extra_info("client_version"), username)
         if self._app.logged_in >= self._app.config.server.max_connections:
             self._conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections; try again later")

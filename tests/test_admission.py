@@ -67,7 +67,7 @@ def test_max_startups_random_early_drop_and_full() -> None:
     assert w.dropped == []
 
 
-def test_silent_connections_make_room_oldest_first_after_the_grace() -> None:
+def test_silent_then_stalled_connections_make_room_oldest_first_after_their_grace() -> None:
     w = World(StartupLimits(start=3, rate=100, full=3, per_source=100, silent_grace=1.0))
     w.connect("talker", "10.0.0.1", silent=False)
     w.connect("quiet1", "10.0.0.2")
@@ -79,13 +79,15 @@ def test_silent_connections_make_room_oldest_first_after_the_grace() -> None:
     w.now = 1.2  # quiet1 has: it goes, the newcomer stays
     w.connect("new2", "10.0.0.5", silent=False)
     assert w.dropped == ["quiet1"]
-    w.now = 1.6  # quiet2 is next; the talker is never shed
+    w.now = 1.6  # quiet2 is next; the talker is not silent
     w.connect("new3", "10.0.0.6", silent=False)
     assert w.dropped == ["quiet1", "quiet2"] and w.admission.shed == 2
-    w.now = 100
+    w.now = 4.5  # every connection talks and is younger than 5 s: nobody to shed
     with pytest.raises(Refused):
-        w.connect("new4", "10.0.0.7")  # only talkers left: nobody to shed
-    assert w.admission.pending == 3
+        w.connect("new4", "10.0.0.7")
+    w.now = 5.2  # the talker has not logged in after 5 s (stall_grace): it goes
+    w.connect("new5", "10.0.0.8", silent=False)
+    assert w.dropped == ["quiet1", "quiet2", "talker"] and w.admission.pending == 3
 
 
 def test_a_legitimate_client_gets_in_past_fifty_silent_connections() -> None:
@@ -103,9 +105,39 @@ def test_a_legitimate_client_gets_in_past_fifty_silent_connections() -> None:
     w.now = 5.0
     users = [w.connect(f"user{i}", f"192.0.2.{i}", silent=False) for i in range(10)]  # all in handshake
     assert len(w.dropped) == 10 and all(name.startswith("q") for name in w.dropped)
-    with pytest.raises(Refused):  # what is left are talkers: they are not shed
+    with pytest.raises(Refused):  # what is left are young talkers: they are not shed
         w.connect("user10", "192.0.2.10", silent=False)
     for ticket in users:
         w.admission.authenticated(ticket)
     assert w.admission.pending == 0
     w.connect("user11", "192.0.2.11", silent=False)
+
+
+def test_sources_whose_connections_never_try_to_log_in_are_penalised() -> None:
+    limits = StartupLimits(start=100, rate=30, full=100, per_source=100, noauth_penalty=1.0, penalty_min=3.0)
+    w = World(limits)
+    for _ in range(2):  # a client that tries a key (even a wrong one) is never penalised
+        t = w.connect("user", "192.0.2.1", silent=False)
+        w.admission.trying(t)
+        w.admission.leave(t)
+    for _ in range(3):  # three connections that never asked to log in: 3 s of penalty
+        w.admission.leave(w.connect("probe", "10.0.0.9"))
+    with pytest.raises(Refused, match="10.0.0.9 is penalised for 3 s more"):
+        w.connect("probe", "10.0.0.9")
+    w.connect("user", "192.0.2.1", silent=False)  # other sources are not affected
+    w.now = 0.5  # below the minimum again: admitted
+    w.admission.leave(w.connect("probe", "10.0.0.9"))  # ... and penalised once more
+    w.now = 0.9
+    with pytest.raises(Refused):
+        w.connect("probe", "10.0.0.9")
+    w.now = 60.0
+    w.connect("probe", "10.0.0.9")
+
+
+def test_shed_connections_count_as_penalties_and_the_table_is_bounded() -> None:
+    w = World(StartupLimits(start=1, rate=100, full=1, per_source=100, penalty_min=2.0, penalty_sources=10))
+    w.connect("quiet0", "10.0.2.0")
+    for i in range(1, 30):
+        w.now += 2.0  # each new one sheds the previous one (silent for 2 s)
+        w.connect(f"quiet{i}", f"10.0.2.{i}")
+    assert w.admission.shed == 29 and len(w.admission._penalties) <= 10

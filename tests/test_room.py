@@ -104,14 +104,25 @@ def _gone(pid: int) -> bool:
 
 
 async def test_the_app_runs_unprivileged_in_a_clean_environment(public_dir: Path, secret: Path) -> None:
+    suid = public_dir / "suid-id"  # a setuid-root program, as a firmware could ship one
+    shutil.copy("/usr/bin/id", suid)
+    os.chmod(suid, 0o4755)
     os.environ["SSHFWUP_TEST_SERVER_SECRET"] = "from the server's environment"
     try:
         config = probe_config(public_dir, "/etc/shadow", str(secret))
+        config = replace(config, env=(*config.env, ("PROBE_SUID", str(suid))))
         async with running(config, public_dir) as report:
             pass
     finally:
         del os.environ["SSHFWUP_TEST_SERVER_SECRET"]
     user = ensure_app_user(APP_USER)
+    # without no_new_privs the same user would become root through that program
+    plain = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", str(suid), "-u"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert plain.stdout.strip() == "0"
+    assert report["setuid_euid"] == user.pw_uid
     assert (report["uid"], report["euid"], report["gid"]) == (user.pw_uid, user.pw_uid, user.pw_gid)
     assert report["groups"] in ([], [user.pw_gid])  # no supplementary groups of root's
     assert report["readable"] == {"/etc/shadow": False, str(secret): False}
@@ -121,7 +132,7 @@ async def test_the_app_runs_unprivileged_in_a_clean_environment(public_dir: Path
     env = report["env"]
     assert "SSHFWUP_TEST_SERVER_SECRET" not in env
     assert env["USER"] == APP_USER and env["PATH"] == room.DEFAULT_PATH and env["LANG"] == "C.UTF-8"
-    allowed = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "PYTHONPATH", "PROBE_REPORT", "NOTIFY_SOCKET"}
+    allowed = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "PYTHONPATH", "PROBE_REPORT", "PROBE_SUID", "NOTIFY_SOCKET"}
     unexpected = {k for k in env if k not in allowed and not k.startswith(("SSHFWUP_", "LISTEN_"))}
     assert not unexpected, unexpected
     os.kill(report["grandchild"], signal.SIGKILL)  # cgroup = off: see the cgroup test

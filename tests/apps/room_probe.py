@@ -1,7 +1,7 @@
 """A test app that reports the room it runs in (tests/test_room.py), then serves until SIGTERM.
 
 Writes ``$PROBE_REPORT`` (JSON): ids, groups, capability sets, no_new_privs, cgroup, its
-environment, which secret files it could read, whether it could open a raw socket; and the pid
+environment, which secret files it could read, whether it could open a raw socket, what euid a setuid-root program got; and the pid
 of a grandchild it detached (new session, empty environment) that just sleeps — the kind of
 process a marker in the environment cannot find again. Then READY=1.
 """
@@ -46,6 +46,16 @@ def _raw_socket() -> bool:
         return False
 
 
+def _setuid_euid() -> int | None:
+    """The effective uid a setuid-root program gets when the app runs it (no_new_privs: ours)."""
+    program = os.environ.get("PROBE_SUID")
+    if not program:
+        return None
+    import subprocess
+
+    return int(subprocess.run([program, "-u"], capture_output=True, text=True, check=True).stdout)
+
+
 def _detach_grandchild() -> int:
     """Double fork + setsid + empty environment: only a cgroup still holds it."""
     read, write = os.pipe()
@@ -76,6 +86,7 @@ def main() -> None:
         "env": dict(os.environ),
         "readable": {p: _readable(p) for p in sys.argv[1:]},
         "raw_socket": _raw_socket(),
+        "setuid_euid": _setuid_euid(),
         "grandchild": _detach_grandchild(),
     }
     Path(os.environ["PROBE_REPORT"]).write_text(json.dumps(report))
