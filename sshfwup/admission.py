@@ -14,8 +14,8 @@ Before a client has authenticated it costs the device memory and CPU and proves 
   in within a few; connections that do neither are what an attacker parks to lock others out
   (sshd would refuse the newcomer, i.e. the legitimate user).
 - **penalties** (sshd's ``PerSourcePenalties``, its ``noauth`` kind): a connection that ends
-  without ever trying to log in (silent, stalled, shed, timed out) adds ``noauth_penalty``
-  seconds to its source; a source with ``penalty_min`` seconds or more is refused at once until
+  without ever trying to log in (silent, stalled, shed, timed out, or refused) adds
+  ``noauth_penalty`` seconds to its source; a source with ``penalty_min`` seconds or more is refused at once until
   they run out (at most ``penalty_max`` ahead). A flood that keeps renewing its connections
   from many addresses, so that none ever looks old, blocks itself within seconds; a client
   that tries a key — even a wrong one — and health checks now and then never get there.
@@ -106,13 +106,13 @@ class Admission:
         source = source_of(address)
         penalty = self._penalties.get(source, now) - now
         if penalty >= limits.penalty_min:
-            self.refused += 1
+            self._refuse(source)
             raise Refused(
                 f"{source} is penalised for {penalty:.0f} s more: its connections end without trying to log in"
             )
         same = sum(1 for t in self._pending if t.source == source)
         if same >= limits.per_source:
-            self.refused += 1
+            self._refuse(source)
             raise Refused(f"{same} unauthenticated connections from {source} already (max_startups_per_source)")
         n = len(self._pending)
         if n >= limits.start:
@@ -124,12 +124,12 @@ class Admission:
                 self.shed += 1
                 victim.drop()
             elif n >= limits.full:
-                self.refused += 1
+                self._refuse(source)
                 raise Refused(f"{n} unauthenticated connections (max_startups full = {limits.full})")
             else:
                 p = limits.rate + (100 - limits.rate) * (n - limits.start) / max(1, limits.full - limits.start)
                 if self._chance() * 100 < p:
-                    self.refused += 1
+                    self._refuse(source)
                     raise Refused(f"{n} unauthenticated connections: dropped with probability {p:.0f}% (max_startups)")
         ticket = Ticket(source, now, silent, drop)
         self._pending.append(ticket)
@@ -149,6 +149,11 @@ class Admission:
         if ticket.admitted and not ticket.tried:
             self._penalise(ticket.source)
         self._remove(ticket)
+
+    def _refuse(self, source: str) -> None:
+        # a refused connection did not log in either: a source that keeps knocking stays out
+        self.refused += 1
+        self._penalise(source)
 
     def _penalise(self, source: str) -> None:
         limits, now = self.limits, self._clock()

@@ -148,7 +148,11 @@ class _Connection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         conn, keys = self._conn, self._keys
-        assert conn is not None and keys is not None and keys.last is not None
+        assert conn is not None
+        if keys is None or keys.last is None:  # cannot happen: only an authorized_keys line lets anyone in
+            log.error("%s logged in without a matching authorized_keys line; disconnecting", self._peer)
+            conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "internal error")
+            return
         match = keys.last
         if self._ticket is not None:
             self._app.admission.authenticated(self._ticket)

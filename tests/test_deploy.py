@@ -297,3 +297,12 @@ def test_mksquashfs_flow_usage(tmp_path: Path) -> None:
     result = subprocess.run([str(SCRIPTS[1]), str(tmp_path / "nope"), "1.0", str(tmp_path / "x.fw")],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 1 and "not a directory" in result.stderr
+
+
+def test_buildroot_users_table_creates_the_app_user() -> None:
+    lines = [ln for ln in (DEPLOY / "buildroot-users.txt").read_text().splitlines() if ln.strip()]
+    assert len(lines) == 1
+    # makeusers: username uid group gid password home shell groups comment
+    user, uid, group, gid, password, home, shell, groups, *comment = lines[0].split()
+    assert user == group == AppConfig().user and (uid, gid) == ("-1", "-1")  # a system id of its own
+    assert password == "*" and home == "-" and shell == "/bin/false" and groups == "-" and comment
