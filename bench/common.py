@@ -321,10 +321,11 @@ class Sshd:
     the session's processes are gone; subtract what the sink reports about itself to get sshd's.
     """
 
-    def __init__(self, directory: Path, key: KeyPair, *, sshd: str = "/usr/sbin/sshd") -> None:
+    def __init__(self, directory: Path, key: KeyPair, *, sshd: str = "/usr/sbin/sshd", extra_config: str = "") -> None:
         self.dir = directory
         self.key = key
         self.sshd = sshd
+        self.extra_config = extra_config  # more sshd_config lines (e.g. MaxStartups)
         self.port = free_port()
         self.report = directory / "sshd-sink.json"
         self.process: subprocess.Popen[bytes] | None = None
@@ -343,6 +344,7 @@ class Sshd:
         config = self.dir / "sshd_config"
         config.write_text(
             _SSHD_CONFIG.format(host_key=host_key, authorized_keys=authorized, sink=SINK, report=self.report)
+            + self.extra_config
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         check = subprocess.run([self.sshd, "-t", "-f", str(config)], capture_output=True, text=True)

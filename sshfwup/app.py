@@ -47,9 +47,10 @@ plain asyncio::
     asyncio.run(main())
 
 Run as a script (``python -I -S app.py --sshfwup-exec ...``) this file is also the supervisor's
-exec shim: it moves the passed sockets to fds 3.., sets ``LISTEN_PID`` to its own pid, ties its
-lifetime to the supervisor's (``PR_SET_PDEATHSIG``) and execs the application — so the pid the
-app runs under is the one named in ``LISTEN_PID``.
+exec shim: it moves the passed sockets to fds 3.., sets ``LISTEN_PID`` to its own pid, puts the
+process in the app's room (:mod:`sshfwup.room`: cgroup, user, capabilities, no_new_privs), ties
+its lifetime to the supervisor's (``PR_SET_PDEATHSIG``) and execs the application — so the pid
+the app runs under is the one named in ``LISTEN_PID``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # asyncio costs ~35 ms to import; the exec shim and sync apps need none of it
     import asyncio
     from collections.abc import Awaitable, Callable, Iterable
+    from typing import Any
 
 __all__ = [
     "LISTEN_FDS_START",
@@ -125,9 +127,13 @@ async def serve(
     handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     *,
     stop: asyncio.Event,
+    drain_timeout: float | None = None,
 ) -> None:
     """Accept connections on ``sockets`` and run ``handle`` for each until ``stop`` is set;
-    then close this process's copies of the listeners and return once every handler finished.
+    then close this process's copies of the listeners and return once every handler finished —
+    or, with ``drain_timeout``, once that many seconds have passed: the handlers still running
+    are cancelled (a client that never finishes must not hold the old version forever; set it
+    below ``[app] drain_timeout``, after which the supervisor kills the process).
 
     Unlike ``asyncio.start_server`` followed by ``Server.close()``, no connection is ever accepted
     and then dropped: each accept and the creation of its handler task happen in one callback, so
@@ -178,8 +184,13 @@ async def serve(
         for listener in listeners:
             loop.remove_reader(listener.fileno())
             listener.close()  # our copy only: the supervisor's keeps the queue alive
-    while handlers:
-        await asyncio.wait(set(handlers))
+    if handlers:
+        _, late = await asyncio.wait(set(handlers), timeout=drain_timeout)
+        if late:
+            log.warning("%d connection(s) still busy after %s s of draining; closing them", len(late), drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
 
 
 # --- sd_notify -----------------------------------------------------------------------------
@@ -223,33 +234,55 @@ def notify_status(text: str) -> bool:
 # --- the supervisor's exec shim --------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_KEEPCAPS = 8
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 47, 2
+_CAPABILITY_VERSION_3 = 0x20080522
+_USAGE = "usage: app.py --sshfwup-exec PARENT_PID FD,FD,... [--room JSON] -- COMMAND [ARG...]\n"
 
 
 def _exec_app(args: list[str]) -> None:
-    """``--sshfwup-exec PARENT_PID FD,FD,... -- COMMAND ARGS...``: become the application.
+    """``--sshfwup-exec PARENT_PID FD,FD,... [--room JSON] -- COMMAND ARGS...``: become the app.
 
     Runs in the freshly started child, before the application exists, so that the socket
-    numbering, ``LISTEN_PID`` and the parent-death signal are set up by the process that then
+    numbering, ``LISTEN_PID``, the room (:mod:`sshfwup.room`: cgroup, groups, user,
+    capabilities, no_new_privs) and the parent-death signal are set up by the process that then
     execs — the one whose pid the application will have.
     """
-    if len(args) < 5 or args[0] != "--sshfwup-exec" or args[3] != "--":
-        sys.stderr.write("usage: app.py --sshfwup-exec PARENT_PID FD,FD,... -- COMMAND [ARG...]\n")
+    if len(args) < 5 or args[0] != "--sshfwup-exec":
+        sys.stderr.write(_USAGE)
         raise SystemExit(2)
     parent_pid = int(args[1])
     sources = [int(fd) for fd in args[2].split(",") if fd]
-    command = args[4:]
+    rest = args[3:]
+    room = None
+    if rest[:1] == ["--room"] and len(rest) >= 2:
+        import json
 
-    import ctypes  # only the shim needs it
+        room = json.loads(rest[1])
+        rest = rest[2:]
+    if rest[:1] != ["--"] or len(rest) < 2:
+        sys.stderr.write(_USAGE)
+        raise SystemExit(2)
+    command = rest[1:]
+
+    # Everything the shim needs is imported now: once it runs as the app's user, the
+    # interpreter's own library directory may be out of reach.
+    import ctypes
+    import fcntl
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        _fail(command, OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno())), 126)
+    if room is not None:
+        _enter_room(libc, room)
+    # After the room: changing credentials clears the parent-death signal.
+    _prctl(libc, "tie the app's life to the supervisor's", _PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(125)  # the supervisor died before we could tie our lifetime to it
 
     # Move every source above the target range first, so that no target overwrites a source.
     top = LISTEN_FDS_START + len(sources)
-    moved = [_dup_above(fd, max(top, max(sources, default=0) + 1)) for fd in sources]
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(top, max(sources, default=0) + 1)) for fd in sources]
     for fd in sources:
         os.close(fd)
     for index, fd in enumerate(moved):
@@ -263,17 +296,69 @@ def _exec_app(args: list[str]) -> None:
     try:
         os.execvp(command[0], command)
     except OSError as e:
-        _fail(command, e, 127)
+        _fail(f"cannot run {command[0]!r}: {e.strerror or e}", 127)
 
 
-def _dup_above(fd: int, lowest: int) -> int:
-    import fcntl
+def _enter_room(libc: Any, room: dict[str, Any]) -> None:
+    """cgroup → bounding set → groups, gid, uid → capabilities → no_new_privs, in that order:
+    each step needs privileges the next one gives up."""
+    cgroup = room.get("cgroup")
+    if cgroup:
+        try:
+            os.mkdir(cgroup, 0o755)
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write("0")  # "0": the writing process itself
+        except OSError as e:
+            _fail(f"cannot enter its cgroup {cgroup}: {e.strerror or e}", 126)
+    keep = set(room.get("caps") or ())
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                last = int(f.read())
+        except (OSError, ValueError):
+            last = 40
+        for cap in range(last + 1):
+            if cap not in keep:
+                _prctl(libc, f"drop capability {cap} from the bounding set", _PR_CAPBSET_DROP, cap)
+    uid, gid = room.get("uid"), room.get("gid")
+    if uid is not None and (os.geteuid() == 0 or uid != os.geteuid()):
+        try:
+            os.setgroups(list(room.get("groups") or ()))
+            os.setresgid(gid, gid, gid)
+            if keep:
+                _prctl(libc, "keep capabilities across setuid", _PR_SET_KEEPCAPS, 1)
+            os.setresuid(uid, uid, uid)
+        except OSError as e:
+            _fail(f"cannot switch to uid {uid} gid {gid}: {e.strerror or e}", 126)
+        if keep:
+            _set_capabilities(libc, keep)
+    for cap in sorted(keep):
+        _prctl(libc, f"raise ambient capability {cap}", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap)
+    _prctl(libc, "set no_new_privs", _PR_SET_NO_NEW_PRIVS, 1)
 
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+
+def _set_capabilities(libc: Any, caps: set[int]) -> None:
+    """Permitted, effective and inheritable = ``caps`` (ambient needs permitted + inheritable)."""
+    import ctypes
+
+    low = sum(1 << c for c in caps if c < 32)
+    high = sum(1 << (c - 32) for c in caps if c >= 32)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(low, low, low, high, high, high)  # effective, permitted, inheritable
+    if libc.capset(header, data) != 0:
+        errno = ctypes.get_errno()
+        _fail(f"cannot keep its capabilities: {os.strerror(errno)}", 126)
 
 
-def _fail(command: list[str], error: OSError, status: int) -> None:
-    message = f"cannot run {command[0]!r}: {error.strerror or error}"
+def _prctl(libc: Any, what: str, option: int, *values: int) -> None:
+    import ctypes
+
+    padded = [*values, 0, 0, 0, 0][:4]
+    if libc.prctl(option, *padded) != 0:
+        _fail(f"cannot {what}: {os.strerror(ctypes.get_errno())}", 126)
+
+
+def _fail(message: str, status: int) -> None:
     notify(f"STATUS={message}")  # the supervisor quotes it in its failure reason
     sys.stderr.write(f"sshfwup: {message}\n")
     sys.stderr.flush()

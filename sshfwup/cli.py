@@ -194,4 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    from .logsafe import install
+
+    install()  # clients choose names and versions that end up in log lines
     return int(args.func(args) or 0)

@@ -123,9 +123,11 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
 
 
-async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader) -> int:
+async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader, command: str | None = None) -> int:
+    """Run ``command`` (default: what the client asked; the server passes a key's forced command)."""
+    command = process.command if command is None else command
     try:
-        argv = shlex.split(process.command or "")
+        argv = shlex.split(command or "")
     except ValueError:
         argv = []
     name = argv[0] if argv else ""
@@ -163,8 +165,8 @@ async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader)
             return fail(str(e))
         say(text + "\n")
         return EXIT_OK
-    log.warning("refused command %r from %s", process.command, who)
-    return fail(f"command not allowed: {process.command!r}; allowed: {', '.join(NAMES)}, and uploads (scp -t)")
+    log.warning("refused command %r from %s", command, who)
+    return fail(f"command not allowed: {command!r}; allowed: {', '.join(NAMES)}, and uploads (scp -t)")
 
 
 

@@ -71,8 +71,11 @@ class ServerConfig:
     port: int = 22
     host_key: Path = Path("/data/sshfwup/ssh_host_ed25519_key")
     authorized_keys: tuple[Path, ...] = (Path("/data/sshfwup/authorized_keys"),)
-    login_timeout: float = 30.0
-    max_connections: int = 8
+    login_timeout: float = 20.0  # sshd's LoginGraceTime: from TCP connect to authenticated
+    max_startups: tuple[int, int, int] = (10, 30, 60)  # sshd's MaxStartups start:rate:full
+    max_startups_per_source: int = 3  # unauthenticated connections from one address (IPv6: /64)
+    max_connections: int = 8  # authenticated connections
+    session_idle_timeout: float = 120.0  # an authenticated connection with nothing running
     max_upload_size: int = 0  # bytes; 0 = unlimited
     idle_timeout: float = 300.0  # an upload that sends nothing for this long is aborted
     data_dir: Path = Path("/data/sshfwup")
@@ -129,6 +132,12 @@ class AppConfig:
     strategy: Literal["overlap", "stop-first"] = "overlap"
     revert_on_failure: bool = True  # revert the boot env when a hot swap fails
     restart_backoff: tuple[float, float] = (0.5, 30.0)  # first and maximum delay
+    user: str = "sshfwup-app"  # "" = the server's own user (not for devices)
+    group: str = ""  # "" = the user's primary group
+    supplementary_groups: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()  # kept in the bounding set and raised as ambient
+    pass_env: tuple[str, ...] = ()  # names of the server's environment variables the app gets
+    cgroup: str = "auto"  # "auto", "off", or a cgroup2 directory for the instances' cgroups
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,10 @@ class InspectConfig:
     marker: str = "/srv/app/HOT_RELOAD"
     app_dirs: tuple[str, ...] = ()  # default: (app.app_dir,)
     interpreter: tuple[str, ...] = ("/usr/bin/python3*", "/usr/lib/python3*")
+    exclude: tuple[str, ...] = ()  # paths never compared (the manifest and marker always are not)
+    max_manifest_size: int = 16 * 1024 * 1024
+    max_manifest_entries: int = 100_000
+    hash_timeout: float = 60.0  # seconds to hash the new slot's app files
 
 
 @dataclass(frozen=True)
@@ -237,9 +250,24 @@ def _str_map(value: Any) -> tuple[tuple[str, str], ...]:
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected {what}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):  # TOML has inf and nan
+        raise ValueError(f"must be a finite number (every wait has a limit), got {value!r}")
     if value < 0:
         raise ValueError(f"must not be negative, got {value!r}")
     return value
+
+
+def _max_startups(value: Any) -> tuple[int, int, int]:
+    """sshd's MaxStartups: ``"start:rate:full"``, or one number N (= ``"N:100:N"``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, 100, value)
+    parts = value.split(":") if isinstance(value, str) else []
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f'expected "start:rate:full" (e.g. "10:30:60") or a number, got {value!r}')
+    start, rate, full = (int(p) for p in parts)
+    if not (1 <= start <= full and rate <= 100):
+        raise ValueError(f"need 1 <= start <= full and rate <= 100 (percent), got {value!r}")
+    return (start, rate, full)
 
 
 def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
@@ -248,6 +276,8 @@ def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
         return tuple((slot, _path(dev, base)) for slot, dev in _str_map(value))
     if name == "sockets":
         return tuple(SocketSpec.parse(s, index=i) for i, s in enumerate(_str_list(value)))
+    if name == "max_startups":
+        return _max_startups(value)
     if name == "restart_backoff":
         if not isinstance(value, list) or len(value) != 2:
             raise TypeError(f"expected [first, maximum] seconds, got {value!r}")
@@ -287,6 +317,8 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [server] authorized_keys: at least one file is required")
     if config.server.max_connections < 1:
         raise ConfigError(f"{where}: [server] max_connections: must be at least 1")
+    if config.server.max_startups_per_source < 1:
+        raise ConfigError(f"{where}: [server] max_startups_per_source: must be at least 1")
     slots = config.device.slot_names
     if sorted(slots) != ["a", "b"]:
         raise ConfigError(f"{where}: [device] slots: must name exactly the slots a and b, got {list(slots)}")
@@ -299,3 +331,15 @@ def _check(config: Config, where: str) -> None:
     app = config.app
     if app.command and not app.app_dir.startswith("/"):
         raise ConfigError(f"{where}: [app] app_dir: must be an absolute path inside the root filesystem")
+    from .room import CAPABILITIES  # a table of names only: cheap
+
+    unknown = [c for c in app.capabilities if c.upper() not in CAPABILITIES]
+    if unknown:
+        raise ConfigError(f"{where}: [app] capabilities: unknown capability {unknown[0]!r} (e.g. CAP_NET_RAW)")
+    if app.cgroup not in ("auto", "off") and not app.cgroup.startswith("/"):
+        raise ConfigError(f'{where}: [app] cgroup: expected "auto", "off" or an absolute path, got {app.cgroup!r}')
+    for path in config.inspect.exclude:
+        if not path.startswith("/"):
+            raise ConfigError(f"{where}: [inspect] exclude: {path!r} is not an absolute path")
+    if config.inspect.max_manifest_entries < 1 or config.inspect.max_manifest_size < 1024:
+        raise ConfigError(f"{where}: [inspect] max_manifest_size/max_manifest_entries: too small to hold a manifest")

@@ -24,7 +24,7 @@ from .app import notify
 from .bootenv import BootEnvError, BootState, other_slot
 from .config import Config
 from .device import Device
-from .journal import Journal, Recovery, plan_recovery
+from .journal import Journal, Recovery, StageHook, plan_recovery
 from .pipeline import slot_mount_point
 from .server import FirmwareServer
 from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
@@ -39,9 +39,14 @@ class DaemonError(Exception):
     """``sshfwup serve`` cannot run as configured; the message says what to fix."""
 
 
-async def run_daemon(config: Config, *, on_ready: Callable[[FirmwareServer], None] | None = None) -> None:
+async def run_daemon(
+    config: Config,
+    *,
+    on_ready: Callable[[FirmwareServer], None] | None = None,
+    on_stage: StageHook | None = None,  # tests' fault injection (see journal.StageHook)
+) -> None:
     device = Device(config)
-    device.journal = Journal(config.server.data_dir)
+    device.journal = Journal(config.server.data_dir, on_stage=on_stage)
     _running_root(device)  # before any task group, so a wrong [device] setting reads as one message
     server = FirmwareServer(config, device)
     # Every log line (the app's output too, see the supervisor) also goes to `ssh device logs`.

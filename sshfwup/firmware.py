@@ -37,7 +37,7 @@ from .fwfile import (
     sign_firmware,
     verify_signature,
 )
-from .inspect import DEFAULT_INTERPRETER, Change, Verdict, decide
+from .inspect import DEFAULT_INTERPRETER, Change, Policy, Verdict, decide
 from .manifest import (
     DEFAULT_APP_DIRS,
     MANIFEST_PATH,
@@ -311,12 +311,19 @@ def _print_info(out: dict[str, Any]) -> None:
 class InspectSettings:
     """The device's inspection settings (``[inspect]``/``[app]`` of its configuration)."""
 
-    app_dirs: tuple[str, ...] | None = None  # None: the new manifest's own (else /srv/app)
+    app_dirs: tuple[str, ...] | None = None  # None: the running (old) firmware's manifest's (else /srv/app)
     interpreter: tuple[str, ...] = DEFAULT_INTERPRETER
     manifest_path: str = MANIFEST_PATH
     marker_path: str = MARKER_PATH
     supervised: bool | None = None  # None: unknown (no device configuration given)
     source: str = "defaults"
+    policy: Policy = Policy()  # bounds and exclusions (from --config); paths above take precedence
+
+    def device_policy(self, app_dirs: tuple[str, ...]) -> Policy:
+        return replace(
+            self.policy, app_dirs=app_dirs, interpreter=self.interpreter,
+            manifest_path=self.manifest_path, marker_path=self.marker_path,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -361,40 +368,34 @@ def compute_diff(
     """
     old_path, old_info = _read(str(old_fw))
     new_path, new_info = _read(str(new_fw))
-    chosen: list[tuple[tuple[str, ...], str]] = []  # (app dirs, where they came from)
-
-    def pick_app_dirs(new_manifest: Manifest) -> tuple[str, ...]:
-        if settings.app_dirs is not None:
-            chosen.append((settings.app_dirs, settings.source))
-        else:
-            chosen.append((tuple(new_manifest.app_dirs), "the new firmware's manifest"))
-        return chosen[-1][0]
-
     try:
         old_view = read_rootfs_view(
-            old_path, old_info, resource=rootfs_resource,
-            manifest_path=settings.manifest_path, marker_path=settings.marker_path,
-        )  # fmt: skip
+            old_path, old_info, resource=rootfs_resource, policy=settings.device_policy(DEFAULT_APP_DIRS)
+        )
+        # The device's app dirs are its configuration; without one, the running firmware's
+        # manifest stands in for it — never the new firmware's claims.
+        if settings.app_dirs is not None:
+            app_dirs, source = settings.app_dirs, settings.source
+        elif isinstance(old_view.manifest, Manifest):
+            app_dirs, source = tuple(old_view.manifest.app_dirs), "the running firmware's manifest"
+        else:
+            app_dirs, source = DEFAULT_APP_DIRS, "default"
+        policy = settings.device_policy(app_dirs)
         new_view = read_rootfs_view(
-            new_path, new_info, resource=rootfs_resource,
-            manifest_path=settings.manifest_path, marker_path=settings.marker_path, verify_app_dirs=pick_app_dirs,
+            new_path, new_info, resource=rootfs_resource, policy=policy, verify_app_dirs=app_dirs,
+            running=old_view.manifest,
         )  # fmt: skip
     except RootfsError as e:
         raise CommandError(str(e)) from None
-    if not chosen:  # the new manifest is not usable: nothing was verified
-        if settings.app_dirs is not None:
-            chosen.append((settings.app_dirs, settings.source))
-        else:
-            chosen.append((DEFAULT_APP_DIRS, "default"))
-    app_dirs, source = chosen[-1]
     try:
         verdict = decide(
             old_view.manifest,
             new_view.manifest,
             new_view.marker,
             app_dirs=app_dirs,
-            interpreter=settings.interpreter,
-            app_mismatches=new_view.app_mismatches or (),
+            interpreter=policy.interpreter,
+            app=new_view.app,
+            exclude=policy.excluded(None),
         )
     except ValueError as e:
         raise CommandError(str(e)) from None
@@ -465,6 +466,7 @@ def _settings(args: argparse.Namespace) -> InspectSettings:
             marker_path=config.inspect.marker,
             supervised=bool(config.app.command),
             source=str(args.config),
+            policy=Policy.from_config(config),
         )
     if args.app_dir:
         settings = replace(settings, app_dirs=tuple(args.app_dir), source="--app-dir")

@@ -10,7 +10,7 @@ This module gets the same three answers out of that image without mounting it:
 - paths are looked up and symlinks followed *inside the image* with ``unsquashfs -lln`` (the
   same walk as ``manifest.resolve_in_root``), and the two files are read with ``unsquashfs -cat``;
 - for the app check, only the app directories are extracted (``unsquashfs -d``), then
-  ``inspect.verify_app_files`` runs on them exactly as on the device.
+  ``inspect.check_app_files`` runs on them exactly as on the device.
 
 Every problem with a manifest or marker is reported in the device's words (``ManifestError``
 from the same functions), so ``decide`` reaches the device's verdict. Problems with the image
@@ -29,12 +29,12 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from .fwfile import FirmwareError, FirmwareInfo, extract_resource
-from .inspect import ManifestState, MarkerState, read_states, verify_app_files
+from .inspect import AppCheck, ManifestState, MarkerState, Policy, check_app_files, read_states
 from .manifest import (
     MANIFEST_PATH,
     MARKER_PATH,
@@ -86,7 +86,11 @@ class RootfsView:
     resource: str
     manifest: ManifestState  # None: missing; ManifestError: unusable (in the device's words)
     marker: MarkerState
-    app_mismatches: tuple[str, ...] | None = None  # None: not checked (no usable manifest, or not asked)
+    app: AppCheck | None = None  # None: not checked (no usable manifest, or not asked)
+
+    @property
+    def app_mismatches(self) -> tuple[str, ...] | None:
+        return None if self.app is None else self.app.mismatches
 
 
 class SquashfsImage:
@@ -266,12 +270,10 @@ def open_rootfs(fw: Path, info: FirmwareInfo, resource: str | None = None) -> It
         yield SquashfsImage(image)
 
 
-def _app_mismatches(
-    image: SquashfsImage, manifest: Manifest, app_dirs: Sequence[str], manifest_path: str, marker_path: str
-) -> tuple[str, ...]:
+def _check_app(image: SquashfsImage, manifest: Manifest, policy: Policy, exclude: Sequence[str]) -> AppCheck:
     with tempfile.TemporaryDirectory(prefix="sshfwup-app-") as tmp:
-        tree = image.extract(list(app_dirs), Path(tmp) / "root")
-        return verify_app_files(tree, manifest, app_dirs=app_dirs, exclude=(manifest_path, marker_path))
+        tree = image.extract(list(policy.app_dirs), Path(tmp) / "root")
+        return check_app_files(tree, manifest, policy, exclude=exclude)
 
 
 def read_rootfs_view(
@@ -281,20 +283,30 @@ def read_rootfs_view(
     resource: str | None = None,
     manifest_path: str = MANIFEST_PATH,
     marker_path: str = MARKER_PATH,
+    policy: Policy | None = None,
     verify_app_dirs: Sequence[str] | Callable[[Manifest], Sequence[str]] | None = None,
+    running: ManifestState = None,
 ) -> RootfsView:
     """Manifest and marker of ``fw``'s root filesystem, read as the device reads them.
 
-    ``verify_app_dirs``: also list the app files that do not match the manifest (what the
-    device checks before a hot swap) under these directories — or under the directories a
-    callable picks once the manifest is known. Skipped when the manifest is not usable.
+    ``policy``: the device's (paths, bounds, interpreter patterns; default: one with
+    ``manifest_path``/``marker_path``). ``verify_app_dirs``: also check the app files against
+    the manifest as the device does before a hot swap (``inspect.check_app_files``) under these
+    directories — or under the directories a callable picks once the manifest is known — with
+    the exclusions of the device's policy and of the ``running`` firmware's manifest. Skipped
+    when the manifest is not usable.
     """
+    policy = policy or Policy(manifest_path=manifest_path, marker_path=marker_path)
     name = choose_rootfs_resource(info, resource)
     with open_rootfs(fw, info, name) as image:
-        manifest, marker = read_states(image.read_file, manifest_path=manifest_path, marker_path=marker_path)
-        mismatches = None
+        manifest, marker = read_states(
+            image.read_file, manifest_path=policy.manifest_path, marker_path=policy.marker_path,
+            max_size=policy.max_manifest_size, max_entries=policy.max_manifest_entries,
+        )  # fmt: skip
+        app = None
         if verify_app_dirs is not None and isinstance(manifest, Manifest):
             dirs = verify_app_dirs(manifest) if callable(verify_app_dirs) else verify_app_dirs
-            mismatches = _app_mismatches(image, manifest, tuple(dirs), manifest_path, marker_path)
+            checked = replace(policy, app_dirs=tuple(dirs))
+            app = _check_app(image, manifest, checked, checked.excluded(running))
     log.debug("%s: manifest %s, marker %s", fw, type(manifest).__name__, marker)
-    return RootfsView(name, manifest, marker, mismatches)
+    return RootfsView(name, manifest, marker, app)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from .fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Journal", "Recovery", "Record", "Stage", "plan_recovery"]
+__all__ = ["Journal", "Recovery", "Record", "Stage", "StageHook", "plan_recovery"]
 
 Stage = Literal[
     "receiving",  # fwup is writing the inactive slot
@@ -79,10 +78,17 @@ class Record:
         return cls(**d)
 
 
+#: Called with every record right after it is on disk. The seam for tests that put a crash or a
+#: power cut at an exact stage (tests/apps/serve_with_fault.py installs one); nothing in
+#: ``sshfwup serve`` does.
+StageHook = Callable[[Record], None]
+
+
 class Journal:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, on_stage: StageHook | None = None) -> None:
         self.path = data_dir / "journal.json"
         self.current: Record | None = self._load()
+        self._on_stage = on_stage
 
     def _load(self) -> Record | None:
         try:
@@ -128,24 +134,8 @@ class Journal:
         write_atomically(self.path, data, mode=0o644, durable=True)  # the rename must survive a power loss
         self.current = rec
         log.debug("journal: %s %s", rec.id, rec.stage)
-        self._failpoint(rec.stage)
-
-    def _failpoint(self, stage: str) -> None:
-        """Test hook: a file ``<data_dir>/failpoint`` reading ``<stage> kill|pause`` makes the
-        server die (SIGKILL) or hang right after journaling that stage, once. This is how the
-        recovery tests put a crash or a power cut at an exact point of an update."""
-        path = self.path.with_name("failpoint")
-        try:
-            wanted, _, action = path.read_text().strip().partition(" ")
-        except OSError:
-            return
-        if wanted != stage:
-            return
-        path.unlink(missing_ok=True)
-        log.warning("failpoint: %s after stage %s", action or "kill", stage)
-        if action == "pause":
-            time.sleep(3600)  # blocks the whole server, as a hung kernel would; the test cuts power
-        os.kill(os.getpid(), signal.SIGKILL)
+        if self._on_stage is not None:
+            self._on_stage(rec)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ strings (``"0755"``). Same tree → same bytes: nothing depends on time, walk or
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -28,8 +29,9 @@ import os
 import posixpath
 import re
 import stat
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +55,7 @@ __all__ = [
     "inside",
     "is_native",
     "load_manifest",
+    "native_by_content",
     "native_name",
     "read_marker",
     "read_rootfs_file",
@@ -67,9 +70,10 @@ MARKER_PATH = "/srv/app/HOT_RELOAD"
 FORMAT = "sshfwup-manifest/1"
 DEFAULT_APP_DIRS: tuple[str, ...] = ("/srv/app",)
 
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a rootfs of ~200k files; anything larger is not ours
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # ~90k entries; [inspect] max_manifest_size on a device
 MAX_MARKER_BYTES = 4096
 _CHUNK = 1024 * 1024
+_HEAD = 256  # bytes kept of each file: ELF magic, and the #! line as the kernel reads it (BINPRM_BUF_SIZE)
 _ELF_MAGIC = b"\x7fELF"
 _NATIVE_NAME = re.compile(r"\.so(\.[0-9]+)*$|\.ko(\.(gz|xz|zst))?$")
 _SCRIPT_EXTENSIONS = frozenset({".py", ".sh", ".bash", ".pl", ".rb", ".lua", ".js", ".tcl", ".awk"})
@@ -226,10 +230,70 @@ def is_native(path: str, mode: int, head: bytes | None) -> bool:
     return posixpath.splitext(path)[1] not in _SCRIPT_EXTENSIONS
 
 
+def _shebang_program(head: bytes) -> str | None:
+    """The program a ``#!`` line runs: its interpreter, or for ``/usr/bin/env [-S] NAME`` the
+    NAME (looked up on PATH at run time)."""
+    line = head.split(b"\n", 1)[0][2:].decode("utf-8", errors="replace")
+    words = line.split()
+    if not words:
+        return ""
+    if posixpath.basename(words[0]) == "env":
+        rest = [w for w in (" ".join(words[1:]).replace("-S", " ", 1).split()) if not w.startswith("-") and "=" not in w]
+        return rest[0] if rest else ""
+    return words[0]
+
+
+def native_by_content(
+    path: str, mode: int, head: bytes | None, *, app_dirs: Sequence[str], interpreter: Sequence[str]
+) -> str | None:
+    """Why this regular file counts as native code on the device, or None.
+
+    The device's rule, judged from the file itself, whatever a manifest says: ELF magic; a
+    native name (``.so``, ``.ko``); an executable that is not a script; or an executable script
+    whose ``#!`` names a program outside ``app_dirs`` that matches none of the ``interpreter``
+    patterns (a bare name after ``env`` is matched against their last components) — it runs
+    something the hot-reload policy knows nothing about.
+    """
+    if head is not None and head.startswith(_ELF_MAGIC):
+        return "ELF executable or library"
+    if native_name(path):
+        return "named like a shared object or kernel module"
+    if not mode & 0o111 or head == b"":
+        return None
+    if head is None or not head.startswith(b"#!"):
+        return None if posixpath.splitext(path)[1] in _SCRIPT_EXTENSIONS else "executable, not a script"
+    program = _shebang_program(head)
+    if not program:
+        return "#! line names no program"
+    if "/" not in program:
+        if any(fnmatch.fnmatchcase(program, posixpath.basename(p)) for p in interpreter):
+            return None
+        return f"#! runs {program!r}, which is not an interpreter of [inspect] interpreter"
+    program = posixpath.normpath(program)
+    if inside(program, app_dirs) or any(fnmatch.fnmatchcase(program, p) for p in interpreter):
+        return None
+    return f"#! runs {program}, outside the app and not an interpreter of [inspect] interpreter"
+
+
 # --- building ------------------------------------------------------------------------------
 
 
-def _hash_file(host: Path) -> tuple[str, int, bytes]:
+Classifier = Callable[[str, int, bytes], bool]  # (path, mode, first bytes) -> native?
+
+
+class Deadline:
+    """A time limit on reading what an upload brought (``[inspect] hash_timeout``)."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.seconds, self.what = seconds, what
+        self._end = time.monotonic() + seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self._end:
+            raise ManifestError(f"{self.what} took longer than {self.seconds:g} s")
+
+
+def _hash_file(host: Path, deadline: Deadline | None = None) -> tuple[str, int, bytes]:
     """(sha256 hex, size, first bytes) read in 1 MiB chunks."""
     digest = hashlib.sha256()
     size = 0
@@ -237,20 +301,25 @@ def _hash_file(host: Path) -> tuple[str, int, bytes]:
     with open(host, "rb") as f:
         while chunk := f.read(_CHUNK):
             if not size:
-                head = chunk[:16]
+                head = chunk[:_HEAD]
             digest.update(chunk)
             size += len(chunk)
+            if deadline is not None:
+                deadline.check()
     return digest.hexdigest(), size, head
 
 
-def _entry(host: Path, path: str, st: os.stat_result) -> Entry:
+def _entry(
+    host: Path, path: str, st: os.stat_result, classify: Classifier | None = None, deadline: Deadline | None = None
+) -> Entry:
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISREG(st.st_mode):
         try:
-            sha, size, head = _hash_file(host)
+            sha, size, head = _hash_file(host, deadline)
         except OSError as e:
             raise ManifestError(f"cannot read {path}: {e.strerror}") from None
-        return Entry(path, "file", mode, size, sha, None, is_native(path, mode, head))
+        native = classify(path, mode, head) if classify is not None else is_native(path, mode, head)
+        return Entry(path, "file", mode, size, sha, None, native)
     if stat.S_ISDIR(st.st_mode):
         return Entry(path, "dir", mode)
     if stat.S_ISLNK(st.st_mode):
@@ -274,10 +343,19 @@ def _lstat_dir_chain(root: Path, path: str) -> os.stat_result | None:
     return st if parts else os.lstat(root)
 
 
-def scan_tree(root: Path, starts: Sequence[str] = ("/",), *, exclude: Sequence[str] = ()) -> dict[str, Entry]:
+def scan_tree(
+    root: Path,
+    starts: Sequence[str] = ("/",),
+    *,
+    exclude: Sequence[str] = (),
+    classify: Classifier | None = None,
+    deadline: Deadline | None = None,
+) -> dict[str, Entry]:
     """Entries for ``starts`` and everything below them, without following any symlink.
 
     ``/`` itself is not an entry. Paths inside ``exclude`` are skipped. Sorted by path.
+    ``classify`` decides ``Entry.native`` (default: the build's rule, :func:`is_native`);
+    ``deadline`` bounds the time spent (ManifestError when it passes).
     """
     entries: dict[str, Entry] = {}
     stack: list[str] = []
@@ -291,7 +369,7 @@ def scan_tree(root: Path, starts: Sequence[str] = ("/",), *, exclude: Sequence[s
         st = _lstat_dir_chain(root, start)
         if st is None:
             continue
-        entries[start] = _entry(_host(root, start), start, st)
+        entries[start] = _entry(_host(root, start), start, st, classify, deadline)
         if stat.S_ISDIR(st.st_mode):
             stack.append(start)
     while stack:
@@ -306,8 +384,10 @@ def scan_tree(root: Path, starts: Sequence[str] = ("/",), *, exclude: Sequence[s
             if inside(path, exclude):
                 continue
             host = _host(root, path)
-            entry = _entry(host, path, os.lstat(host))
+            entry = _entry(host, path, os.lstat(host), classify, deadline)
             entries[path] = entry
+            if deadline is not None:
+                deadline.check()
             if entry.kind == "dir":
                 stack.append(path)
     return dict(sorted(entries.items()))
@@ -501,24 +581,31 @@ def _parse_entry(path: Any, raw: Any, where: str) -> Entry:
     return Entry(path, kind, mode, size, sha, target, native)
 
 
-def load_manifest(source: Path | bytes | str, *, name: str | None = None) -> Manifest:
+def load_manifest(
+    source: Path | bytes | str,
+    *,
+    name: str | None = None,
+    max_size: int = MAX_MANIFEST_BYTES,
+    max_entries: int | None = None,
+) -> Manifest:
     """Parse a manifest from a file (``Path``) or its contents (``bytes``/``str`` = JSON text).
 
-    ``name`` is how errors refer to it (e.g. the path inside the rootfs).
+    ``name`` is how errors refer to it (e.g. the path inside the rootfs). ``max_size`` and
+    ``max_entries`` bound what a firmware can make the device parse (ManifestError beyond).
     """
     where = name or (str(source) if isinstance(source, Path) else "<data>")
     if isinstance(source, Path):
         try:
             with open(source, "rb") as f:
-                data: bytes | str = f.read(MAX_MANIFEST_BYTES + 1)
+                data: bytes | str = f.read(max_size + 1)
         except FileNotFoundError:
             raise ManifestError(f"manifest {where} not found") from None
         except OSError as e:
             raise ManifestError(f"cannot read manifest {where}: {e.strerror}") from None
     else:
         data = source
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest {where} is larger than {MAX_MANIFEST_BYTES} bytes")
+    if len(data) > max_size:
+        raise ManifestError(f"manifest {where} is larger than {max_size} bytes ([inspect] max_manifest_size)")
     try:
         doc = json.loads(data)
     except UnicodeDecodeError:
@@ -537,6 +624,10 @@ def load_manifest(source: Path | bytes | str, *, name: str | None = None) -> Man
     raw_entries = doc.get("entries")
     if not isinstance(raw_entries, dict):
         raise ManifestError(f"manifest {where} is invalid: 'entries' must be an object")
+    if max_entries is not None and len(raw_entries) > max_entries:
+        raise ManifestError(
+            f"manifest {where} lists {len(raw_entries)} paths, more than {max_entries} ([inspect] max_manifest_entries)"
+        )
     entries = {path: _parse_entry(path, raw, where) for path, raw in sorted(raw_entries.items())}
     kernel = doc.get("kernel")
     if kernel is not None and not isinstance(kernel, str):

@@ -17,7 +17,7 @@ import anyio
 
 from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_slot, slot_state_var
 from .device import Device
-from .inspect import Verdict, inspect_slot
+from .inspect import Policy, Verdict, inspect_slot
 from .lock import DeviceBusy
 from .slots import SlotError, mount_slot, unmount
 from .supervisor import AppSource, SwapFailed
@@ -80,14 +80,7 @@ async def run(ctx: UpdateContext) -> Outcome:
     # 2. inspect: marker + manifest diff (hashes the app files: off the event loop)
     t = time.monotonic()
     verdict: Verdict = await anyio.to_thread.run_sync(
-        lambda: inspect_slot(
-            cfg.device.root_mount,
-            mount_point,
-            manifest_path=cfg.inspect.manifest,
-            marker_path=cfg.inspect.marker,
-            app_dirs=cfg.app_dirs,
-            interpreter=cfg.inspect.interpreter,
-        )
+        lambda: inspect_slot(cfg.device.root_mount, mount_point, Policy.from_config(cfg))
     )
     verdict = replace(verdict, old_version=old_version, new_version=new_version)
     if verdict.hot and device.supervisor is None:

@@ -1,9 +1,16 @@
 """The SSH side: listener, authentication, and what each kind of session may do.
 
 Allowed: the ``fwup`` subsystem (raw ``.fw`` on stdin), SFTP (a virtual upload-only filesystem),
-``scp -t`` (legacy scp uploads), and the device commands in :mod:`sshfwup.commands`.
+``scp -t`` (legacy scp uploads), and the device commands in :mod:`sshfwup.commands` — as far as
+the key's authorized_keys options allow (:mod:`sshfwup.authkeys`: ``command=``, ``from=``,
+``expiry-time=``, ``cert-authority``/``principals=``).
 Refused: passwords, keyboard-interactive, host-based auth, shells, ptys, other exec commands,
 port/agent/X11 forwarding.
+
+Limits (docs/security.md): unauthenticated connections are admitted by :mod:`sshfwup.admission`
+(sshd's MaxStartups and PerSourceMaxStartups, silent connections shed first) and must log in
+within ``login_timeout``; at most ``max_connections`` are authenticated at once; an
+authenticated connection that runs nothing for ``session_idle_timeout`` is closed.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,8 @@ import anyio.abc
 import asyncssh
 
 from . import commands
+from .admission import Admission, Refused, StartupLimits, Ticket
+from .authkeys import AuthorizedKeys, SessionRequest, resolve_session
 from .config import Config
 from .device import Device
 from .report import Report
@@ -58,38 +70,118 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
     return key
 
 
+class _Activity:
+    """What an authenticated connection is doing, for ``session_idle_timeout``."""
+
+    def __init__(self) -> None:
+        self.running = 0  # sessions (or SFTP requests) in progress
+        self.uploading = False  # an SFTP upload is open: the upload's idle_timeout applies
+        self.since = time.monotonic()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.since = time.monotonic()
+
+    def idle_for(self) -> float:
+        return 0.0 if self.running else time.monotonic() - self.since
+
+
 class _Connection(asyncssh.SSHServer):
-    """Per-connection policy: who may log in, what they may open."""
+    """Per-connection policy: who may connect and log in, what they may open."""
 
     def __init__(self, app: "FirmwareServer") -> None:
         self._app = app
         self._conn: asyncssh.SSHServerConnection | None = None
-        self._keys: asyncssh.SSHAuthorizedKeys | None = None
+        self._keys: AuthorizedKeys | None = None
         self._peer = "?"
+        self._ticket: Ticket | None = None  # while unauthenticated
+        self._logged_in = False
+        self._idle_watch = anyio.CancelScope()
+        self.activity = _Activity()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._app.connections += 1
-        if self._app.connections > self._app.config.server.max_connections:
-            log.warning("refusing connection from %s: %d connections open", self._peer, self._app.connections - 1)
-            conn.set_extra_info(sshfwup_refused=True)
-        else:
-            log.info("connection from %s", self._peer)
+        try:
+            self._ticket = self._app.admission.arrive(
+                peer[0] if peer else "?",
+                silent=lambda: conn.get_extra_info("client_version") is None,
+                drop=self._shed,
+            )
+        except Refused as e:
+            log.warning("refused connection from %s: %s", self._peer, e)
+            conn.abort()  # before our version line goes out: the cheapest possible refusal
+            return
+        log.info("connection from %s", self._peer)
+
+    def _shed(self) -> None:
+        assert self._conn is not None
+        why = "silent" if self._conn.get_extra_info("client_version") is None else "not logged in yet"
+        log.warning("dropped connection from %s: %s, and a new connection needed its place", self._peer, why)
+        self._conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._app.connections -= 1
+        if self._ticket is not None:
+            self._app.admission.leave(self._ticket)
+            self._ticket = None
+        if self._logged_in:
+            self._app.logged_in -= 1
+            self._logged_in = False
+        self._idle_watch.cancel()
         log.info("connection from %s closed%s", self._peer, f": {exc}" if exc else "")
 
     def begin_auth(self, username: str) -> bool:
         assert self._conn is not None
-        if self._conn.get_extra_info("sshfwup_refused"):
+        if self._ticket is not None:
+            self._app.admission.trying(self._ticket)
+        log.info("%s: client %s, user %s", self._peer, self._conn.get_extra_info("client_version"), username)
+        if self._app.logged_in >= self._app.config.server.max_connections:
             self._conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections; try again later")
             return True
-        # Re-read per connection: adding a key needs no restart.
+        # Re-read per connection: adding or revoking a key needs no restart.
         self._keys = self._app.read_authorized_keys()
+        self._conn.set_authorized_keys(self._keys)
         return True
+
+    def auth_completed(self) -> None:
+        conn, keys = self._conn, self._keys
+        assert conn is not None
+        if keys is None or keys.last is None:  # cannot happen: only an authorized_keys line lets anyone in
+            log.error("%s logged in without a matching authorized_keys line; disconnecting", self._peer)
+            conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "internal error")
+            return
+        match = keys.last
+        if self._ticket is not None:
+            self._app.admission.authenticated(self._ticket)
+            self._ticket = None
+        if self._app.logged_in >= self._app.config.server.max_connections:
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections; try again later")
+            return
+        self._app.logged_in += 1
+        self._logged_in = True
+        forced = match.command
+        cert_forced = conn.get_certificate_option("force-command")
+        if isinstance(cert_forced, str):
+            if forced is not None and forced != cert_forced:
+                log.warning("%s from %s: the certificate's force-command and %s's command= differ; refused",
+                            match.describe(), self._peer, match.where)  # fmt: skip
+                conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "certificate and key options conflict")
+                return
+            forced = cert_forced
+        fingerprint = match.fingerprint if not match.certificate else f"{match.fingerprint} ({match.describe()})"
+        conn.set_extra_info(sshfwup_fingerprint=fingerprint, sshfwup_match=match, sshfwup_forced=forced,
+                            sshfwup_activity=self.activity)  # fmt: skip
+        log.info(
+            "accepted %s for %s from %s (%s)%s", match.describe(), conn.get_extra_info("username"), self._peer,
+            match.where, f"; restricted to `{forced}`" if forced is not None else "",
+        )  # fmt: skip
+        self._app.watch_idle(conn, self.activity, self._idle_watch, self._peer)
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -104,16 +196,13 @@ class _Connection(asyncssh.SSHServer):
         return False
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        assert self._conn is not None
-        host, _ = (self._conn.get_extra_info("peername") or ("", 0))[:2]
-        ok = self._keys is not None and self._keys.validate(key, host, host) is not None
-        fp = key.get_fingerprint()
-        if ok:
-            self._conn.set_extra_info(sshfwup_fingerprint=fp)
-            log.info("accepted key %s for %s from %s", fp, username, self._peer)
-        else:
-            log.warning("rejected unknown key %s for %s from %s", fp, username, self._peer)
-        return ok
+        # asyncssh asks only when no authorized_keys line accepted the key
+        log.warning("rejected key %s for %s from %s", key.get_fingerprint(), username, self._peer)
+        return False
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        log.warning("rejected a certificate signed by %s for %s from %s", key.get_fingerprint(), username, self._peer)
+        return False
 
     # no forwarding of any kind
     def connection_requested(self, *args: Any) -> bool:
@@ -139,22 +228,42 @@ class FirmwareServer:
     def __init__(self, config: Config, device: Device | None = None) -> None:
         self.config = config
         self.device = device or Device(config)
-        self.connections = 0
+        start, rate, full = config.server.max_startups
+        self.admission = Admission(StartupLimits(start, rate, full, config.server.max_startups_per_source))
+        self.logged_in = 0  # authenticated connections
         self._listener: asyncssh.SSHAcceptor | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
 
-    def read_authorized_keys(self) -> asyncssh.SSHAuthorizedKeys:
-        keys = asyncssh.SSHAuthorizedKeys()
+    def read_authorized_keys(self) -> AuthorizedKeys:
+        keys = AuthorizedKeys()
         for path in self.config.server.authorized_keys:
-            try:
-                keys.load(path.read_text())
-            except FileNotFoundError:
-                log.warning("authorized_keys file %s does not exist", path)
-            except (OSError, ValueError) as e:
-                log.error("cannot read authorized_keys %s: %s", path, e)
+            keys.add_file(path)
         return keys
+
+    def watch_idle(
+        self, conn: asyncssh.SSHServerConnection, activity: _Activity, scope: anyio.CancelScope, peer: str
+    ) -> None:
+        """Close ``conn`` once it has run nothing for ``session_idle_timeout`` (an open SFTP
+        upload: for ``idle_timeout``). Ends with the connection (``scope`` is cancelled then)."""
+        cfg = self.config.server
+
+        async def watch() -> None:
+            with scope:
+                while True:
+                    limit = cfg.idle_timeout if activity.uploading else cfg.session_idle_timeout
+                    idle = activity.idle_for()
+                    if idle >= limit:
+                        break
+                    await anyio.sleep(limit - idle)
+                log.warning("closing the connection from %s: nothing ran for %.0f s", peer, idle)
+                conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"idle for {idle:.0f} s; closing the connection")
+
+        assert self._tg is not None
+        self._tg.start_soon(watch)
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         cfg = self.config.server
+        self._tg = tg
         host_key = load_or_create_host_key(cfg.host_key)
         self._listener = await asyncssh.create_server(
             functools.partial(_Connection, self),
@@ -162,7 +271,7 @@ class FirmwareServer:
             cfg.port,
             server_host_keys=[host_key],
             process_factory=self._handle,
-            sftp_factory=functools.partial(FirmwareSFTPServer, device=self.device, tg=tg),
+            sftp_factory=functools.partial(_SFTPSession, device=self.device, tg=tg),
             allow_scp=False,
             encoding=None,
             allow_pty=False,
@@ -192,27 +301,40 @@ class FirmwareServer:
     # --- sessions --------------------------------------------------------------------------
 
     async def _handle(self, process: asyncssh.SSHServerProcess) -> None:
-        uploader = _uploader(process)
-        try:
-            if process.subsystem == "fwup":
-                status = await self._fwup_subsystem(process, uploader)
-            elif process.subsystem:
-                log.warning("refused subsystem %r from %s", process.subsystem, uploader)
-                status = _refuse(process, f"unknown subsystem {process.subsystem!r}; {ONLY}")
-            elif process.command is None:
-                log.warning("refused a shell from %s", uploader)
-                status = _refuse(process, f"no shell here; {ONLY}")
-            elif process.command.startswith("scp "):
-                status = await run_scp_sink(process, self.device, _with(uploader, "scp -O"))
-            else:
-                status = await commands.run(process, self.device, uploader)
-        except Exception:
-            log.exception("session from %s failed", uploader)
-            status = _refuse(process, "internal error; see the device log")
+        conn = process.get_extra_info("connection")
+        activity = conn.get_extra_info("sshfwup_activity") if conn else None
+        with activity.busy() if activity else _nothing():
+            status = await self._session(process, conn)
         try:
             process.exit(status)
         except (OSError, asyncssh.Error):
             pass
+
+    async def _session(self, process: asyncssh.SSHServerProcess, conn: Any) -> int:
+        uploader = _uploader(process)
+        if process.subsystem:
+            asked = SessionRequest("subsystem", process.subsystem)
+        else:
+            asked = SessionRequest("shell") if process.command is None else SessionRequest("exec", process.command)
+        what = resolve_session(conn.get_extra_info("sshfwup_forced") if conn else None, asked)
+        try:
+            if isinstance(what, str):
+                log.warning("refused %r from %s: %s", asked.name or asked.kind, uploader, what)
+                return _refuse(process, what)
+            if what.kind == "subsystem" and what.name == "fwup":
+                return await self._fwup_subsystem(process, uploader)
+            if what.kind == "subsystem":
+                log.warning("refused subsystem %r from %s", what.name, uploader)
+                return _refuse(process, f"unknown subsystem {what.name!r}; {ONLY}")
+            if what.kind == "shell":
+                log.warning("refused a shell from %s", uploader)
+                return _refuse(process, f"no shell here; {ONLY}")
+            if what.name.startswith("scp "):
+                return await run_scp_sink(process, self.device, _with(uploader, "scp -O"))
+            return await commands.run(process, self.device, uploader, command=what.name)
+        except Exception:
+            log.exception("session from %s failed", uploader)
+            return _refuse(process, "internal error; see the device log")
 
     async def _fwup_subsystem(self, process: asyncssh.SSHServerProcess, uploader: Uploader) -> int:
         """``cat app.fw | ssh -s HOST fwup``: raw bytes in, fwup's text + our verdict out."""
@@ -266,10 +388,62 @@ class FirmwareServer:
         await self.device.reboot()
 
 
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class _SFTPSession(FirmwareSFTPServer):
+    """The upload-only SFTP server as a session of its connection: under the key's ``command=``
+    restriction, and seen by the idle timeout (every upload request counts as activity)."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel, *, device: Device, tg: anyio.abc.TaskGroup) -> None:
+        super().__init__(chan, device=device, tg=tg)
+        conn = chan.get_extra_info("connection")
+        self._activity: _Activity = conn.get_extra_info("sshfwup_activity") or _Activity()
+        what = resolve_session(conn.get_extra_info("sshfwup_forced"), SessionRequest("subsystem", "sftp"))
+        self._refusal = what if isinstance(what, str) else None
+        if self._refusal:
+            log.warning("refused sftp from %s: %s", _peer_of(conn), self._refusal)
+            chan.write_stderr(f"Error: {self._refusal}\n".encode())
+
+    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        if self._refusal:
+            raise asyncssh.SFTPPermissionDenied(self._refusal)
+        with self._activity.busy():
+            handle = await super().open(path, pflags, attrs)
+        self._activity.uploading = True
+        return handle
+
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        with self._activity.busy():
+            return await super().write(file_obj, offset, data)
+
+    async def close(self, file_obj: object) -> None:
+        try:
+            with self._activity.busy():
+                await super().close(file_obj)
+        finally:
+            self._activity.uploading = False
+
+    def realpath(self, path: bytes) -> bytes:
+        with self._activity.busy():
+            return super().realpath(path)
+
+
+def _peer_of(conn: Any) -> str:
+    peer = conn.get_extra_info("peername") if conn else None
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
 def _uploader(process: asyncssh.SSHServerProcess) -> Uploader:
     conn = process.get_extra_info("connection")
     peer = process.get_extra_info("peername")
-    transport = f"ssh -s {process.subsystem}" if process.subsystem else (process.command or "shell").split(" ")[0]
+    if process.subsystem:
+        transport = f"ssh -s {process.subsystem if process.subsystem in ('fwup', 'sftp') else '(other)'}"
+    else:  # the command comes from the client: name it only when it is one of ours
+        word = (process.command or "shell").split(" ")[0]
+        transport = word if word in ("shell", "scp", *(n.split()[0] for n in commands.NAMES)) else "exec"
     return Uploader(
         user=process.get_extra_info("username") or "?",
         fingerprint=conn.get_extra_info("sshfwup_fingerprint", "?") if conn else "?",

@@ -29,7 +29,8 @@ delay starts again from the first). An exit during a swap belongs to the swap, n
 restart loop.
 
 Each instance runs with cwd = ``root/app_dir`` (``app_dir`` is absolute inside the root
-filesystem) and the server's own environment, plus ``[app] env`` (``{root}`` and ``{app_dir}``
+filesystem), in its room (:mod:`sshfwup.room`: its own user, capabilities and cgroup, a clean
+environment), plus ``[app] env`` (``{root}`` and ``{app_dir}``
 are substituted there and in ``command``), ``PYTHONPATH`` starting with the app dir,
 ``SSHFWUP_SLOT``, ``SSHFWUP_VERSION``, ``SSHFWUP_APP_ROOT`` (the root), ``SSHFWUP_APP_DIR``,
 ``NOTIFY_SOCKET`` and ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID``. It is started through the
@@ -64,7 +65,7 @@ import anyio
 import anyio.abc
 
 from sshfwup import app as app_protocol
-from sshfwup import listeners, logring, procs
+from sshfwup import listeners, logring, procs, room
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.listeners import Listener
 
@@ -249,6 +250,7 @@ class _Child:
         self.exited = anyio.Event()
         self.supervised = False  # an exit is the restart loop's business (never during start/swap)
         self.stopping = False
+        self.cgroup: Path | None = None  # its own cgroup (sshfwup.room), if it has one
 
     @property
     def pid(self) -> int:
@@ -479,17 +481,21 @@ class Supervisor:
             raise _NotReady(f"could not be started: the application directory {app_dir} does not exist")
         self._spawned += 1
         instance_id = f"{self._marker}/{os.getpid()}.{self._token}/{self._spawned}"
+        try:
+            app_room = room.prepare_room(config, instance_id)
+        except room.RoomError as e:
+            raise _NotReady(f"could not be started: {e}") from None
         notify, notify_address = listeners.open_notify_socket()
         health = listeners.open_health_socket() if config.ready in ("http", "tcp") else None
         sockets = [listener.sock for listener in self._listeners] + ([health] if health else [])
         names = [listener.name for listener in self._listeners] + ([HEALTH_SOCKET_NAME] if health else [])
         fds = [sock.fileno() for sock in sockets]
-        env = self._environment(source, app_dir, instance_id, notify_address, names)
+        env = self._environment(source, app_dir, instance_id, notify_address, names, app_room)
         command = [_substitute(arg, source.root, app_dir) for arg in config.command]
         # The shim moves the fds to 3.., sets LISTEN_PID to its own pid and PR_SET_PDEATHSIG,
         # then execs the command: pass_fds alone keeps the parent's fd numbers.
         argv = [sys.executable, "-I", "-S", str(_EXEC_SHIM), "--sshfwup-exec", str(os.getpid()),
-                ",".join(map(str, fds)), "--", *command]  # fmt: skip
+                ",".join(map(str, fds)), *app_room.shim_options(), "--", *command]  # fmt: skip
         try:
             process = await anyio.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=app_dir, env=env,
@@ -502,15 +508,17 @@ class Supervisor:
             raise _NotReady(f"could not be started: {e.strerror or e}") from e
         child = _Child(process, source, instance_id=instance_id, notify=notify, health=health,
                        restarts=restarts, failures=failures)  # fmt: skip
+        child.cgroup = app_room.cgroup
         self._children.add(child)
         await self._task_group.start(self._run_child, child)
         log.info("started %s from slot %s: pid %d", source.version, source.slot, child.pid)
         return child
 
     def _environment(
-        self, source: AppSource, app_dir: Path, instance_id: str, notify_address: str, names: list[str]
+        self, source: AppSource, app_dir: Path, instance_id: str, notify_address: str, names: list[str],
+        app_room: room.Room,
     ) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _INHERITED_PROTOCOL_VARIABLES}
+        env = {k: v for k, v in app_room.environment(os.environ).items() if k not in _INHERITED_PROTOCOL_VARIABLES}
         env.update((key, _substitute(value, source.root, app_dir)) for key, value in self._config.env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(app_dir), env.get("PYTHONPATH", "")]))
         env.update(
@@ -557,6 +565,7 @@ class Supervisor:
             leftovers = procs.processes_with(f"{INSTANCE_VARIABLE}={child.instance_id}")
             for pid in leftovers:
                 procs.send_signal(pid, signal.SIGKILL)
+            leftovers = sorted({*leftovers, *room.release_cgroup(child.cgroup)})  # all it started, however detached
             if leftovers:
                 log.warning("killed %s left behind by %s (pid %d)", leftovers, child.version, child.pid)
             self._children.discard(child)

@@ -141,6 +141,16 @@ def test_shim_reports_a_command_it_cannot_run() -> None:
         assert notify_socket.recv(4096) == b"STATUS=cannot run '/nonexistent/app': No such file or directory"
 
 
+def test_shim_refuses_a_room_it_cannot_enter(tmp_path: Path) -> None:
+    room = '{"uid": null, "gid": null, "groups": [], "caps": [], "cgroup": "/nonexistent/cgroup/app-x"}'
+    flag = tmp_path / "ran"
+    argv = [sys.executable, "-I", "-S", str(SHIM), "--sshfwup-exec", str(os.getpid()), "", "--room", room,
+            "--", "touch", str(flag)]  # fmt: skip
+    result = subprocess.run(argv, timeout=10, capture_output=True, text=True)
+    assert result.returncode == 126 and "cannot enter its cgroup /nonexistent/cgroup/app-x" in result.stderr
+    assert not flag.exists()
+
+
 def test_shim_refuses_to_run_when_its_parent_is_already_gone(tmp_path: Path) -> None:
     flag = tmp_path / "ran"
     argv = [sys.executable, "-I", "-S", str(SHIM), "--sshfwup-exec", "1", "", "--", "touch", str(flag)]
@@ -263,6 +273,33 @@ async def test_serve_finishes_in_flight_work_and_leaves_the_shared_listener_open
     finally:
         listener.close()
         own_copy.close()
+
+
+async def test_serve_bounds_the_drain() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    stop = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)  # a client that never finishes
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    try:
+        serving = asyncio.create_task(app.serve([listener], handle, stop=stop, drain_timeout=0.3))
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        await asyncio.wait_for(started.wait(), 5)
+        stop.set()
+        began = asyncio.get_running_loop().time()
+        await asyncio.wait_for(serving, 5)
+        assert cancelled.is_set() and 0.25 < asyncio.get_running_loop().time() - began < 3
+        writer.close()
+    finally:
+        listener.close()
 
 
 async def test_two_instances_serving_one_listener_answer_every_connection() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import Sim, output
+from conftest import Sim
 
 from sshfwup.client import OutputParser, ParsedLine, RebootWatch, _firmware_version, clean_text, judge_reboot
 from sshfwup.progress_display import BarDisplay, PlainDisplay, make_display

@@ -40,6 +40,14 @@ def test_every_option_is_documented() -> None:
         ({"app": {"ready": "maybe"}}, "[app] ready: must be one of notify, tcp, http"),
         ({"app": {"sockets": ["udp:1.2.3.4:5"]}}, "[app] sockets: socket must start with tcp: or unix:"),
         ({"app": {"drain_timeout": -1}}, "[app] drain_timeout: must not be negative"),
+        ({"app": {"drain_timeout": float("inf")}}, "[app] drain_timeout: must be a finite number"),
+        ({"server": {"idle_timeout": float("nan")}}, "[server] idle_timeout: must be a finite number"),
+        ({"server": {"max_startups": "10:30"}}, '[server] max_startups: expected "start:rate:full"'),
+        ({"server": {"max_startups": "20:30:10"}}, "[server] max_startups: need 1 <= start <= full"),
+        ({"server": {"max_startups_per_source": 0}}, "[server] max_startups_per_source: must be at least 1"),
+        ({"app": {"capabilities": ["CAP_FLY"]}}, "[app] capabilities: unknown capability 'CAP_FLY'"),
+        ({"app": {"cgroup": "sometimes"}}, '[app] cgroup: expected "auto", "off" or an absolute path'),
+        ({"inspect": {"exclude": ["etc"]}}, "[inspect] exclude: 'etc' is not an absolute path"),
         ({"server": {"authorized_keys": []}}, "[server] authorized_keys: at least one file is required"),
     ],
 )
@@ -75,3 +83,8 @@ def test_socket_specs() -> None:
     for bad in ("tcp:1.2.3.4", "tcp::80", "unix:", "tcp:host:port"):
         with pytest.raises(ValueError):
             SocketSpec.parse(bad)
+
+
+def test_max_startups_forms() -> None:
+    assert parse_config({"server": {"max_startups": "5:50:20"}}).server.max_startups == (5, 50, 20)
+    assert parse_config({"server": {"max_startups": 12}}).server.max_startups == (12, 100, 12)

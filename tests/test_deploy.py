@@ -27,7 +27,12 @@ HARDENING = (
     "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
     "ProtectControlGroups", "LockPersonality", "RestrictSUIDSGID", "PrivateDevices",
     "ProtectKernelModules", "SystemCallFilter", "CapabilityBoundingSet", "ReadWritePaths",
+    "ProtectKernelLogs", "ProtectHostname", "ProtectProc", "RestrictNamespaces", "SystemCallArchitectures",
+    "RestrictAddressFamilies", "Delegate", "PrivateMounts", "SystemCallErrorNumber",
 )  # fmt: skip
+# systemd-analyze security's exposure level of the unit (0 = locked down, 10 = exposed).
+# Before issue 9: 8.4 ("EXPOSED"); see docs/security.md.
+MAX_EXPOSURE = 4.5
 
 
 def unit_directives(text: str) -> dict[str, dict[str, list[str]]]:
@@ -87,11 +92,43 @@ def test_unit_hardening_still_allows_devices_and_mounts() -> None:
         assert service.get(key) == ["yes"], key
     assert service.get("PrivateDevices", ["no"]) == ["no"]  # fwup writes the disk, sshfwup mounts slots
     assert "DevicePolicy" not in service and "DeviceAllow" not in service
-    assert "SystemCallFilter" not in service  # would forbid mount(2)
+    assert service.get("ProtectClock", ["no"]) == ["no"]  # it adds a DeviceAllow= list
+    for rule in service.get("SystemCallFilter", []):  # a deny list that leaves mount(2) & co. alone
+        assert rule.startswith("~"), rule
+        assert not {"@mount", "@privileged", "@setuid", "@reboot", "@system-service"} & set(rule[1:].split()), rule
     protect = service.get("ProtectSystem", ["no"])[0]
     if protect == "strict":
         writable = " ".join(service.get("ReadWritePaths", []))
-        assert "/data" in writable and "/run/sshfwup" in writable
+        assert "/data" in writable and "/var/lock" in writable  # journal and host key; fw_setenv's lock
+        assert service["RuntimeDirectory"] == ["sshfwup"]  # /run/sshfwup: the update lock, slot mounts
+
+
+def test_unit_keeps_what_the_update_path_and_the_apps_room_need() -> None:
+    service = unit_directives(UNIT.read_text())["Service"]
+    caps = set(" ".join(service["CapabilityBoundingSet"]).split())
+    needed = {
+        "CAP_SYS_ADMIN",  # mount the new slot, flush block device buffers
+        "CAP_NET_BIND_SERVICE",  # port 22
+        "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",  # the app's user, its empty bounding set
+        "CAP_KILL", "CAP_SYS_PTRACE",  # signal and find the app's processes (another user's)
+        "CAP_SYS_BOOT",  # reboot
+    }  # fmt: skip
+    assert needed <= caps, needed - caps
+    assert service["Delegate"] == ["yes"] and service.get("ProtectControlGroups") == ["no"]  # the app's cgroups
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_security_exposure(tmp_path: Path) -> None:
+    copy = tmp_path / "sshfwup.service"
+    copy.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/sshfwup ", f"ExecStart={Path(sys.executable)} -m sshfwup "))
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(copy)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
+    assert m, result.stdout + result.stderr
+    print(f"systemd-analyze security: exposure {m.group(1)} (at most {MAX_EXPOSURE}; 8.4 before issue 9)")
+    assert float(m.group(1)) <= MAX_EXPOSURE
 
 
 def test_every_hardening_line_says_why() -> None:
@@ -233,3 +270,12 @@ def test_mksquashfs_flow_usage(tmp_path: Path) -> None:
     result = subprocess.run([str(SCRIPTS[1]), str(tmp_path / "nope"), "1.0", str(tmp_path / "x.fw")],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 1 and "not a directory" in result.stderr
+
+
+def test_buildroot_users_table_creates_the_app_user() -> None:
+    lines = [ln for ln in (DEPLOY / "buildroot-users.txt").read_text().splitlines() if ln.strip()]
+    assert len(lines) == 1
+    # makeusers: username uid group gid password home shell groups comment
+    user, uid, group, gid, password, home, shell, groups, *comment = lines[0].split()
+    assert user == group == AppConfig().user and (uid, gid) == ("-1", "-1")  # a system id of its own
+    assert password == "*" and home == "-" and shell == "/bin/false" and groups == "-" and comment

@@ -38,6 +38,7 @@ from sshfwup.manifest import (
     build_manifest,
     dump_manifest,
     load_manifest,
+    write_manifest,
 )
 from sshfwup.sim.firmware import build_firmware, reference_conf
 from sshfwup.sim.rootfs import build_sample_firmware, make_rootfs
@@ -151,6 +152,29 @@ def _symlinks(root: Path) -> None:
     marker.symlink_to("../../etc/hot")
 
 
+def _patch_manifest(root: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = host(root, MANIFEST_PATH)
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _exclude_what_changed(root: Path) -> None:
+    """A hostile build: its manifest excludes the very paths it changes."""
+    _patch_manifest(root, lambda doc: doc["excluded"].extend(["/etc", "/boot"]))
+
+
+def _claim_not_native(root: Path) -> None:
+    _patch_manifest(root, lambda doc: doc["entries"]["/srv/app/helper"].update(native=False))
+
+
+def _shell_script_in_app(root: Path) -> None:
+    start = host(root, "/srv/app/start")
+    start.write_bytes(b"#!/bin/sh\nexec python3 app.py\n")
+    start.chmod(0o755)
+    write_manifest(root, build_manifest(root, app_dirs=["/srv/app"], kernel="/boot/zImage", dtbs=["/boot/sim.dtb"]))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -180,6 +204,10 @@ CASES = [
     Case("app-files-tampered", "app files do not match the manifest (/srv/app/app.py)", {}, _tamper_app),
     Case("symlinks-hot", None, {}, _symlinks),
     Case("everything", "kernel changed", {"changes": ["kernel", "dtb", "modules", "system-file", "interpreter"]}),
+    Case("new-manifest-excludes", "kernel changed", {"changes": ["kernel", "system-file"]}, _exclude_what_changed),
+    Case("elf-claimed-not-native", "native code in the app changed (/srv/app/helper)", {"changes": ["app-executable"]},
+         _claim_not_native),  # fmt: skip
+    Case("shebang-outside-the-app", "native code in the app changed (/srv/app/start)", {}, _shell_script_in_app),
 ]
 
 
@@ -213,12 +241,12 @@ def test_diff_reaches_the_devices_verdict(builds: Builds, case: Case, capsys: py
     assert result["changed_outside_app"] == [c["path"] for c in device["changes"] if not c["in_app"]]
 
 
-def test_diff_default_app_dirs_come_from_the_new_manifest(builds: Builds, capsys: pytest.CaptureFixture[str]) -> None:
+def test_diff_default_app_dirs_come_from_the_running_manifest(builds: Builds, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "firmware", "diff", builds.v1.fw, builds.v2.fw, "--json")
     assert rc == 0
     result = json.loads(out)
     assert result["app_dirs"] == ["/srv/app"]
-    assert "manifest" in result["app_dirs_source"]
+    assert result["app_dirs_source"] == "the running firmware's manifest"  # never the new one's claim
     assert result["verdict"] == _device_verdict(builds.v1, builds.v2)
 
 

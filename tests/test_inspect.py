@@ -15,9 +15,12 @@ from sshfwup.inspect import (
     Change,
     Verdict,
     decide,
+    Policy,
+    check_app_files,
     diff_manifests,
     inspect_slot,
     read_slot,
+    resource_reasons,
     verify_app_files,
 )
 from sshfwup.manifest import (
@@ -124,7 +127,15 @@ def host_verdict(old: Path, new: Path, app_dirs: tuple[str, ...] = APP) -> Verdi
         )
     except ManifestError as e:
         marker = e
-    return decide(manifest_of(old), manifest_of(new), marker, app_dirs=app_dirs, interpreter=DEFAULT_INTERPRETER)
+    running, candidate = manifest_of(old), manifest_of(new)
+    policy = Policy(app_dirs)
+    app = None  # firmware diff checks the app directories it extracts from the .fw, like this
+    if isinstance(candidate, Manifest):
+        app = check_app_files(new, candidate, policy, exclude=policy.excluded(running))
+    return decide(
+        running, candidate, marker, app_dirs=app_dirs, interpreter=DEFAULT_INTERPRETER, app=app,
+        exclude=policy.excluded(None),
+    )  # fmt: skip
 
 
 def judge(old: Path, new: Path, app_dirs: tuple[str, ...] = APP) -> Verdict:
@@ -158,16 +169,20 @@ def test_app_files_added_and_removed_are_hot(tmp_path: Path, running: Path) -> N
     def edit(r: Path) -> None:
         (r / "srv/app/lib/util.py").unlink()
         put(r, "/srv/app/lib/new.py", b"x = 2\n")
-        put(r, "/srv/app/tool.sh", b"#!/bin/sh\necho hi\n", 0o755)  # an executable script
+        put(r, "/srv/app/tool.py", b"#!/usr/bin/python3 -u\nprint(1)\n", 0o755)  # the interpreter's script
+        put(r, "/srv/app/env.py", b"#!/usr/bin/env -S python3.11 -u\nprint(1)\n", 0o755)
+        put(r, "/srv/app/own.sh", b"#!/srv/app/bin/runner\n", 0o755)  # an interpreter in the app
         (r / "srv/app/_old.so").unlink()  # removing native code does not run any
 
     v = judge(running, firmware(tmp_path, "new", edit))
     assert v.hot, v.summary()
     assert v.changes == (
         Change("/srv/app/_old.so", "removed", True, True, "file"),
+        Change("/srv/app/env.py", "added", True, False, "file"),
         Change("/srv/app/lib/new.py", "added", True, False, "file"),
         Change("/srv/app/lib/util.py", "removed", True, False, "file"),
-        Change("/srv/app/tool.sh", "added", True, False, "file"),
+        Change("/srv/app/own.sh", "added", True, False, "file"),
+        Change("/srv/app/tool.py", "added", True, False, "file"),
     )
 
 
@@ -338,7 +353,7 @@ def test_app_files_must_match_the_new_manifest(tmp_path: Path, running: Path, ta
     tamper(new)  # after the manifest was written
     v = device_verdict(running, new)
     assert v.reasons == (f"app files do not match the manifest ({path})",)
-    assert host_verdict(running, new).hot  # the host has no tree: the same pair is hot there
+    assert host_verdict(running, new) == v  # firmware diff extracts and checks the app dirs too
 
 
 def test_app_dir_replaced_by_a_symlink_is_a_mismatch(tmp_path: Path, running: Path) -> None:
@@ -471,3 +486,116 @@ def test_read_slot_follows_absolute_symlinks_inside_the_slot(tmp_path: Path) -> 
     link(new, MANIFEST_PATH, "/data/manifest.json")
     manifest, marker = read_slot(new)
     assert isinstance(manifest, Manifest) and marker is True
+
+
+# --- the device decides what is inspected -------------------------------------------------------
+
+
+def _patch_manifest(root: Path, change: Callable[[dict], None]) -> None:
+    """Rewrite the finished manifest the way a hostile or careless build could."""
+    f = root / MANIFEST_PATH.lstrip("/")
+    doc = json.loads(f.read_text())
+    change(doc)
+    f.write_text(json.dumps(doc))
+
+
+def test_the_new_manifest_cannot_exclude_what_it_changed(tmp_path: Path, running: Path) -> None:
+    def edit(r: Path) -> None:
+        put(r, "/boot/zImage", b"kernel 6.6.0")
+        put(r, "/etc/hostname", b"other\n")
+
+    new = firmware(tmp_path, "new", edit)
+    _patch_manifest(new, lambda doc: doc["excluded"].extend(["/etc", "/boot"]))
+    v = judge(running, new)
+    assert not v.hot
+    assert v.reasons == ("kernel changed", "/etc changed (/etc/hostname)")
+
+
+def test_the_new_manifest_cannot_choose_the_app_dirs(tmp_path: Path, running: Path) -> None:
+    new = firmware(tmp_path, "new", lambda r: put(r, "/etc/hostname", b"other\n"))
+    _patch_manifest(new, lambda doc: doc.update(app_dirs=["/"]))
+    assert judge(running, new).reasons == ("/etc changed (/etc/hostname)",)
+
+
+def test_exclusions_of_the_policy_and_of_the_running_manifest_hold(tmp_path: Path) -> None:
+    old = firmware(tmp_path, "old", lambda r: put(r, "/var/cache/x", b"0"))
+    _patch_manifest(old, lambda doc: doc["excluded"].append("/var/cache"))
+    new = firmware(tmp_path, "new", lambda r: (put(r, "/var/cache/x", b"1"), put(r, "/etc/hostname", b"x\n")))
+    assert device_verdict(old, new).reasons == ("/etc changed (/etc/hostname)",)
+    policy = Policy(APP, exclude=("/etc/hostname",))
+    assert inspect_slot(old, new, policy).hot
+
+
+def test_native_code_is_recognised_by_content_whatever_the_manifest_says(tmp_path: Path, running: Path) -> None:
+    def edit(r: Path) -> None:
+        put(r, "/srv/app/helper", ELF + b"payload")  # not executable, no .so name: still ELF
+
+    new = firmware(tmp_path, "new", edit)
+    _patch_manifest(new, lambda doc: doc["entries"]["/srv/app/helper"].update(native=False))
+    v = judge(running, new)
+    assert v.reasons == ("native code in the app changed (/srv/app/helper)",)
+    assert v.changes == (Change("/srv/app/helper", "added", True, True, "file"),)
+
+
+@pytest.mark.parametrize(
+    ("script", "mode", "hot"),
+    [
+        (b"#!/bin/sh\necho hi\n", 0o755, False),  # runs a program outside the app
+        (b"#!/usr/bin/perl -w\n", 0o755, False),
+        (b"#!/usr/bin/env node\n", 0o755, False),
+        (b"#!\n", 0o755, False),
+        (b"#!/bin/sh\necho hi\n", 0o644, True),  # not executable: the kernel never runs its #!
+        (b"#!/usr/bin/python3\n", 0o755, True),
+        (b"#!/usr/bin/env python3\n", 0o755, True),
+        (b"#!/srv/app/venv/bin/python\n", 0o755, True),  # the app's own interpreter (judged itself)
+    ],
+)
+def test_scripts_count_as_native_when_their_interpreter_is_not_known(
+    tmp_path: Path, running: Path, script: bytes, mode: int, hot: bool
+) -> None:
+    new = firmware(tmp_path, "new", lambda r: put(r, "/srv/app/start", script, mode))
+    v = judge(running, new)
+    assert v.hot is hot, v.summary()
+    if not hot:
+        assert v.reasons == ("native code in the app changed (/srv/app/start)",)
+
+
+def test_a_shell_is_allowed_once_the_device_names_it_an_interpreter(tmp_path: Path, running: Path) -> None:
+    new = firmware(tmp_path, "new", lambda r: put(r, "/srv/app/start", b"#!/bin/sh\n", 0o755))
+    policy = Policy(APP, interpreter=(*DEFAULT_INTERPRETER, "/bin/sh"))
+    assert inspect_slot(running, new, policy).hot
+    assert not inspect_slot(running, new, Policy(APP)).hot
+
+
+def test_bounds_on_what_the_new_firmware_makes_the_device_read(tmp_path: Path, running: Path) -> None:
+    new = firmware(tmp_path, "new")
+    size = (new / MANIFEST_PATH.lstrip("/")).stat().st_size
+    small = inspect_slot(running, new, Policy(APP, max_manifest_size=size - 1))
+    assert small.reasons[0] == (
+        f"manifest unusable in the new firmware: manifest {MANIFEST_PATH} is larger than {size - 1} bytes"
+    )
+    few = inspect_slot(running, new, Policy(APP, max_manifest_entries=5))
+    assert few.reasons[0].startswith(f"manifest unusable in the new firmware: manifest {MANIFEST_PATH} lists ")
+    assert few.reasons[0].endswith("paths, more than 5 ([inspect] max_manifest_entries)")
+    slow = inspect_slot(running, new, Policy(APP, hash_timeout=0))
+    assert slow.reasons == (
+        "app files could not be checked: hashing the new app files ([inspect] hash_timeout) took longer than 0 s",
+    )
+    assert inspect_slot(running, new, Policy(APP)).hot
+
+
+def test_resource_reasons() -> None:
+    installed = {"rootfs.img": (100, "a" * 128), "zImage": (10, "b" * 128), "sim.dtb": (5, "c" * 128)}
+    same = dict(installed)
+    assert resource_reasons(installed, same) == []
+    assert resource_reasons(installed, {**installed, "rootfs.img": (101, "f" * 128)}) == []  # the manifest's job
+    new = {"rootfs.img": (100, "a" * 128), "zImage": (12, "d" * 128), "boot.scr": (3, "e" * 128)}
+    assert resource_reasons(installed, new) == [
+        "firmware resource boot.scr added",
+        "firmware resource sim.dtb removed",
+        "firmware resource zImage changed (blake2b differs, 10 → 12 bytes)",
+    ]
+    assert resource_reasons({"zImage": (10, "b" * 128)}, {"zImage": (10, "9" * 128)}) == [
+        "firmware resource zImage changed (blake2b differs)"
+    ]
+    assert resource_reasons({"root.squashfs": (1, "a")}, {"root.squashfs": (2, "b")}, rootfs="root.squashfs") == []

@@ -21,6 +21,7 @@ from sshfwup.manifest import (
     inside,
     is_native,
     load_manifest,
+    native_by_content,
     read_marker,
     read_rootfs_file,
     resolve_in_root,
@@ -101,6 +102,50 @@ def test_native_by_content_name_and_executable_bit(tree: Path) -> None:
 )
 def test_is_native(path: str, mode: int, head: bytes | None, expected: bool) -> None:
     assert is_native(path, mode, head) is expected
+
+
+PY = ("/usr/bin/python3*", "/usr/lib/python3*")
+
+
+@pytest.mark.parametrize(
+    ("path", "mode", "head", "reason"),
+    [
+        ("/srv/app/data.bin", 0o644, ELF, "ELF executable or library"),
+        ("/srv/app/lib.so", 0o644, b"text", "named like a shared object or kernel module"),
+        ("/srv/app/run", 0o755, b"\x00\x01", "executable, not a script"),
+        ("/srv/app/run.py", 0o755, b"print(1)", None),  # an executable .py without #!: python's own
+        ("/srv/app/run", 0o755, b"#!/bin/sh\n", "#! runs /bin/sh, outside the app and not an interpreter"),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/../bin/perl\n", "#! runs /usr/bin/perl, outside the app"),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/python3.11 -u\n", None),
+        ("/srv/app/run", 0o755, b"#! /usr/bin/python3\n", None),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/env python3\n", None),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/env -S python3 -u\n", None),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/env PYTHONOPTIMIZE=1 python3\n", None),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/env node\n", "#! runs 'node', which is not an interpreter"),
+        ("/srv/app/run", 0o755, b"#!/usr/bin/env\n", "#! line names no program"),
+        ("/srv/app/run", 0o755, b"#!\n", "#! line names no program"),
+        ("/srv/app/run", 0o755, b"#!/srv/app/bin/runner\n", None),  # inside the app: judged on its own
+        ("/srv/app/run", 0o644, b"#!/bin/sh\n", None),  # not executable
+        ("/srv/app/empty", 0o755, b"", None),
+    ],
+)
+def test_native_by_content(path: str, mode: int, head: bytes, reason: str | None) -> None:
+    found = native_by_content(path, mode, head, app_dirs=("/srv/app",), interpreter=PY)
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(reason), found
+
+
+def test_manifest_bounds(tmp_path: Path) -> None:
+    put(tmp_path / "root", "/srv/app/a.py", b"1")
+    put(tmp_path / "root", "/srv/app/b.py", b"2")
+    data = dump_manifest(build_manifest(tmp_path / "root"))
+    assert len(load_manifest(data, max_entries=5).entries) == 4  # /srv, /srv/app and two files
+    with pytest.raises(ManifestError, match=r"lists 4 paths, more than 3 \(\[inspect\] max_manifest_entries\)"):
+        load_manifest(data, name="m", max_entries=3)
+    with pytest.raises(ManifestError, match=r"larger than 100 bytes \(\[inspect\] max_manifest_size\)"):
+        load_manifest(data, name="m", max_size=100)
 
 
 def test_marker_and_manifest_are_excluded(tree: Path) -> None:

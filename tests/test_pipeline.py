@@ -3,6 +3,8 @@ pending reboot, validation at boot, recovery from a crash or power cut at every 
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from httpload import Load
 from sshfwup.sim.device import marked_processes
 
 FAST = {"app": {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}}
+SERVE_WITH_FAULT = Path(__file__).resolve().parent / "apps" / "serve_with_fault.py"
 
 
 @pytest.fixture
@@ -38,6 +41,16 @@ def app_processes(sim: Sim) -> list[int]:
 def slot_mounts(sim: Sim) -> list[str]:
     run = str(sim.device.run_dir / "slots")
     return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines() if line.split()[4].startswith(run)]
+
+
+async def fault_at(sim: Sim, stage: str, action: str = "kill") -> None:
+    """Restart the server under the test entry point that kills (or hangs) it right after the
+    journal records ``stage`` — once (the seam is journal.StageHook; production has none)."""
+    once = sim.device.path / f"fault-{stage}-{action}.fired"
+    sim.device.set_server_command(
+        [sys.executable, str(SERVE_WITH_FAULT), stage, action, str(once), "--config", "{config}"]
+    )
+    await sim.restart_server()
 
 
 # --- hot swap --------------------------------------------------------------------------------
@@ -153,6 +166,27 @@ async def test_each_reboot_reason_reboots_into_the_new_firmware(sim: Sim, firmwa
     assert sim.app()["version"] == "3.0.0"
 
 
+async def test_the_new_firmware_does_not_choose_its_own_inspection(sim: Sim, tmp_path: Path) -> None:
+    """The issue's attack: a manifest that excludes /etc and /boot and calls an ELF "not
+    native", with a new kernel and an ELF in the app. The device's policy decides: reboot."""
+    from sshfwup.manifest import MANIFEST_PATH
+    from sshfwup.sim.firmware import build_firmware
+    from sshfwup.sim.rootfs import make_rootfs
+
+    staging = make_rootfs(tmp_path / "claims.rootfs", version="3.0.0", changes=("kernel", "app-executable"))
+    manifest = staging / MANIFEST_PATH.lstrip("/")
+    doc = json.loads(manifest.read_text())
+    doc["excluded"] += ["/etc", "/boot"]
+    doc["entries"]["/srv/app/helper"]["native"] = False
+    manifest.write_text(json.dumps(doc))
+    fw = build_firmware(staging, tmp_path / "claims.fw", version="3.0.0")
+    result = await upload(sim, fw)
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "reboot required: kernel changed, native code in the app changed (/srv/app/helper)" in text, text
+    await sim.machine.wait_boot(2, timeout=30)
+
+
 async def test_reboot_then_validation(sim: Sim, firmware) -> None:
     assert (await upload(sim, firmware("2.0.0"))).returncode == 0  # hot, reboot pending
     result = sim.ssh("reboot")
@@ -199,10 +233,10 @@ async def test_unvalidated_firmware_that_fails_after_boot_falls_back(sim: Sim, f
 
 @pytest.mark.parametrize("stage", ["receiving", "applied", "mounted", "inspected", "swapping"])
 async def test_kill_9_during_an_update_restores_the_old_firmware(sim: Sim, firmware, stage: str) -> None:
-    (sim.device.server_data_dir / "failpoint").write_text(f"{stage} kill\n")
+    await fault_at(sim, stage)
     result = await upload(sim, firmware("2.0.0"))
     assert result.returncode != 0  # the server died under the uploader
-    await sim.machine.wait_state(lambda s: s.server_restarts >= 1 and s.ready, timeout=30)
+    await sim.machine.wait_state(lambda s: s.server_restarts >= 2 and s.ready, timeout=30)
     env = sim.env()
     assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1", env
     assert sim.app()["version"] == "1.0.0"
@@ -214,9 +248,9 @@ async def test_kill_9_during_an_update_restores_the_old_firmware(sim: Sim, firmw
 
 
 async def test_kill_9_after_a_hot_swap_resumes_the_new_version(sim: Sim, firmware) -> None:
-    (sim.device.server_data_dir / "failpoint").write_text("hot kill\n")
+    await fault_at(sim, "hot")
     await upload(sim, firmware("2.0.0"))
-    await sim.machine.wait_state(lambda s: s.server_restarts >= 1 and s.ready, timeout=30)
+    await sim.machine.wait_state(lambda s: s.server_restarts >= 2 and s.ready, timeout=30)
     assert sim.app() | {"pid": 0} == {"version": "2.0.0", "slot": "b", "pid": 0}
     status = sim.status()
     assert status["pending_reboot"] and status["app"]["slot"] == "b"
@@ -224,7 +258,7 @@ async def test_kill_9_after_a_hot_swap_resumes_the_new_version(sim: Sim, firmwar
 
 
 async def test_kill_9_before_a_requested_reboot_reboots(sim: Sim, firmware) -> None:
-    (sim.device.server_data_dir / "failpoint").write_text("reboot kill\n")
+    await fault_at(sim, "reboot")
     await upload(sim, firmware("3.0.0", changes=("kernel",)))
     state = await sim.machine.wait_boot(2, timeout=40)
     assert state.slot == "b"
@@ -233,7 +267,7 @@ async def test_kill_9_before_a_requested_reboot_reboots(sim: Sim, firmware) -> N
 
 
 async def test_power_cut_during_a_swap_boots_the_new_firmware_safely(sim: Sim, firmware) -> None:
-    (sim.device.server_data_dir / "failpoint").write_text("swapping pause\n")
+    await fault_at(sim, "swapping", "pause")
     async with anyio.create_task_group() as tg:
         tg.start_soon(upload, sim, firmware("2.0.0"))
         await wait_until(lambda: journal(sim)["stage"] == "swapping", what="the swap to start")

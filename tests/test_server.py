@@ -24,6 +24,8 @@ from conftest import SSH_OPTIONS, KeyPair, Sim, assert_applied, assert_untouched
 
 from sshfwup.sim.host import zip_payload
 
+from sshfwup.sim.host import ssh_keygen
+
 APPS = Path(__file__).resolve().parent / "apps"
 REPORT_ONLY = {"fwup": {"success_callback": "sshfwup.update:report_only"}}
 
@@ -309,6 +311,176 @@ async def test_sftp_refuses_everything_but_uploads(sim: Sim, firmware, batch: st
     ), text
     assert_untouched(sim)
     assert not (tmp_path / "x").exists()
+
+
+# --- authorized_keys options, as sshd reads them (table: docs/security.md) -------------------
+
+
+async def test_authorized_keys_options_through_openssh(sim: Sim, firmware, tmp_path: Path) -> None:
+    names = ("status_only", "expired", "upload_only", "elsewhere", "unknown_option", "until_2999")
+    k = {name: ssh_keygen(tmp_path / name) for name in names}
+    _authorize(
+        sim,
+        f'command="status",restrict {k["status_only"].public_line}',
+        f'expiry-time="20000101" {k["expired"].public_line}',
+        f'command="fwup" {k["upload_only"].public_line}',
+        f'from="10.0.0.0/8" {k["elsewhere"].public_line}',
+        f'no-such-option {k["unknown_option"].public_line}',
+        f'expiry-time="29991231" {k["until_2999"].public_line}',
+    )
+    v2 = firmware("2.0.0")
+    only = k["status_only"]
+    shell = sim.ssh(key=only)  # a shell request runs the forced command, as in sshd
+    assert shell.returncode == 0 and "running root:" in output(shell), output(shell)
+    assert sim.ssh("status", key=only).returncode == 0
+    for refused in (sim.ssh("reboot", key=only), sim.ssh("status", "--json", key=only), sim.upload(v2, key=only)):
+        assert refused.returncode == 1 and "this key may only run `status`" in output(refused), output(refused)
+    for refused in (sim.scp(v2, key=only), sim.scp(v2, legacy=True, key=only), sim.sftp(f"put {v2} /fwup\n", key=only)):
+        assert refused.returncode != 0 and "this key may only run `status`" in output(refused), output(refused)
+    assert_untouched(sim)
+    for name in ("expired", "elsewhere", "unknown_option"):
+        denied = sim.ssh("status", key=k[name])
+        assert denied.returncode == 255 and "Permission denied (publickey)" in output(denied), (name, output(denied))
+    assert sim.ssh("status", key=k["until_2999"]).returncode == 0
+    upload_key = k["upload_only"]
+    status = sim.ssh("status", key=upload_key)
+    assert status.returncode == 1 and "this key may only upload firmware" in output(status), output(status)
+    assert_applied(sim, sim.upload(v2, key=upload_key))
+    log = sim.machine.log_path.read_text()
+    assert "expired at 2000-01-01" in log and "option 'no-such-option' is unknown" in log
+    assert "restricted to `status`" in log
+
+
+async def test_user_certificates_with_principals(sim: Sim, firmware, tmp_path: Path) -> None:
+    ca = ssh_keygen(tmp_path / "ca")
+    _authorize(sim, f'cert-authority,principals="alice,ops-*" {ca.public_line}')
+
+    def certified(name: str, *options: str) -> KeyPair:
+        user = ssh_keygen(tmp_path / name)
+        subprocess.run(["ssh-keygen", "-q", "-s", str(ca.private), "-I", name, *options, str(user.public)], check=True)
+        assert Path(f"{user.private}-cert.pub").exists()  # ssh loads it next to the key
+        return user
+
+    alice = certified("alice", "-n", "alice", "-V", "-5m:+1h")
+    ok = sim.ssh("status", key=alice)
+    assert ok.returncode == 0, output(ok)
+    assert sim.ssh("status", key=certified("ops", "-n", "ops-7")).returncode == 0
+    for name, options in [("bob", ("-n", "bob")), ("old", ("-n", "alice", "-V", "20000101:20000102"))]:
+        denied = sim.ssh("status", key=certified(name, *options))
+        assert denied.returncode == 255 and "Permission denied" in output(denied), (name, output(denied))
+    # a certificate's force-command keeps sshd's meaning: it runs instead of what was asked
+    forced = certified("forced", "-n", "alice", "-O", "force-command=status")
+    for asked in (sim.upload(firmware("2.0.0"), key=forced), sim.ssh("reboot", key=forced), sim.ssh(key=forced)):
+        assert asked.returncode == 0 and "running root:" in output(asked), output(asked)
+    assert_untouched(sim)
+    # a certificate's force-command and the CA line's command= must agree, as in sshd
+    _authorize(sim, f'cert-authority,principals="alice",command="reboot" {ca.public_line}', replace=True)
+    conflict = sim.ssh("status", key=forced)
+    assert conflict.returncode == 255 and "certificate and key options conflict" in output(conflict), output(conflict)
+    log = sim.machine.log_path.read_text()
+    assert "accepted certificate for alice signed by CA" in log
+
+
+def _authorize(sim: Sim, *lines: str, replace: bool = False) -> None:
+    path = sim.device.server_data_dir / "authorized_keys"
+    kept = "" if replace else path.read_text()
+    path.write_text(kept + "".join(f"{line}\n" for line in lines))
+
+
+# --- limits before and after login --------------------------------------------------------------
+
+
+def _hold(port: int, source: str, count: int, *, hello: bytes | None = None) -> list[socket.socket]:
+    """``count`` TCP connections from ``source`` (an address on the loopback network) that
+    send nothing (or only ``hello``) and stay open."""
+    held = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+            if hello is not None:
+                s.sendall(hello)
+        except OSError:
+            s.close()
+            continue
+        held.append(s)
+    return held
+
+
+def _still_open(sockets: list[socket.socket]) -> int:
+    """How many of ``sockets`` the server has not closed (it sent its version line to those)."""
+    alive = 0
+    for s in sockets:
+        try:
+            s.settimeout(0.2)
+            data = s.recv(4096, socket.MSG_PEEK)
+        except (socket.timeout, BlockingIOError):
+            continue  # nothing yet: not closed either... but the server talks first when it admits
+        except OSError:
+            continue
+        alive += data.startswith(b"SSH-2.0-")
+    return alive
+
+
+async def test_logins_succeed_while_silent_and_slow_connections_are_held(sim: Sim) -> None:
+    """50 silent TCP connections from one address, 20 slow handshakes from another, 50 silent
+    connections from 50 addresses: real OpenSSH logins still get in, every time."""
+    held: list[socket.socket] = []
+    try:
+        one = _hold(sim.port, "127.0.0.2", 50)
+        slow = _hold(sim.port, "127.0.0.3", 20, hello=b"SSH-2.0-slowloris\r\n\x00\x00")  # half a packet
+        many = [s for i in range(50) for s in _hold(sim.port, f"127.0.1.{i + 1}", 1)]
+        held = one + slow + many
+        await anyio.sleep(1.5)  # the floods have been silent past the grace
+        results = [await anyio.to_thread.run_sync(lambda: sim.ssh("status")) for _ in range(10)]
+        kept_one, kept_slow, kept_many = _still_open(one), _still_open(slow), _still_open(many)
+    finally:
+        for s in held:
+            s.close()
+    assert [r.returncode for r in results] == [0] * 10, [output(r) for r in results if r.returncode]
+    assert kept_one <= 3 and kept_slow <= 3, (kept_one, kept_slow)  # max_startups_per_source
+    log = sim.machine.log_path.read_text()
+    assert "unauthenticated connections from 127.0.0.2 already (max_startups_per_source)" in log
+    assert "silent, and a new connection needed its place" in log
+    print(f"held open by the server: {kept_one}/50 from one address, {kept_slow}/20 slow, {kept_many}/50 from 50 addresses")
+
+
+async def test_connections_that_run_nothing_are_closed(sim: Sim, firmware) -> None:
+    await sim.restart_server(server={"session_idle_timeout": 1})
+    started = time.monotonic()
+    idle = sim.ssh("-N", timeout=30)  # logged in, asks for nothing
+    assert idle.returncode == 255 and "idle for 1 s" in output(idle), output(idle)
+    assert time.monotonic() - started < 15
+    async with _client(sim) as conn:
+        sftp = await conn.start_sftp_client()
+        assert await sftp.realpath(".") == "/"
+        with anyio.fail_after(15):
+            await conn.wait_closed()  # an SFTP session that does nothing
+    assert_applied(sim, sim.upload(firmware("2.0.0")))  # a session that works is never cut
+
+
+async def test_client_names_cannot_forge_log_lines(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    forged = "INFO sshfwup.server: accepted key SHA256:forged"
+    async with _client(sim) as conn:
+        sftp = await conn.start_sftp_client()
+        try:
+            f = await sftp.open(f"/x\n{forged}.fw", "wb")
+            await f.close()
+        except asyncssh.SFTPError:
+            pass
+    # OpenSSH's client refuses such a user name; an attacker's client need not
+    monkeypatch.setattr(asyncssh.connection, "saslprep", lambda name: name)
+    with pytest.raises((asyncssh.Error, OSError)):
+        async with asyncssh.connect(
+            "127.0.0.1", sim.port, username=f"root\n{forged}", client_keys=[str(sim.key.private)], known_hosts=None
+        ):
+            pass
+    await anyio.sleep(0.5)
+    lines = sim.machine.log_path.read_text().splitlines()
+    assert not any(line.startswith("INFO sshfwup.server: accepted key SHA256:forged") for line in lines)
+    assert any("/x\\x0aINFO sshfwup.server" in line for line in lines), "the name was logged, escaped"
 
 
 async def test_too_many_connections(sim: Sim) -> None:

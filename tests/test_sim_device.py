@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import pwd
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -134,12 +135,15 @@ def test_create_writes_the_server_config(device: SimDevice) -> None:
     assert config.server.listen == "127.0.0.1" and config.server.port == 2201
     assert config.server.host_key == d / "data/sshfwup/ssh_host_ed25519_key"
     assert config.server.authorized_keys == (d / "data/sshfwup/authorized_keys",)
-    assert config.server.lock_file == d / "run/update.lock"
+    runtime = Path("/run/sshfwup-sim") / str(d).lstrip("/")  # mount points the app's user reaches
+    assert config.server.lock_file == runtime / "run/update.lock"
     assert config.fwup.path == device.fwup and config.fwup.devpath == d / "disk.img"
     assert config.device.fw_env_config == d / "fw_env.config"
-    assert config.device.root_mount == d / "root"
+    assert config.device.root_mount == runtime / "root"
     assert config.device.reboot_command == (sys.executable, "-m", "sshfwup.sim", "reboot", str(d))
-    assert config.app.command == (sys.executable, "{app_dir}/app.py")
+    assert config.app.command[1:] == ("{app_dir}/app.py",)
+    assert config.app.user == "sshfwup-app" and pwd.getpwnam("sshfwup-app").pw_uid != 0
+    assert config.app.pass_env == ("SSHFWUP_SIM_MACHINE",)  # how the machine finds the app's processes
     assert [str(s) for s in config.app.sockets] == ["tcp:127.0.0.1:8201"]
     assert config.app.sockets[0].name == "http"
     assert (config.app.ready, config.app.ready_timeout, config.app.drain_timeout, config.app.observe) == ("notify", 10, 5, 2)

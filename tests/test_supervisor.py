@@ -93,6 +93,7 @@ def app_config(tmp_path: Path, **overrides: Any) -> AppConfig:
         observe=0.3,
         health_interval=0.1,
         restart_backoff=(0.1, 2.0),
+        user="",  # the test apps write into tmp_path; the user switch is tested in test_room.py
     )
     return replace(config, **overrides)
 

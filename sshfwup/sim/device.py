@@ -1,13 +1,15 @@
 """One simulated A/B device in a directory: disk image, loop devices, mounts, server config.
 
-The directory ``D`` holds everything (see docs/ARCHITECTURE.md)::
+The directory ``D`` holds everything (see docs/ARCHITECTURE.md), except the mount points the
+app runs from, which live in the runtime directory ``R = /run/sshfwup-sim/D`` (the app runs as
+its own unprivileged user and must reach them; ``D`` may sit below a private directory)::
 
     D/disk.img        the whole disk: MBR, U-Boot env, rootfs a, rootfs b, app data
     D/fw_env.config   where the U-Boot env sits inside disk.img, for fw_printenv/fw_setenv
     D/device.json     how this device was made (layout, ports, fwup, config overrides)
-    D/root/           the running root: the booted slot, mounted read-only
+    R/root/           the running root: the booted slot, mounted read-only
     D/data/           the app data partition (ext4), holds sshfwup's data dir
-    D/run/            the server's run dir (lock, the pipeline's slot mounts)
+    R/run/            the server's run dir (lock, the pipeline's slot mounts)
     D/sshfwup.toml    the server's configuration
     D/machine.json    the simulated machine's state (written by machine.py)
 
@@ -24,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -38,6 +41,7 @@ from typing import Any
 
 from sshfwup import procs
 from sshfwup.bootenv import BootEnv
+from sshfwup.config import AppConfig
 from sshfwup.fsutil import write_atomically
 from sshfwup.fwfile import FirmwareError
 from sshfwup.sim.firmware import find_fwup
@@ -55,6 +59,8 @@ __all__ = [
     "SimDevice",
     "SimError",
     "cleanup",
+    "ensure_app_user",
+    "runtime_dir",
     "kill_marked_processes",
     "lock_holders",
     "loop_devices",
@@ -71,6 +77,7 @@ SLOTS = ("a", "b")
 ROLES = ("a", "b", "app")
 DEVICE_JSON = "device.json"
 MACHINE_LOCK = "machine.lock"  # held by the running machine for its whole life
+RUNTIME_BASE = Path("/run/sshfwup-sim")
 APP_FSTYPE = "ext4"
 
 
@@ -205,11 +212,45 @@ def machine_pids(device_dir: Path) -> list[int]:
     return [pid for pid in lock_holders(Path(device_dir).resolve() / MACHINE_LOCK) if procs.alive(pid)]
 
 
+def runtime_dir(device_dir: Path) -> Path:
+    """Where a device's mount points live: below ``/run/sshfwup-sim``, at the device
+    directory's own path (so it is still found by that path).
+
+    The app runs from these mounts as its own unprivileged user, which must reach them; the
+    device directory itself may sit below a private (0700) directory such as pytest's.
+    """
+    return RUNTIME_BASE / str(Path(device_dir).resolve()).lstrip("/")
+
+
+def _make_public_dir(path: Path) -> None:
+    """``path`` and its missing parents, each 0755 whatever the umask."""
+    missing = [p for p in [*reversed(path.parents), path] if not p.exists()]
+    for p in missing:
+        p.mkdir(exist_ok=True)
+        os.chmod(p, 0o755)
+
+
+def _remove_runtime_dir(device_dir: Path) -> None:
+    """Remove the (unmounted) runtime directory and its empty parents below RUNTIME_BASE."""
+    runtime = runtime_dir(device_dir)
+    if _mounts_under(runtime):
+        raise SimError(f"{runtime} still has mounts")
+    shutil.rmtree(runtime, ignore_errors=True)
+    for parent in runtime.parents:
+        if parent == RUNTIME_BASE or RUNTIME_BASE not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def cleanup(path: Path) -> None:
     """Tear a simulated device down completely, whatever state it was left in. Safe to repeat.
 
     Kills its machine and every process started under it, unmounts everything under the
-    directory, and detaches every loop device over its disk image.
+    directory and its runtime directory, removes the runtime directory, and detaches every
+    loop device over its disk image.
     """
     device_dir = Path(path).resolve()
     problems: list[str] = []
@@ -223,6 +264,8 @@ def cleanup(path: Path) -> None:
         problems.append(str(e))
     try:
         _unmount_under(device_dir)
+        _unmount_under(runtime_dir(device_dir))
+        _remove_runtime_dir(device_dir)
     except SimError as e:
         problems.append(str(e))
     for loop in loop_devices(device_dir / "disk.img"):
@@ -232,6 +275,51 @@ def cleanup(path: Path) -> None:
             problems.append(str(e))
     if problems:
         raise SimError(f"cleanup of {device_dir} incomplete: " + "; ".join(problems))
+
+
+# --- the app's user --------------------------------------------------------------------------
+
+
+def ensure_app_user(name: str) -> pwd.struct_passwd:
+    """The app's unprivileged user ([app] user), created on this machine when missing.
+
+    A real device gets it from its root filesystem; the simulator shares this machine's user
+    database, so it adds a system user the way a firmware build would (no home, no login shell).
+    """
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+            "--shell", "/usr/sbin/nologin", "--user-group", name]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    if proc.returncode not in (0, 9):  # 9: created meanwhile by someone else
+        raise SimError(f"cannot create the app user {name!r}: {proc.stderr.decode(errors='replace').strip()}")
+    log.info("created the app user %s", name)
+    return pwd.getpwnam(name)
+
+
+def _may_execute(path: Path, user: pwd.struct_passwd) -> bool:
+    """Does ``user`` have x permission on ``path`` (search, for a directory)? By the mode bits."""
+    import grp
+
+    st = path.stat()
+    if st.st_uid == user.pw_uid:
+        return bool(st.st_mode & 0o100)
+    if st.st_gid == user.pw_gid or user.pw_name in grp.getgrgid(st.st_gid).gr_mem:
+        return bool(st.st_mode & 0o010)
+    return bool(st.st_mode & 0o001)
+
+
+def app_interpreter(user: pwd.struct_passwd) -> str:
+    """A Python the app's user can run: this one, unless it lives where that user cannot reach
+    (a pyenv under /root), then the system's. The app finds ``sshfwup.app`` through the
+    PYTHONPATH the simulator sets (the sample app imports it; a firmware would vendor it)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        chain = [Path(candidate), Path(os.path.realpath(candidate))]
+        if all(_may_execute(p, user) for c in chain for p in [*c.parents, c] if p.exists()):
+            return candidate
+    raise SimError(f"no Python interpreter that the app user {user.pw_name} may run (tried {sys.executable}, /usr/bin/python3)")
 
 
 # --- the device ----------------------------------------------------------------------------
@@ -263,6 +351,7 @@ class SimDevice:
         ssh_port: int,
         app_port: int,
         config_overrides: Mapping[str, Any] | None = None,
+        server_command: Sequence[str] | None = None,
     ) -> None:
         self.path = Path(path).resolve()
         self.layout = layout
@@ -270,6 +359,7 @@ class SimDevice:
         self.ssh_port = ssh_port
         self.app_port = app_port
         self.config_overrides: dict[str, Any] = dict(config_overrides or {})
+        self.server_command = list(server_command) if server_command else None
 
     # --- paths
 
@@ -283,7 +373,7 @@ class SimDevice:
 
     @property
     def root_dir(self) -> Path:
-        return self.path / "root"
+        return runtime_dir(self.path) / "root"
 
     @property
     def data_dir(self) -> Path:
@@ -291,7 +381,7 @@ class SimDevice:
 
     @property
     def run_dir(self) -> Path:
-        return self.path / "run"
+        return runtime_dir(self.path) / "run"
 
     @property
     def config_path(self) -> Path:
@@ -334,7 +424,7 @@ class SimDevice:
             fwup = find_fwup(fwup)
         except FirmwareError as e:
             raise ProvisionError(str(e)) from None
-        for sub in ("", "root", "data", "run"):
+        for sub in ("", "data"):
             (path / sub).mkdir(parents=True, exist_ok=True)
         device = cls(
             path,
@@ -351,6 +441,7 @@ class SimDevice:
         device._save()
         device._provision(firmware, authorized_keys)
         device.write_config()
+        device.prepare_app_user()
         log.info("created simulated device %s from %s", path, firmware.name)
         return device
 
@@ -392,6 +483,7 @@ class SimDevice:
                 ssh_port=int(saved["ssh_port"]),
                 app_port=int(saved["app_port"]),
                 config_overrides=saved.get("config_overrides") or {},
+                server_command=saved.get("server_command"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SimError(f"{path / DEVICE_JSON} is incomplete: {e}") from None
@@ -403,6 +495,7 @@ class SimDevice:
             "ssh_port": self.ssh_port,
             "app_port": self.app_port,
             "config_overrides": self.config_overrides,
+            "server_command": self.server_command,
         }
         _atomic_write(self.path / DEVICE_JSON, json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
@@ -470,14 +563,14 @@ class SimDevice:
         return max(found, key=lambda m: m.mount_id) if found else None
 
     def mount_root(self, slot: str, *, fstype: str = "squashfs") -> None:
-        """Mount a slot read-only as the running root at ``D/root`` (replacing another slot)."""
+        """Mount a slot read-only as the running root at ``R/root`` (replacing another slot)."""
         device = self.slot_device(slot)
         current = self._mounted_at(self.root_dir)
         if current is not None:
             if current.source == device:
                 return
             _unmount_under(self.root_dir)
-        self.root_dir.mkdir(parents=True, exist_ok=True)
+        self.make_runtime_dirs()
         self.flush(device)
         _run(
             ["mount", "-t", fstype, "-o", "ro,nodev,nosuid", device, str(self.root_dir)],
@@ -485,7 +578,7 @@ class SimDevice:
         )
 
     def running_slot(self) -> str | None:
-        """The slot mounted at ``D/root``, from the mount table."""
+        """The slot mounted at ``R/root``, from the mount table."""
         current = self._mounted_at(self.root_dir)
         if current is None:
             return None
@@ -511,11 +604,30 @@ class SimDevice:
         self.server_data_dir.mkdir(mode=0o700, exist_ok=True)
 
     def unmount_all(self) -> None:
-        """Unmount everything under ``D`` (the pipeline's run/slots/* too), deepest first."""
+        """Unmount everything under ``D`` and its runtime directory (the pipeline's
+        run/slots/* too), deepest first."""
         _unmount_under(self.path)
+        _unmount_under(runtime_dir(self.path))
+
+    def make_runtime_dirs(self) -> None:
+        """The running root's mount point and the run dir, reachable by the app's user."""
+        for directory in (self.root_dir, self.run_dir):
+            _make_public_dir(directory)
 
     def cleanup(self) -> None:
         cleanup(self.path)
+
+    def _app_python(self) -> str:
+        user = self.config_overrides.get("app", {}).get("user", AppConfig().user)
+        return app_interpreter(ensure_app_user(user)) if user else sys.executable
+
+    def prepare_app_user(self) -> None:
+        """Make sure the configured [app] user exists (on this machine: see ensure_app_user)."""
+        from sshfwup.config import load_config
+
+        user = load_config(self.config_path).app.user
+        if user:
+            ensure_app_user(user)
 
     # --- queries for tests
 
@@ -534,7 +646,7 @@ class SimDevice:
         relative = path.lstrip("/")
         if not relative or ".." in Path(relative).parts:
             raise ValueError(f"expected an absolute path inside the root filesystem, got {path!r}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.make_runtime_dirs()
         mount_point = Path(tempfile.mkdtemp(prefix=f"peek-{slot}-", dir=self.run_dir))
         temp_loop: str | None = None
         mounted = False
@@ -608,13 +720,16 @@ class SimDevice:
                 "reboot_command": [sys.executable, "-m", "sshfwup.sim", "reboot", str(self.path)],
             },
             "app": {
-                "command": [sys.executable, "{app_dir}/app.py"],
+                "command": [self._app_python(), "{app_dir}/app.py"],
+                "env": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},  # sshfwup.app
                 "app_dir": "/srv/app",
                 "sockets": [f"http=tcp:127.0.0.1:{self.app_port}"],
                 "ready": "notify",
                 "ready_timeout": 10,
                 "drain_timeout": 5,
                 "observe": 2,
+                # the machine finds every process it started by this marker (see MARKER_ENV)
+                "pass_env": [MARKER_ENV],
             },
         }
 
@@ -637,6 +752,13 @@ class SimDevice:
             self.config_overrides = merged
             self._save()
         return self.config_path
+
+    def set_server_command(self, argv: Sequence[str] | None) -> None:
+        """The command the machine starts the server with from its next (re)start on
+        (``{config}`` and ``{device}`` are substituted); None: ``sshfwup serve``. Tests use it to
+        run the server under an entry point that installs a test seam."""
+        self.server_command = list(argv) if argv else None
+        self._save()
 
     def refresh_slots(self) -> Path:
         """Point ``[device] slots`` at the current loop devices, keeping every other setting."""

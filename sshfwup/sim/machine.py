@@ -3,7 +3,7 @@
 ``sshfwup sim run D`` runs in the foreground for as long as the device is "powered":
 
 - **boot**: U-Boot's choice (``bootloader.boot``), loop devices attached, data partition and the
-  chosen slot mounted (``D/data``, ``D/root``), ``[device] slots`` pointed at the loop devices,
+  chosen slot mounted (``D/data``, ``R/root``: see ``sim/device.py``), ``[device] slots`` pointed at the loop devices,
   then the server started — like a systemd service with ``Type=notify``: it gets a
   ``NOTIFY_SOCKET`` and is ready when it sends ``READY=1`` (only the server's own pid counts,
   like ``NotifyAccess=main``). A boot that fails (an unmountable slot) is retried like a
@@ -172,11 +172,14 @@ class Machine:
         _write_state(self.dir, self.state)
 
     def _command(self) -> list[str]:
-        if self.server_command is None:
+        """The server's command line: ``--server-command``, else the device's own setting (read
+        at every start, like a service's ExecStart after a daemon-reload), else ``sshfwup serve``."""
+        command = self.server_command or SimDevice.open(self.dir).server_command
+        if command is None:
             return [sys.executable, "-m", "sshfwup", "serve", "--config", str(self.device.config_path)]
         subst = {"{config}": str(self.device.config_path), "{device}": str(self.dir)}
         out = []
-        for arg in self.server_command:
+        for arg in command:
             for token, value in subst.items():
                 arg = arg.replace(token, value)
             out.append(arg)
@@ -242,13 +245,13 @@ class Machine:
 
     async def _supervise_server(self) -> None:
         """Start the server and keep it running (Restart=always) until cancelled."""
-        command = self._command()
         first = True
         while True:
             if not first:
                 await anyio.sleep(RESTART_DELAY)
                 self._update(server_restarts=self.state.server_restarts + 1)
             first = False
+            command = self._command()
             try:
                 self.server = await anyio.open_process(
                     command,
@@ -339,7 +342,8 @@ class Machine:
                 return
 
     async def run(self) -> int:
-        self.dir.joinpath("run").mkdir(exist_ok=True)
+        self.device.make_runtime_dirs()
+        self.device.prepare_app_user()
         lock = open(self.dir / MACHINE_LOCK, "w")  # held for the machine's life: how it is found
         try:
             try:

@@ -18,7 +18,7 @@ from sshfwup.supervisor import AppSource, Supervisor
 
 
 async def main(marker: str, root: str) -> None:
-    config = AppConfig(command=(sys.executable, "{app_dir}/server.py"), app_dir="/srv/app", ready_timeout=10)
+    config = AppConfig(command=(sys.executable, "{app_dir}/server.py"), app_dir="/srv/app", ready_timeout=10, user="")
     async with Supervisor(config, marker=marker) as supervisor:
         instance = await supervisor.start(AppSource(Path(root), "a", "1.0.0"))
         print(instance.pid, flush=True)
