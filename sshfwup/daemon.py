@@ -13,18 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
 import anyio.abc
 
 from .app import notify
-from .bootenv import BootEnvError, BootState, other_slot
+from .bootenv import ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .config import Config
 from .device import Device
 from .journal import Journal, Recovery, StageHook, plan_recovery
+from .lock import DeviceBusy
 from .pipeline import slot_mount_point
 from .server import FirmwareServer
 from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
@@ -159,7 +160,10 @@ async def _start_app(device: Device, plan: Recovery, tg: anyio.abc.TaskGroup) ->
         if source.slot != root:
             # The hot-swapped version no longer starts: go back to the firmware we booted.
             if device.config.app.revert_on_failure:
-                await device.bootenv.revert_to(root)
+                try:
+                    await device.bootenv.revert_to(root, also={slot_state_var(source.slot): ROLLED_BACK})
+                except BootEnvError as e:
+                    log.error("cannot revert the boot env to slot %s: %s", root, e)
             if device.journal is not None and device.journal.current is not None:
                 device.journal.advance("rolled-back", verdict=f"{source.version} failed after a restart: {e.reason}")
             await _unmount_quietly(slot_mount_point(device, source.slot))
@@ -213,24 +217,61 @@ async def _validate_after_boot(device: Device, app_ok: bool) -> None:
     healthy = True
     if sup is not None:
         healthy = app_ok and await sup.wait_healthy(device.config.app.observe)
-    if healthy:
-        await device.bootenv.validate()
-        if device.journal is not None and device.journal.current is not None:
-            device.journal.advance("validated", verdict=f"firmware {version} validated after a healthy boot")
-        device.last_outcome = {"ok": True, "verdict": f"firmware {version} validated after a healthy boot"}
-        device.notify_status(f"firmware {version} validated")
-        log.info("validated firmware %s in slot %s", version, root)
-        return
-    other = other_slot(root)
-    reason = f"firmware {version} failed its first boot (the app did not stay ready)"
-    if boot.version(other):
-        log.error("%s; falling back to slot %s (%s)", reason, other, boot.version(other))
-        await device.bootenv.revert_to(other)
-        if device.journal is not None and device.journal.current is not None:
-            device.journal.advance("rolled-back", verdict=f"{reason}; fell back to slot {other}")
-        device.request_reboot(f"{reason}; falling back to slot {other}")
-    else:
-        log.error("%s, and slot %s holds no firmware to fall back to", reason, other)
+    async with _update_lock(device, f"boot validation of {version}"):
+        # An operator may have reverted or validated during the observation window: decide on
+        # the env as it is now, never on the one read before it.
+        try:
+            now = await device.boot_state()
+        except BootEnvError as e:
+            now = None
+            log.error("cannot read the boot env after observing %s: %s", version, e)
+        if now is not None and (now.active != root or now.validated):
+            log.info("not validating %s: the boot env now names slot %s%s", version, now.active,
+                     " (validated)" if now.validated else "")  # fmt: skip
+            return
+        if healthy and now is not None:
+            await device.bootenv.validate()
+            if device.journal is not None and device.journal.current is not None:
+                device.journal.advance("validated", verdict=f"firmware {version} validated after a healthy boot")
+            device.last_outcome = {"ok": True, "verdict": f"firmware {version} validated after a healthy boot"}
+            device.notify_status(f"firmware {version} validated")
+            log.info("validated firmware %s in slot %s", version, root)
+            return
+        other = other_slot(root)
+        reason = f"firmware {version} failed its first boot (the app did not stay ready)"
+        fallback = now.slots[other] if now is not None else None
+        if fallback is not None and fallback.usable:
+            log.error("%s; falling back to slot %s (%s)", reason, other, fallback.version)
+            try:
+                await device.bootenv.revert_to(other, also={slot_state_var(root): ROLLED_BACK})
+            except BootEnvError as e:
+                # The bootloader's boot counter falls back on its own after enough failed boots.
+                log.error("cannot write the boot env (%s); rebooting so the bootloader falls back", e)
+            if device.journal is not None and device.journal.current is not None:
+                device.journal.advance("rolled-back", verdict=f"{reason}; fell back to slot {other}")
+            device.request_reboot(f"{reason}; falling back to slot {other}")
+        elif now is None:
+            device.request_reboot(f"{reason}; the boot env is unreadable: rebooting so the bootloader falls back")
+        else:
+            log.error("%s, and slot %s holds no usable firmware to fall back to; staying up", reason, other)
+
+
+@asynccontextmanager
+async def _update_lock(device: Device, who: str, timeout: float = 600) -> AsyncIterator[None]:
+    """The device's update lock, waited for (an upload or an operator command may hold it)."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        try:
+            device.lock.acquire(who)
+            break
+        except DeviceBusy:
+            if anyio.current_time() > deadline:
+                raise
+            await anyio.sleep(0.5)
+    try:
+        yield
+    finally:
+        device.lock.release()
 
 
 async def _watchdog() -> None:

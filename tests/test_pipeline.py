@@ -414,3 +414,18 @@ async def test_no_upload_while_the_running_firmware_is_unvalidated(sim: Sim, fir
     assert sim.env() == env and sim.device.slot_bytes_sha256("a", 1 << 20) == slot_a
     assert sim.ssh("validate").returncode == 0
     assert (await upload(sim, firmware("4.0.0"))).returncode == 0  # once validated, it goes through
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {**FAST["app"], "observe": 4}}])
+async def test_a_revert_during_the_observation_window_is_not_validated_over(sim: Sim, firmware) -> None:
+    """Found by the model: the boot validation decided on the env read before its observation window,
+    and validated the slot an operator had reverted to in the meantime (a firmware that never booted)."""
+    await upload(sim, firmware("3.0.0", changes=("kernel",)))
+    await sim.machine.wait_boot(2, timeout=30)
+    assert sim.env()["nerves_fw_validated"] == "0"
+    result = sim.ssh("revert")  # inside the 4 s window
+    assert result.returncode == 0, output(result)
+    await anyio.sleep(6)  # past the window
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "0", env
+    assert sim.status()["validated"] is False
