@@ -74,6 +74,7 @@ async def status(device: Device) -> dict[str, Any]:
         }
     if device.journal is not None:
         out["journal"] = device.journal.summary()
+        out["journal_error"] = device.journal.error
     return out
 
 
@@ -85,6 +86,8 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(("next boot", f"slot {s['active'] or '?'}" + ("" if s["validated"] else " (not validated)")))
         for slot, info in s["slots"].items():
             rows.append((f"slot {slot}", info["version"] or "(empty)"))
+    if s.get("journal_error"):
+        rows.append(("journal", f"NOT WRITTEN ({s['journal_error']}): updates work, crash recovery relies on the boot env"))
     if s["pending_reboot"]:
         rows.append(("pending reboot", f"yes: slot {s['active']} runs after the next reboot (ssh <device> reboot)"))
     app = s.get("app")

@@ -149,7 +149,12 @@ async def _start_app(device: Device, plan: Recovery, tg: anyio.abc.TaskGroup) ->
     assert sup is not None
     root = device.running_root()
     assert root is not None
-    boot = await device.boot_state()
+    try:
+        boot: BootState | None = await device.boot_state()
+    except BootEnvError as e:
+        # The app (and SSH, to fix this) must come up anyway: run what the running root holds.
+        log.error("the boot env is unreadable (%s): starting the app from the running root", e)
+        boot, plan = None, Recovery(root, False)
     source = await _source(device, plan.app_slot, boot)
     try:
         await sup.start(source)
@@ -174,8 +179,8 @@ async def _start_app(device: Device, plan: Recovery, tg: anyio.abc.TaskGroup) ->
     return False
 
 
-async def _source(device: Device, slot: str, boot: BootState) -> AppSource:
-    version = boot.version(slot) or "unknown"
+async def _source(device: Device, slot: str, boot: BootState | None) -> AppSource:
+    version = (boot.version(slot) if boot is not None else None) or "unknown"
     if slot == device.running_root():
         return AppSource(device.config.device.root_mount, slot, version)
     mount_point = slot_mount_point(device, slot)

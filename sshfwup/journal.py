@@ -87,15 +87,19 @@ StageHook = Callable[[Record], None]
 class Journal:
     def __init__(self, data_dir: Path, *, on_stage: StageHook | None = None) -> None:
         self.path = data_dir / "journal.json"
+        self.error: str | None = None  # why the last write failed (status shows it)
         self.current: Record | None = self._load()
         self._on_stage = on_stage
 
     def _load(self) -> Record | None:
         try:
-            return Record.from_json(json.loads(self.path.read_text()))
+            raw = json.loads(self.path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
+            return Record.from_json(raw)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             # A torn write cannot happen (atomic replace), but a hand-edited file can: keep going.
             log.error("journal %s is unreadable (%s); starting without it", self.path, e)
             return None
@@ -129,9 +133,18 @@ class Journal:
         }
 
     def _write(self, rec: Record) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps(rec.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-        write_atomically(self.path, data, mode=0o644, durable=True)  # the rename must survive a power loss
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, data, mode=0o644, durable=True)  # the rename must survive a power loss
+            self.error = None
+        except OSError as e:
+            # A full or read-only data partition must not stop a fix from being uploaded: the
+            # record stays in memory, status says it is not on disk, and recovery after a crash
+            # falls back on the boot env and the bootloader's own fallback.
+            if self.error is None:
+                log.error("cannot write the journal %s (%s): this update's stages are not on disk", self.path, e)
+            self.error = f"{self.path}: {e.strerror or e}"
         self.current = rec
         log.debug("journal: %s %s", rec.id, rec.stage)
         if self._on_stage is not None:

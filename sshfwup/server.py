@@ -32,6 +32,7 @@ from . import commands
 from .admission import Admission, Refused, StartupLimits, Ticket
 from .authkeys import AuthorizedKeys, SessionRequest, resolve_session
 from .config import Config
+from .fsutil import write_atomically
 from .device import Device
 from .report import Report
 from .scp import run_scp_sink
@@ -52,20 +53,28 @@ FORWARDING_REFUSED = "port forwarding is not allowed on this device (firmware up
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
-    """The server's ed25519 host key, generated on first start and stored mode 0600."""
+    """The server's ed25519 host key, generated on first start and stored mode 0600.
+
+    A damaged key file (empty, truncated, not a key) must not keep SSH down: it is moved aside
+    (``<path>.damaged-<time>``) and a new key is made, loudly — clients will see a new host key.
+    Keys are written atomically and fsync'd, so a power cut leaves the old key or the new one.
+    """
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             log.warning("host key %s is readable by others (mode %o); fixing to 0600", path, mode)
             os.chmod(path, 0o600)
-        return asyncssh.read_private_key(str(path))
+        try:
+            return asyncssh.read_private_key(str(path))
+        except (OSError, ValueError, asyncssh.KeyImportError) as e:
+            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            os.replace(path, aside)
+            log.error("host key %s is damaged (%s): moved it to %s and generated a new one; clients will "
+                      "report a changed host key", path, e, aside)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     key = asyncssh.generate_private_key("ssh-ed25519")
-    # Create the file 0600 from the start: write_private_key would leave it 0644 for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.export_private_key())
-    Path(f"{path}.pub").write_bytes(key.export_public_key())
+    write_atomically(path, key.export_private_key(), mode=0o600)  # 0600 from the first byte
+    write_atomically(Path(f"{path}.pub"), key.export_public_key(), mode=0o644)
     log.info("generated host key %s (%s)", path, key.get_fingerprint())
     return key
 

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Sim
+import anyio
+from conftest import Sim, output
 
 from sshfwup.cli import operator_errors
 from sshfwup.daemon import DaemonError
@@ -90,3 +91,61 @@ def test_serve_imports_nothing_of_the_host_side() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# --- SSH stays up, whatever else is broken at start ---------------------------------------------
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+async def test_an_unreadable_boot_env_at_start_keeps_ssh_and_the_app_up(sim: Sim, tmp_path: Path) -> None:
+    broken = _script(tmp_path / "fw_printenv", "echo 'Cannot read environment, CRC error' >&2\nexit 1\n")
+    await sim.restart_server(device={"fw_printenv": broken})
+    status = sim.status()
+    assert "Cannot read environment" in status["boot_env_error"]
+    assert status["app"]["version"] == "unknown" and sim.app()["version"] == "1.0.0"
+    assert "unreadable" in output(sim.ssh("status"))
+
+
+async def test_a_damaged_journal_or_host_key_keeps_ssh_up(sim: Sim) -> None:
+    data = sim.device.server_data_dir
+    (data / "journal.json").write_text("null\n")
+    key = data / "ssh_host_ed25519_key"
+    key.write_bytes(b"")
+    await sim.restart_server()
+    status = sim.status()  # the client accepts any host key here: the new one
+    assert status["app"]["version"] == "1.0.0" and status["journal"] is None
+    assert key.stat().st_size > 0 and key.stat().st_mode & 0o777 == 0o600
+    assert list(data.glob("ssh_host_ed25519_key.damaged-*"))
+    assert "host key" in sim.machine.log_path.read_text(errors="replace").split("damaged")[0][-400:]
+
+
+async def test_an_unwritable_data_partition_still_takes_a_fix(sim: Sim, firmware) -> None:
+    data = sim.device.server_data_dir
+    subprocess.run(["chattr", "+i", str(data)], check=True)  # nothing can be created or renamed in it
+    try:
+        result = await anyio.to_thread.run_sync(lambda: sim.upload(firmware("2.0.0")))
+        assert result.returncode == 0 and "hot reload" in output(result), output(result)
+        status = sim.status()
+        assert status["journal_error"] and status["app"]["version"] == "2.0.0"
+        assert "NOT WRITTEN" in output(sim.ssh("status"))
+    finally:
+        subprocess.run(["chattr", "-i", str(data)], check=True)
+
+
+async def test_a_failed_first_boot_reboots_even_when_the_env_cannot_be_written(sim: Sim, firmware, tmp_path: Path) -> None:
+    """The fallback's env write fails: the device reboots anyway, and the bootloader's boot counter
+    brings back the validated firmware after its attempts run out."""
+    setenv = _script(tmp_path / "fw_setenv",
+                     'in=$(cat)\ncase "$in" in *nerves_fw_active=*) echo "I/O error" >&2; exit 1;; esac\n'
+                     'printf "%s\\n" "$in" | exec fw_setenv "$@"\n')  # fmt: skip
+    await sim.restart_server(device={"fw_setenv": setenv}, app={"ready_timeout": 2, "observe": 1})
+    result = await anyio.to_thread.run_sync(
+        lambda: sim.upload(firmware("3.0.0", changes=("kernel",), app_behavior={"never_ready": True})))
+    assert result.returncode == 0, output(result)  # a reboot verdict: the new app is judged after the boot
+    state = await sim.machine.wait_state(lambda s: s.slot == "a" and s.boot_count >= 3 and s.ready, timeout=120)
+    assert state.slot == "a" and sim.app()["version"] == "1.0.0"
