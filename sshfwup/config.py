@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 __all__ = [
     "AppConfig",
+    "UpdateConfig",
     "Config",
     "ConfigError",
     "DeviceConfig",
@@ -153,9 +154,15 @@ class InspectConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    allow_downgrade: bool = False  # an upload older than the running firmware is refused unless true
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     fwup: FwupConfig = field(default_factory=FwupConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     app: AppConfig = field(default_factory=AppConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
@@ -171,6 +178,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "fwup": FwupConfig,
+    "update": UpdateConfig,
     "device": DeviceConfig,
     "app": AppConfig,
     "inspect": InspectConfig,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FirmwareHead", "read_head_bytes"]
+__all__ = ["FirmwareHead", "read_head_bytes", "version_key"]
 
 MAX_HEAD = 256 * 1024  # meta.conf is < 50 000 bytes (fwup's limit), deflated, after a 64-byte signature
 
@@ -55,3 +55,12 @@ def read_head_bytes(data: bytes, *, public_keys: Sequence[Path] = (), final: boo
         signed=info.signature is not None,
         resources=tuple((r.name, r.length, r.blake2b_256) for r in info.meta.resources.values()),
     )
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order versions number by number (1.10.0 > 1.9.2; 2.0.0-rc1 < 2.0.0 is not attempted:
+    pre-release suffixes compare as text after the numbers)."""
+    import re
+
+    parts = re.findall(r"\d+|[A-Za-z]+", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)

@@ -28,7 +28,7 @@ import anyio
 from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .device import Device
 from .fwup import FwupError, FwupProcess, FwupResult, Progress
-from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
+from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes, version_key
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .lock import DeviceBusy
 from .report import Report
@@ -148,6 +148,7 @@ class Update:
         self._head_read = False  # decided: head read, or left to fwup
         self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
         self._target: str | None = None  # the slot fwup writes, once it may have started
+        self.downgrade = False  # an older version than the running one, allowed by the config
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -266,6 +267,16 @@ class Update:
         log.info("upload from %s is %s %s (uuid %s)", self.uploader, head.product, head.version, head.uuid)
         self.device.progress.set(to_version=head.version)
         running = self.before.slots[self.root]
+        if (running.version and head.version and version_key(head.version) < version_key(running.version)
+                and running.uuid != head.uuid):  # fmt: skip
+            if not self.device.config.update.allow_downgrade:
+                reason = (f"update refused: {head.version} is older than the running {running.version} (a downgrade); "
+                          f"set [update] allow_downgrade = true on the device to allow it; the device was not changed")
+                self._journal("failed", reason)
+                self.abort(reason)
+                raise UpdateError(reason)
+            self.downgrade = True
+            log.warning("downgrade from %s to %s by %s", running.version, head.version, self.uploader)
         if running.uuid and running.uuid == head.uuid:
             self._skip = Outcome(True, f"already running {head.version} (uuid {head.uuid}); nothing changed")
             self._journal("unchanged", self._skip.verdict, to_slot=self.root, to_version=head.version)
@@ -355,6 +366,9 @@ class Update:
     def _conclude(self, outcome: Outcome) -> Outcome:
         """Record the outcome for ``status``; a reboot verdict asks the server to reboot (it waits
         for the uploader's channel to close first)."""
+        if self.downgrade and outcome.ok and self.head is not None:
+            outcome = Outcome(outcome.ok, f"downgrade to {self.head.version}: {outcome.verdict}", outcome.reboot,
+                              outcome.details)  # fmt: skip
         log.info("update from %s: %s", self.uploader, outcome.verdict)
         self.device.last_outcome = {"ok": outcome.ok, "verdict": outcome.verdict}
         if outcome.reboot:

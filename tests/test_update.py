@@ -6,7 +6,7 @@ import json
 
 from conftest import Sim, assert_applied, assert_untouched, output
 
-from sshfwup.fwhead import read_head_bytes
+from sshfwup.fwhead import read_head_bytes, version_key
 
 
 async def test_the_firmware_already_running_changes_nothing(sim: Sim, firmware) -> None:
@@ -40,3 +40,22 @@ def test_the_head_is_read_from_the_first_bytes(firmware) -> None:
     assert [name for name, _, _ in head.resources] == ["rootfs.img"]
     assert read_head_bytes(data[:100]) is None  # not there yet
     assert read_head_bytes(b"PK\x03\x04" + bytes(500), final=True) is None
+
+
+async def test_a_downgrade_is_refused_unless_allowed(sim: Sim, firmware) -> None:
+    old = firmware("0.9.0")
+    result = sim.upload(old)
+    text = output(result)
+    assert result.returncode == 1 and "0.9.0 is older than the running 1.0.0 (a downgrade)" in text, text
+    assert "allow_downgrade" in text and "Success!" not in text
+    assert_untouched(sim)
+    assert "b.sshfwup_state" not in sim.env()  # refused before fwup saw a byte
+    await sim.restart_server(update={"allow_downgrade": True})
+    result = sim.upload(old)
+    assert result.returncode == 0 and "downgrade to 0.9.0: hot reload" in output(result), output(result)
+    assert sim.app()["version"] == "0.9.0"
+
+
+def test_versions_compare_number_by_number() -> None:
+    assert version_key("1.10.0") > version_key("1.9.2") > version_key("1.9")
+    assert version_key("2.0.0") == version_key("2.0.0")
