@@ -11,7 +11,7 @@ import time
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from model import ALLOWED_REFUSALS, ModelDevice, ModelViolation, garbage, make_key, new_workdir, remove_workdir
@@ -218,6 +218,9 @@ MODEL_SETTINGS = settings(
     derandomize=True,  # a fixed sequence in CI; SSHFWUP_MODEL_EXAMPLES/STEPS or bench/soak.py for more
     database=None,
     suppress_health_check=list(HealthCheck),
+    # no shrinking: a failure's message names the invariant, the device's state and the last
+    # steps, and shrinking real devices would blow the suite's time budget
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 
 
