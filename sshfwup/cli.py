@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_upload)
 
     sub.add_parser("sim", help="the simulated A/B device (see `sshfwup sim --help`)")
-    sub.add_parser("firmware", help="build-side tools: manifest, mark, info, diff, sign (see `sshfwup firmware --help`)")
+    sub.add_parser("firmware", help="build-side tools: manifest, mark, build, delta, info, diff, sign (see `sshfwup firmware --help`)")
     sub.add_parser("keys", help="generate firmware signing and SSH keys (see `sshfwup keys --help`)")
 
     args = parser.parse_args(argv)
