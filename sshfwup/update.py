@@ -269,6 +269,7 @@ class Update:
                 "the device was not changed"
             )
             self._journal("failed", reason)
+            self.device.last_outcome = {"ok": False, "verdict": reason}
             self.abort(reason)
             raise UpdateRefused(reason)
 

@@ -129,6 +129,7 @@ async def test_a_patch_for_another_firmware_is_refused_before_fwup_sees_a_byte(s
         assert f"the device runs 1.0.0 (uuid {running}) in slot a" in verdict and "not changed" in verdict
         assert "a delta patch to 2.0.0 for firmware 1.0.0" in text, text  # the uploader is told why
         await anyio.to_thread.run_sync(wait_unlocked, sim)
+        assert sim.status()["last_update"] == {"ok": False, "verdict": verdict}
         assert sim.env() == env and slot_b(sim) == b_before  # nothing written, not even slot b
         assert sim.app()["version"] == "1.0.0"
     assert_applied(sim, await upload(sim, patches(firmware("1.0.0"), firmware("2.0.0"))))  # the right one applies
