@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -32,6 +33,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
 
 from sshfwup.sim.device import SimDevice, cleanup  # noqa: E402
 from sshfwup.sim.host import KeyPair, free_port, ssh_keygen, zip_payload
+from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout  # noqa: E402
 from sshfwup.sim.machine import SimMachine  # noqa: E402
 from sshfwup.sim.rootfs import build_sample_firmware  # noqa: E402
 
@@ -422,15 +424,18 @@ def sample_firmware(directory: Path, version: str) -> Path:
 
 @asynccontextmanager
 async def sim_device(
-    directory: Path, key: KeyPair, firmware: Path, *, overrides: Mapping[str, Any] | None = None
+    directory: Path, key: KeyPair, firmware: Path, *, overrides: Mapping[str, Any] | None = None,
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> AsyncIterator[SimRun]:
-    """A simulated device booted from ``firmware`` with ``sshfwup serve`` up; torn down at exit."""
+    """A simulated device booted from ``firmware`` with ``sshfwup serve`` up; torn down at exit.
+    ``layout``: other slot sizes (the firmware must be built for them)."""
     path = directory / "device"
     try:
         device = await anyio.to_thread.run_sync(
             lambda: SimDevice.create(
                 path,
                 firmware=firmware,
+                layout=layout,
                 authorized_keys=[key.public_line],
                 ssh_port=free_port(),
                 app_port=free_port(),
@@ -453,3 +458,65 @@ def sink_overrides(report: Path, *, rate_mb_s: float = 0.0, expect: int = 0) -> 
     if expect:
         extra += ["--sink-expect", str(expect)]
     return {"fwup": {"path": str(SINK), "success_callback": "", "extra_args": extra}}
+
+
+# --- a slow link: a throttling TCP proxy on loopback ------------------------------------------------
+
+
+class _TokenBucket:
+    """``rate`` bytes per second, bursts of at most ``burst`` bytes (a link, not a quota)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= n:
+                self.tokens -= n
+                return
+            await anyio.sleep((n - self.tokens) / self.rate)
+
+
+@asynccontextmanager
+async def throttled_proxy(target_port: int, rate: float, *, burst: int = 16 * 1024) -> AsyncIterator[int]:
+    """A TCP proxy on 127.0.0.1 in front of ``127.0.0.1:target_port`` that passes at most ``rate``
+    bytes per second each way (one shared bucket per direction); yields the proxy's port."""
+    up, down = _TokenBucket(rate, burst), _TokenBucket(rate, burst)
+
+    async def pump(src: Any, dst: Any, bucket: _TokenBucket) -> None:
+        try:
+            while True:
+                data = await src.receive(burst)
+                await bucket.take(len(data))
+                await dst.send(data)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            try:
+                await dst.send_eof()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+    async def handle(client: Any) -> None:
+        async with client:
+            try:
+                server = await anyio.connect_tcp("127.0.0.1", target_port)
+            except OSError:
+                return
+            async with server, anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, server, up)
+                tg.start_soon(pump, server, client, down)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield port
+        finally:
+            tg.cancel_scope.cancel()

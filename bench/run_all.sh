@@ -19,7 +19,7 @@ esac
 logs=$(mktemp -d "${TMPDIR:-/tmp}/sshfwup-bench.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
 failed=""
-for bench in throughput memory zero_downtime preauth_flood; do
+for bench in throughput memory zero_downtime preauth_flood delta; do
     echo "=== $bench $quick ($(date '+%H:%M:%S'), load average $(cut -d' ' -f1 /proc/loadavg))"
     # a pipeline's status is tee's: keep the benchmark's own
     { "$python" "$here/$bench.py" $quick 2>&1; echo "$?" >"$logs/$bench.status"; } | tee "$logs/$bench.log"
@@ -30,7 +30,7 @@ for bench in throughput memory zero_downtime preauth_flood; do
 done
 
 echo "=== summary $quick"
-for bench in throughput memory zero_downtime preauth_flood; do
+for bench in throughput memory zero_downtime preauth_flood delta; do
     grep -h '^target ' "$logs/$bench.log" || true
 done
 if [ -n "$failed" ]; then

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_upload)
 
     sub.add_parser("sim", help="the simulated A/B device (see `sshfwup sim --help`)", add_help=False)
-    sub.add_parser("firmware", help="build-side tools: manifest, mark, info, diff, sign (see `sshfwup firmware --help`)",
+    sub.add_parser("firmware", help="build-side tools: manifest, mark, build, delta, info, diff, sign (see `sshfwup firmware --help`)",
                    add_help=False)  # fmt: skip
     sub.add_parser("keys", help="generate firmware signing and SSH keys (see `sshfwup keys --help`)", add_help=False)
     return parser

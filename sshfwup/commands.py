@@ -45,6 +45,7 @@ async def status(device: Device) -> dict[str, Any]:
         "validated": boot.validated if boot else None,
         "pending_reboot": bool(boot and boot.active and root and boot.active != root),
         "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid} for s in ("a", "b")} if boot else {},
+        "running_uuid": boot.slots[root].uuid if boot and root in boot.slots else None,  # what a delta patch needs
         "boot_env_error": env_error,
         "app": None,
         "last_update": device.last_outcome,

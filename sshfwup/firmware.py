@@ -1,4 +1,4 @@
-"""Build-machine tooling: ``sshfwup firmware manifest|mark|info|diff|sign`` and ``sshfwup keys gen``.
+"""Build-machine tooling: ``sshfwup firmware manifest|mark|build|delta|info|diff|sign`` and ``sshfwup keys gen``.
 
 - ``manifest`` / ``mark`` prepare a staging root filesystem for the device's hot-or-reboot
   decision (the manifest, and the HOT_RELOAD marker: ``mix firmware.enable_reload`` /
@@ -7,6 +7,8 @@
 - ``diff`` computes the device's verdict for an update offline, with ``inspect.decide`` — the
   same function the device runs — on the manifests and marker read from the two archives
   (``--running HOST`` asks a device which firmware it runs).
+- ``build`` makes a ``.fw`` from a staging tree (:mod:`.firmware_build`); ``delta`` makes a patch
+  that turns one firmware into another on a device, in kilobytes (:mod:`.firmware_delta`).
 - ``sign`` adds fwup's signature; ``keys gen`` makes signing and SSH keys.
 
 Exit status: 0 done, 1 failed (message on stderr), 2 usage error, 3 ``diff --fail-on-reboot``
@@ -44,11 +46,9 @@ from .manifest import (
     MARKER_PATH,
     Manifest,
     ManifestError,
-    build_manifest,
     inside,
     read_marker,
     resolve_in_root,
-    write_manifest,
     write_marker,
 )
 
@@ -106,7 +106,23 @@ def _marker_on_disk(root: Path, marker_path: str) -> bool | None:
         raise CommandError(str(e)) from None
 
 
+def _manifest_line(manifest: Manifest, manifest_path: str, hot: bool | None, claims: str) -> str:
+    in_app = sum(1 for p in manifest.entries if inside(p, manifest.app_dirs))
+    boot = [f"kernel {manifest.kernel}" if manifest.kernel else "no kernel recorded"]
+    boot.append(f"device trees {', '.join(manifest.dtbs)}" if manifest.dtbs else "no device tree recorded")
+    return (
+        f"{manifest_path}: {len(manifest.entries)} entries, {in_app} in {', '.join(manifest.app_dirs)}; "
+        f"{'; '.join(boot)}; HOT_RELOAD {'missing' if hot is None else str(hot).lower()}: {claims}: {_claim(hot)}"
+    )
+
+
+def _hot_option(args: argparse.Namespace) -> bool | None:
+    return True if args.hot else False if args.reboot else None
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from .firmware_build import BuildError, prepare_rootfs
+
     root = _staging_root(args.rootfs_dir)
     app_dirs = tuple(args.app_dir or DEFAULT_APP_DIRS)
     for d in app_dirs:
@@ -114,24 +130,63 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             _err(f"warning: app directory {d} does not exist in {root}")
     kernel = _boot_file(root, args.kernel, "--kernel") if args.kernel else None
     dtbs = [_boot_file(root, d, "--dtb") for d in args.dtb]
-    if args.hot or args.reboot:  # first: the manifest leaves the marker out, whatever it says
-        write_marker(root, bool(args.hot), path=args.marker_path)
     try:
-        manifest = build_manifest(
-            root, app_dirs=app_dirs, kernel=kernel, dtbs=dtbs, exclude=(args.manifest_path, args.marker_path)
-        )
-        write_manifest(root, manifest, path=args.manifest_path)
-    except ManifestError as e:
+        manifest = prepare_rootfs(root, app_dirs=app_dirs, kernel=kernel, dtbs=dtbs, hot=_hot_option(args),
+                                  manifest_path=args.manifest_path, marker_path=args.marker_path)  # fmt: skip
+    except BuildError as e:
         raise CommandError(str(e)) from None
     hot = _marker_on_disk(root, args.marker_path)
-    in_app = sum(1 for p in manifest.entries if inside(p, manifest.app_dirs))
-    boot = [f"kernel {manifest.kernel}" if manifest.kernel else "no kernel recorded"]
-    boot.append(f"device trees {', '.join(manifest.dtbs)}" if manifest.dtbs else "no device tree recorded")
-    print(
-        f"{args.manifest_path}: {len(manifest.entries)} entries, {in_app} in {', '.join(manifest.app_dirs)}; "
-        f"{'; '.join(boot)}; HOT_RELOAD {'missing' if hot is None else str(hot).lower()}: "
-        f"next build claims: {_claim(hot)}"
-    )
+    print(_manifest_line(manifest, args.manifest_path, hot, "next build claims"))
+    return EXIT_OK
+
+
+# --- build / delta -------------------------------------------------------------------------------
+
+
+def _defines(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise CommandError(f"--define {item}: expected NAME=VALUE (a variable of the fwup.conf)")
+        out[name] = value
+    return out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .firmware_build import build_release
+
+    root = _staging_root(args.rootfs_dir)
+    kernel = _boot_file(root, args.kernel, "--kernel") if args.kernel else None
+    dtbs = [_boot_file(root, d, "--dtb") for d in args.dtb]
+    try:
+        built = build_release(
+            root, Path(args.output), version=args.version, app_dirs=tuple(args.app_dir or DEFAULT_APP_DIRS),
+            kernel=kernel, dtbs=dtbs, hot=_hot_option(args), signing_key=Path(args.sign) if args.sign else None,
+            conf=Path(args.fwup_conf) if args.fwup_conf else None, platform=args.platform,
+            architecture=args.architecture, variables=_defines(args.define),
+            manifest_path=args.manifest_path, marker_path=args.marker_path,
+        )  # fmt: skip
+    except FirmwareError as e:  # BuildError, and fwup's own refusals read back
+        raise CommandError(str(e)) from None
+    signed = "signed" if built.signed else "unsigned (sign with --sign KEY or `sshfwup firmware sign`)"
+    print(f"built {built.path}: {built.version or '?'} (uuid {built.uuid}), {_size(built.size)}, {signed}")
+    print(_manifest_line(built.manifest, args.manifest_path, built.hot, "it claims"))
+    return EXIT_OK
+
+
+def cmd_delta(args: argparse.Namespace) -> int:
+    from .firmware_delta import make_patch
+
+    try:
+        patch = make_patch(Path(args.old), Path(args.new), Path(args.output), resource=args.rootfs_resource)
+    except FirmwareError as e:
+        raise CommandError(str(e)) from None
+    print(f"patch:  {patch.path}: {patch.source.version} → {patch.target.version} ({patch.resource} as an xdelta3 patch)")
+    print(f"full:   {_size(patch.full_size)} ({patch.full_size} bytes, {args.new})")
+    print(f"delta:  {_size(patch.size)} ({patch.size} bytes)")
+    print(f"ratio:  {patch.ratio:.2%} of the full firmware")
+    print(f"applies only to a device running {patch.source}; others refuse it before writing anything")
     return EXIT_OK
 
 
@@ -158,7 +213,23 @@ def _read(path: str) -> tuple[Path, FirmwareInfo]:
     try:
         return fw, read_firmware(fw)
     except FirmwareError as e:
-        raise CommandError(str(e)) from None
+        raise CommandError(_patch_hint(fw) or str(e)) from None
+
+
+def _patch_hint(fw: Path) -> str | None:
+    """For a delta patch, which cannot be read like a whole firmware: say what it is."""
+    from .firmware_delta import DeltaError, read_head_info
+
+    try:
+        head = read_head_info(fw)
+    except DeltaError:
+        return None
+    if head.delta_source is None:
+        return None
+    return (
+        f"{fw} is a delta patch to {head.version or '?'} (uuid {head.uuid}) for a device running "
+        f"{head.delta_source}: it holds only the changes to the root filesystem; give the full .fw files"
+    )
 
 
 def _public_keys(paths: Sequence[str]) -> list[tuple[str, bytes]]:
@@ -335,6 +406,7 @@ class DiffResult:
     app_dirs_source: str
     warnings: tuple[str, ...] = ()
     running: dict[str, Any] | None = field(default=None)
+    delta: dict[str, Any] | None = None  # --delta: the patch that would be sent
 
     def to_json(self) -> dict[str, Any]:
         changes = self.verdict.changes
@@ -350,6 +422,7 @@ class DiffResult:
             "changed_in_app": [c.path for c in changes if c.in_app],
             "changed_outside_app": [c.path for c in changes if not c.in_app],
             "warnings": list(self.warnings),
+            "delta": self.delta,
         }
 
 
@@ -448,6 +521,26 @@ def _print_diff(result: DiffResult) -> None:
             print(f"  - {reason}")
     _print_changes("changes inside the app", [c for c in v.changes if c.in_app])
     _print_changes("changes outside the app", [c for c in v.changes if not c.in_app])
+    d = result.delta
+    if d is not None and d.get("error"):
+        print(f"delta:   no patch: {d['error']}")
+    elif d is not None:
+        print(f"delta:   {_size(d['patch_size'])} patch instead of {_size(d['full_size'])} ({d['ratio']:.2%})")
+
+
+def _delta_json(old_fw: str, new_fw: str, resource: str | None) -> dict[str, Any]:
+    """``diff --delta``: make the patch that would be sent, in a temporary directory."""
+    import tempfile
+
+    from .firmware_delta import make_patch
+
+    with tempfile.TemporaryDirectory(prefix="sshfwup-diff-delta-") as tmp:
+        try:
+            patch = make_patch(Path(old_fw), Path(new_fw), Path(tmp) / "patch.fw", resource=resource)
+        except FirmwareError as e:
+            return {"error": str(e)}
+    return {"patch_size": patch.size, "full_size": patch.full_size, "ratio": round(patch.ratio, 6),
+            "resource": patch.resource}  # fmt: skip
 
 
 def _settings(args: argparse.Namespace) -> InspectSettings:
@@ -563,6 +656,8 @@ def cmd_diff(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.running_fw:
             parser.error("--running-fw goes with --running HOST")
         result = compute_diff(Path(args.files[0]), Path(args.files[1]), settings, rootfs_resource=args.rootfs_resource)
+    if args.delta:
+        result = replace(result, delta=_delta_json(result.old["file"], result.new["file"], args.rootfs_resource))
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
@@ -696,6 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interpreter path pattern, repeatable (default /usr/bin/python3* /usr/lib/python3*)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output (for CI gates)")
     p.add_argument("--fail-on-reboot", action="store_true", help="exit 3 when the update would need a reboot")
+    p.add_argument("--delta", action="store_true", help="also make the delta patch and report its size")
     _add_rootfs_options(p, defaults=False)
     r = p.add_argument_group("comparing with a device (--running)")
     r.add_argument("--running", metavar="[USER@]HOST", help="ask this device (sshfwup `status --json`) what it runs")
@@ -703,6 +799,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the .fw the device runs, or a directory to find it in by uuid; repeatable")  # fmt: skip
     add_connection_arguments(r)  # the same options as `sshfwup upload`
     p.set_defaults(func=lambda args, _parser=p: cmd_diff(args, _parser))
+
+    p = sub.add_parser("build", help="build a .fw from a staging root filesystem (manifest, squashfs, fwup -c)",
+                       description="Write the manifest (and with --hot/--reboot the HOT_RELOAD marker) into "
+                       "ROOTFS_DIR, pack it into a reproducible squashfs and that into a .fw with fwup -c.")  # fmt: skip
+    p.add_argument("rootfs_dir", metavar="ROOTFS_DIR", help="the staging root filesystem")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.fw", help="the firmware file to write")
+    p.add_argument("--version", metavar="V", help="meta-version (default: the fwup.conf's)")
+    mark = p.add_mutually_exclusive_group()
+    mark.add_argument("--hot", action="store_true", help="write HOT_RELOAD=true (app-only release)")
+    mark.add_argument("--reboot", action="store_true", help="write HOT_RELOAD=false (needs a reboot)")
+    p.add_argument("--app-dir", action="append", default=[], metavar="DIR", help="app directory, repeatable (default /srv/app)")
+    p.add_argument("--kernel", metavar="FILE", help="the kernel, as for `firmware manifest`")
+    p.add_argument("--dtb", action="append", default=[], metavar="FILE", help="a device tree, repeatable")
+    p.add_argument("--sign", metavar="KEY", help="fwup private key (fwup-key.priv) to sign with")
+    p.add_argument("--fwup-conf", metavar="CONF", help="fwup configuration (default: sshfwup's deploy/fwup.conf)")
+    p.add_argument("--platform", help="meta-platform (default: the fwup.conf's)")
+    p.add_argument("--architecture", help="meta-architecture (default: the fwup.conf's)")
+    p.add_argument("--define", action="append", default=[], metavar="NAME=VALUE", help="a fwup.conf variable, repeatable")
+    p.add_argument("--manifest-path", default=MANIFEST_PATH, metavar="PATH", help=f"default {MANIFEST_PATH}")
+    p.add_argument("--marker-path", default=MARKER_PATH, metavar="PATH", help=f"default {MARKER_PATH}")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("delta", help="make a delta patch: NEW.fw for a device running OLD.fw, in kilobytes",
+                       description="Write NEW.fw with its root filesystem as an xdelta3 patch against OLD.fw's; "
+                       "only a device running OLD.fw accepts it.")  # fmt: skip
+    p.add_argument("old", metavar="OLD.fw", help="the firmware the device runs")
+    p.add_argument("new", metavar="NEW.fw", help="the firmware to install")
+    p.add_argument("-o", "--output", required=True, metavar="PATCH.fw", help="the patch file to write")
+    p.add_argument("--rootfs-resource", metavar="NAME", help="the resource to patch (default: rootfs.img)")
+    p.set_defaults(func=cmd_delta)
 
     p = sub.add_parser("sign", help="sign a .fw (meta.conf.ed25519 first, as fwup expects)",
                        description="Sign a firmware archive with an fwup private key (fwup-key.priv). "

@@ -3,8 +3,11 @@
 A ``.fw`` starts with meta.conf (after an optional signature): product, version, platform, the
 firmware's uuid (the hash of meta.conf), and every resource with its size and blake2b hash.
 Reading it before fwup starts writing lets the device answer "already running this firmware"
-without touching a slot. It is advisory: fwup checks everything again (signature included), and
-an upload whose head cannot be read here goes to fwup, whose error message is the authority.
+without touching a slot. The local header of the first resource entry, right after meta.conf,
+says whether the upload is a delta patch and for which firmware (:mod:`.fwfile.delta`), so a
+patch for another firmware is refused before fwup writes a byte. It is advisory: fwup checks
+everything again (signature, decoded hashes), and an upload whose head cannot be read here goes
+to fwup, whose error message is the authority.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fwfile.delta import DeltaSource
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ class FirmwareHead:
     product: str
     signed: bool
     resources: tuple[tuple[str, int, str], ...]  # (name, size, blake2b-256 hex)
+    delta_source: DeltaSource | None = None  # a delta patch: the firmware it applies to
 
 
 def read_head_bytes(data: bytes, *, public_keys: Sequence[Path] = (), final: bool = False) -> FirmwareHead | None:
@@ -38,9 +46,14 @@ def read_head_bytes(data: bytes, *, public_keys: Sequence[Path] = (), final: boo
     may bring it), or not readable (``final``, or more than :data:`MAX_HEAD` bytes without it).
     With ``public_keys`` an unsigned or wrongly signed head is not readable."""
     from .fwfile import FirmwareError, ZipStream, read_head  # first upload only: not at serve start-up
+    from .fwfile.delta import DELTA_SOURCE_ID, decode_delta_source
 
     try:
-        info = read_head(ZipStream(io.BytesIO(data).read), public_keys=public_keys)
+        stream = ZipStream(io.BytesIO(data).read)
+        info = read_head(stream, public_keys=public_keys)
+        first = stream.next_entry()  # the first resource's local header (None: the archive has none)
+        field = first.extra_field(DELTA_SOURCE_ID) if first is not None else None
+        delta_source = decode_delta_source(field) if field is not None else None
     except FirmwareError as e:
         if final or len(data) >= MAX_HEAD:
             log.info("cannot read the upload's meta.conf (%s); fwup will judge it", e)
@@ -54,6 +67,7 @@ def read_head_bytes(data: bytes, *, public_keys: Sequence[Path] = (), final: boo
         product=meta.get("product", ""),
         signed=info.signature is not None,
         resources=tuple((r.name, r.length, r.blake2b_256) for r in info.meta.resources.values()),
+        delta_source=delta_source,
     )
 
 

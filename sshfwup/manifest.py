@@ -15,7 +15,9 @@ Paths inside the rootfs are absolute POSIX strings (``/srv/app/app.py``). A kern
 that the build passes from outside the rootfs (written to a boot partition) is recorded as a
 *virtual* entry — ``@kernel``, ``@dtb/<name>`` — with its size and sha256, so a change is still seen.
 
-On disk the manifest is JSON with sorted keys and one line per entry (diffable); modes are octal
+On disk the manifest is JSON with sorted keys and one line per entry (diffable), the entries
+inside the app directories last (an app change then changes only the manifest's end, which keeps
+delta updates small; readers do not depend on the order); modes are octal
 strings (``"0755"``). Same tree → same bytes: nothing depends on time, walk order or the host.
 """
 
@@ -470,7 +472,8 @@ def _entry_json(e: Entry) -> dict[str, Any]:
 
 
 def dump_manifest(manifest: Manifest) -> bytes:
-    """The manifest's file contents: JSON, sorted keys, one line per entry, trailing newline."""
+    """The manifest's file contents: JSON, sorted keys, one line per entry (sorted, those inside
+    the app directories last), trailing newline."""
     top: dict[str, Any] = {
         "app_dirs": list(manifest.app_dirs),
         "created_by": manifest.created_by,
@@ -483,9 +486,10 @@ def dump_manifest(manifest: Manifest) -> bytes:
     fields = []
     for key in sorted(top):
         if key == "entries":
+            order = sorted(manifest.entries, key=lambda path: (inside(path, manifest.app_dirs), path))
             lines = [
-                f"  {json.dumps(path)}: {json.dumps(_entry_json(entry), sort_keys=True)}"
-                for path, entry in sorted(manifest.entries.items())
+                f"  {json.dumps(path)}: {json.dumps(_entry_json(manifest.entries[path]), sort_keys=True)}"
+                for path in order
             ]
             value = "{\n" + ",\n".join(lines) + "\n }" if lines else "{}"
         else:

@@ -112,10 +112,10 @@ class _UploadBridge:
                         self.error = "upload interrupted"
                         return
                     self.outcome = await update.finish()
-        except UpdateRefused:
+        except UpdateRefused as e:
             if not started:
                 raise
-            self.error = "refused"
+            self.error = str(e)  # refused mid-upload (a delta patch for another firmware): say why
         except UpdateError as e:
             self.error = str(e)
         except Exception as e:  # never let one upload take the server down

@@ -146,6 +146,7 @@ class Update:
         self._applied: FwupResult | None = None  # fwup succeeded before the upload ended
         self.head: FirmwareHead | None = None  # what the upload says it is (meta.conf)
         self._head_read = False  # decided: head read, or left to fwup
+        self._head_bytes = bytearray()  # the upload's first bytes until the head is decided
         self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
         self._target: str | None = None  # the slot fwup writes, once it may have started
         self.downgrade = False  # an older version than the running one, allowed by the config
@@ -235,6 +236,8 @@ class Update:
             return  # fwup finished already (bytes after the archive's end), or nothing to do
         pieces = self._holdback.push(data)
         if not self._head_read:
+            # kept apart from the hold-back, which releases the first bytes of a large first chunk
+            self._head_bytes += data[: MAX_HEAD - len(self._head_bytes)]
             self._read_head(final=self.received >= MAX_HEAD)
             if self._skip is not None:
                 return
@@ -255,16 +258,18 @@ class Update:
             raise UpdateError(reason) from None
 
     def _read_head(self, *, final: bool) -> None:
-        """Read meta.conf from the held bytes before fwup sees any: the same firmware as the one
-        running needs no update at all."""
-        head = read_head_bytes(self._holdback.head(MAX_HEAD), public_keys=self.device.config.fwup.public_keys,
+        """Read meta.conf (and the first resource's header) before fwup sees a byte: the same
+        firmware as the one running needs no update at all, and a delta patch made for another
+        firmware than the running one is refused."""
+        head = read_head_bytes(bytes(self._head_bytes), public_keys=self.device.config.fwup.public_keys,
                                final=final)  # fmt: skip
         if head is None and not final:
             return
-        self._head_read, self.head = True, head
+        self._head_read, self.head, self._head_bytes = True, head, bytearray()
         if head is None or self.before is None or self.root is None:
             return
-        log.info("upload from %s is %s %s (uuid %s)", self.uploader, head.product, head.version, head.uuid)
+        patch = f", a delta patch for {head.delta_source}" if head.delta_source else ""
+        log.info("upload from %s is %s %s (uuid %s%s)", self.uploader, head.product, head.version, head.uuid, patch)
         self.device.progress.set(to_version=head.version)
         running = self.before.slots[self.root]
         if (running.version and head.version and version_key(head.version) < version_key(running.version)
@@ -282,6 +287,21 @@ class Update:
             self._journal("unchanged", self._skip.verdict, to_slot=self.root, to_version=head.version)
             if self._fwup is not None:
                 self._fwup.kill()  # it has seen nothing
+            return
+        source = head.delta_source
+        if source is not None and source.uuid != running.uuid:
+            # fwup would find out only at the end, after rewriting the whole slot from the wrong source
+            runs = f"{running.version or 'a firmware'} (uuid {running.uuid})" if running.uuid else (
+                f"{running.version or 'a firmware'} whose uuid is not recorded ({self.root}.nerves_fw_uuid unset)")
+            reason = (
+                f"this upload is a delta patch to {head.version} for firmware {source}, but the device runs "
+                f"{runs} in slot {self.root}; send the full .fw, or a patch made from the firmware the device runs; "
+                "the device was not changed"
+            )
+            self._journal("failed", reason)
+            self.device.last_outcome = {"ok": False, "verdict": reason}
+            self.abort(reason)
+            raise UpdateRefused(reason)
 
     async def _feed(self, data: bytes | memoryview) -> None:
         assert self._fwup is not None

@@ -735,7 +735,7 @@ def _running(stub: StatusStub, key: Path, new: Path, *running_fw: Path, json_out
 
 
 def test_running_diff_picks_the_running_firmware(
-    device: tuple[StatusStub, Path], builds: Builds, capsys: pytest.CaptureFixture[str]
+    device: tuple[StatusStub, Path], builds: Builds, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     stub, key = device
     v1_uuid = read_firmware(builds.v1.fw).uuid
@@ -748,6 +748,13 @@ def test_running_diff_picks_the_running_firmware(
     assert result["running"]["file"] == str(builds.v1.fw)
     assert result["verdict"] == _device_verdict(builds.v1, builds.v3)
     assert stub.commands == ["status --json"]
+    # --delta: the patch that would be sent is made from the file the device runs
+    from sshfwup.firmware_delta import make_patch
+
+    rc, out, err = run(capsys, *_running(stub, key, builds.v3.fw, builds.work), "--delta")
+    assert rc == 0, err
+    expected = make_patch(builds.v1.fw, builds.v3.fw, tmp_path / "v1-to-v3.fw")
+    assert json.loads(out)["delta"]["patch_size"] == expected.size
 
 
 def test_running_diff_says_when_no_file_is_the_running_firmware(

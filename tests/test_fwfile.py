@@ -9,6 +9,7 @@ import struct
 import subprocess
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,42 @@ def test_deploy_fwup_conf_uses_the_layout_numbers() -> None:
 
 def test_the_sims_conf_is_the_shipped_one() -> None:
     assert reference_conf() == DEPLOY_CONF
+
+
+# --- extra fields and sizes in the local header (delta patches) -----------------------------------
+
+
+def test_writer_extra_fields_and_sizes_in_the_header_read_back(tmp_path: Path) -> None:
+    """ZipWriter.add(extra=, sizes_in_header=): Python's zipfile and our stream reader agree, the
+    local header holds the CRC and sizes (what fwup takes a delta patch by), and the extra field
+    is in both headers, after the timestamp."""
+    from sshfwup.fwfile.zipwrite import ZipWriter
+
+    payload = os.urandom(3000) + bytes(5000)
+    out = tmp_path / "x.zip"
+    with out.open("w+b") as f:
+        zw = ZipWriter(f, mtime=SQUASHFS_TIME)
+        zw.add("meta.conf", [b"meta-version=\"1\"\n"])
+        zw.add("data/rootfs.img", [payload[:100], payload[100:]], extra=[(0x6673, b"\x01hello")], sizes_in_header=True)
+        zw.add("data/other", [b"x" * 10], extra=[(0x1234, b"")])
+        zw.finish()
+    data = out.read_bytes()
+    with zipfile.ZipFile(out) as z:
+        assert z.read("data/rootfs.img") == payload and z.testzip() is None
+        assert struct.pack("<HH", 0x6673, 6) + b"\x01hello" in z.getinfo("data/rootfs.img").extra
+    headers = {name: flags for name, _, flags, _ in local_headers(data)}
+    assert headers == {"meta.conf": 0x08, "data/rootfs.img": 0, "data/other": 0x08}
+    start = data.index(b"data/rootfs.img") - 30  # the first occurrence: right after its local header
+    assert data[start : start + 4] == b"PK\x03\x04"
+    crc, csize, usize = struct.unpack_from("<III", data, start + 14)
+    assert usize == len(payload) and crc == zlib.crc32(payload) and csize > 0
+    stream = fwfile.ZipStream(out.open("rb").read)
+    seen = []
+    while (entry := stream.next_entry()) is not None:
+        seen.append((entry.name, entry.extra_field(0x6673), entry.extra_field(0x1234), entry.size, entry.mtime))
+        stream.skip(entry)
+    assert seen == [
+        ("meta.conf", None, None, None, SQUASHFS_TIME),
+        ("data/rootfs.img", b"\x01hello", None, len(payload), SQUASHFS_TIME),
+        ("data/other", None, b"", None, SQUASHFS_TIME),
+    ]

@@ -112,3 +112,19 @@ async def test_firmware_signed_by_fwup_with_its_own_key(
     result = sim.upload(out)
     assert result.returncode == 0, output(result)
     assert sim.env()["b.nerves_fw_version"] == "2.0.0"
+
+
+async def test_a_delta_patch_keeps_the_signature(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path) -> None:
+    """The patch carries NEW's meta.conf and signature verbatim: a device that requires signed
+    firmware applies it; a patch of unsigned firmware is refused like the firmware itself."""
+    from sshfwup.firmware_delta import make_patch
+
+    unsigned = make_patch(firmware("1.0.0"), firmware("2.0.0"), tmp_path / "unsigned-patch.fw")
+    result = sim.upload(unsigned.path)
+    assert result.returncode == 1 and "Expecting signed firmware archive" in output(result), output(result)
+    assert_untouched(sim)
+    v2 = signed(firmware("2.0.0"), keys["ours"], tmp_path / "v2.signed.fw")
+    patch = make_patch(firmware("1.0.0"), v2, tmp_path / "patch.fw")
+    result = sim.upload(patch.path)
+    assert result.returncode == 0, output(result)
+    assert sim.env()["b.nerves_fw_version"] == "2.0.0" and sim.env()["b.nerves_fw_uuid"] == patch.target.uuid

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
 
-from conftest import Sim, assert_applied, assert_untouched, output
+import anyio
+import pytest
+from conftest import Sim, assert_applied, assert_untouched, journal, output, upload, wait_unlocked
 
+from sshfwup import fwfile
+from sshfwup.firmware_delta import make_patch
 from sshfwup.fwhead import read_head_bytes, version_key
 
 
@@ -59,3 +69,140 @@ async def test_a_downgrade_is_refused_unless_allowed(sim: Sim, firmware) -> None
 def test_versions_compare_number_by_number() -> None:
     assert version_key("1.10.0") > version_key("1.9.2") > version_key("1.9")
     assert version_key("2.0.0") == version_key("2.0.0")
+
+
+# --- delta patches (sshfwup firmware delta) through the real fwup --------------------------------
+
+
+FAST = {"app": {"ready_timeout": 5, "observe": 1, "drain_timeout": 3}}
+
+
+@pytest.fixture
+def patches(tmp_path: Path) -> Callable[[Path, Path], Path]:
+    made: list[Path] = []
+
+    def make(old: Path, new: Path) -> Path:
+        made.append(make_patch(old, new, tmp_path / f"patch{len(made)}.fw").path)
+        return made[-1]
+
+    return make
+
+
+
+
+def slot_b(sim: Sim) -> str:
+    """sha256 of all of slot b, read from the disk image."""
+    return sim.device.slot_bytes_sha256("b", sim.device.layout.slot_span("b")[1])
+
+
+@pytest.mark.parametrize("sim_config", [FAST])
+async def test_a_delta_patch_is_applied_and_hot_swapped(sim: Sim, firmware, patches) -> None:
+    patch = patches(firmware("1.0.0"), firmware("2.0.0"))
+    assert patch.stat().st_size < firmware("2.0.0").stat().st_size
+    result = await upload(sim, patch)
+    text = output(result)
+    assert_applied(sim, result, "2.0.0")  # fwup decoded the patch against slot a into slot b
+    assert "sshfwup: hot reload: 1.0.0 → 2.0.0 in" in text, text
+    assert sim.app()["version"] == "2.0.0" and sim.status()["app"]["slot"] == "b"
+    new = fwfile.read_firmware(firmware("2.0.0"))
+    assert sim.env()["b.nerves_fw_uuid"] == new.uuid  # the patch installs NEW itself
+    assert sim.device.slot_bytes_sha256("b", new.meta.resources["rootfs.img"].length) == hashlib.sha256(
+        zipfile.ZipFile(firmware("2.0.0")).read("data/rootfs.img")).hexdigest()
+
+
+@pytest.mark.parametrize("sim_config", [FAST])
+async def test_a_delta_patch_with_a_reboot_verdict_boots_the_new_firmware(sim: Sim, firmware, patches) -> None:
+    assert sim.status()["running_uuid"] == fwfile.read_firmware(firmware("1.0.0")).uuid
+    patch = patches(firmware("1.0.0"), firmware("3.0.0", changes=("system-file",)))
+    result = await upload(sim, patch)
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "sshfwup: reboot required: /etc changed" in text and "rebooting into 3.0.0 (slot b)" in text, text
+    state = await sim.machine.wait_boot(2, timeout=30)
+    assert state.slot == "b" and sim.app()["version"] == "3.0.0"
+    assert sim.status()["running_uuid"] == fwfile.read_firmware(firmware("3.0.0", changes=("system-file",))).uuid
+
+
+async def test_a_patch_for_another_firmware_is_refused_before_fwup_sees_a_byte(sim: Sim, firmware, patches) -> None:
+    other = firmware("1.0.0", app_behavior={"note": "another build of 1.0.0"})
+    patch = patches(other, firmware("2.0.0"))
+    env, b_before = sim.env(), slot_b(sim)
+    running = fwfile.read_firmware(firmware("1.0.0")).uuid
+    for send in (lambda: sim.upload(patch), lambda: sim.scp(patch), lambda: sim.sftp(f"put {patch} /fwup\n")):
+        result = await anyio.to_thread.run_sync(send)
+        text = output(result)
+        assert result.returncode == 1, text
+        assert not re.search(r"^fwup:", text, re.M) and "Success!" not in text, text  # fwup never got a byte
+        record = journal(sim)
+        assert record["stage"] == "failed", record
+        verdict = record["verdict"]
+        assert f"a delta patch to 2.0.0 for firmware 1.0.0 (uuid {fwfile.read_firmware(other).uuid})" in verdict
+        assert f"the device runs 1.0.0 (uuid {running}) in slot a" in verdict and "not changed" in verdict
+        assert "a delta patch to 2.0.0 for firmware 1.0.0" in text, text  # the uploader is told why
+        await anyio.to_thread.run_sync(wait_unlocked, sim)
+        assert sim.status()["last_update"] == {"ok": False, "verdict": verdict}
+        assert sim.env() == env and slot_b(sim) == b_before  # nothing written, not even slot b
+        assert sim.app()["version"] == "1.0.0"
+    assert_applied(sim, await upload(sim, patches(firmware("1.0.0"), firmware("2.0.0"))))  # the right one applies
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "lying-source"])
+async def test_a_corrupted_patch_is_refused_by_fwup_and_changes_nothing(
+    sim: Sim, firmware, patches, damage: str
+) -> None:
+    v1, v2 = firmware("1.0.0"), firmware("2.0.0")
+    if damage == "flipped-byte":
+        data = bytearray(patches(v1, v2).read_bytes())
+        data[len(data) - 2048] ^= 0x01  # inside the patched rootfs.img entry
+    else:
+        # a well-formed patch made from another firmware that claims to be for the running one:
+        # the source field is not signed, fwup's check of the decoded bytes is what counts
+        data = bytearray(patches(firmware("1.0.0", app_behavior={"note": "other"}), v2).read_bytes())
+        other, running = (uuid.UUID(fwfile.read_firmware(fw).uuid).bytes
+                          for fw in (firmware("1.0.0", app_behavior={"note": "other"}), v1))  # fmt: skip
+        assert data.count(other) == 2  # the local and the central header
+        data = bytearray(data.replace(other, running))
+    env = sim.env()
+    result = await upload(sim, bytes(data))
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "sshfwup: update failed:" in text and "the device was not changed" in text, text
+    expected = "ZIP bad CRC" if damage == "flipped-byte" else "mismatch"
+    assert expected in text or "xdelta3" in text, text
+    assert sim.env() == env, "fwup changed the boot environment"
+    assert_untouched(sim)
+    assert journal(sim)["stage"] == "failed" and sim.app()["version"] == "1.0.0"
+
+
+async def test_a_cut_delta_upload_commits_nothing(sim: Sim, firmware, patches) -> None:
+    patch = patches(firmware("1.0.0"), firmware("2.0.0")).read_bytes()
+    n = len(patch)
+    env = sim.env()
+    for offset in (100, n // 2, n - 4096, n - 100, n - 22, n - 1):  # meta.conf, the patch, the central directory
+        result = await upload(sim, patch[:offset])
+        text = output(result)
+        assert result.returncode == 1 and "the device was not changed" in text, (offset, text)
+        assert sim.env() == env, offset
+        assert journal(sim)["stage"] == "failed" and sim.app()["version"] == "1.0.0"
+    assert_applied(sim, await upload(sim, patch))
+
+
+async def test_the_head_is_read_whatever_the_size_of_the_first_chunk(sim: Sim, firmware, patches) -> None:
+    """A transport may hand over more than the 256 KiB hold-back in one piece (asyncssh reads up to
+    a receive window): the head must still be read from the upload's first bytes."""
+    from sshfwup.config import load_config
+    from sshfwup.device import Device
+    from sshfwup.holdback import HOLD
+    from sshfwup.report import Report
+    from sshfwup.update import Update, Uploader, UpdateRefused
+
+    wrong = patches(firmware("1.0.0", app_behavior={"note": "other"}), firmware("2.0.0", filler=600 * 1024))
+    data = wrong.read_bytes()
+    assert len(data) > HOLD
+    env, b_before = sim.env(), slot_b(sim)
+    device = Device(load_config(sim.device.config_path))  # the same device, driven in this process
+    with pytest.raises(UpdateRefused, match="a delta patch to 2.0.0 for firmware 1.0.0"):
+        async with Update(device, Uploader("root", "-", "local", "test"), Report()) as update:
+            await update.write(data)  # all of it at once
+            await update.finish()
+    assert sim.env() == env and slot_b(sim) == b_before

@@ -43,10 +43,15 @@ class ZipEntry:
     header_offset: int
     data_offset: int
     zip64: bool = False
+    extra: tuple[tuple[int, bytes], ...] = ()  # the local header's extra fields: (id, data), in order
 
     @property
     def has_descriptor(self) -> bool:
         return bool(self.flags & 0x08)
+
+    def extra_field(self, field_id: int) -> bytes | None:
+        """The data of the first local extra field with this id, or None."""
+        return next((data for fid, data in self.extra if fid == field_id), None)
 
 
 @dataclass(frozen=True)
@@ -154,19 +159,21 @@ class ZipStream:
             raise FirmwareError(f"truncated firmware archive: it ends inside the ZIP header at byte {start}")
         name = raw_name.decode("utf-8", errors="replace")
         mtime, zip64 = _dos_time(date, tm), False
+        fields: list[tuple[int, bytes]] = []
         i = 0
         while i + 4 <= len(extra):
             tag, size = struct.unpack_from("<HH", extra, i)
             body = extra[i + 4 : i + 4 + size]
+            fields.append((tag, body))
             if tag == 0x5455 and len(body) >= 5 and body[0] & 1:  # UT: extended timestamp
                 (mtime,) = struct.unpack_from("<i", body, 1)
             elif tag == 0x0001:  # zip64 sizes
                 zip64 = True
-                fields = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
-                if usize == 0xFFFFFFFF and fields:
-                    usize = fields.pop(0)
-                if csize == 0xFFFFFFFF and fields:
-                    csize = fields.pop(0)
+                sizes = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
+                if usize == 0xFFFFFFFF and sizes:
+                    usize = sizes.pop(0)
+                if csize == 0xFFFFFFFF and sizes:
+                    csize = sizes.pop(0)
             i += 4 + size
         if flags & 0x01:
             raise FirmwareError(f"unsupported firmware archive: {name} is encrypted")
@@ -191,6 +198,7 @@ class ZipStream:
             header_offset=start,
             data_offset=self._position,
             zip64=zip64,
+            extra=tuple(fields),
         )
         self._current = entry
         return entry

@@ -12,7 +12,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 from .errors import FirmwareError
@@ -54,22 +54,42 @@ class ZipWriter:
         self.central: list[bytes] = []
         self.count = 0
 
-    def add(self, name: str, chunks: Iterable[bytes], mtime: int | None = None) -> tuple[int, str]:
+    def add(
+        self,
+        name: str,
+        chunks: Iterable[bytes],
+        mtime: int | None = None,
+        *,
+        extra: Sequence[tuple[int, bytes]] = (),
+        sizes_in_header: bool = False,
+    ) -> tuple[int, str]:
         """Add one entry (timestamp ``mtime``, else the writer's); returns its (length,
-        blake2b-256 hex) for checking against meta.conf."""
+        blake2b-256 hex) for checking against meta.conf.
+
+        ``extra``: further extra fields ``(id, data)`` for the local and central headers, after
+        the timestamp (readers skip ids they do not know). ``sizes_in_header``: write the CRC
+        and sizes into the local header instead of a data descriptor after the data (the output
+        must be seekable). fwup takes an entry whose local header gives a size other than its
+        resource's length for a delta patch: that is what this is for.
+        """
         raw_name = name.encode("utf-8")
         mtime = self.mtime if mtime is None else max(mtime, _DEFAULT_MTIME)
         t = time.gmtime(mtime)
         dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
         dos_date = ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
-        extra = struct.pack("<HHBi", 0x5455, 5, 1, mtime)
+        fields = struct.pack("<HHBi", 0x5455, 5, 1, mtime)
+        for field_id, data in extra:
+            fields += struct.pack("<HH", field_id, len(data)) + data
+        if len(fields) > 0xFFFF:
+            raise FirmwareError(f"{name}: its ZIP extra fields are {len(fields)} bytes, more than 65535")
+        flags = 0 if sizes_in_header else 0x08
         offset = self.out.tell()
         self.out.write(
             LOCAL_HEADER.pack(
-                LOCAL_SIG, 20, 0x08, 8, dos_time, dos_date, 0, 0, 0, len(raw_name), len(extra)
+                LOCAL_SIG, 20, flags, 8, dos_time, dos_date, 0, 0, 0, len(raw_name), len(fields)
             )
         )
-        self.out.write(raw_name + extra)
+        self.out.write(raw_name + fields)
         chunks = iter(chunks)
         head = bytearray()
         for chunk in chunks:
@@ -91,15 +111,21 @@ class ZipWriter:
         self.out.write(data)
         if max(size, csize, offset) >= 0xFFFFFFFF:
             raise FirmwareError(f"{name} is too large for a ZIP archive without zip64 (4 GiB)")
-        self.out.write(struct.pack("<IIII", DESCRIPTOR_SIG, crc, csize, size))
+        if sizes_in_header:
+            end = self.out.tell()
+            self.out.seek(offset + 14)  # the local header's CRC-32, compressed and uncompressed sizes
+            self.out.write(struct.pack("<III", crc, csize, size))
+            self.out.seek(end)
+        else:
+            self.out.write(struct.pack("<IIII", DESCRIPTOR_SIG, crc, csize, size))
         self.central.append(
             struct.pack(
                 "<IHHHHHHIIIHHHHHII",
-                CENTRAL_SIG, 0x0314, 20, 0x08, 8, dos_time, dos_date, crc, csize, size,
-                len(raw_name), len(extra), 0, 0, 0, 0o100644 << 16, offset,
+                CENTRAL_SIG, 0x0314, 20, flags, 8, dos_time, dos_date, crc, csize, size,
+                len(raw_name), len(fields), 0, 0, 0, 0o100644 << 16, offset,
             )
             + raw_name
-            + extra
+            + fields
         )
         self.count += 1
         return size, hasher.hexdigest()
