@@ -21,8 +21,8 @@ from sshfwup.fwhead import read_head_bytes, version_key
 
 async def test_the_firmware_already_running_changes_nothing(sim: Sim, firmware) -> None:
     v1 = firmware("1.0.0")  # the device was flashed with this very file
-    for upload in (lambda: sim.upload(v1), lambda: sim.scp(v1), lambda: sim.scp(v1, legacy=True)):
-        result = upload()
+    for send in (lambda: sim.upload(v1), lambda: sim.scp(v1), lambda: sim.scp(v1, legacy=True)):
+        result = send()
         text = output(result)
         assert result.returncode == 0, text
         assert "already running 1.0.0" in text and "nothing changed" in text, text
@@ -30,7 +30,7 @@ async def test_the_firmware_already_running_changes_nothing(sim: Sim, firmware) 
         assert_untouched(sim)
         status = sim.status()
         assert not status["pending_reboot"] and status["last_update"]["ok"]
-    record = json.loads((sim.device.server_data_dir / "journal.json").read_text())
+    record = journal(sim)
     assert record["stage"] == "unchanged" and record["to_version"] == "1.0.0"
     assert_applied(sim, sim.upload(firmware("2.0.0")))  # a real update still goes through
 
