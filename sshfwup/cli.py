@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import logging
 import sys
 from collections.abc import Sequence
@@ -173,6 +174,11 @@ def add_upload_arguments(p: argparse.ArgumentParser) -> None:
         help="how long --wait waits for the device to come back and validate (default: 300)",
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or percentages: stage lines and verdict only")
+    p.add_argument(
+        "--delta-from", metavar="DIR", type=Path,
+        help="send a delta patch: ask the device which firmware it runs, find that .fw in DIR and send the patch "
+        "from it to FILE.fw (made once, then cached); the full file when DIR has no match",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -230,6 +230,7 @@ async def upload(
     timeout: float = 300.0,
     stream: IO[str] = sys.stderr,
     display: Display | None = None,
+    delta_from: Path | None = None,
 ) -> int:
     """Upload ``file``; returns the exit status (see ``sshfwup upload --help``)."""
     target = Target(host, port, connect_options(username, identities, known_hosts), known_hosts)
@@ -238,7 +239,12 @@ async def upload(
     after: dict[str, Any] | None = None
     try:
         async with asyncssh.connect(host, port, **target.options) as conn:
-            status = await _stream(conn, file, display)
+            send = file
+            if delta_from is not None:
+                send = await _plan_delta(conn, file, delta_from, display)
+                if send is None:
+                    return EXIT_USAGE
+            status = await _stream(conn, send, display)
             if wait and status == EXIT_OK:
                 display.close()
                 after = await _status_on(conn)
@@ -254,6 +260,21 @@ async def upload(
     if not wait or status != EXIT_OK:
         return status
     return await _follow(target, file, after, timeout, display)
+
+
+async def _plan_delta(conn: asyncssh.SSHClientConnection, file: Path, fw_dir: Path, display: Display) -> Path | None:
+    """The file to send for ``--delta-from``: a patch from the firmware the device runs, or ``file``."""
+    from .firmware_delta import DeltaError, plan_upload
+
+    before = await _status_on(conn)
+    running = (before or {}).get("running_uuid")
+    try:
+        plan = await anyio.to_thread.run_sync(lambda: plan_upload(file, running, fw_dir))
+    except DeltaError as e:
+        display.line(f"sshfwup: --delta-from: {e}")
+        return None
+    display.line(f"sshfwup: {plan.message}")
+    return plan.file
 
 
 async def _stream(conn: asyncssh.SSHClientConnection, file: Path, display: Display) -> int | None:
@@ -464,6 +485,8 @@ def upload_main(args: argparse.Namespace) -> int:
         problem = problem or f"-p {args.port}: a port is 1..65535"
     if args.timeout <= 0:
         problem = problem or f"--timeout {args.timeout:g}: must be more than 0 seconds"
+    if args.delta_from is not None and not Path(args.delta_from).is_dir():
+        problem = problem or f"--delta-from {args.delta_from}: not a directory"
     if problem:
         print(f"sshfwup upload: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -485,5 +508,6 @@ def upload_main(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             wait=wait,
             timeout=args.timeout,
+            delta_from=args.delta_from,
         )
     )

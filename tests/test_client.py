@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -298,3 +299,33 @@ def test_version() -> None:
 
     result = sshfwup("--version", timeout=30)
     assert result.returncode == 0 and result.stdout == f"sshfwup {__version__}\n"
+
+
+async def test_delta_from_sends_a_patch_from_what_the_device_runs(sim: Sim, firmware, tmp_path: Path) -> None:
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    shutil.copy(firmware("1.0.0"), releases / "1.0.0.fw")  # what the device was flashed with
+    v2 = firmware("2.0.0")
+    env_cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = await anyio.to_thread.run_sync(
+        lambda: sshfwup_env(env_cache, *upload_args(sim, v2, "--delta-from", str(releases), "--no-wait")))
+    text = result.stderr
+    assert result.returncode == 0, text
+    assert "sending a delta patch 1.0.0 → 2.0.0" in text and "hot reload: 1.0.0 → 2.0.0" in text, text
+    assert sim.app()["version"] == "2.0.0"
+    assert list((tmp_path / "cache").rglob("*.fw"))  # made once, kept for the next device
+
+
+async def test_delta_from_without_a_match_sends_the_full_file(sim: Sim, firmware, tmp_path: Path) -> None:
+    empty = tmp_path / "none"
+    empty.mkdir()
+    result = await anyio.to_thread.run_sync(
+        lambda: sshfwup_env({"XDG_CACHE_HOME": str(tmp_path / "cache")},
+                            *upload_args(sim, firmware("2.0.0"), "--delta-from", str(empty), "--no-wait")))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "whole" in result.stderr and "hot reload" in result.stderr, result.stderr
+
+
+def sshfwup_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sshfwup", *args], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **env})  # fmt: skip
