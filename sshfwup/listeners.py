@@ -221,14 +221,16 @@ class Listener:
         """
         if not self._steered or sock is self._target:
             return
-        if sock in self._members:
-            try:
-                sock.shutdown(socket.SHUT_RD)  # leaves the group now, whoever else holds a copy
-            except OSError:
-                pass  # it had stopped listening already (see _prune)
-            self._forget(sock)
-            self._attach()
-        sock.close()
+        try:
+            if sock in self._members:
+                try:
+                    sock.shutdown(socket.SHUT_RD)  # leaves the group now, whoever else holds a copy
+                except OSError:
+                    pass  # it had stopped listening already (see _prune)
+                self._forget(sock)
+                self._attach()
+        finally:
+            sock.close()
 
     def queued(self, sock: socket.socket) -> int:
         """Connections waiting on ``sock`` for an instance to accept them."""
@@ -273,7 +275,10 @@ class Listener:
         self._prune()
         index = {id(sock): i for i, sock in enumerate(self._members)}
         probes = {port: index[id(sock)] for port, sock in self._probes.items() if id(sock) in index}
-        attach_reuseport_program(self._target, reuseport_program(index.get(id(self._target), 0), probes))
+        try:
+            attach_reuseport_program(self._target, reuseport_program(index.get(id(self._target), 0), probes))
+        except OSError as e:
+            raise ListenerError(f"{self.name}: cannot steer the connections to {self.address}: {e.strerror or e}") from e
 
     def _prune(self) -> None:
         """Forget members that stopped listening behind our back (an app's ``shutdown()``)."""
@@ -333,9 +338,9 @@ def _open(name: str, spec: SocketSpec, *, steer: bool) -> Listener:
             sock = _first_member(family, address)
             try:
                 return Listener(name, spec, sock, steered=True)
-            except OSError as e:  # the kernel takes no reuseport program
+            except ListenerError as e:  # the kernel takes no reuseport program
                 sock.close()
-                log.info("%s: no reuseport program on this kernel (%s): sharing one socket", spec, e.strerror or e)
+                log.info("%s: no reuseport program on this kernel (%s): sharing one socket", spec, e.__cause__)
         return Listener(name, spec, _listening_socket(family, address, reuseport=False), steered=False)
     except OSError as e:
         raise ListenerError(f"cannot listen on {spec}: {e.strerror or e}") from e

@@ -778,8 +778,12 @@ class Supervisor:
         return tuple(sock for _, sock in created)
 
     def _steer(self, sockets: tuple[socket.socket, ...]) -> None:
+        """Steer back (rollback): a failure is logged, the rollback goes on."""
         for listener, sock in zip(self._listeners, sockets, strict=True):
-            listener.steer_to(sock)
+            try:
+                listener.steer_to(sock)
+            except listeners.ListenerError as e:
+                log.error("%s", e)
 
     def _socket_path(self) -> str:
         paths = [listener.path for listener in self._listeners]
@@ -814,8 +818,11 @@ class Supervisor:
         if not moves:
             return 0.0  # shared path: both versions accept from one queue until the old one drains
         began = time.monotonic()
-        for listener, _, theirs in moves:
-            listener.steer_to(theirs)
+        try:
+            for listener, _, theirs in moves:
+                listener.steer_to(theirs)
+        except listeners.ListenerError as e:
+            raise _NotReady(f"could not take over new connections: {e}") from e
         await say(f"new connections {taker} now ({self._socket_path()})")
         quiet_since: float | None = None
         while not old.exited.is_set():
@@ -843,7 +850,10 @@ class Supervisor:
         for listener in self._listeners:
             for sock in listener.members:
                 if sock is not listener.sock and id(sock) not in held:
-                    listener.release(sock)
+                    try:
+                        listener.release(sock)
+                    except listeners.ListenerError as e:  # released all the same; steering not updated
+                        log.error("%s", e)
 
     # --- failure handling ----------------------------------------------------------------
 
