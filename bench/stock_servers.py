@@ -25,6 +25,7 @@ Target: 0 failed of >= 50 000 requests for every server on the steered paths, in
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import statistics
@@ -65,7 +66,7 @@ class RunResult:
 
     @property
     def steady_phases(self) -> list[Any]:
-        return [p for p in self.report.phases if p.name.startswith("steady-")]
+        return [p for p in self.report.phases if p.name.startswith(("steady-", "tail-"))]
 
     @property
     def p99_swaps(self) -> float | None:
@@ -107,10 +108,13 @@ async def run_one(work: Path, server: stock.StockServer, path: str, mode: str, a
                 swaps.append(await sup.swap(sources[number % 2]))
                 await load.mark(f"steady-{number}")
                 await anyio.sleep(args.gap)
-            sent = sum(p.sent for p in load.phases)
-            elapsed = sum(p.duration for p in load.phases) or 1.0
-            if sent < args.min_requests:  # keep going until the run holds enough requests
-                await anyio.sleep((args.min_requests - sent) * 1.05 / max(sent / elapsed, 1.0) + 0.5)
+            for tail in itertools.count(1):  # keep going until the run holds enough requests
+                sent = sum(p.sent for p in load.phases)
+                if sent >= args.min_requests:
+                    break
+                rate = sent / (sum(p.duration for p in load.phases) or 1.0)
+                await anyio.sleep((args.min_requests - sent) * 1.05 / max(rate, 1.0) + 0.5)
+                await load.mark(f"tail-{tail}")
     return RunResult(server.name, path, mode, load.report, tuple(swaps))
 
 

@@ -37,13 +37,14 @@ so an app serving only fd 3 (uvicorn ``--fd 3``) can be probed too. The ``health
 passed all the same, so that LISTEN_FDS does not depend on the kernel. ``http``: ``GET
 ready_path`` answers 2xx. ``tcp``: the app accepted the probe connection — seen as the private
 listener's accept queue (``TCP_INFO``) emptying again; on loopback the kernel queues the
-connection before ``connect()`` returns. During the observation window the process must stay alive and, for http/tcp, a probe
-every ``health_interval`` must pass within ``max(1 s, 2 × health_interval)``.
+connection before ``connect()`` returns. During the observation window the process must stay
+alive and, for http/tcp, a probe every ``health_interval`` must pass within
+``max(1 s, 2 × health_interval)``.
 
 Outside a swap, an instance that exits is restarted from the same source, on the same sockets,
-with exponential backoff (``restart_backoff``: first delay, maximum; a crash after running at least the maximum
-delay starts again from the first). An exit during a swap belongs to the swap, never to the
-restart loop.
+with exponential backoff (``restart_backoff``: first delay, maximum; a crash after running at
+least the maximum delay starts again from the first) once the processes it left behind are gone.
+An exit during a swap belongs to the swap, never to the restart loop.
 
 Each instance runs with cwd = ``root/app_dir`` (``app_dir`` is absolute inside the root
 filesystem) and the server's own environment, plus ``[app] env`` (``{root}`` and ``{app_dir}``
@@ -618,6 +619,8 @@ class Supervisor:
         )
         seconds = time.monotonic() - ended_at
         left = list(sweep.signalled)
+        if not left and not sweep.survivors:
+            return  # gone between the two looks
         if sweep.survivors:
             log.error("%s (pid %d) left %s; %s survived SIGKILL", child.version, child.pid, left, list(sweep.survivors))
         elif sweep.killed:
