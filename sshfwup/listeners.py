@@ -257,8 +257,7 @@ class Listener:
                 yield client, destination
             finally:
                 del self._probes[port]
-                if self._members:
-                    self._attach()
+                self._attach()
         finally:
             client.close()
 
@@ -273,10 +272,14 @@ class Listener:
 
     def _attach(self) -> None:
         self._prune()
+        if not self._members:
+            return
         index = {id(sock): i for i, sock in enumerate(self._members)}
         probes = {port: index[id(sock)] for port, sock in self._probes.items() if id(sock) in index}
+        program = reuseport_program(index.get(id(self._target), 0), probes)
         try:
-            attach_reuseport_program(self._target, reuseport_program(index.get(id(self._target), 0), probes))
+            # through a socket in the group: one that stopped listening would get a group of its own
+            attach_reuseport_program(self._members[index.get(id(self._target), 0)], program)
         except OSError as e:
             raise ListenerError(f"{self.name}: cannot steer the connections to {self.address}: {e.strerror or e}") from e
 
