@@ -432,7 +432,7 @@ class Supervisor:
             try:
                 await say(
                     f"swapping {old.version} (pid {old.pid}) for {source.version}"
-                    f" from slot {source.slot} ({config.strategy}; socket path {path})"
+                    f" from slot {source.slot} ({config.strategy}); socket path {path}"
                 )
                 sockets = self._fresh_sockets()
                 if config.strategy == "stop-first":

@@ -331,7 +331,7 @@ async def test_without_steering_both_versions_share_one_socket(tmp_path: Path, m
             assert listener.sock is shared and listener.members == (shared,)
 
     assert (result.socket_path, result.handover_seconds) == ("shared", 0.0)
-    assert any(line.endswith("(overlap; socket path shared)") for line in lines)
+    assert any(line.endswith("(overlap); socket path shared") for line in lines)
     assert not any(line.startswith("new connections") for line in lines)
     assert load.failures == []
     assert {version for began, version in load.answers if began > swapped} == {"2.0.0"}
