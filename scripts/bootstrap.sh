@@ -30,7 +30,7 @@ apt_get() {
 packages=(
   openssh-client openssh-server libubootenv-tool squashfs-tools e2fsprogs util-linux mount
   wrk hey systemd shellcheck python3-venv ca-certificates xdelta3
-  build-essential pkg-config libconfuse-dev libarchive-dev zlib1g-dev curl
+  build-essential pkg-config libconfuse-dev libarchive-dev zlib1g-dev curl iproute2 procps
 )
 missing=()
 for p in "${packages[@]}"; do

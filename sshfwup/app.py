@@ -7,26 +7,37 @@ to every instance of the app exactly the way systemd socket activation does:
 - ``LISTEN_FDS`` is their count, ``LISTEN_PID`` the pid of the process they are meant for (the
   app's own pid), ``LISTEN_FDNAMES`` their colon-separated names;
 - with ``ready = "http"`` or ``"tcp"`` one extra socket comes last, named ``health``: the
-  supervisor sends its readiness and health probes there, because a probe through a shared socket
-  could be answered by the *old* version during a swap. **An app must therefore serve every
-  socket it is given** (gunicorn and :func:`listen_sockets` + :func:`serve` do);
+  supervisor sends ``tcp`` probes there, and ``http`` probes where a TCP socket is shared between
+  versions, because a probe through a shared socket could be answered by the *old* version during
+  a swap. Where each version has a TCP socket of its own (the reuseport socket paths, see
+  :mod:`sshfwup.listeners`), ``http`` probes reach the instance through the public address
+  instead. **Serve every socket you are given** (gunicorn and :func:`listen_sockets` +
+  :func:`serve` do);
 - ``NOTIFY_SOCKET`` takes sd_notify datagrams: ``READY=1`` when the app serves
   (``ready = "notify"``), ``STATUS=...`` for the operator, ``STOPPING=1`` when it drains.
 
-The listening sockets are non-blocking and shared: during a swap two instances accept from the
-same queue, so an accept may find nothing (``EAGAIN``) — wait for readability and try again.
-On SIGTERM an app stops accepting by *closing* its copies of the listeners (never ``shutdown()``:
-that would break the socket for the next version), finishes the requests in flight, and exits.
-Connections that arrive meanwhile wait in the listen queue for the new version.
+The listening sockets are non-blocking, and may be shared with another instance during a swap
+(UNIX sockets always are), so an accept may find nothing (``EAGAIN``) — wait for readability and
+try again. Before an app gets SIGTERM, new connections already go to the new version (on the
+reuseport paths). On SIGTERM an app stops accepting by *closing* its copies of the listeners
+(never ``shutdown()``: that acts on the supervisor's socket too), finishes the requests in
+flight, and exits.
 
-gunicorn (>= 20.1 adopts ``LISTEN_FDS`` by itself and sends ``READY=1``; SIGTERM drains)::
+gunicorn (>= 20.0 adopts ``LISTEN_FDS`` by itself and sends ``READY=1``; ``--preload`` makes that
+come after the app imported, so a broken release is not ready; SIGTERM drains)::
 
-    command = ["gunicorn", "--bind", "fd://3", "app:application"]   # ready = "notify"
+    command = ["/usr/bin/python3", "-m", "gunicorn", "--preload", "--no-control-socket", "app:application"]
+    # ready = "notify"
 
-uvicorn (serves a single fd, sends no notification: call :func:`notify_ready` from the
-lifespan startup handler and use ``ready = "notify"``)::
+uvicorn (serves a single fd and sends no notification: ``ready = "http"`` needs no code where the
+socket is the instance's own; with ``ready = "notify"`` call :func:`notify_ready` from the
+lifespan startup handler)::
 
-    command = ["uvicorn", "--fd", "3", "app:app"]
+    command = ["/usr/bin/python3", "-m", "uvicorn", "--fd", "3", "app:app"]   # ready = "http"
+
+A bare command name is looked up on the server's ``PATH``, not the app's directory: give an
+absolute path (or ``-m`` with the package on ``PYTHONPATH``, or ``PATH`` in ``[app] env``).
+docs/hot-reload-apps.md has hypercorn and the details.
 
 plain asyncio::
 

@@ -23,10 +23,12 @@ _POLL = 0.02
 
 @dataclass(frozen=True)
 class Sweep:
-    """What :func:`end_processes_with` did: the pids it signalled, and those still alive."""
+    """What :func:`end_processes_with` did: the pids it signalled, those still alive, and those
+    it had to SIGKILL (the others exited within the grace period)."""
 
     signalled: tuple[int, ...]
     survivors: tuple[int, ...]
+    killed: tuple[int, ...] = ()
 
 
 def _read(pid: int | str, name: str) -> bytes | None:
@@ -108,13 +110,15 @@ def end_processes_with(entry: str, *, grace: float = 0.0, timeout: float = 5.0) 
     At least one round of SIGKILL is sent, even with ``timeout`` 0.
     """
     signalled: set[int] = set()
+    killed: set[int] = set()
     if grace > 0:
         pids = processes_with(entry)
         signalled.update(pid for pid in pids if send_signal(pid, signal.SIGTERM))
         wait_gone(pids, grace)
     deadline = time.monotonic() + timeout
     while pids := processes_with(entry):
-        signalled.update(pid for pid in pids if send_signal(pid, signal.SIGKILL))
+        killed.update(pid for pid in pids if send_signal(pid, signal.SIGKILL))
         if wait_gone(pids, max(0.0, deadline - time.monotonic())) or time.monotonic() >= deadline:
             break
-    return Sweep(tuple(sorted(signalled)), tuple(processes_with(entry)))
+    signalled |= killed
+    return Sweep(tuple(sorted(signalled)), tuple(processes_with(entry)), tuple(sorted(killed)))

@@ -1,32 +1,50 @@
 """Run the device's application, and swap it to a new version without refusing a connection.
 
-The supervisor binds the application's listening sockets itself and keeps them for its whole
-life; every instance of the app gets them as fds 3.. with systemd's ``LISTEN_*`` variables (see
-:mod:`sshfwup.app`). Because the listening socket never closes, a connection that arrives while
-one version drains and the next starts waits in the kernel's listen queue instead of being
-refused, and no ``SO_REUSEPORT`` hand-over (which resets queued connections) is needed.
+The supervisor binds the application's listening sockets itself and keeps a copy of each for
+its whole life; every instance of the app gets them as fds 3.. with systemd's ``LISTEN_*``
+variables (see :mod:`sshfwup.app`). Because the supervisor's copy never closes, a connection that
+arrives while an instance (re)starts waits in the kernel's listen queue instead of being refused.
 
-A swap (``overlap``, the default): start the new version from the new slot with the same sockets
-→ wait until it is ready → SIGTERM the old one (it closes its copies of the listeners, finishes
-its requests and exits; SIGKILL after ``drain_timeout``) → watch the new one for ``observe``
-seconds. ``stop-first`` stops the old version before starting the new one, for apps that hold an
-exclusive resource. If the new version fails at any point, it is stopped and the old version
-keeps serving — or is started again from its own slot when it had already been stopped — and
-:class:`SwapFailed` says why in words an operator understands.
+How a TCP socket goes from one version to the next — its *socket path*, see
+:mod:`sshfwup.listeners` — is ``reuseport`` (``reuseport+migrate`` with
+``net.ipv4.tcp_migrate_req = 1``) wherever the kernel takes a reuseport program: each version
+gets a listening socket of its own on the same address, and the supervisor steers new
+connections to one of them. UNIX sockets, kernels without the program and ``Supervisor(...,
+steer=False)`` use the ``shared`` path: one socket for every version.
+
+A swap (``overlap``, the default): start the new version from the new slot → wait until it is
+ready → *hand over*: steer new connections to the new version's sockets, let the old version
+accept what is already queued on its own, and wait until its queues stayed empty for a short
+quiet period → SIGTERM the old one (it closes its copies of the listeners, finishes its requests
+and exits; SIGKILL after ``drain_timeout``) → release its sockets → watch the new one for
+``observe`` seconds. A draining server therefore never holds a connection whose request it has
+not read yet (servers close those on shutdown: "connection reset" for the client). On the shared
+path there is nothing to hand over: both versions accept from one queue until the old one drains.
+``stop-first`` hands over to the new version's (not yet served) sockets and stops the old version
+before starting the new one, for apps that hold an exclusive resource; connections wait in the
+queue meanwhile. If the new version fails at any point, it is stopped and the old version keeps
+serving — new connections are steered back to it — or is started again from its own slot on the
+sockets that receive new connections when it had already been stopped, and :class:`SwapFailed`
+says why in words an operator understands. :class:`SwapResult` says which socket path was used.
 
 Readiness: ``notify`` waits for ``READY=1`` on a notify socket private to the instance.
 ``http`` and ``tcp`` probe a private listening socket (127.0.0.1, passed last, named ``health``):
 a probe through the shared socket could be answered by the *old* version during an overlap. The
-app must therefore serve every socket it is given. ``http``: ``GET ready_path`` answers 2xx.
-``tcp``: the app accepted the probe connection — seen as the private listener's accept queue
-(``TCP_INFO``) emptying again; on loopback the kernel queues the connection before ``connect()``
-returns. During the observation window the process must stay alive and, for http/tcp, a probe
-every ``health_interval`` must pass within ``max(1 s, 2 × health_interval)``.
+app must therefore serve every socket it is given — except for ``http`` when the first TCP
+socket is on the reuseport path: the probe then goes through the public address to the
+instance's own copy of that socket (the reuseport program routes the probe's source port there),
+so an app serving only fd 3 (uvicorn ``--fd 3``) can be probed too. The ``health`` socket is
+passed all the same, so that LISTEN_FDS does not depend on the kernel. ``http``: ``GET
+ready_path`` answers 2xx. ``tcp``: the app accepted the probe connection — seen as the private
+listener's accept queue (``TCP_INFO``) emptying again; on loopback the kernel queues the
+connection before ``connect()`` returns. During the observation window the process must stay
+alive and, for http/tcp, a probe every ``health_interval`` must pass within
+``max(1 s, 2 × health_interval)``.
 
-Outside a swap, an instance that exits is restarted from the same source with exponential
-backoff (``restart_backoff``: first delay, maximum; a crash after running at least the maximum
-delay starts again from the first). An exit during a swap belongs to the swap, never to the
-restart loop.
+Outside a swap, an instance that exits is restarted from the same source, on the same sockets,
+with exponential backoff (``restart_backoff``: first delay, maximum; a crash after running at
+least the maximum delay starts again from the first) once the processes it left behind are gone.
+An exit during a swap belongs to the swap, never to the restart loop.
 
 Each instance runs with cwd = ``root/app_dir`` (``app_dir`` is absolute inside the root
 filesystem), in its room (:mod:`sshfwup.room`: its own user, capabilities and cgroup, a clean
@@ -40,11 +58,15 @@ so that SIGKILL reaches its whole process group.
 
 Every app process carries ``SSHFWUP_SUPERVISOR=<marker>`` in its environment and dies with the
 supervisor (``PR_SET_PDEATHSIG``); :func:`kill_strays` removes what an earlier server left behind.
-The marker must be the same for every run of one device's server and unique to it.
+The marker must be the same for every run of one device's server and unique to it. Processes an
+instance leaves behind when its main process exits (a multiprocessing resource tracker, an
+orphaned worker) get SIGTERM and the rest of the drain time to exit on their own, then SIGKILL;
+an instance counts as gone — and its sockets are released — only once all of them are.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -97,6 +119,12 @@ _REPORT_TIMEOUT = 5.0  # a stuck uploader channel must not stall a swap
 _PROBE_RETRY = 0.05
 _OUTPUT_DRAIN = 1.0  # after an exit, the app's last output lines still get this long to arrive
 _app_output = logging.getLogger(logring.APP_LOGGER)
+# The hand-over: the old version's queues must stay empty this long before it gets SIGTERM, so
+# that it has read the requests of the connections it accepted last; bounded for an old version
+# that stopped accepting.
+_HANDOVER_QUIET = 0.25
+_HANDOVER_LIMIT = 5.0
+_HANDOVER_POLL = 0.01
 
 Report = Callable[[str], Awaitable[None] | None]
 
@@ -174,15 +202,18 @@ class SwapResult:
     total_seconds: float
     old_returncode: int | None  # -9 when it had to be killed
     ready_at: float  # time.monotonic() when the new version was ready: it serves from then on
+    # "reuseport+migrate", "reuseport" or "shared" ("name=path, ..." when the sockets differ)
+    socket_path: str = "shared"
+    handover_seconds: float = 0.0  # steering new connections away from the old version → its SIGTERM
 
 
 # --- sockets and strays --------------------------------------------------------------------
 
 
-def bind_listeners(specs: tuple[SocketSpec, ...]) -> tuple[Listener, ...]:
+def bind_listeners(specs: tuple[SocketSpec, ...], *, steer: bool = True) -> tuple[Listener, ...]:
     """Bind and listen on every socket; all or nothing (see :mod:`sshfwup.listeners`)."""
     try:
-        return listeners.bind_listeners(specs)
+        return listeners.bind_listeners(specs, steer=steer)
     except listeners.ListenerError as e:
         raise SupervisorError(str(e)) from e
 
@@ -230,6 +261,7 @@ class _Child:
         source: AppSource,
         *,
         instance_id: str,
+        sockets: tuple[socket.socket, ...],
         notify: socket.socket,
         health: socket.socket | None,
         restarts: int,
@@ -238,6 +270,7 @@ class _Child:
         self.process = process
         self.source = source
         self.instance_id = instance_id
+        self.sockets = sockets  # one per listener, as passed (fds 3..)
         self.notify = notify
         self.health = health
         self.restarts = restarts
@@ -251,6 +284,7 @@ class _Child:
         self.supervised = False  # an exit is the restart loop's business (never during start/swap)
         self.stopping = False
         self.cgroup: Path | None = None  # its own cgroup (sshfwup.room), if it has one
+        self.drain_deadline: float | None = None  # set with SIGTERM: when SIGKILL comes
 
     @property
     def pid(self) -> int:
@@ -282,11 +316,18 @@ class Supervisor:
     """
 
     def __init__(
-        self, config: AppConfig, *, marker: str, on_event: Callable[[str], None] | None = None
+        self,
+        config: AppConfig,
+        *,
+        marker: str,
+        on_event: Callable[[str], None] | None = None,
+        steer: bool = True,
     ) -> None:
+        """``steer=False`` keeps every socket on the shared path (see :mod:`sshfwup.listeners`)."""
         if not marker or "\0" in marker:
             raise ValueError("marker must be a non-empty string without NUL")
         self._config = config
+        self._steer_sockets = steer
         self._marker = marker
         self._on_event = on_event
         self._listeners: tuple[Listener, ...] = ()
@@ -305,7 +346,7 @@ class Supervisor:
         stack = AsyncExitStack()
         try:
             await anyio.to_thread.run_sync(kill_strays, self._marker)
-            self._listeners = bind_listeners(self._config.sockets)
+            self._listeners = bind_listeners(self._config.sockets, steer=self._steer_sockets)
             stack.callback(listeners.close_listeners, self._listeners)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
         except BaseException:
@@ -314,7 +355,7 @@ class Supervisor:
         self._exit_stack = stack
         self._closing = False
         for listener in self._listeners:
-            log.info("listening on %s (%s)", listener.address, listener.name)
+            log.info("listening on %s (%s; socket path %s)", listener.address, listener.name, listener.path)
         return self
 
     async def __aexit__(
@@ -361,7 +402,7 @@ class Supervisor:
                 )
             child: _Child | None = None
             try:
-                child = await self._launch(source, restarts=0, failures=0)
+                child = await self._launch(source, sockets=self._serving_sockets(), restarts=0, failures=0)
                 await self._wait_ready(child)
             except _NotReady as e:
                 raise AppNotReady(f"{source.version} {e}", pid=child.pid if child else None) from None
@@ -390,24 +431,30 @@ class Supervisor:
             began = time.monotonic()
             new: _Child | None = None
             old_stopped = False
-            drain = ready = 0.0
+            drain = ready = handover = 0.0
+            path = self._socket_path()
             try:
                 await say(
                     f"swapping {old.version} (pid {old.pid}) for {source.version}"
-                    f" from slot {source.slot} ({config.strategy})"
+                    f" from slot {source.slot} ({config.strategy}); socket path {path}"
                 )
+                sockets = self._fresh_sockets()
                 if config.strategy == "stop-first":
+                    handover = await self._hand_over(old, sockets, say, taker=f"wait for {source.version}")
                     drain = await self._drain(old, say)
                     old_stopped = True
+                    self._release_unused()
                 launched = time.monotonic()
-                new = await self._launch(source, restarts=0, failures=0)
+                new = await self._launch(source, sockets=sockets, restarts=0, failures=0)
                 await self._wait_ready(new)
                 ready = time.monotonic() - launched
                 await say(f"new version {source.version} ready in {ready:.2f} s (pid {new.pid})")
                 self._current = new
                 if config.strategy == "overlap":
+                    handover = await self._hand_over(old, sockets, say, taker=f"go to {source.version}", new=new)
                     drain = await self._drain(old, say)
                     old_stopped = True
+                    self._release_unused()
                 if config.observe > 0:
                     await say(f"watching {source.version} for {_seconds(config.observe)}")
                     problem = await self._watch(new, config.observe)
@@ -422,12 +469,13 @@ class Supervisor:
                 # ready and the old one is gone already.
                 with anyio.CancelScope(shield=True):
                     if new is not None and (not old_stopped or new.ready_at is None):
-                        await self._stop_child(new)
+                        await self._abandon(new, old)
                         new = None
                     if new is None:
                         await self._restore(old)
                     else:
                         new.supervised = True
+                    self._release_unused()
                 raise
             new.supervised = True
             total = time.monotonic() - began
@@ -444,6 +492,8 @@ class Supervisor:
                 total_seconds=total,
                 old_returncode=old.returncode,
                 ready_at=new.ready_at or 0.0,
+                socket_path=path,
+                handover_seconds=handover,
             )
 
     async def wait_healthy(self, duration: float) -> bool:
@@ -460,6 +510,7 @@ class Supervisor:
             current, self._current = self._current, None
             for child in sorted(self._children, key=lambda c: c is not current):
                 await self._stop_child(child)
+            self._release_unused()
             if current is not None:
                 self._emit(f"{current.version} stopped ({current.describe_exit()})")
 
@@ -471,8 +522,10 @@ class Supervisor:
         if not self._config.command:
             raise SupervisorError("[app] command is empty: there is no application to run")
 
-    async def _launch(self, source: AppSource, *, restarts: int, failures: int) -> _Child:
-        """Start one instance with the shared sockets at fds 3.. (raises _NotReady)."""
+    async def _launch(
+        self, source: AppSource, *, sockets: tuple[socket.socket, ...], restarts: int, failures: int
+    ) -> _Child:
+        """Start one instance with ``sockets`` (one per listener) at fds 3.. (raises _NotReady)."""
         assert self._task_group is not None
         config = self._config
         source = AppSource(source.root.absolute(), source.slot, source.version)  # cwd moves
@@ -487,9 +540,9 @@ class Supervisor:
             raise _NotReady(f"could not be started: {e}") from None
         notify, notify_address = listeners.open_notify_socket()
         health = listeners.open_health_socket() if config.ready in ("http", "tcp") else None
-        sockets = [listener.sock for listener in self._listeners] + ([health] if health else [])
+        passed = [*sockets, *([health] if health else [])]
         names = [listener.name for listener in self._listeners] + ([HEALTH_SOCKET_NAME] if health else [])
-        fds = [sock.fileno() for sock in sockets]
+        fds = [sock.fileno() for sock in passed]
         env = self._environment(source, app_dir, instance_id, notify_address, names, app_room)
         command = [_substitute(arg, source.root, app_dir) for arg in config.command]
         # The shim moves the fds to 3.., sets LISTEN_PID to its own pid and PR_SET_PDEATHSIG,
@@ -506,7 +559,7 @@ class Supervisor:
             if health:
                 health.close()
             raise _NotReady(f"could not be started: {e.strerror or e}") from e
-        child = _Child(process, source, instance_id=instance_id, notify=notify, health=health,
+        child = _Child(process, source, instance_id=instance_id, sockets=sockets, notify=notify, health=health,
                        restarts=restarts, failures=failures)  # fmt: skip
         child.cgroup = app_room.cgroup
         self._children.add(child)
@@ -562,15 +615,38 @@ class Supervisor:
             child.notify.close()
             if child.health is not None:
                 child.health.close()
-            leftovers = procs.processes_with(f"{INSTANCE_VARIABLE}={child.instance_id}")
-            for pid in leftovers:
-                procs.send_signal(pid, signal.SIGKILL)
-            leftovers = sorted({*leftovers, *room.release_cgroup(child.cgroup)})  # all it started, however detached
-            if leftovers:
-                log.warning("killed %s left behind by %s (pid %d)", leftovers, child.version, child.pid)
+            await self._end_leftovers(child)
+            caught = room.release_cgroup(child.cgroup)  # what it started, however detached
+            if caught:
+                log.warning("killed %s left in the cgroup of %s (pid %d)", caught, child.version, child.pid)
             self._children.discard(child)
             child.exited.set()
         self._on_exit(child)
+
+    async def _end_leftovers(self, child: _Child) -> None:
+        """Wait for the processes ``child`` left behind: SIGTERM (nobody else will tell them), the
+        rest of its drain time to exit on their own, then SIGKILL. Logged once: routine when they
+        exit by themselves (a multiprocessing resource tracker does), a warning when killed."""
+        entry = f"{INSTANCE_VARIABLE}={child.instance_id}"
+        if not procs.processes_with(entry):
+            return
+        ended_at = time.monotonic()
+        deadline = child.drain_deadline if child.drain_deadline is not None else ended_at + self._config.drain_timeout
+        grace = max(0.0, deadline - ended_at)
+        sweep = await anyio.to_thread.run_sync(
+            functools.partial(procs.end_processes_with, entry, grace=grace, timeout=_KILL_WAIT)
+        )
+        seconds = time.monotonic() - ended_at
+        left = list(sweep.signalled)
+        if not left and not sweep.survivors:
+            return  # gone between the two looks
+        if sweep.survivors:
+            log.error("%s (pid %d) left %s; %s survived SIGKILL", child.version, child.pid, left, list(sweep.survivors))
+        elif sweep.killed:
+            log.warning("%s (pid %d) left %s; killed %s, still running %.1f s after it",
+                        child.version, child.pid, left, list(sweep.killed), seconds)  # fmt: skip
+        else:
+            log.debug("%s (pid %d) left %s; they exited within %.2f s", child.version, child.pid, left, seconds)
 
     async def _read_notifications(self, child: _Child) -> None:
         while True:
@@ -620,7 +696,12 @@ class Supervisor:
         with anyio.move_on_after(timeout if timeout is not None else float("inf")):
             try:
                 if self._config.ready == "http":
-                    return await listeners.http_probe(port, self._config.ready_path)
+                    steered = self._probe_target(child)
+                    if steered is None:
+                        return await listeners.http_probe(port, self._config.ready_path)
+                    listener, sock = steered
+                    with listener.probe_route(sock) as route:
+                        return await listeners.http_probe(port, self._config.ready_path, route=route)
                 return await listeners.tcp_probe(child.health, port)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return "connection closed without a response"
@@ -664,6 +745,8 @@ class Supervisor:
         child.supervised = False
         child.stopping = True
         began = time.monotonic()
+        if child.drain_deadline is None:
+            child.drain_deadline = began + self._config.drain_timeout
         killed = False
         with anyio.CancelScope(shield=True):
             if not child.exited.is_set():
@@ -671,12 +754,14 @@ class Supervisor:
                     child.process.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-                with anyio.move_on_after(self._config.drain_timeout):
+                with anyio.move_on_after(max(0.0, child.drain_deadline - began)):
                     await child.exited.wait()
             if not child.exited.is_set():
-                killed = True
-                _kill_group(child)
-                with anyio.move_on_after(_KILL_WAIT):
+                if child.process.returncode is None:
+                    killed = True
+                    _kill_group(child)
+                # else only processes it left behind remain: _end_leftovers kills them now
+                with anyio.move_on_after(2 * _KILL_WAIT):
                     await child.exited.wait()
                 if not child.exited.is_set():
                     log.error("%s (pid %d) survived SIGKILL for %g s", child.version, child.pid, _KILL_WAIT)
@@ -696,7 +781,109 @@ class Supervisor:
             await say(f"old version {old.version} drained in {seconds:.2f} s")
         return seconds
 
+    # --- sockets across versions ---------------------------------------------------------
+
+    def _serving_sockets(self) -> tuple[socket.socket, ...]:
+        """The sockets that receive new connections now: what the current version (re)starts on."""
+        return tuple(listener.sock for listener in self._listeners)
+
+    def _fresh_sockets(self) -> tuple[socket.socket, ...]:
+        """Sockets for a new version: its own on a steered listener, the shared one otherwise."""
+        created: list[tuple[Listener, socket.socket]] = []
+        try:
+            for listener in self._listeners:
+                created.append((listener, listener.instance_socket()))
+        except listeners.ListenerError as e:
+            for listener, sock in created:
+                listener.release(sock)
+            raise _NotReady(f"could not be started: {e}") from e
+        return tuple(sock for _, sock in created)
+
+    def _steer(self, sockets: tuple[socket.socket, ...]) -> None:
+        """Steer back (rollback): a failure is logged, the rollback goes on."""
+        for listener, sock in zip(self._listeners, sockets, strict=True):
+            try:
+                listener.steer_to(sock)
+            except listeners.ListenerError as e:
+                log.error("%s", e)
+
+    def _socket_path(self) -> str:
+        paths = [listener.path for listener in self._listeners]
+        if not paths:
+            return "none"
+        if len(set(paths)) == 1:
+            return paths[0]
+        return ", ".join(f"{listener.name}={path}" for listener, path in zip(self._listeners, paths))
+
+    def _probe_target(self, child: _Child) -> tuple[Listener, socket.socket] | None:
+        """The first steered listener and ``child``'s socket there: where http probes go."""
+        for listener, sock in zip(self._listeners, child.sockets):
+            if listener.steered and sock in listener.members:
+                return listener, sock
+        return None
+
+    async def _hand_over(
+        self,
+        old: _Child,
+        sockets: tuple[socket.socket, ...],
+        say: Callable[[str], Awaitable[None]],
+        *,
+        taker: str,
+        new: _Child | None = None,
+    ) -> float:
+        """Steer new connections to ``sockets``; return once ``old`` has accepted everything that
+        was queued for it and its queues stayed empty for ``_HANDOVER_QUIET`` (it keeps serving
+        meanwhile). Raises _NotReady if ``new`` exits meanwhile. Returns the seconds it took."""
+        moves = [(listener, mine, theirs)
+                 for listener, mine, theirs in zip(self._listeners, old.sockets, sockets, strict=True)
+                 if mine is not theirs]  # fmt: skip
+        if not moves:
+            return 0.0  # shared path: both versions accept from one queue until the old one drains
+        began = time.monotonic()
+        try:
+            for listener, _, theirs in moves:
+                listener.steer_to(theirs)
+        except listeners.ListenerError as e:
+            raise _NotReady(f"could not take over new connections: {e}") from e
+        await say(f"new connections {taker} now ({self._socket_path()})")
+        quiet_since: float | None = None
+        while not old.exited.is_set():
+            now = time.monotonic()
+            if new is not None and new.exited.is_set():
+                raise _NotReady(f"{new.describe_exit()} while taking over new connections")
+            if any(listener.queued(mine) for listener, mine, _ in moves):
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= _HANDOVER_QUIET:
+                break
+            if now - began >= _HANDOVER_LIMIT:
+                log.warning("%s (pid %d) still had connections queued %g s after the hand-over",
+                            old.version, old.pid, _HANDOVER_LIMIT)  # fmt: skip
+                break
+            await anyio.sleep(_HANDOVER_POLL)
+        seconds = time.monotonic() - began
+        await say(f"{old.version} took the last connection queued for it; {seconds:.2f} s after the hand-over")
+        return seconds
+
+    def _release_unused(self) -> None:
+        """Release every socket that receives no new connections and no instance holds any more."""
+        held = {id(sock) for child in self._children for sock in child.sockets}
+        for listener in self._listeners:
+            for sock in listener.members:
+                if sock is not listener.sock and id(sock) not in held:
+                    try:
+                        listener.release(sock)
+                    except listeners.ListenerError as e:  # released all the same; steering not updated
+                        log.error("%s", e)
+
     # --- failure handling ----------------------------------------------------------------
+
+    async def _abandon(self, new: _Child, old: _Child) -> None:
+        """Stop the new version; while the old one still runs, it receives new connections first."""
+        if not old.exited.is_set() and not old.stopping:
+            self._steer(old.sockets)
+        await self._stop_child(new)
 
     async def _roll_back(
         self, old: _Child, new: _Child | None, reason: str, say: Callable[[str], Awaitable[None]]
@@ -704,8 +891,9 @@ class Supervisor:
         """Stop the new version, bring the old one back; the SwapFailed that tells the caller."""
         await say(reason)
         if new is not None:
-            await self._stop_child(new)
+            await self._abandon(new, old)
         restored, rollback = await self._restore(old)
+        self._release_unused()
         await say(rollback)
         return SwapFailed(
             reason,
@@ -715,14 +903,16 @@ class Supervisor:
         )
 
     async def _restore(self, old: _Child) -> tuple[_Child | None, str]:
-        """Make the old version serve again: it still does, or start it again from its source."""
+        """Make the old version serve again: it still does (new connections go to it again), or
+        start it again from its source on the sockets that receive new connections now."""
         if not old.exited.is_set() and not old.stopping:
+            self._steer(old.sockets)
             old.supervised = True
             self._current = old
             return old, f"{old.version} is still serving (pid {old.pid})"
         failed = old
         try:
-            child = await self._launch(old.source, restarts=old.restarts, failures=0)
+            child = await self._launch(old.source, sockets=self._serving_sockets(), restarts=old.restarts, failures=0)
             self._current = failed = child
             await self._wait_ready(child)
         except _NotReady as e:
@@ -757,7 +947,9 @@ class Supervisor:
                     return  # a swap, start or stop took over meanwhile
                 child: _Child | None = None
                 try:
-                    child = await self._launch(crashed.source, restarts=crashed.restarts + 1, failures=failures)
+                    child = await self._launch(
+                        crashed.source, sockets=self._serving_sockets(), restarts=crashed.restarts + 1, failures=failures
+                    )
                     self._current = child
                     await self._wait_ready(child)
                 except _NotReady as e:

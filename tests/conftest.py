@@ -299,3 +299,23 @@ def _loops_and_mounts() -> set[str]:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         items.add(f"mount at {line.split()[4]}")
     return items
+
+
+# --- supervised apps ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A supervisor marker of our own; afterwards nothing carrying it may be left running."""
+    import os
+    import signal
+    import uuid
+
+    from sshfwup.supervisor import marked_processes
+
+    value = f"sshfwup-test-{uuid.uuid4().hex[:12]}"
+    yield value
+    leftovers = marked_processes(value)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left running: {leftovers}"

@@ -101,7 +101,8 @@ def test_end_kills_what_left_its_session(spawn: Spawn, entry: str, tmp_path: Pat
     wait_for(lambda: pid_file.exists() and pid_file.read_text() != "")
     grandchild = int(pid_file.read_text())
     sweep = procs.end_processes_with(entry, timeout=5.0)
-    assert sweep == procs.Sweep(tuple(sorted([parent.pid, grandchild])), ())
+    pids = tuple(sorted([parent.pid, grandchild]))
+    assert sweep == procs.Sweep(pids, (), killed=pids)
     assert parent.wait(timeout=5) == -signal.SIGKILL
     assert not procs.alive(grandchild)
 
@@ -117,7 +118,7 @@ def test_grace_lets_a_process_exit_on_sigterm(spawn: Spawn, entry: str, tmp_path
     process = spawn(code, stdout=subprocess.PIPE)
     assert process.stdout is not None and process.stdout.readline() == b"ready\n"
     sweep = procs.end_processes_with(entry, grace=5.0, timeout=1.0)
-    assert sweep.signalled == (process.pid,) and sweep.survivors == ()
+    assert sweep == procs.Sweep((process.pid,), (), killed=())  # it exited on SIGTERM
     assert process.wait(timeout=5) == 3 and done.exists()
 
 
@@ -132,7 +133,7 @@ def test_sigkill_follows_when_sigterm_is_ignored(spawn: Spawn, entry: str) -> No
     assert process.stdout is not None and process.stdout.readline() == b"ready\n"
     began = time.monotonic()
     sweep = procs.end_processes_with(entry, grace=0.3, timeout=5.0)
-    assert sweep == procs.Sweep((process.pid,), ())
+    assert sweep == procs.Sweep((process.pid,), (), killed=(process.pid,))
     assert process.wait(timeout=5) == -signal.SIGKILL
     assert time.monotonic() - began >= 0.3
 
@@ -163,5 +164,6 @@ def test_end_repeats_until_a_scan_finds_nothing(
 
     monkeypatch.setattr(procs, "processes_with", scan_missing_late_once)
     sweep = procs.end_processes_with(entry, timeout=5.0)
-    assert sweep == procs.Sweep(tuple(sorted([first.pid, late.pid])), ())
+    pids = tuple(sorted([first.pid, late.pid]))
+    assert sweep == procs.Sweep(pids, (), killed=pids)
     assert first.wait(timeout=5) == late.wait(timeout=5) == -signal.SIGKILL

@@ -8,6 +8,7 @@ misbehave the way a broken release would.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,8 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import pytest
+from apps import stock
 from httpload import Load, Response, get
 
 from sshfwup.config import AppConfig, SocketSpec
@@ -57,17 +58,6 @@ async def wait_gone(pid: int, timeout: float = 5.0) -> bool:
         while alive(pid):
             await anyio.sleep(0.02)
     return not alive(pid)
-
-
-@pytest.fixture
-def marker() -> Iterator[str]:
-    """A marker of our own; afterwards nothing carrying it may be left running."""
-    value = f"sshfwup-test-{uuid.uuid4().hex[:12]}"
-    yield value
-    leftovers = marked_processes(value)
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"processes left running: {leftovers}"
 
 
 def install_app(tmp_path: Path, slot: str, version: str, **mode: Any) -> AppSource:
@@ -146,6 +136,7 @@ async def test_app_sees_sockets_at_fd3_with_its_own_listen_pid(tmp_path: Path, m
         info = json.loads((await get(port_of(sup), "/info")).body)
         via_unix = json.loads((await get(0, "/info", unix=str(unix_path))).body)
         assert [s.address for s in sup.sockets] == [f"tcp:127.0.0.1:{port_of(sup)}", f"unix:{unix_path}"]
+        assert [s.path for s in sup.sockets] == [stock.expected_socket_path(), "shared"]
 
     assert via_unix["pid"] == info["pid"] == instance.pid
     assert info["LISTEN_PID"] == str(instance.pid)
@@ -224,7 +215,7 @@ async def test_drain_lets_an_in_flight_request_finish(tmp_path: Path, marker: st
         slow: list[Response] = []
 
         async def slow_request() -> None:
-            slow.append(await get(port, "/slow?0.8"))
+            slow.append(await get(port, "/slow?1.5"))
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(slow_request)
@@ -234,7 +225,8 @@ async def test_drain_lets_an_in_flight_request_finish(tmp_path: Path, marker: st
         assert (await get(port)).body.startswith("2.0.0 ")
 
     assert slow[0].status == 200 and slow[0].body == f"1.0.0 {old.pid}"
-    assert result.drain_seconds >= 0.4  # SIGTERM came while the slow request still had ~0.7 s to go
+    # SIGTERM came after the start and the hand-over (~0.5 s), with the slow request ~1 s to go
+    assert result.drain_seconds >= 0.4
     assert result.old_returncode == 0
     events = app_events(tmp_path)
     assert events.index((old.pid, "sigterm")) < events.index((old.pid, "slow-end")) < events.index((old.pid, "exit"))
@@ -298,6 +290,127 @@ async def test_a_cancelled_swap_leaves_the_old_version_serving(tmp_path: Path, m
         assert len(new_pids) == 1 and not alive(new_pids[0])
 
 
+# --- the hand-over (socket paths) -----------------------------------------------------------
+
+
+async def test_the_old_version_gets_no_new_connection_once_the_new_one_is_ready(
+    tmp_path: Path, marker: str
+) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    lines: list[tuple[float, str]] = []
+    answers: list[tuple[float, str]] = []
+    running = [True]
+    async with supervising(app_config(tmp_path), marker) as sup:
+        old = await sup.start(v1)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stock.fresh_requests, port_of(sup), answers, running)
+            await anyio.sleep(0.2)
+            result = await sup.swap(v2, report=lambda line: lines.append((time.monotonic(), line)))
+            running[0] = False
+
+    assert result.socket_path == stock.expected_socket_path()
+    steered_at = next(at for at, line in lines if line.startswith("new connections go to 2.0.0 now"))
+    drained_at = next(at for at, line in lines if line.startswith("old version 1.0.0 drained in"))
+    assert result.handover_seconds >= 0.25  # the quiet period before SIGTERM
+    during = [version for began, version in answers if steered_at < began < drained_at]
+    assert len(during) >= 5, f"too few requests during the hand-over to prove anything: {during}"
+    assert {version for began, version in answers if began > steered_at} == {"2.0.0"}
+    assert "1.0.0" in {version for began, version in answers if began < steered_at}
+    events = app_events(tmp_path)
+    assert (old.pid, "sigterm") in events and not alive(old.pid)
+
+
+async def test_without_steering_both_versions_share_one_socket(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    lines: list[str] = []
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with Supervisor(app_config(tmp_path), marker=marker, steer=False) as sup:
+            (listener,) = sup.sockets
+            shared = listener.sock
+            await sup.start(v1)
+            result, load, swapped = await swap_under_load(sup, v2, report=lines.append)
+            assert listener.sock is shared and listener.members == (shared,)
+
+    assert (result.socket_path, result.handover_seconds) == ("shared", 0.0)
+    assert any(line.endswith("(overlap); socket path shared") for line in lines)
+    assert not any(line.startswith("new connections") for line in lines)
+    assert load.failures == []
+    assert {version for began, version in load.answers if began > swapped} == {"2.0.0"}
+
+
+async def test_a_swap_leaves_one_socket_per_address_behind(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install_app(tmp_path, "a", "1.0.0"), install_app(tmp_path, "b", "2.0.0")
+    async with supervising(app_config(tmp_path), marker) as sup:
+        (listener,) = sup.sockets
+        first = listener.sock
+        port = port_of(sup)
+        await sup.start(v1)
+        await sup.swap(v2)
+        assert len(listener.members) == 1 and listener.sock is not first
+        assert first.fileno() == -1  # released: closed, out of the group
+        await sup.swap(v1)
+        assert len(listener.members) == 1
+        assert (await get(port)).body.startswith("1.0.0 ")
+
+
+async def test_a_new_version_dying_during_the_hand_over_gives_new_connections_back(
+    tmp_path: Path, marker: str
+) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", exit_after=[0.05, 3])  # within the quiet period
+    async with supervising(app_config(tmp_path), marker) as sup:
+        old = await sup.start(v1)
+        (listener,) = sup.sockets
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert failure.value.reason == "2.0.0 exited with status 3 while taking over new connections"
+        assert failure.value.rollback == f"1.0.0 is still serving (pid {old.pid})"
+        assert sup.current is not None and sup.current.pid == old.pid
+        assert listener.members == (listener.sock,)
+        for _ in range(5):  # new connections reach the old version again
+            assert (await get(port_of(sup))).body == f"1.0.0 {old.pid}"
+        assert (old.pid, "sigterm") not in app_events(tmp_path)
+
+
+# --- processes an instance leaves behind ---------------------------------------------------
+
+
+async def test_a_leftover_that_exits_by_itself_gets_the_drain_time_and_is_waited_for(
+    tmp_path: Path, marker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0", leave_behind=0.6)
+    v2 = install_app(tmp_path, "b", "2.0.0")
+    caplog.set_level(logging.DEBUG, logger="sshfwup.supervisor")
+    async with supervising(app_config(tmp_path, drain_timeout=5.0, observe=0), marker) as sup:
+        old = await sup.start(v1)
+        result = await sup.swap(v2)
+        (helper,) = [int(text.split()[1]) for pid, text in app_events(tmp_path) if text.startswith("left ")]
+        assert not alive(helper)  # the swap waited for it
+        assert marked_processes(marker) == [result.new_pid]
+
+    assert result.old_returncode == 0 and result.drain_seconds >= 0.6
+    about_helper = [r for r in caplog.records if r.name == "sshfwup.supervisor" and f"[{helper}]" in r.getMessage()]
+    assert len(about_helper) == 1 and about_helper[0].levelno == logging.DEBUG
+    assert f"1.0.0 (pid {old.pid}) left [{helper}]; they exited within " in about_helper[0].getMessage()
+
+
+async def test_a_leftover_that_stays_is_killed_at_the_end_of_the_drain_time(
+    tmp_path: Path, marker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0", leave_behind=60)
+    v2 = install_app(tmp_path, "b", "2.0.0")
+    async with supervising(app_config(tmp_path, drain_timeout=1.0, observe=0), marker) as sup:
+        await sup.start(v1)
+        result = await sup.swap(v2)
+        (helper,) = [int(text.split()[1]) for pid, text in app_events(tmp_path) if text.startswith("left ")]
+        assert not alive(helper)
+
+    assert result.old_returncode == 0  # the app itself drained; only its helper was killed
+    assert 1.0 <= result.drain_seconds < 3.0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sshfwup.supervisor" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"killed [{helper}]" in warnings[0]
+
+
 # --- rollback --------------------------------------------------------------------------------
 
 
@@ -317,8 +430,8 @@ async def test_new_version_never_ready_leaves_the_old_one_serving(tmp_path: Path
 
 async def test_new_version_exiting_during_observation_brings_the_old_one_back(tmp_path: Path, marker: str) -> None:
     v1 = install_app(tmp_path, "a", "1.0.0")
-    v2 = install_app(tmp_path, "b", "2.0.0", exit_after=[0.2, 3])
-    async with supervising(app_config(tmp_path, observe=1.5), marker) as sup:
+    v2 = install_app(tmp_path, "b", "2.0.0", exit_after=[0.8, 3])  # after the hand-over and the drain
+    async with supervising(app_config(tmp_path, observe=2.0), marker) as sup:
         old = await sup.start(v1)
         with pytest.raises(SwapFailed) as failure:
             await sup.swap(v2)

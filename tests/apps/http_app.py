@@ -9,7 +9,9 @@ It serves every socket it is given (the shared ones and the private ``health`` o
 
 Its behaviour comes from ``mode.json`` in the app directory, so two "firmware versions" of the
 app differ the way real ones would: ``ready`` ("notify" | "never": never serves nor notifies),
-``startup_delay``, ``exit_after`` [seconds, status], ``health_fail_after``, ``ignore_sigterm``.
+``startup_delay``, ``exit_after`` [seconds, status], ``health_fail_after``, ``ignore_sigterm``,
+``leave_behind`` (seconds: start a helper in a session of its own that ignores SIGTERM and
+outlives this process by that long, like a multiprocessing resource tracker; event ``left PID``).
 Every event is appended to the file named by ``APP_EVENTS`` as ``<pid> <event>``.
 """
 
@@ -44,6 +46,20 @@ def event(text: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(f"{PID} {text}\n")
+
+
+def leave_behind(seconds: float) -> None:
+    import subprocess
+
+    code = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"while os.getppid() == {PID}:\n"
+        "    time.sleep(0.02)\n"
+        f"time.sleep({seconds})\n"
+    )
+    helper = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    event(f"left {helper.pid}")
 
 
 class App:
@@ -109,6 +125,8 @@ class App:
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         event("start")
+        if "leave_behind" in MODE:
+            leave_behind(float(MODE["leave_behind"]))
 
         def on_sigterm() -> None:
             event("sigterm")
