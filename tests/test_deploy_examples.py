@@ -103,6 +103,9 @@ def localize(example: dict[str, Any], tmp_path: Path, parts: dict[str, Any], key
     app = doc["app"]
     assert app["command"][0] == "/usr/bin/python3"  # the board's interpreter: this test's here
     app["command"] = [sys.executable, *app["command"][1:]]
+    # This test's interpreter and slot mount live under root-only directories (/root, pytest's
+    # 0700 tmp): the app runs as the server's user here; the room itself is tested in test_room.py.
+    app["user"] = ""
     name, _, address = app["sockets"][0].partition("=")
     app["sockets"] = [f"{name}=tcp:127.0.0.1:{free_port()}"]
     return doc
