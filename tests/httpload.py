@@ -67,11 +67,12 @@ class Load:
                 if response.headers.get("connection") == "close":
                     writer.close()  # the server drains this connection: a new one goes to whoever accepts
                     reader = writer = None
-            except asyncio.IncompleteReadError as e:
+            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
                 if writer is not None:
                     writer.close()
                 reader = writer = None
-                if reused and not e.partial:
+                # (a reset instead of a FIN: the server closed the idle connection with our request unread)
+                if reused and not getattr(e, "partial", b""):
                     # An idle keep-alive connection closed by a draining server just as we sent:
                     # no byte of a response came back, so the request was never processed. HTTP
                     # clients retry this transparently (RFC 9112 section 9.3.1); so do we, once.

@@ -389,9 +389,11 @@ async def test_a_leftover_that_exits_by_itself_gets_the_drain_time_and_is_waited
         assert marked_processes(marker) == [result.new_pid]
 
     assert result.old_returncode == 0 and result.drain_seconds >= 0.6
+    # Logged once at debug level — or not at all when it was gone by the time the sweep looked (the
+    # supervisor also waits for the app's output pipe, which the helper held until it exited).
     about_helper = [r for r in caplog.records if r.name == "sshfwup.supervisor" and f"[{helper}]" in r.getMessage()]
-    assert len(about_helper) == 1 and about_helper[0].levelno == logging.DEBUG
-    assert f"1.0.0 (pid {old.pid}) left [{helper}]; they exited within " in about_helper[0].getMessage()
+    assert len(about_helper) <= 1 and all(r.levelno == logging.DEBUG for r in about_helper)
+    assert all(f"1.0.0 (pid {old.pid}) left [{helper}]; they exited within " in r.getMessage() for r in about_helper)
 
 
 async def test_a_leftover_that_stays_is_killed_at_the_end_of_the_drain_time(

@@ -71,6 +71,7 @@ class StockServer:
             drain_timeout=self.drain_timeout,
             observe=1.0,
             health_interval=0.5,
+            user="",  # the test venv's servers live under root-only paths; the room is tested in test_room.py
         )
         return replace(config, **overrides)
 
