@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .firmware_image import RootfsError, read_rootfs_view
+from .firmware_image import DEFAULT_ROOTFS_RESOURCE, RootfsError, read_rootfs_view
 from .fwfile import (
     FirmwareError,
     FirmwareInfo,
@@ -39,7 +39,7 @@ from .fwfile import (
     sign_firmware,
     verify_signature,
 )
-from .inspect import DEFAULT_INTERPRETER, Change, Policy, Verdict, decide
+from .inspect import DEFAULT_INTERPRETER, Change, Policy, Verdict, decide, with_resources
 from .manifest import (
     DEFAULT_APP_DIRS,
     MANIFEST_PATH,
@@ -204,6 +204,10 @@ def cmd_mark(args: argparse.Namespace) -> int:
 
 
 # --- info ----------------------------------------------------------------------------------------
+
+
+def _resources(info: FirmwareInfo) -> dict[str, tuple[int, str]]:
+    return {r.name: (r.length, r.blake2b_256) for r in info.meta.resources.values()}
 
 
 def _read(path: str) -> tuple[Path, FirmwareInfo]:
@@ -473,6 +477,8 @@ def compute_diff(
     except ValueError as e:
         raise CommandError(str(e)) from None
     verdict = replace(verdict, old_version=old_info.version or "?", new_version=new_info.version or "?")
+    verdict = with_resources(verdict, _resources(old_info), _resources(new_info),
+                             rootfs_resource or DEFAULT_ROOTFS_RESOURCE)  # fmt: skip
     if verdict.hot and settings.supervised is False:
         verdict = replace(verdict, hot=False, reasons=(NO_APP_REASON,))
     warnings = []

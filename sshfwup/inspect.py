@@ -498,6 +498,27 @@ def inspect_slot(
 # --- everything else the .fw installs ------------------------------------------------------------
 
 
+def with_resources(
+    verdict: "Verdict",
+    installed: Mapping[str, tuple[int, str]] | None,
+    new: Mapping[str, tuple[int, str]],
+    rootfs: str = "rootfs.img",
+) -> "Verdict":
+    """``verdict`` with the reboot reasons of every resource of the new ``.fw`` other than the root
+    filesystem (:func:`resource_reasons`). ``installed`` None: the running firmware's resources
+    are not on record, so any other resource in the new firmware cannot be shown unchanged."""
+    if installed is None:
+        others = sorted(name for name in new if name != rootfs)
+        reasons = [f"firmware resource {name} cannot be compared (the installed firmware's is not on record)"
+                   for name in others]  # fmt: skip
+    else:
+        reasons = resource_reasons(installed, new, rootfs)
+    if not reasons:
+        return verdict
+    kept = () if verdict.hot else verdict.reasons
+    return replace(verdict, hot=False, reasons=(*kept, *reasons))
+
+
 def resource_reasons(
     installed: Mapping[str, tuple[int, str]], new: Mapping[str, tuple[int, str]], rootfs: str = "rootfs.img"
 ) -> list[str]:

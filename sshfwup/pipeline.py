@@ -17,7 +17,8 @@ import anyio
 
 from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_slot, slot_state_var
 from .device import Device
-from .inspect import Policy, Verdict, inspect_slot
+from .inspect import Policy, Verdict, inspect_slot, with_resources
+from .installed import recorded_resources
 from .lock import DeviceBusy
 from .slots import SlotError, mount_slot, unmount
 from .supervisor import AppSource, SwapFailed
@@ -83,6 +84,10 @@ async def run(ctx: UpdateContext) -> Outcome:
         lambda: inspect_slot(cfg.device.root_mount, mount_point, Policy.from_config(cfg))
     )
     verdict = replace(verdict, old_version=old_version, new_version=new_version)
+    if ctx.firmware is not None:
+        # Everything the .fw installs counts: a kernel or boot file beside the root filesystem too.
+        installed = recorded_resources(cfg.server.data_dir, old, ctx.boot.slots[old].uuid)
+        verdict = with_resources(verdict, installed, {n: (size, h) for n, size, h in ctx.firmware.resources})
     if verdict.hot and device.supervisor is None:
         verdict = replace(verdict, hot=False, reasons=("no application is supervised ([app] command is empty)",))
     changed = sum(1 for c in verdict.changes)

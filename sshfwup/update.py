@@ -30,6 +30,7 @@ from .device import Device
 from .fwup import FwupError, FwupProcess, FwupResult, Progress
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes, version_key
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
+from .installed import forget, record
 from .lock import DeviceBusy
 from .report import Report
 from .slots import SlotError, is_mounted, unmount
@@ -93,6 +94,7 @@ class UpdateContext:
     boot: BootState  # before the update (precheck) / after fwup (success callback)
     running_root: str | None
     fwup: FwupResult | None = None
+    firmware: FirmwareHead | None = None  # what the upload said it is (its meta.conf), if readable
 
 
 Callback = Callable[[UpdateContext], Any]
@@ -506,8 +508,13 @@ class Update:
                 after = self.after = await dev.boot_state()
         except BootEnvError as e:
             return Outcome(False, f"fwup finished but the boot environment cannot be read: {e}")
+        if after.active:
+            if self.head is not None:
+                record(dev.config.server.data_dir, after.active, self.head.uuid, self.head.version, self.head.resources)
+            else:
+                forget(dev.config.server.data_dir, after.active)
         dev.progress.set(stage="applied", to_slot=after.active, to_version=after.version(after.active) if after.active else None)
-        ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result)
+        ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result, self.head)
         if not spec:
             return Outcome(True, _applied_verdict(ctx))
         try:

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import subprocess
+import sys
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
-from conftest import Sim, assert_applied, assert_untouched, journal, output, upload, wait_unlocked
+from conftest import KeyPair, Sim, assert_applied, assert_untouched, journal, output, upload, wait_unlocked, wait_until
 
 from sshfwup import fwfile
 from sshfwup.firmware_delta import make_patch
 from sshfwup.fwhead import read_head_bytes, version_key
+from sshfwup.inspect import Verdict, with_resources
+from sshfwup.sim.device import SimDevice, cleanup
+from sshfwup.sim.firmware import build_firmware, reference_conf
+from sshfwup.sim.host import free_port
+from sshfwup.sim.machine import SimMachine
+from sshfwup.sim.rootfs import make_rootfs
 
 
 async def test_the_firmware_already_running_changes_nothing(sim: Sim, firmware) -> None:
@@ -208,3 +218,76 @@ async def test_the_head_is_read_whatever_the_size_of_the_first_chunk(sim: Sim, f
             await update.write(data)  # all of it at once
             await update.finish()
     assert sim.env() == env and slot_b(sim) == b_before
+
+
+# --- everything the .fw installs counts (a kernel resource beside the root filesystem) ----------
+
+def kernel_conf(out: Path) -> Path:
+    """deploy/fwup.conf plus a zImage resource, written raw past the root filesystem in the slot
+    being written (in place of a kernel on a boot partition)."""
+    text = reference_conf().read_text()
+    text = text.replace("file-resource rootfs.img {", "file-resource zImage {\n    host-path = ${ZIMAGE}\n}\n\nfile-resource rootfs.img {", 1)
+    for slot, block in (("A", 64096), ("B", 129632)):  # 60000 blocks into the slot: far past the squashfs
+        marker = f"        raw_write(${{ROOTFS_{slot}_PART_OFFSET}})\n    }}\n"
+        assert marker in text
+        text = text.replace(marker, marker + f"    on-resource zImage {{ raw_write({block}) }}\n")
+    out.write_text(text)
+    return out
+
+
+@pytest.fixture
+async def kernel_sim(tmp_path: Path, client_key: KeyPair, fwup: str) -> AsyncIterator[tuple[Sim, Callable[..., Path]]]:
+    """A device flashed with firmware that also writes a kernel resource (zImage) outside the rootfs."""
+    made: dict[str, Path] = {}
+    conf = kernel_conf(tmp_path / "kernel-fwup.conf")
+
+    def build(version: str, kernel: bytes, **rootfs: Any) -> Path:
+        work = tmp_path / "fw" / version
+        work.mkdir(parents=True)
+        (work / "zImage").write_bytes(kernel)
+        staging = make_rootfs(work / "rootfs", version=version, **rootfs)
+        made[version] = build_firmware(staging, work / f"{version}.fw", version=version, conf=conf,
+                                       variables={"ZIMAGE": str(work / "zImage")})  # fmt: skip
+        return made[version]
+
+    path = tmp_path / "device"
+    try:
+        device = SimDevice.create(path, firmware=build("1.0.0", b"kernel one" * 400),
+                                  authorized_keys=[client_key.public_line], ssh_port=free_port(), app_port=free_port())  # fmt: skip
+        async with SimMachine.start(device.path) as machine:
+            await machine.wait_up(timeout=60)
+            yield Sim(device, machine, client_key), build
+    finally:
+        cleanup(path)
+
+
+async def test_a_new_kernel_resource_means_reboot_even_when_the_rootfs_is_app_only(kernel_sim) -> None:
+    sim, build = kernel_sim
+    same_kernel = build("1.1.0", b"kernel one" * 400)
+    result = await upload(sim, same_kernel)
+    assert result.returncode == 0 and "hot reload: 1.0.0 → 1.1.0" in output(result), output(result)
+    assert sim.ssh("reboot").returncode == 0
+    await sim.machine.wait_boot(2, timeout=60)
+    await wait_until(lambda: sim.env()["nerves_fw_validated"] == "1", what="1.1.0 validated")
+    new_kernel = build("1.2.0", b"kernel two" * 400)
+    result = await upload(sim, new_kernel)
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "reboot required: firmware resource zImage changed" in text, text
+    # the offline diff says the same
+    diff = subprocess.run([sys.executable, "-m", "sshfwup", "firmware", "diff", str(same_kernel), str(new_kernel), "--json"],
+                          capture_output=True, text=True)  # fmt: skip
+    verdict = json.loads(diff.stdout)["verdict"]
+    assert not verdict["hot"] and "firmware resource zImage changed (blake2b differs)" in verdict["reasons"]
+
+
+def test_with_resources_folds_reasons_into_a_verdict() -> None:
+    hot = Verdict(True, (), ())
+    assert with_resources(hot, {"rootfs.img": (1, "a"), "zImage": (2, "b")}, {"rootfs.img": (9, "z"), "zImage": (2, "b")}) is hot
+    changed = with_resources(hot, {"zImage": (2, "b")}, {"zImage": (2, "c")})
+    assert not changed.hot and changed.reasons == ("firmware resource zImage changed (blake2b differs)",)
+    unknown = with_resources(hot, None, {"rootfs.img": (1, "a"), "boot.scr": (3, "d")})
+    assert not unknown.hot and "boot.scr cannot be compared" in unknown.reasons[0]
+    assert with_resources(hot, None, {"rootfs.img": (1, "a")}) is hot  # only the rootfs: the manifest decides
+    reboot = Verdict(False, ("/etc changed",), ())
+    assert with_resources(reboot, {}, {"zImage": (1, "x")}).reasons == ("/etc changed", "firmware resource zImage added")

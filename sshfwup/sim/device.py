@@ -44,6 +44,8 @@ from sshfwup.bootenv import BootEnv
 from sshfwup.config import AppConfig
 from sshfwup.fsutil import write_atomically
 from sshfwup.fwfile import FirmwareError
+from sshfwup.fwhead import MAX_HEAD, read_head_bytes
+from sshfwup.installed import record
 from sshfwup.sim.firmware import find_fwup
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
 from sshfwup.sim.toml_write import dumps as toml_dumps
@@ -459,6 +461,9 @@ class SimDevice:
             except SimError as e:
                 raise ProvisionError(str(e)) from None
             self.mount_data()
+            head = read_head_bytes(firmware.read_bytes()[:MAX_HEAD], final=True)
+            if head is not None:  # as a factory would: the resources of what it flashed
+                record(self.server_data_dir, "a", head.uuid, head.version, head.resources)
             keys = self.server_data_dir / "authorized_keys"
             _atomic_write(keys, "".join(line.rstrip("\n") + "\n" for line in authorized_keys), mode=0o600)
         finally:
