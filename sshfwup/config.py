@@ -133,6 +133,9 @@ class AppConfig:
     strategy: Literal["overlap", "stop-first"] = "overlap"
     revert_on_failure: bool = True  # revert the boot env when a hot swap fails
     restart_backoff: tuple[float, float] = (0.5, 30.0)  # first and maximum delay
+    # A hot-swapped version that crashes this many times in a row goes back to the running root's
+    # firmware (0: never; it keeps being restarted)
+    rollback_after_crashes: int = 3
     user: str = "sshfwup-app"  # "" = the server's own user (not for devices)
     group: str = ""  # "" = the user's primary group
     supplementary_groups: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ Order matters:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -29,9 +30,13 @@ from .lock import DeviceBusy
 from .pipeline import slot_mount_point
 from .server import FirmwareServer
 from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
-from .supervisor import AppNotReady, AppSource, Supervisor, SupervisorError
+from .supervisor import AppNotReady, AppSource, Instance, Supervisor, SupervisorError
 
 log = logging.getLogger(__name__)
+
+# How long a crash-loop rollback waits for the update lock; if it stays busy, the crashing
+# version is restarted and the rollback is tried again at its next crash.
+_CRASH_LOOP_LOCK_WAIT = 30.0
 
 __all__ = ["DaemonError", "run_daemon"]
 
@@ -67,7 +72,10 @@ async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[Fir
         plan = await _recover(device)
         app_ok = True
         if config.app.command:
-            supervisor = Supervisor(config.app, marker=f"sshfwup:{config.server.data_dir}")
+            supervisor = Supervisor(
+                config.app, marker=f"sshfwup:{config.server.data_dir}",
+                on_crash_loop=functools.partial(_roll_back_crash_loop, device),
+            )  # fmt: skip
             device.supervisor = await stack.enter_async_context(supervisor)
             app_ok = await _start_app(device, plan, tg)
         await server.start(tg)
@@ -219,9 +227,9 @@ async def _validate_after_boot(device: Device, app_ok: bool) -> None:
         return
     version = boot.version(root) or "?"
     sup = device.supervisor
-    healthy = True
-    if sup is not None:
-        healthy = app_ok and await sup.wait_healthy(device.config.app.observe)
+    problem: str | None = None if app_ok else "the app did not start"
+    if sup is not None and problem is None:
+        problem = await sup.watch_health(device.config.app.observe)
     async with _update_lock(device, f"boot validation of {version}"):
         # An operator may have reverted or validated during the observation window: decide on
         # the env as it is now, never on the one read before it.
@@ -234,7 +242,11 @@ async def _validate_after_boot(device: Device, app_ok: bool) -> None:
             log.info("not validating %s: the boot env now names slot %s%s", version, now.active,
                      " (validated)" if now.validated else "")  # fmt: skip
             return
-        if healthy and now is not None:
+        if sup is not None and problem is None and now is not None:
+            # Healthy for the observation window is not enough: it must be healthy now, when the
+            # bootloader's fallback is switched off (the lock may have been waited for).
+            problem = await sup.check_health()
+        if problem is None and now is not None:
             await device.bootenv.validate()
             if device.journal is not None and device.journal.current is not None:
                 device.journal.advance("validated", verdict=f"firmware {version} validated after a healthy boot")
@@ -243,7 +255,7 @@ async def _validate_after_boot(device: Device, app_ok: bool) -> None:
             log.info("validated firmware %s in slot %s", version, root)
             return
         other = other_slot(root)
-        reason = f"firmware {version} failed its first boot (the app did not stay ready)"
+        reason = f"firmware {version} failed its first boot ({problem or 'the boot env could not be read'})"
         fallback = now.slots[other] if now is not None else None
         if fallback is not None and fallback.usable:
             log.error("%s; falling back to slot %s (%s)", reason, other, fallback.version)
@@ -259,6 +271,49 @@ async def _validate_after_boot(device: Device, app_ok: bool) -> None:
             device.request_reboot(f"{reason}; the boot env is unreadable: rebooting so the bootloader falls back")
         else:
             log.error("%s, and slot %s holds no usable firmware to fall back to; staying up", reason, other)
+
+
+async def _roll_back_crash_loop(device: Device, crashed: Instance, crashes: int) -> AppSource | None:
+    """The supervisor's crash-loop handler: a hot-swapped version (running from the other slot,
+    reboot pending) that keeps crashing gives way to the firmware the device booted. The boot env
+    goes back to the running root with the failed slot marked rolled back ([app]
+    revert_on_failure), the journal records ``rolled-back``, and the app starts from the running
+    root. The booted firmware itself has nothing to go back to without a reboot: None, it keeps
+    being restarted."""
+    root = device.running_root()
+    slot = crashed.source.slot
+    if root is None or slot == root:
+        return None
+    try:
+        who = f"rollback of {crashed.version} after {crashes} crashes"
+        async with _update_lock(device, who, timeout=_CRASH_LOOP_LOCK_WAIT):
+            current = device.supervisor.current if device.supervisor is not None else None
+            if current is None or current.pid != crashed.pid:
+                return None  # an operator's revert (or an update) took over while we waited for the lock
+            try:
+                boot: BootState | None = await device.boot_state()
+            except BootEnvError as e:
+                boot = None
+                log.error("cannot read the boot env: %s", e)
+            version = (boot.version(root) if boot else None) or "unknown"
+            env = await device.give_up_slot(root, slot, crashed.version)
+            text = (
+                f"{crashed.version} from slot {slot} failed {crashes} times in a row after its hot swap"
+                f" (last: it {crashed.describe_exit()}); rolled back: {version} runs from slot {root} again; {env}"
+            )
+            log.error("%s", text)
+            if device.journal is not None and device.journal.current is not None:
+                root_mount = device.config.device.root_mount
+                device.journal.advance(
+                    "rolled-back", app_slot=root, app_root=str(root_mount), app_version=version, verdict=text
+                )
+            device.last_outcome = {"ok": False, "verdict": text}
+            device.notify_status(f"running {version}; {crashed.version} rolled back after {crashes} crashes")
+            await _unmount_quietly(slot_mount_point(device, slot), attempts=20)  # its processes are all gone
+            return AppSource(device.config.device.root_mount, root, version)
+    except DeviceBusy as e:
+        log.warning("cannot roll back %s now (%s); restarting it meanwhile", crashed.version, e)
+        return None
 
 
 @asynccontextmanager
@@ -291,11 +346,16 @@ async def _watchdog() -> None:
         await anyio.sleep(interval)
 
 
-async def _unmount_quietly(mount_point: Path) -> None:
-    try:
-        await unmount(mount_point)
-    except SlotError as e:
-        log.error("%s", e)
+async def _unmount_quietly(mount_point: Path, *, attempts: int = 1) -> None:
+    for attempt in range(attempts, 0, -1):
+        try:
+            await unmount(mount_point)
+            return
+        except SlotError as e:
+            if attempt == 1:
+                log.error("%s", e)
+                return
+        await anyio.sleep(0.1)  # a process that just exited: the kernel drops its references
 
 
 async def _unmount_slots(run_dir: Path) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from .bootenv import BootEnv, BootState
+from .bootenv import ROLLED_BACK, BootEnv, BootEnvError, BootState, slot_state_var
 from .config import Config
 from .lock import DeviceLock
 from .logring import LogRing
@@ -184,6 +184,18 @@ class Device:
 
     async def boot_state(self) -> BootState:
         return await self.bootenv.state()
+
+    async def give_up_slot(self, running: str, failed: str, failed_version: str) -> str:
+        """The app of the firmware in slot ``failed`` failed after a hot swap: the boot env goes
+        back to ``running`` with ``failed`` marked rolled back, in one write — unless ``[app]
+        revert_on_failure`` is false (it is tried again at the next boot). Says what happened."""
+        if not self.config.app.revert_on_failure:
+            return f"slot {failed} ({failed_version}) still boots next ([app] revert_on_failure = false)"
+        try:
+            await self.bootenv.revert_to(running, also={slot_state_var(failed): ROLLED_BACK})
+        except BootEnvError as e:
+            return f"REVERTING THE BOOT ENV FAILED ({e}): slot {failed} would boot next"
+        return f"boot env reverted to slot {running}"
 
     def request_reboot(self, reason: str) -> None:
         """Ask the server to reboot once the uploader's channel is closed (it owns the timing)."""

@@ -59,6 +59,7 @@ __all__ = [
     "Listener",
     "ListenerError",
     "SocketPath",
+    "accept_probe",
     "accept_queue_length",
     "attach_reuseport_program",
     "bind_listeners",
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 
 SocketPath = Literal["shared", "reuseport", "reuseport+migrate"]
 
+_ACCEPT_POLL = 0.01  # how often a probe looks at an accept queue
 _TCPI_UNACKED_OFFSET = 24  # struct tcp_info: 8 one-byte fields, rto, ato, snd_mss, rcv_mss, unacked
 _MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")  # per network namespace, IPv6 too
 # asm-generic value; the few architectures that number it differently (parisc, sparc) are not
@@ -258,6 +260,25 @@ class Listener:
             finally:
                 del self._probes[port]
                 self._attach()
+        finally:
+            client.close()
+
+    @contextmanager
+    def probe_connection(self, sock: socket.socket) -> Iterator[tuple[socket.socket, tuple[Any, ...]]]:
+        """A fresh client socket and the address to connect it to, such that the connection is
+        queued on ``sock``: a probe route on the steered path; on the shared path (TCP) the
+        address itself, where any process holding the socket may accept it."""
+        if self.spec.kind != "tcp":
+            raise ListenerError(f"{self.name}: {self.address} has no accept queue a probe can watch")
+        if self._steered:
+            with self.probe_route(sock) as route:
+                yield route
+            return
+        if sock is not self._target:
+            raise ListenerError(f"{self.name}: that socket is not one of this listener's")
+        client = socket.socket(self._target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            yield client, _loopback_destination(self._target.getsockname())
         finally:
             client.close()
 
@@ -496,6 +517,28 @@ async def _connect(client: socket.socket, destination: tuple[Any, ...]) -> None:
         result = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if result:
         raise OSError(result, os.strerror(result))
+
+
+async def accept_probe(listener: socket.socket, route: tuple[socket.socket, tuple[Any, ...]]) -> None:
+    """Connect through ``route`` (see :meth:`Listener.probe_connection`) to ``listener`` and return
+    once an app has accepted that connection; the caller bounds the wait.
+
+    A listener's accept queue is first in, first out, and a connection leaves it only when it is
+    accepted (or when the listener closes). On loopback the kernel queues the connection before
+    ``connect()`` returns, so ours is at most ``ahead`` places from the head then, where ``ahead``
+    is the queue's length read right after. It has been accepted once the queue was empty, or once
+    ``ahead`` connections have left — counted as the drops in length between polls: a lower bound,
+    since arrivals hide departures, so a busy queue may take longer to prove, never less.
+    """
+    client, destination = route
+    await _connect(client, destination)
+    ahead = last = accept_queue_length(listener)
+    left = 0
+    while last and left < ahead:
+        await anyio.sleep(_ACCEPT_POLL)
+        now = accept_queue_length(listener)
+        left += max(0, last - now)
+        last = now
 
 
 async def tcp_probe(listener: socket.socket, port: int) -> str | None:

@@ -138,18 +138,10 @@ async def run(ctx: UpdateContext) -> Outcome:
 
 
 async def _roll_back(ctx: UpdateContext, old: str, new: str, old_version: str, new_version: str, reason: str) -> Outcome:
-    device, cfg = ctx.device, ctx.device.config
+    device = ctx.device
     await _unmount_quietly(slot_mount_point(device, new))
-    reverted = ""
-    if cfg.app.revert_on_failure:
-        try:
-            await device.bootenv.revert_to(old, also={slot_state_var(new): ROLLED_BACK})
-            reverted = f"; boot env reverted to slot {old}"
-        except BootEnvError as e:
-            reverted = f"; REVERTING THE BOOT ENV FAILED ({e}): slot {new} would boot next"
-    else:
-        reverted = f"; slot {new} ({new_version}) still boots next ([app] revert_on_failure = false)"
-    text = f"hot reload failed: {reason}; rolled back: {old_version} keeps serving{reverted}"
+    reverted = await device.give_up_slot(old, new, new_version)
+    text = f"hot reload failed: {reason}; rolled back: {old_version} keeps serving; {reverted}"
     if device.journal is not None:
         device.journal.advance("rolled-back", app_slot=old, app_version=old_version, verdict=text)
     device.notify_status(f"running {old_version}; update rolled back")

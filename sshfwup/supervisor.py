@@ -37,14 +37,28 @@ so an app serving only fd 3 (uvicorn ``--fd 3``) can be probed too. The ``health
 passed all the same, so that LISTEN_FDS does not depend on the kernel. ``http``: ``GET
 ready_path`` answers 2xx. ``tcp``: the app accepted the probe connection — seen as the private
 listener's accept queue (``TCP_INFO``) emptying again; on loopback the kernel queues the
-connection before ``connect()`` returns. During the observation window the process must stay
-alive and, for http/tcp, a probe every ``health_interval`` must pass within
-``max(1 s, 2 × health_interval)``.
+connection before ``connect()`` returns.
+
+Health is proved on the sockets clients use, not announced: in every readiness mode an instance
+is ready only once it has also accepted a probe connection on each of its public TCP sockets
+(:func:`listeners.accept_probe`), within ``ready_timeout`` — an app that sends READY=1 but
+listens on a port of its own is not ready. A probe is sent only where no other instance could
+accept it: to the instance's own socket on the reuseport paths (routed there by the program,
+before the hand-over, while the old version still serves everyone else); on the shared path only
+while no other instance runs — during an overlap that means once the old version drained, before
+the swap completes (a failure then starts the old version again). UNIX sockets have no accept
+queue to watch: there READY=1 (or the private probe) is all the proof. During the observation
+window the process must stay alive and, every ``health_interval``, pass the http/tcp probe and
+accept a probe connection on each public socket, each within ``max(1 s, 2 × health_interval)``;
+boot validation runs the same checks (:meth:`Supervisor.watch_health`,
+:meth:`Supervisor.check_health`).
 
 Outside a swap, an instance that exits is restarted from the same source, on the same sockets,
 with exponential backoff (``restart_backoff``: first delay, maximum; a crash after running at
 least the maximum delay starts again from the first) once the processes it left behind are gone.
-An exit during a swap belongs to the swap, never to the restart loop.
+An exit during a swap belongs to the swap, never to the restart loop. After
+``rollback_after_crashes`` failures in a row the ``on_crash_loop`` handler may name another
+source to start instead (the daemon's: the running root's firmware for a hot-swapped version).
 
 Each instance runs with cwd = ``root/app_dir`` (``app_dir`` is absolute inside the root
 filesystem), in its room (:mod:`sshfwup.room`: its own user, capabilities and cgroup, a clean
@@ -66,6 +80,7 @@ an instance counts as gone — and its sockets are released — only once all of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -96,6 +111,7 @@ __all__ = [
     "MARKER_VARIABLE",
     "AppNotReady",
     "AppSource",
+    "CrashLoopHandler",
     "Instance",
     "Listener",
     "SupervisorError",
@@ -127,6 +143,7 @@ _HANDOVER_LIMIT = 5.0
 _HANDOVER_POLL = 0.01
 
 Report = Callable[[str], Awaitable[None] | None]
+_CRASH_LOOP_TIMEOUT = 120.0  # the crash-loop handler's bound (it may wait for the update lock)
 
 
 class SupervisorError(Exception):
@@ -188,6 +205,10 @@ class Instance:
     def version(self) -> str:
         return self.source.version
 
+    def describe_exit(self) -> str:
+        """"exited with status 3", "was killed by SIGKILL", "is running"."""
+        return _describe_exit(self.returncode)
+
 
 @dataclass(frozen=True)
 class SwapResult:
@@ -205,6 +226,12 @@ class SwapResult:
     # "reuseport+migrate", "reuseport" or "shared" ("name=path, ..." when the sockets differ)
     socket_path: str = "shared"
     handover_seconds: float = 0.0  # steering new connections away from the old version → its SIGTERM
+
+
+#: ``Supervisor(on_crash_loop=...)``: called once the app failed ``[app] rollback_after_crashes``
+#: times in a row, with the last failed instance and that count, before the next restart. Returns
+#: the source to start instead (at once), or None to go on restarting the same one with backoff.
+CrashLoopHandler = Callable[[Instance, int], Awaitable[AppSource | None]]
 
 
 # --- sockets and strays --------------------------------------------------------------------
@@ -322,14 +349,17 @@ class Supervisor:
         marker: str,
         on_event: Callable[[str], None] | None = None,
         steer: bool = True,
+        on_crash_loop: CrashLoopHandler | None = None,
     ) -> None:
-        """``steer=False`` keeps every socket on the shared path (see :mod:`sshfwup.listeners`)."""
+        """``steer=False`` keeps every socket on the shared path (see :mod:`sshfwup.listeners`).
+        ``on_crash_loop``: see :meth:`_restart_after_crash` and ``[app] rollback_after_crashes``."""
         if not marker or "\0" in marker:
             raise ValueError("marker must be a non-empty string without NUL")
         self._config = config
         self._steer_sockets = steer
         self._marker = marker
         self._on_event = on_event
+        self._on_crash_loop = on_crash_loop
         self._listeners: tuple[Listener, ...] = ()
         self._current: _Child | None = None
         self._children: set[_Child] = set()
@@ -451,10 +481,12 @@ class Supervisor:
                 await say(f"new version {source.version} ready in {ready:.2f} s (pid {new.pid})")
                 self._current = new
                 if config.strategy == "overlap":
+                    proved = self._public_checks(new)  # at readiness; not those shared with the old version
                     handover = await self._hand_over(old, sockets, say, taker=f"go to {source.version}", new=new)
                     drain = await self._drain(old, say)
                     old_stopped = True
                     self._release_unused()
+                    await self._prove_after_drain(new, proved, old, say)
                 if config.observe > 0:
                     await say(f"watching {source.version} for {_seconds(config.observe)}")
                     problem = await self._watch(new, config.observe)
@@ -498,11 +530,41 @@ class Supervisor:
 
     async def wait_healthy(self, duration: float) -> bool:
         """True if the current instance stays alive (and passes its probes) for ``duration``."""
+        return await self.watch_health(duration) is None
+
+    async def watch_health(self, duration: float) -> str | None:
+        """Watch the current instance for ``duration`` as a swap's observation window does: None
+        if it stayed alive and passed every round of checks, else what went wrong."""
         self._check_open()
         child = self._current
-        if child is None or child.returncode is not None or child.ready_at is None:
-            return False
-        return await self._watch(child, duration) is None
+        problem = self._not_serving(child)
+        if problem is not None or child is None:
+            return problem
+        problem = await self._watch(child, duration)
+        return f"{child.version} {problem}" if problem else None
+
+    async def check_health(self) -> str | None:
+        """One round of checks on the current instance, now (what boot validation asks right
+        before it validates): None if it runs, is ready and passes them, else what is wrong."""
+        self._check_open()
+        child = self._current
+        problem = self._not_serving(child)
+        if problem is not None or child is None:
+            return problem
+        problem = await self._health_problem(child, timeout=self._probe_timeout())
+        if problem is None and child.exited.is_set():
+            problem = child.describe_exit()
+        return f"{child.version} {problem}" if problem else None
+
+    @staticmethod
+    def _not_serving(child: _Child | None) -> str | None:
+        if child is None:
+            return "the app is not running"
+        if child.process.returncode is not None or child.exited.is_set():
+            return f"{child.version} {_describe_exit(child.process.returncode)}"
+        if child.ready_at is None:
+            return f"{child.version} is not ready (pid {child.pid})"
+        return None
 
     async def stop(self) -> None:
         """Stop the app (SIGTERM → drain_timeout → SIGKILL). The sockets stay bound."""
@@ -654,10 +716,12 @@ class Supervisor:
             _receive_notifications(child)
 
     async def _wait_ready(self, child: _Child) -> None:
-        """Return once ``child`` is ready; raise _NotReady if it exits or time runs out."""
+        """Return once ``child`` is ready — it said so (or passed its probe), and accepted a probe
+        connection on each of its public sockets; raise _NotReady if it exits or time runs out."""
         config = self._config
         outcome: list[str | None] = []  # the first finisher decides
         last_probe = [""]
+        unproven: list[tuple[Listener, float]] = []  # the public socket it has yet to accept on
 
         async def exits() -> None:
             await child.exited.wait()
@@ -673,6 +737,16 @@ class Supervisor:
                 while (problem := await self._probe(child, timeout=None)) is not None:
                     last_probe[0] = problem
                     await anyio.sleep(_PROBE_RETRY)
+            said_ready = time.monotonic() - child.started_at
+            # READY=1 or a private probe proves nothing about the sockets clients connect to.
+            for listener, sock in self._public_checks(child):
+                unproven[:] = [(listener, said_ready)]
+                problem = await self._accept_probe(listener, sock, timeout=None)
+                if problem is not None:
+                    outcome.append(problem)
+                    tasks.cancel_scope.cancel()
+                    return
+            unproven.clear()
             outcome.append(None)
             tasks.cancel_scope.cancel()
 
@@ -681,7 +755,18 @@ class Supervisor:
                 tasks.start_soon(exits)
                 tasks.start_soon(becomes_ready)
         if not outcome:
-            hint = f" (last probe: {last_probe[0]})" if last_probe[0] else ""
+            if unproven:
+                listener, said_ready = unproven[0]
+                announced = "said READY=1" if config.ready == "notify" else "passed its readiness probe"
+                hint = (
+                    f": it {announced} after {said_ready:.2f} s, but accepted no connection on its public socket"
+                    f" {listener.name} ({listener.address}) — an app must serve the sockets it is given"
+                    " (LISTEN_FDS), not listen on its own"
+                )
+            elif last_probe[0]:
+                hint = f" (last probe: {last_probe[0]})"
+            else:
+                hint = self._silence(child)
             await self._stop_child(child)
             raise _NotReady(f"did not become ready within {_seconds(config.ready_timeout)}{hint}")
         if outcome[0] is not None:
@@ -705,14 +790,87 @@ class Supervisor:
                 return await listeners.tcp_probe(child.health, port)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return "connection closed without a response"
-            except OSError as e:
-                return f"connection failed: {e.strerror or e}"
+            except (OSError, listeners.ListenerError) as e:
+                return f"connection failed: {getattr(e, 'strerror', None) or e}"
         return f"no answer within {_seconds(timeout or 0)}"
 
+    def _silence(self, child: _Child) -> str:
+        """Why a readiness probe that never returned got nowhere, for the failure's reason."""
+        if self._config.ready == "tcp":
+            return " (its private health socket accepted no connection)"
+        if self._config.ready == "http":
+            steered = self._probe_target(child)
+            where = (f"its public socket {steered[0].name} ({steered[0].address})" if steered
+                     else "its private health socket")  # fmt: skip
+            return f" (no answer to GET {self._config.ready_path} through {where})"
+        return ""
+
+    def _public_checks(self, child: _Child) -> list[tuple[Listener, socket.socket]]:
+        """``child``'s public sockets where a probe connection can only be accepted by ``child``:
+        TCP sockets no other running instance holds — its own on a steered listener; a shared one
+        while it is the only instance (during an overlap on the shared path the old version could
+        accept the probe: there the proof waits until the old one drained). Not the listener an http probe already goes through (its answer proves more),
+        nor UNIX sockets (no accept queue to watch)."""
+        http_target = self._probe_target(child) if self._config.ready == "http" else None
+        others = [c for c in self._children if c is not child and c.process.returncode is None]
+        return [
+            (listener, sock)
+            for listener, sock in zip(self._listeners, child.sockets)
+            if listener.spec.kind == "tcp"
+            and (http_target is None or listener is not http_target[0])
+            and not any(sock in other.sockets for other in others)
+        ]
+
+    async def _accept_probe(self, listener: Listener, sock: socket.socket, *, timeout: float | None) -> str | None:
+        """A probe connection to ``sock`` (see listeners.accept_probe): None once it was accepted."""
+        what = f"its public socket {listener.name} ({listener.address})"
+        with anyio.move_on_after(timeout if timeout is not None else float("inf")):
+            try:
+                with listener.probe_connection(sock) as route:
+                    await listeners.accept_probe(sock, route)
+                return None
+            except (OSError, listeners.ListenerError) as e:
+                return f"could not be probed on {what}: {getattr(e, 'strerror', None) or e}"
+        return f"stopped accepting connections on {what}: a probe connection waited {_seconds(timeout or 0)} unaccepted"
+
+    async def _health_problem(self, child: _Child, *, timeout: float) -> str | None:
+        """One round of health checks, each within ``timeout``: the http/tcp probe, and a probe
+        connection accepted on each public socket (every readiness mode). None if all passed."""
+        if child.health is not None:
+            problem = await self._probe(child, timeout=timeout)
+            if problem is not None:
+                return f"failed its health check ({problem})"
+        for listener, sock in self._public_checks(child):
+            problem = await self._accept_probe(listener, sock, timeout=timeout)
+            if problem is not None:
+                return problem
+        return None
+
+    async def _prove_after_drain(
+        self, new: _Child, proved: list[tuple[Listener, socket.socket]], old: _Child,
+        say: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """The shared path: a public socket the old version accepted from too can be proved only
+        once it drained (raises _NotReady; the old version is then started again)."""
+        for listener, sock in self._public_checks(new):
+            if (listener, sock) in proved:
+                continue
+            problem = await self._accept_probe(listener, sock, timeout=self._probe_timeout())
+            if problem is not None:
+                raise _NotReady(f"{problem} once {old.version} had drained")
+            await say(f"{new.version} accepts on {listener.name} ({listener.address}), which {old.version} shared")
+
+    def _probe_timeout(self) -> float:
+        return max(1.0, 2 * self._config.health_interval)
+
     async def _watch(self, child: _Child, duration: float) -> str | None:
-        """Watch ``child`` for ``duration``: None if it stayed alive and healthy, else what failed."""
+        """Watch ``child`` for ``duration``: None if it stayed alive and healthy, else what failed.
+
+        A round of checks every ``health_interval``, the last one at the end of the window; a
+        round is not cut short by the window's end (a probe that hangs then counts), so the watch
+        may last one probe timeout longer."""
         interval = max(self._config.health_interval, 0.05)
-        probe_timeout = max(1.0, 2 * interval)
+        deadline = anyio.current_time() + duration
         outcome: list[str] = []
 
         async def exits() -> None:
@@ -721,19 +879,19 @@ class Supervisor:
             tasks.cancel_scope.cancel()
 
         async def stays_healthy() -> None:
-            if child.health is None:
-                return  # notify readiness: alive is healthy
             while True:
-                await anyio.sleep(interval)
-                problem = await self._probe(child, timeout=probe_timeout)
+                await anyio.sleep(min(interval, max(0.0, deadline - anyio.current_time())))
+                problem = await self._health_problem(child, timeout=self._probe_timeout())
                 if problem is not None:
-                    outcome.append(f"failed its health check ({problem})")
-                    tasks.cancel_scope.cancel()
+                    outcome.append(problem)
+                    break
+                if anyio.current_time() >= deadline:
+                    break
+            tasks.cancel_scope.cancel()
 
-        with anyio.move_on_after(duration):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(exits)
-                tasks.start_soon(stays_healthy)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(exits)
+            tasks.start_soon(stays_healthy)
         return outcome[0] if outcome else None
 
     async def _stop_child(self, child: _Child) -> tuple[float, bool]:
@@ -933,33 +1091,67 @@ class Supervisor:
         self._task_group.start_soon(self._restart_after_crash, child, failures)
 
     async def _restart_after_crash(self, crashed: _Child, failures: int) -> None:
+        """Start the app again after ``crashed`` exited, with backoff, until a start succeeds.
+
+        ``failures`` counts the crashes (and failed starts) in a row. From
+        ``rollback_after_crashes`` on, ``on_crash_loop`` is asked first: it may name another
+        source to start instead (the daemon names the running root's firmware when the crashing
+        version was hot-swapped in), which then starts at once.
+        """
         first, maximum = self._config.restart_backoff
+        source, restarts = crashed.source, crashed.restarts + 1
         while True:
-            delay = min(first * 2 ** (failures - 1), maximum)
-            self._emit(
-                f"{crashed.version} (pid {crashed.pid}) {crashed.describe_exit()};"
-                f" restarting in {_seconds(delay)}",
-                logging.WARNING,
-            )
-            await anyio.sleep(delay)
+            replacement = await self._crash_loop(crashed, source, failures)
+            if replacement is not None:
+                self._emit(
+                    f"{source.version} failed {failures} times in a row; starting {replacement.version}"
+                    f" from slot {replacement.slot} instead",
+                    logging.ERROR,
+                )
+                source, restarts, failures = replacement, 0, 0
+            else:
+                delay = min(first * 2 ** (failures - 1), maximum)
+                again = "restarting" if source is crashed.source else f"starting {source.version}"
+                self._emit(
+                    f"{crashed.version} (pid {crashed.pid}) {crashed.describe_exit()}; {again} in {_seconds(delay)}",
+                    logging.WARNING,
+                )
+                await anyio.sleep(delay)
             async with self._lock:
                 if self._current is not crashed or self._closing:
                     return  # a swap, start or stop took over meanwhile
                 child: _Child | None = None
                 try:
                     child = await self._launch(
-                        crashed.source, sockets=self._serving_sockets(), restarts=crashed.restarts + 1, failures=failures
+                        source, sockets=self._serving_sockets(), restarts=restarts, failures=failures
                     )
                     self._current = child
                     await self._wait_ready(child)
                 except _NotReady as e:
-                    self._emit(f"{crashed.version} {e}", logging.WARNING)
+                    self._emit(f"{source.version} {e}", logging.WARNING)
                     crashed = child or crashed  # the failed attempt is the one to replace next
                     failures += 1
+                    restarts += 1
                     continue
                 child.supervised = True
                 self._emit(f"{child.version} restarted (pid {child.pid}, restart {child.restarts})")
                 return
+
+    async def _crash_loop(self, crashed: _Child, source: AppSource, failures: int) -> AppSource | None:
+        """What ``on_crash_loop`` says once ``failures`` reached the limit (None: keep restarting).
+        Bounded; a callback that fails is logged and restarting goes on."""
+        limit = self._config.rollback_after_crashes
+        if self._on_crash_loop is None or limit <= 0 or failures < limit:
+            return None
+        instance = dataclasses.replace(crashed.snapshot(), source=source)
+        try:
+            with anyio.move_on_after(_CRASH_LOOP_TIMEOUT):
+                return await self._on_crash_loop(instance, failures)
+            log.error("the crash-loop handler did not finish within %s; restarting %s", _seconds(_CRASH_LOOP_TIMEOUT),
+                      source.version)  # fmt: skip
+        except Exception:
+            log.exception("the crash-loop handler failed; restarting %s", source.version)
+        return None
 
     # --- reporting -----------------------------------------------------------------------
 

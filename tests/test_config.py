@@ -40,6 +40,7 @@ def test_every_option_is_documented() -> None:
         ({"app": {"ready": "maybe"}}, "[app] ready: must be one of notify, tcp, http"),
         ({"app": {"sockets": ["udp:1.2.3.4:5"]}}, "[app] sockets: socket must start with tcp: or unix:"),
         ({"app": {"drain_timeout": -1}}, "[app] drain_timeout: must not be negative"),
+        ({"app": {"rollback_after_crashes": -1}}, "[app] rollback_after_crashes: must not be negative"),
         ({"app": {"drain_timeout": float("inf")}}, "[app] drain_timeout: must be a finite number"),
         ({"server": {"idle_timeout": float("nan")}}, "[server] idle_timeout: must be a finite number"),
         ({"server": {"max_startups": "10:30"}}, '[server] max_startups: expected "start:rate:full"'),

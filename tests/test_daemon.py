@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import anyio
-from conftest import Sim, output
+import pytest
+from conftest import Sim, journal, output, upload, wait_until
 
 from sshfwup.cli import operator_errors
 from sshfwup.daemon import DaemonError
+from sshfwup.lock import DeviceBusy, DeviceLock
 from sshfwup.supervisor import SupervisorError
 
 
@@ -149,3 +151,77 @@ async def test_a_failed_first_boot_reboots_even_when_the_env_cannot_be_written(s
     assert result.returncode == 0, output(result)  # a reboot verdict: the new app is judged after the boot
     state = await sim.machine.wait_state(lambda s: s.slot == "a" and s.boot_count >= 3 and s.ready, timeout=120)
     assert state.slot == "a" and sim.app()["version"] == "1.0.0"
+
+
+# --- health is proved, not announced ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {"observe": 0.5, "restart_backoff": [0.2, 5]}}])
+async def test_a_hot_swapped_version_that_crash_loops_after_its_window_goes_back_to_the_running_root(
+    sim: Sim, firmware
+) -> None:
+    """The issue's reproduction: crashes a while after start (after the observation window), and
+    was restarted forever from the new slot — with the boot env still naming it."""
+    result = await upload(sim, firmware("2.0.0", app_behavior={"crash_after": 1.5}))
+    assert result.returncode == 0 and "hot reload: 1.0.0 → 2.0.0" in output(result), output(result)
+    await wait_until(lambda: journal(sim)["stage"] == "rolled-back", timeout=30, what="the crash-loop rollback")
+    await wait_until(lambda: sim.app()["version"] == "1.0.0", what="1.0.0 serving again")
+    assert sim.app()["slot"] == "a"
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1", env
+    assert env["b.sshfwup_state"] == "rolled-back"
+    verdict = (
+        "2.0.0 from slot b failed 3 times in a row after its hot swap (last: it exited with status 3);"
+        " rolled back: 1.0.0 runs from slot a again; boot env reverted to slot a"
+    )
+    assert journal(sim)["verdict"] == verdict
+    status = sim.status()
+    assert status["last_update"] == {"ok": False, "verdict": verdict}
+    assert not status["pending_reboot"] and status["app"]["slot"] == "a"
+    assert f"last update:    FAILED: {verdict}" in output(sim.ssh("status"))
+    assert verdict in output(sim.ssh("logs"))
+    assert not [m for m in Path("/proc/self/mountinfo").read_text().split() if str(sim.device.run_dir / "slots") in m]
+    good = await upload(sim, firmware("2.0.1"))
+    assert good.returncode == 0, output(good)
+    assert sim.app()["version"] == "2.0.1" and "b.sshfwup_state" not in sim.env()
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {"observe": 1}}])
+async def test_boot_validation_probes_the_app_right_before_it_validates(sim: Sim, firmware) -> None:
+    """Healthy through its observation window, no longer when the validation got the update lock
+    (held here by an operator's tool): the firmware is not validated, the device falls back."""
+    fw = firmware("3.0.0", changes=("system-file",), app_behavior={"stop_accepting_after": 2.5})
+    result = await upload(sim, fw)
+    assert result.returncode == 0 and "reboot required" in output(result), output(result)
+    lock = DeviceLock(sim.device.run_dir / "update.lock")
+    await wait_until(lambda: _acquired(lock), what="the update lock")
+    try:
+        await sim.machine.wait_boot(2, timeout=60)
+        assert sim.app()["version"] == "3.0.0"
+        await wait_until(lambda: not _answers(sim), what="3.0.0 to stop accepting")
+        assert sim.env()["nerves_fw_validated"] == "0"  # the validation waits for the lock
+    finally:
+        lock.release()
+    state = await sim.machine.wait_boot(3, timeout=60)
+    assert state.slot == "a"
+    await wait_until(lambda: sim.app()["version"] == "1.0.0", what="1.0.0 serving again")
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1" and env["b.sshfwup_state"] == "rolled-back"
+    log = sim.machine.log_path.read_text(errors="replace")
+    assert "firmware 3.0.0 failed its first boot (3.0.0 stopped accepting connections on its public socket http" in log
+
+
+def _acquired(lock: DeviceLock) -> bool:
+    try:
+        lock.acquire("test: an operator's tool")
+    except DeviceBusy:
+        return False
+    return True
+
+
+def _answers(sim: Sim) -> bool:
+    try:
+        sim.app(timeout=0.5)
+    except OSError:
+        return False
+    return True

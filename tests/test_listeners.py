@@ -293,6 +293,65 @@ def test_readiness_probe_http_goes_through_a_route(tcp: Listener) -> None:
     assert tcp.queued(first) == 0
 
 
+def test_an_accept_probe_ends_when_its_own_connection_is_accepted_not_before(tcp: Listener) -> None:
+    """The queue is first in, first out: with three connections ahead of the probe's, three
+    accepts are not enough."""
+    import anyio
+
+    target = tcp.sock
+    ahead = connect(port_of(tcp), 3)
+    accepted: list[socket.socket] = []
+
+    async def scenario() -> None:
+        done = anyio.Event()
+        with tcp.probe_connection(target) as route:
+
+            async def probe() -> None:
+                await listeners.accept_probe(target, route)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(probe)
+                await anyio.sleep(0.1)
+                assert not done.is_set() and tcp.queued(target) == 4
+                accepted.extend(target.accept()[0] for _ in range(3))
+                await anyio.sleep(0.1)
+                assert not done.is_set()  # its own connection is still queued
+                accepted.append(target.accept()[0])
+                with anyio.fail_after(1):
+                    await done.wait()
+
+    try:
+        anyio.run(scenario)
+    finally:
+        close_all(ahead + accepted)
+
+
+def test_probe_connections_on_the_shared_path_and_none_on_unix_sockets(tmp_path: Path) -> None:
+    import anyio
+
+    unix, web = bind_listeners(
+        (SocketSpec("unix", str(tmp_path / "app.sock"), 0, "admin"), SocketSpec("tcp", "127.0.0.1", 0, "web")),
+        steer=False,
+    )
+    try:
+        with pytest.raises(ListenerError, match=r"admin: unix:.* has no accept queue a probe can watch"):
+            with unix.probe_connection(unix.sock):
+                pass
+
+        async def probe() -> None:
+            with anyio.fail_after(5), web.probe_connection(web.sock) as route:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(listeners.accept_probe, web.sock, route)
+                    await anyio.sleep(0.1)
+                    assert web.queued(web.sock) == 1  # the probe connection, on the one shared socket
+                    web.sock.accept()[0].close()
+
+        anyio.run(probe)
+    finally:
+        listeners.close_listeners((unix, web))
+
+
 def test_accepted_connections_have_nagle_off_whatever_the_server_does(tcp: Listener) -> None:
     for sock in (tcp.sock, tcp.instance_socket()):
         tcp.steer_to(sock)

@@ -104,8 +104,12 @@ async def test_stop_first_swap(sim: Sim, firmware) -> None:
         ({"never_ready": True}, {}, "did not become ready within 3 s"),
         ({"crash_after": 0.3}, {}, "during the observation window"),
         ({"unhealthy_after": 0.3}, {"ready": "http"}, "health check"),
+        # the reproduction: READY=1, a port of its own, and the public port hangs
+        ({"own_port": True}, {}, "said READY=1 after"),
+        # notify readiness is checked during the window too: its accept loop died, the process lives
+        ({"stop_accepting_after": 0.6}, {}, "stopped accepting connections on its public socket http"),
     ],
-    ids=["never-ready", "crash", "unhealthy"],
+    ids=["never-ready", "crash", "unhealthy", "own-port", "stops-accepting"],
 )
 async def test_failed_new_version_rolls_back(sim: Sim, firmware, behavior: dict, extra: dict, reason: str) -> None:
     if extra:
@@ -116,9 +120,10 @@ async def test_failed_new_version_rolls_back(sim: Sim, firmware, behavior: dict,
     assert result.returncode == 1, text
     assert "hot reload failed" in text and reason in text, text
     assert "rolled back: 1.0.0 keeps serving; boot env reverted to slot a" in text, text
+    assert "connections refused" not in text
     after = sim.app()
     assert after["version"] == "1.0.0"
-    if "never_ready" in behavior:
+    if "never_ready" in behavior or "own_port" in behavior:
         assert after["pid"] == before["pid"]  # overlap: the old one never stopped
     env = sim.env()
     assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1"
@@ -217,8 +222,9 @@ async def test_pending_reboot_refuses_the_next_upload(sim: Sim, firmware) -> Non
 
 
 @pytest.mark.parametrize("sim_config", [{"app": {**FAST["app"], "ready_timeout": 2}}])
-async def test_unvalidated_firmware_that_fails_after_boot_falls_back(sim: Sim, firmware) -> None:
-    fw = firmware("3.0.0", changes=("system-file",), app_behavior={"never_ready": True})
+@pytest.mark.parametrize("behavior", [{"never_ready": True}, {"own_port": True}], ids=["never-ready", "own-port"])
+async def test_unvalidated_firmware_that_fails_after_boot_falls_back(sim: Sim, firmware, behavior: dict) -> None:
+    fw = firmware("3.0.0", changes=("system-file",), app_behavior=behavior)
     result = await upload(sim, fw)
     assert result.returncode == 0 and "reboot required" in output(result)
     state = await sim.machine.wait_boot(3, timeout=60)  # boot 2: 3.0.0 fails; boot 3: back on a
@@ -226,6 +232,7 @@ async def test_unvalidated_firmware_that_fails_after_boot_falls_back(sim: Sim, f
     await wait_until(lambda: sim.app()["version"] == "1.0.0", what="1.0.0 serving again")
     env = sim.env()
     assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1"
+    assert env["b.sshfwup_state"] == "rolled-back"
 
 
 # --- crash or power cut at every stage ------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.supervisor import (
     AppNotReady,
     AppSource,
+    Instance,
     Supervisor,
     SupervisorError,
     SwapFailed,
@@ -498,6 +500,136 @@ async def test_an_old_version_that_crashes_during_a_swap_belongs_to_the_swap(tmp
     assert result.old_returncode == -signal.SIGKILL
     assert not any("restarting" in event for event in events)
     assert [pid for pid, text in app_events(tmp_path) if text == "start"] == [old.pid, result.new_pid]
+
+
+# --- health is proved on the public sockets ----------------------------------------------------
+
+
+@pytest.mark.parametrize("ready", ["notify", "tcp", "http"])
+async def test_an_app_serving_a_port_of_its_own_is_not_ready_whatever_it_says(
+    tmp_path: Path, marker: str, ready: str
+) -> None:
+    """The issue's reproduction: READY=1 (or a passing private probe), but the public port hangs."""
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", own_port=True)
+    async with supervising(app_config(tmp_path, ready=ready, ready_timeout=1.0), marker) as sup:
+        old = await sup.start(v1)
+        port = port_of(sup)
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert sup.current is not None and sup.current.pid == old.pid
+        assert (await get(port)).body == f"1.0.0 {old.pid}"
+        new_pid = failure.value.new_pid
+        assert new_pid and not alive(new_pid)
+        assert (new_pid, "ready") in app_events(tmp_path)  # it did say so
+        assert (old.pid, "sigterm") not in app_events(tmp_path)  # refused before the hand-over
+    reason = failure.value.reason
+    if ready == "http":  # the readiness probe itself goes through the public socket
+        assert reason == (
+            f"2.0.0 did not become ready within 1 s (no answer to GET /health through its public socket web"
+            f" (tcp:127.0.0.1:{port}))"
+        )
+    else:
+        announced = "said READY=1" if ready == "notify" else "passed its readiness probe"
+        assert re.fullmatch(
+            rf"2\.0\.0 did not become ready within 1 s: it {announced} after \d+\.\d\d s, but accepted no"
+            rf" connection on its public socket web \(tcp:127\.0\.0\.1:{port}\) — an app must serve"
+            r" the sockets it is given \(LISTEN_FDS\), not listen on its own",
+            reason,
+        ), reason
+
+
+async def test_an_app_serving_a_port_of_its_own_does_not_start(tmp_path: Path, marker: str) -> None:
+    async with supervising(app_config(tmp_path, ready_timeout=1.0), marker) as sup:
+        with pytest.raises(AppNotReady, match="accepted no connection on its public socket web"):
+            await sup.start(install_app(tmp_path, "a", "1.0.0", own_port=True))
+        assert sup.current is None
+
+
+async def test_on_the_shared_path_the_public_socket_is_proved_once_the_old_version_drained(
+    tmp_path: Path, marker: str
+) -> None:
+    """Both versions accept from one queue during an overlap: no probe can single out the new one
+    before the hand-over. Once the old one is gone it can, and a failure brings the old one back."""
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", own_port=True)
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with Supervisor(app_config(tmp_path, observe=0), marker=marker, steer=False) as sup:
+            old = await sup.start(v1)
+            with pytest.raises(SwapFailed) as failure:
+                await sup.swap(v2)
+            restored = failure.value.restored
+            assert restored is not None and restored.version == "1.0.0" and restored.pid != old.pid
+            assert (await get(port_of(sup))).body == f"1.0.0 {restored.pid}"
+    assert re.fullmatch(
+        r"2\.0\.0 stopped accepting connections on its public socket web \(tcp:127\.0\.0\.1:\d+\): a probe"
+        r" connection waited 1 s unaccepted once 1\.0\.0 had drained",
+        failure.value.reason,
+    ), failure.value.reason
+
+
+async def test_a_notify_app_that_stops_accepting_during_the_observation_window_is_rolled_back(
+    tmp_path: Path, marker: str
+) -> None:
+    """notify readiness used to mean "alive is healthy": a dead accept loop went unnoticed."""
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", stop_accepting_after=0.5)
+    async with supervising(app_config(tmp_path, observe=2.5), marker) as sup:
+        await sup.start(v1)
+        with pytest.raises(SwapFailed) as failure:
+            await sup.swap(v2)
+        assert failure.value.reason.startswith("2.0.0 stopped accepting connections on its public socket web"), (
+            failure.value.reason
+        )
+        assert failure.value.reason.endswith("during the observation window")
+        restored = failure.value.restored
+        assert restored is not None and (await get(port_of(sup))).body == f"1.0.0 {restored.pid}"
+    assert (failure.value.new_pid, "stopped accepting") in app_events(tmp_path)
+
+
+async def test_health_now_and_over_a_window(tmp_path: Path, marker: str) -> None:
+    """What boot validation asks: the app is healthy over the window, and still at the moment."""
+    async with supervising(app_config(tmp_path), marker) as sup:
+        assert await sup.check_health() == "the app is not running"
+        await sup.start(install_app(tmp_path, "a", "1.0.0", stop_accepting_after=1.2))
+        assert await sup.watch_health(0.5) is None
+        assert await sup.check_health() is None
+        await anyio.sleep(1.0)
+        problem = await sup.check_health()
+        assert problem is not None and problem.startswith("1.0.0 stopped accepting connections on its public socket web")
+        assert not await sup.wait_healthy(0.5)
+
+
+# --- a crash loop after a swap -------------------------------------------------------------------
+
+
+async def test_a_crash_loop_asks_the_handler_which_version_to_start(tmp_path: Path, marker: str) -> None:
+    v1 = install_app(tmp_path, "a", "1.0.0")
+    v2 = install_app(tmp_path, "b", "2.0.0", exit_after=[1.0, 3])  # after its observation window
+    asked: list[tuple[str, int, int | None]] = []
+    events: list[str] = []
+
+    async def on_crash_loop(crashed: Instance, crashes: int) -> AppSource | None:
+        asked.append((crashed.version, crashes, crashed.returncode))
+        return None if len(asked) == 1 else v1  # the first time: keep restarting it
+
+    config = app_config(tmp_path, observe=0.1, restart_backoff=(0.05, 5.0), rollback_after_crashes=2)
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with Supervisor(config, marker=marker, on_event=events.append, on_crash_loop=on_crash_loop) as sup:
+            await sup.start(v1)
+            await sup.swap(v2)
+            while not (sup.current and sup.current.version == "1.0.0" and sup.current.ready_at):
+                await anyio.sleep(0.02)
+            back = sup.current
+            await anyio.sleep(0.5)
+            assert sup.current.pid == back.pid  # it stays: nothing restarts 2.0.0 again
+            assert (await get(port_of(sup))).body == f"1.0.0 {back.pid}"
+
+    assert asked == [("2.0.0", 2, 3), ("2.0.0", 3, 3)]
+    assert "2.0.0 failed 3 times in a row; starting 1.0.0 from slot a instead" in events
+    starts = [pid for pid, text in app_events(tmp_path) if text == "start"]
+    assert len(starts) == 5  # 1.0.0, 2.0.0 swapped in, two restarts of it, 1.0.0 again
+    assert back.restarts == 0 and back.source == v1
 
 
 # --- start, crash restart, process lifetime --------------------------------------------------

@@ -11,7 +11,10 @@ Its behaviour comes from ``mode.json`` in the app directory, so two "firmware ve
 app differ the way real ones would: ``ready`` ("notify" | "never": never serves nor notifies),
 ``startup_delay``, ``exit_after`` [seconds, status], ``health_fail_after``, ``ignore_sigterm``,
 ``leave_behind`` (seconds: start a helper in a session of its own that ignores SIGTERM and
-outlives this process by that long, like a multiprocessing resource tracker; event ``left PID``).
+outlives this process by that long, like a multiprocessing resource tracker; event ``left PID``),
+``own_port`` (serve a port of its own instead of the public sockets — the private ``health`` one
+still — and say ready all the same), ``stop_accepting_after`` (seconds after ready: stop accepting
+on every socket, stay alive until SIGTERM; event ``stopped accepting``).
 Every event is appended to the file named by ``APP_EVENTS`` as ``<pid> <event>``.
 """
 
@@ -21,6 +24,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -65,6 +69,7 @@ def leave_behind(seconds: float) -> None:
 class App:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
+        self.stop_accepting = self.stop
         self.ready_at: float | None = None
 
     def health_ok(self) -> bool:
@@ -133,6 +138,7 @@ class App:
             if not MODE.get("ignore_sigterm"):
                 app.notify_stopping()
                 self.stop.set()
+                self.stop_accepting.set()
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         sockets = app.listen_sockets()
@@ -152,7 +158,17 @@ class App:
             return
         except asyncio.TimeoutError:
             pass
-        serving = asyncio.ensure_future(app.serve(sockets.values(), self.handle, stop=self.stop))
+        if MODE.get("own_port"):
+            own = socket.create_server(("127.0.0.1", 0))
+            own.setblocking(False)
+            sockets = {"own": own, **{name: s for name, s in sockets.items() if name == "health"}}
+            event(f"own port {own.getsockname()[1]}")
+        accepting = self.stop
+        if "stop_accepting_after" in MODE:
+            accepting = asyncio.Event()
+            loop.call_later(MODE["stop_accepting_after"], accepting.set)
+            self.stop_accepting = accepting
+        serving = asyncio.ensure_future(app.serve(sockets.values(), self.handle, stop=accepting))
         self.ready_at = loop.time()
         app.notify_ready(status=f"{VERSION} serving")
         event("ready")
@@ -162,6 +178,9 @@ class App:
             event(f"exit {status}")
             os._exit(status)
         await serving
+        if not self.stop.is_set():
+            event("stopped accepting")
+            await self.stop.wait()
         event("exit")
 
 

@@ -14,6 +14,11 @@ Behaviour comes from ``behavior.json`` next to this file:
 - ``never_ready``: start up forever: never accept a connection, never send READY=1
 - ``crash_after`` (seconds): exit with status 3 this long after becoming ready
 - ``unhealthy_after`` (seconds): ``/health`` answers 500 from this long after becoming ready
+- ``stop_accepting_after`` (seconds): this long after becoming ready, stop accepting new
+  connections (its copies of the listeners closed, as a dead accept loop would) and hang on,
+  alive and serving the connections it has, until SIGTERM
+- ``own_port``: ignore the sockets it is given and serve a port of its own (127.0.0.1, any
+  port), yet send READY=1: the broken release whose public port hangs
 
 On SIGTERM (or SIGINT) it drains: STOPPING=1, closes its own listening socket objects (the
 listener itself stays open in the supervisor and any other instance; never ``shutdown()`` a
@@ -28,6 +33,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -233,18 +239,39 @@ class SampleApp:
         if self.stop.is_set():
             return 0
 
+        if self.behavior.get("own_port"):
+            own = socket.create_server(("127.0.0.1", 0))
+            own.setblocking(False)
+            log.warning("own_port: ignoring the sockets I was given; serving port %d", own.getsockname()[1])
+            sockets = {"own": own}
         self.ready_at = time.monotonic()
         notify_ready(f"serving version {self.version} from slot {self.slot}")
         log.info("version %s (slot %s) ready on %s", self.version, self.slot, ", ".join(sockets))
         crash_after = self.behavior.get("crash_after")
         crash = asyncio.create_task(self.crash_later(float(crash_after))) if crash_after is not None else None
+        accepting, stopper = self.stop, None
+        stop_accepting_after = self.behavior.get("stop_accepting_after")
+        if stop_accepting_after is not None:
+            accepting = asyncio.Event()
+            stopper = asyncio.create_task(self.stop_accepting_later(float(stop_accepting_after), accepting))
         try:
-            await serve(sockets.values(), self.handle, stop=self.stop)  # returns once drained
+            await serve(sockets.values(), self.handle, stop=accepting)  # returns once drained
+            if not self.stop.is_set():
+                log.warning("stopped accepting (stop_accepting_after=%s); hanging on until SIGTERM", stop_accepting_after)
+                await self.stop.wait()
         finally:
-            if crash is not None:
-                crash.cancel()
+            for task in (crash, stopper):
+                if task is not None:
+                    task.cancel()
         log.info("drained; exiting")
         return 0
+
+    async def stop_accepting_later(self, seconds: float, accepting: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        accepting.set()
 
 
 def main() -> int:
