@@ -1,0 +1,269 @@
+"""deploy/ansible/rollout.yml with the sshfwup.device collection, run by the real ansible-playbook
+against fleets of simulated devices on 127.0.0.1 (real fwup, real SSH, real processes).
+
+One 6-device fleet carries the scenarios that follow each other on a real fleet, in order: a
+bad input, a canary that never becomes ready (rolled back, the play stops), the hot roll-out to
+all six, the same play again (nothing changes), a device that goes offline (the play stops). A
+second, mixed fleet checks that check mode's predictions are what a real run then does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from sshfwup.sim.fleet import FleetDevice, SimFleet
+from sshfwup.sim.host import KeyPair
+from sshfwup.sim.rootfs import build_sample_firmware
+
+from conftest import long_lived
+
+REPO = Path(__file__).resolve().parents[1]
+PLAYBOOK = REPO / "deploy" / "ansible" / "rollout.yml"
+ANSIBLE_CFG = REPO / "deploy" / "ansible" / "ansible.cfg"
+CALLBACKS = Path(__file__).resolve().parent / "ansible" / "callback_plugins"
+UPDATE_TASK = "Update the firmware (hot swap or reboot; waits for validation)"
+HEALTH_TASK = "Health gate (the application answers)"
+FLEET_CONFIG = {"app": {"ready_timeout": 3}}  # a never-ready canary is given up on quickly
+
+
+def _ansible_playbook() -> str:
+    path = Path(sys.executable).parent / "ansible-playbook"
+    if not path.exists():
+        pytest.fail(f"{path} not found: install the test extra (pip install -e '.[test]', it has ansible-core)")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    data: dict[str, Any]  # what tests/ansible/callback_plugins/record_results.py wrote
+    stdout: str
+    stderr: str
+
+    def results(self, task: str) -> dict[str, dict[str, Any]]:
+        """host → the task's result, over every wave."""
+        return {t["host"]: t["result"] for t in self.data.get("tasks", []) if t["task"] == task}
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        return self.data.get("stats", {})
+
+    def total(self, key: str) -> int:
+        return sum(s.get(key, 0) for s in self.stats.values())
+
+    def __str__(self) -> str:
+        return f"exit {self.returncode}; stats {self.stats}\n{self.stdout[-3000:]}\n{self.stderr[-2000:]}"
+
+
+def playbook(workdir: Path, inventory: str, firmware: Path | str, *args: str, timeout: float = 300) -> Run:
+    """``ansible-playbook -i INVENTORY deploy/ansible/rollout.yml -e firmware=FW ARGS``."""
+    inv = workdir / "inventory.yml"
+    inv.write_text(inventory)
+    record = workdir / "results.json"
+    record.unlink(missing_ok=True)
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ANSIBLE_CFG),  # the shipped config: it finds the collection in this repository
+        ANSIBLE_CALLBACK_PLUGINS=str(CALLBACKS),
+        ANSIBLE_CALLBACKS_ENABLED="record_results",
+        RECORD_RESULTS_FILE=str(record),
+        ANSIBLE_HOME=str(workdir / "ansible-home"),
+        ANSIBLE_LOCAL_TEMP=str(workdir / "ansible-tmp"),
+        ANSIBLE_NOCOLOR="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    )
+    argv = [_ansible_playbook(), "-i", str(inv), str(PLAYBOOK), "-e", f"firmware={firmware}", *args]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if not record.exists():
+        pytest.fail(f"ansible-playbook recorded nothing (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return Run(result.returncode, json.loads(record.read_text()), result.stdout, result.stderr)
+
+
+# --- what a device looks like ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    env: dict[str, str]
+    app: dict[str, Any]  # what the app answers: version, slot, pid
+    journal: str
+
+
+def snapshot(d: FleetDevice) -> Snapshot:
+    with urllib.request.urlopen(f"http://127.0.0.1:{d.app_port}/", timeout=5) as r:
+        app = json.loads(r.read())
+    journal_file = d.device.server_data_dir / "journal.json"
+    return Snapshot(d.device.env(), app, journal_file.read_text() if journal_file.exists() else "")
+
+
+def assert_on_v1(d: FleetDevice) -> None:
+    s = snapshot(d)
+    assert s.env["nerves_fw_active"] == "a" and s.env["nerves_fw_validated"] == "1", (d.name, s.env)
+    assert s.app["version"] == "1.0.0" and s.app["slot"] == "a", (d.name, s.app)
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Releases:
+    dir: Path
+    v1: Path  # 1.0.0
+    v2: Path  # 2.0.0: app-only, hot from 1.0.0
+    never_ready: Path  # 2.0.1: app-only, its app never becomes ready
+    system: Path  # 1.5.0: /etc differs from the baseline (so 1.5.0 → 2.0.0 needs a reboot)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory, fwup: str) -> Releases:
+    d = tmp_path_factory.mktemp("releases")
+    return Releases(
+        d,
+        build_sample_firmware(d, version="1.0.0", name="app-1.0.0"),
+        build_sample_firmware(d, version="2.0.0", name="app-2.0.0"),
+        build_sample_firmware(d, version="2.0.1", name="app-2.0.1-broken", app_behavior={"never_ready": True}),
+        build_sample_firmware(d, version="1.5.0", name="app-1.5.0", changes=("system-file",)),
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, releases: Releases, client_key: KeyPair, fwup: str) -> Iterator[SimFleet]:
+    base = tmp_path_factory.mktemp("fleet6")
+    with long_lived(base), SimFleet.start(base, [releases.v1] * 6, client_key, fwup=fwup,
+                                          config_overrides=FLEET_CONFIG) as f:  # fmt: skip
+        yield f
+
+
+# --- the 6-device fleet, in order --------------------------------------------------------------
+
+
+def test_bad_firmware_path_fails_before_any_device_is_touched(fleet: SimFleet, tmp_path: Path) -> None:
+    before = {d.name: snapshot(d) for d in fleet.devices}
+    run = playbook(tmp_path, fleet.inventory(), tmp_path / "missing.fw")
+    assert run.returncode != 0, run
+    canary = run.results(UPDATE_TASK)["dev1"]
+    assert canary["failed"] and "no such file" in canary["msg"], canary
+    assert set(run.stats) == {"dev1"}, run  # the canary's failure stopped the play
+    not_fw = tmp_path / "notes.fw"
+    not_fw.write_text("not a firmware\n")
+    run = playbook(tmp_path, fleet.inventory(), not_fw)
+    assert run.returncode != 0 and "not a usable .fw" in run.results(UPDATE_TASK)["dev1"]["msg"], run
+    assert {d.name: snapshot(d) for d in fleet.devices} == before
+
+
+def test_canary_that_never_becomes_ready_is_rolled_back_and_stops_the_play(
+    fleet: SimFleet, releases: Releases, tmp_path: Path
+) -> None:
+    before = {d.name: snapshot(d) for d in fleet.devices}
+    run = playbook(tmp_path, fleet.inventory(), releases.never_ready)
+    assert run.returncode != 0, run
+    canary = run.results(UPDATE_TASK)["dev1"]
+    assert canary["failed"] and canary["predicted"] == "hot", canary
+    assert set(run.stats) == {"dev1"} and run.stats["dev1"]["failures"] == 1, run  # no other wave started
+    dev1 = fleet["dev1"]
+    assert_on_v1(dev1)  # the old version serves, the boot env points at it again
+    assert dev1.device.env().get("b.sshfwup_state") == "rolled-back", dev1.device.env()
+    for d in fleet.devices[1:]:
+        assert snapshot(d) == before[d.name], d.name  # env, slots, app (same pid), journal
+
+
+def test_hot_rollout_to_all_six(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
+    run = playbook(tmp_path, fleet.inventory(), releases.v2)
+    assert run.returncode == 0, run
+    assert run.total("changed") == 6 and run.total("failures") == 0, run
+    updates = run.results(UPDATE_TASK)
+    health = run.results(HEALTH_TASK)
+    for d in fleet.devices:
+        r = updates[d.name]
+        assert (r["verdict"], r["predicted"], r["from_version"], r["to_version"]) == ("hot", "hot", "1.0.0", "2.0.0"), r
+        assert r["hot"] and not r["reboot"] and r["reboot_pending"] and r["bytes_sent"] > 0, r
+        assert r["durations"]["total"] >= r["durations"]["update"] > 0, r
+        assert health[d.name]["status"] == 200, health[d.name]
+        s = snapshot(d)
+        assert s.app["version"] == "2.0.0" and s.app["slot"] == "b", s.app
+        assert s.env["nerves_fw_active"] == "b" and s.env["b.nerves_fw_version"] == "2.0.0", s.env
+
+
+def test_same_play_again_changes_nothing(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
+    before = {d.name: snapshot(d) for d in fleet.devices}
+    run = playbook(tmp_path, fleet.inventory(), releases.v2)
+    assert run.returncode == 0, run
+    assert run.total("changed") == 0 and run.total("ok") > 0, run
+    for d in fleet.devices:
+        r = run.results(UPDATE_TASK)[d.name]
+        assert r["verdict"] == "unchanged" and r["reboot_pending"] and r["bytes_sent"] == 0, r
+        assert snapshot(d) == before[d.name], d.name  # not even an upload reached the device
+
+
+def test_device_offline_mid_play_fails_and_stops_the_play(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
+    anyio.run(fleet["dev2"].machine.power_off)  # the second wave's device goes away
+    run = playbook(tmp_path, fleet.inventory(), releases.v2)
+    assert run.returncode != 0, run
+    assert run.stats["dev1"]["ok"] > 0 and run.stats["dev1"]["unreachable"] == 0, run
+    assert run.stats["dev2"]["unreachable"] == 1, run
+    assert "connection refused" in run.results(UPDATE_TASK)["dev2"]["msg"], run.results(UPDATE_TASK)["dev2"]
+    assert not set(run.stats) & {"dev3", "dev4", "dev5", "dev6"}, run  # the last wave never started
+
+
+# --- check mode on a mixed fleet ---------------------------------------------------------------
+
+
+def test_check_mode_predicts_what_the_real_run_does(
+    tmp_path_factory: pytest.TempPathFactory, releases: Releases, client_key: KeyPair, fwup: str, tmp_path: Path
+) -> None:
+    expected = {"dev1": "hot", "dev2": "reboot", "dev3": "unchanged"}
+    with SimFleet.start(tmp_path_factory.mktemp("mixed"), [releases.v1, releases.system, releases.v2], client_key,
+                        fwup=fwup) as mixed:  # fmt: skip
+        before = {d.name: snapshot(d) for d in mixed.devices}
+        check = playbook(tmp_path, mixed.inventory(), releases.v2, "--check")
+        assert check.returncode == 0, check
+        predicted = {h: r["verdict"] for h, r in check.results(UPDATE_TASK).items()}
+        assert predicted == expected, check.results(UPDATE_TASK)
+        assert "/etc" in " ".join(check.results(UPDATE_TASK)["dev2"]["reasons"])
+        assert check.total("changed") == 2 and all(r["bytes_sent"] == 0 for r in check.results(UPDATE_TASK).values())
+        assert {d.name: snapshot(d) for d in mixed.devices} == before  # check mode changed nothing
+
+        run = playbook(tmp_path, mixed.inventory(), releases.v2)
+        assert run.returncode == 0, run
+        done = run.results(UPDATE_TASK)
+        assert {h: r["verdict"] for h, r in done.items()} == predicted, done
+        assert {h: r["changed"] for h, r in done.items()} == {"dev1": True, "dev2": True, "dev3": False}
+        assert done["dev2"]["reboot"] and done["dev2"]["validated"] and not done["dev2"]["reboot_pending"], done["dev2"]
+        rebooted = snapshot(mixed["dev2"])
+        assert rebooted.app == {**rebooted.app, "version": "2.0.0", "slot": "b"}
+        assert rebooted.env["nerves_fw_active"] == "b" and rebooted.env["nerves_fw_validated"] == "1"
+        assert snapshot(mixed["dev3"]) == before["dev3"]
+
+
+def test_allow_reboot_false_fails_before_sending(
+    tmp_path_factory: pytest.TempPathFactory, releases: Releases, client_key: KeyPair, fwup: str, tmp_path: Path
+) -> None:
+    with SimFleet.start(tmp_path_factory.mktemp("one"), [releases.system], client_key, fwup=fwup) as one:
+        before = snapshot(one["dev1"])
+        run = playbook(tmp_path, one.inventory(), releases.v2, "-e", "allow_reboot=false")
+        assert run.returncode != 0, run
+        r = run.results(UPDATE_TASK)["dev1"]
+        assert r["failed"] and "would not be a hot swap" in r["msg"] and r["bytes_sent"] == 0, r
+        assert snapshot(one["dev1"]) == before
+
+
+def test_unknown_host_key_is_refused(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    inventory = json.loads(fleet.inventory(["dev1"]))
+    inventory["devices"]["vars"]["sshfwup_known_hosts"] = str(empty)
+    run = playbook(tmp_path, json.dumps(inventory), releases.v2)
+    assert run.returncode != 0, run
+    assert "not a known host" in run.results(UPDATE_TASK)["dev1"]["msg"], run.results(UPDATE_TASK)
+
