@@ -21,7 +21,7 @@ class ActionModule(ActionBase):
     def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
         result = super().run(tmp, task_vars)
         del tmp
-        _, args = self.validate_argument_spec(argument_spec=FIRMWARE_FACTS_ARGS)
+        _validation, args = self.validate_argument_spec(argument_spec=FIRMWARE_FACTS_ARGS)
         fleet = require_fleet()
         import anyio
 

@@ -20,7 +20,7 @@ description:
   - Connection parameters default to the inventory's C(ansible_host), C(ansible_port),
     C(ansible_user), C(ansible_ssh_private_key_file) and C(ansible_host_key_checking).
 author:
-  - sshfwup developers
+  - sshfwup developers (@sshfwup)
 options:
   host:
     description: The device's address. Default C(ansible_host), else the inventory hostname.
@@ -47,14 +47,20 @@ options:
 attributes:
   check_mode:
     support: full
+    description: Reads only; runs the same in check mode.
   diff_mode:
     support: none
+    description: No diff is shown.
   facts:
     support: full
+    description: Sets the fact C(sshfwup).
   action:
     support: full
+    description: Runs on the controller as an action plugin.
   platform:
+    support: full
     platforms: posix
+    description: The controller needs the C(sshfwup) Python package; the device runs C(sshfwup serve).
 seealso:
   - module: sshfwup.device.firmware_update
 """

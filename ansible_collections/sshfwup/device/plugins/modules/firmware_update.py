@@ -14,7 +14,7 @@ short_description: Update an sshfwup device's firmware (hot swap or reboot), fro
 version_added: "0.1.0"
 description:
   - Streams a C(.fw) firmware to a device running C(sshfwup serve), the way
-    C(sshfwup upload) does, and reports what the device did: a hot swap of the application
+    C(sshfwup upload) does, and reports what the device did - a hot swap of the application
     (no refused connection, reboot pending) or a reboot into the new firmware.
   - Runs on the controller through its action plugin and speaks sshfwup's SSH protocol to the
     device; nothing is copied to the device (devices refuse shells).
@@ -29,7 +29,7 @@ description:
     C(ansible_user), C(ansible_ssh_private_key_file) and C(ansible_host_key_checking).
   - Needs the C(sshfwup) Python package where ansible-playbook runs (C(pip install 'sshfwup[fleet]')).
 author:
-  - sshfwup developers
+  - sshfwup developers (@sshfwup)
 options:
   firmware:
     description: The C(.fw) file on the controller.
@@ -69,7 +69,7 @@ options:
   wait:
     description:
       - Wait for the outcome. After a reboot verdict, reconnect until the device has booted the
-        new firmware and validated it (or fell back: a failure); then read the state back.
+        new firmware and validated it (a fallback is a failure); then read the state back.
     type: bool
     default: true
   timeout:
@@ -79,7 +79,7 @@ options:
   allow_reboot:
     description:
       - V(false) fails before sending anything unless the prediction is a hot swap (a prediction
-        of C(unknown) fails too: a hot swap could not be proved).
+        of C(unknown) fails too, since a hot swap could not be proved).
     type: bool
     default: true
 attributes:
@@ -88,10 +88,14 @@ attributes:
     description: Predicts the verdict (hot, reboot, unchanged, unknown) and sends nothing.
   diff_mode:
     support: none
+    description: No diff is shown.
   action:
     support: full
+    description: Runs on the controller as an action plugin.
   platform:
+    support: full
     platforms: posix
+    description: The controller needs the C(sshfwup) Python package; the device runs C(sshfwup serve).
 notes:
   - A hot swap leaves the device waiting for a reboot (it refuses further uploads until then);
     a second run reports it C(changed=false) with RV(reboot_pending=true).
