@@ -10,9 +10,7 @@ second, mixed fleet checks that check mode's predictions are what a real run the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,27 +19,16 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import long_lived
 
-from sshfwup.sim.fleet import FleetDevice, SimFleet
+from sshfwup.sim.fleet import FleetDevice, SimFleet, ansible_environment, ansible_tool, rollout_command
 from sshfwup.sim.host import KeyPair
 from sshfwup.sim.rootfs import build_sample_firmware
 
-from conftest import long_lived
-
-REPO = Path(__file__).resolve().parents[1]
-PLAYBOOK = REPO / "deploy" / "ansible" / "rollout.yml"
-ANSIBLE_CFG = REPO / "deploy" / "ansible" / "ansible.cfg"
 CALLBACKS = Path(__file__).resolve().parent / "ansible" / "callback_plugins"
 UPDATE_TASK = "Update the firmware (hot swap or reboot; waits for validation)"
 HEALTH_TASK = "Health gate (the application answers)"
 FLEET_CONFIG = {"app": {"ready_timeout": 3}}  # a never-ready canary is given up on quickly
-
-
-def _ansible_playbook() -> str:
-    path = Path(sys.executable).parent / "ansible-playbook"
-    if not path.exists():
-        pytest.fail(f"{path} not found: install the test extra (pip install -e '.[test]', it has ansible-core)")
-    return str(path)
 
 
 @dataclass(frozen=True)
@@ -72,18 +59,12 @@ def playbook(workdir: Path, inventory: str, firmware: Path | str, *args: str, ti
     inv.write_text(inventory)
     record = workdir / "results.json"
     record.unlink(missing_ok=True)
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ANSIBLE_CFG),  # the shipped config: it finds the collection in this repository
-        ANSIBLE_CALLBACK_PLUGINS=str(CALLBACKS),
-        ANSIBLE_CALLBACKS_ENABLED="record_results",
-        RECORD_RESULTS_FILE=str(record),
-        ANSIBLE_HOME=str(workdir / "ansible-home"),
-        ANSIBLE_LOCAL_TEMP=str(workdir / "ansible-tmp"),
-        ANSIBLE_NOCOLOR="1",
-        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-    )
-    argv = [_ansible_playbook(), "-i", str(inv), str(PLAYBOOK), "-e", f"firmware={firmware}", *args]
+    callback = {"ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "record_results",
+                "RECORD_RESULTS_FILE": str(record)}  # fmt: skip
+    try:
+        argv, env = rollout_command(workdir, inv, firmware, *args, env=callback)
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     if not record.exists():
         pytest.fail(f"ansible-playbook recorded nothing (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -148,6 +129,22 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, releases: Releases, client_k
 # --- the 6-device fleet, in order --------------------------------------------------------------
 
 
+def test_firmware_facts_is_the_devices_status(fleet: SimFleet, tmp_path: Path) -> None:
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(fleet.inventory(["dev1", "dev2"]))
+    result = subprocess.run(
+        [ansible_tool("ansible"), "devices", "-i", str(inv), "-m", "sshfwup.device.firmware_facts",
+         "-a", f"known_hosts={fleet.known_hosts}", "-o"],
+        capture_output=True, text=True, env=ansible_environment(tmp_path), timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("dev1", "dev2"):
+        line = next(x for x in result.stdout.splitlines() if x.startswith(f"{name} | SUCCESS"))
+        facts = json.loads(line.split("=>", 1)[1])["ansible_facts"]["sshfwup"]
+        assert facts["running_root"] == "a" and facts["slots"]["a"]["version"] == "1.0.0", facts
+        assert facts["app"]["pid"] == snapshot(fleet[name]).app["pid"], facts
+
+
 def test_bad_firmware_path_fails_before_any_device_is_touched(fleet: SimFleet, tmp_path: Path) -> None:
     before = {d.name: snapshot(d) for d in fleet.devices}
     run = playbook(tmp_path, fleet.inventory(), tmp_path / "missing.fw")
@@ -193,6 +190,7 @@ def test_hot_rollout_to_all_six(fleet: SimFleet, releases: Releases, tmp_path: P
         s = snapshot(d)
         assert s.app["version"] == "2.0.0" and s.app["slot"] == "b", s.app
         assert s.env["nerves_fw_active"] == "b" and s.env["b.nerves_fw_version"] == "2.0.0", s.env
+        assert f"{d.name}: hot 1.0.0 -> 2.0.0, " in run.stdout  # the summary line, per device
 
 
 def test_same_play_again_changes_nothing(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:

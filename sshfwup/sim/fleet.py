@@ -9,7 +9,9 @@ every device's host key (from OpenSSH's ``ssh-keyscan``) and an Ansible inventor
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,42 @@ from .device import SimDevice, cleanup
 from .host import KeyPair, free_port
 from .machine import SimMachine
 
-__all__ = ["FleetDevice", "SimFleet"]
+__all__ = ["FleetDevice", "SimFleet", "ansible_environment", "ansible_tool", "rollout_command"]
 
 BOOT_TIMEOUT = 60.0
+REPO = Path(__file__).resolve().parents[2]
+ROLLOUT = REPO / "deploy" / "ansible" / "rollout.yml"
+ANSIBLE_CFG = REPO / "deploy" / "ansible" / "ansible.cfg"
+
+
+def ansible_environment(workdir: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Ansible's commands: the shipped ansible.cfg (it finds the collection in
+    this repository), Ansible's own files under ``workdir``, this Python's ansible-core first."""
+    environment = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ANSIBLE_CFG),
+        ANSIBLE_HOME=str(workdir / "ansible-home"),
+        ANSIBLE_LOCAL_TEMP=str(workdir / "ansible-tmp"),
+        ANSIBLE_NOCOLOR="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    )
+    environment.update(env or {})
+    return environment
+
+
+def ansible_tool(name: str) -> str:
+    """This Python's ``ansible-playbook`` (or another of ansible-core's commands)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pip install 'sshfwup[fleet]' (ansible-core)")
+    return str(path)
+
+
+def rollout_command(workdir: Path, inventory: Path, firmware: Path | str, *args: str,
+                    env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """``ansible-playbook -i INVENTORY deploy/ansible/rollout.yml -e firmware=FW ARGS``, and its environment."""
+    argv = [ansible_tool("ansible-playbook"), "-i", str(inventory), str(ROLLOUT), "-e", f"firmware={firmware}", *args]
+    return argv, ansible_environment(workdir, env)
 
 
 @dataclass(frozen=True)
