@@ -175,8 +175,8 @@ def test_canary_that_never_becomes_ready_is_rolled_back_and_stops_the_play(
         assert snapshot(d) == before[d.name], d.name  # env, slots, app (same pid), journal
 
 
-def test_hot_rollout_to_all_six(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
-    run = playbook(tmp_path, fleet.inventory(), releases.v2)
+def test_hot_rollout_to_all_six_with_delta_patches(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
+    run = playbook(tmp_path, fleet.inventory(), releases.v2, "-e", f"delta_from={releases.dir}")
     assert run.returncode == 0, run
     assert run.total("changed") == 6 and run.total("failures") == 0, run
     updates = run.results(UPDATE_TASK)
@@ -184,7 +184,9 @@ def test_hot_rollout_to_all_six(fleet: SimFleet, releases: Releases, tmp_path: P
     for d in fleet.devices:
         r = updates[d.name]
         assert (r["verdict"], r["predicted"], r["from_version"], r["to_version"]) == ("hot", "hot", "1.0.0", "2.0.0"), r
-        assert r["hot"] and not r["reboot"] and r["reboot_pending"] and r["bytes_sent"] > 0, r
+        assert r["hot"] and not r["reboot"] and r["reboot_pending"], r
+        assert 0 < r["bytes_sent"] < releases.v2.stat().st_size / 2, r  # a patch from 1.0.0, not the whole .fw
+        assert any("patch" in line for line in r["device_output"]), r["device_output"]
         assert r["durations"]["total"] >= r["durations"]["update"] > 0, r
         assert health[d.name]["status"] == 200, health[d.name]
         s = snapshot(d)
