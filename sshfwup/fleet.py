@@ -11,6 +11,8 @@ SSH protocol to the device with :mod:`sshfwup.client`.
   answer (an update in progress, a reboot pending into other firmware, firmware not validated
   yet). The verdict comes from :func:`sshfwup.firmware.compute_diff` — ``inspect.decide``, the
   same rule the device applies — on the running release and the new one.
+- :func:`reboot_device` reboots a device (by default only one whose reboot is pending, after a
+  hot swap) and follows it until the firmware it boots is validated, or it fell back.
 - :func:`update_device` does it: with ``check`` only the plan; without ``allow_reboot`` it
   fails before sending a byte when the verdict is not a proven hot swap; otherwise it uploads
   with :func:`sshfwup.client.upload` (``wait`` follows the reboot and validation) and reports
@@ -27,8 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncssh
 
-from .client import EXIT_LOST, EXIT_OK, KnownHosts, check_identities, upload
+from .client import (
+    EXIT_LOST,
+    EXIT_OK,
+    KnownHosts,
+    RebootWatch,
+    Target,
+    check_identities,
+    clean_text,
+    connect_options,
+    describe_connect_error,
+    follow_reboot,
+    upload,
+)
 from .firmware_remote import RemoteError, RemoteUnreachable, fetch_status
 
 __all__ = [
@@ -37,8 +52,10 @@ __all__ = [
     "FleetError",
     "Plan",
     "UpdateResult",
+    "RebootResult",
     "check_request",
     "plan_update",
+    "reboot_device",
     "update_device",
 ]
 
@@ -384,3 +401,64 @@ async def _confirm(address: DeviceAddress, result: UpdateResult, waited: bool) -
     note = "reboot pending" if pending else ("validated" if validated else "not validated yet")
     return replace(result, reboot_pending=pending, validated=validated,
                     msg=f"{result.from_version} → {result.to_version}: {result.verdict}; {note}")  # fmt: skip
+
+
+# --- rebooting -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RebootResult:
+    changed: bool
+    from_version: str | None  # what ran before
+    to_version: str | None  # what runs now (expected, when not waited for)
+    validated: bool | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+    device_output: tuple[str, ...] = ()
+    msg: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["device_output"] = list(self.device_output)
+        return out
+
+
+async def reboot_device(
+    address: DeviceAddress, *, pending_only: bool = True, wait: bool = True, timeout: float = 300.0
+) -> RebootResult:
+    """Reboot the device and (``wait``) follow it until it runs the firmware it should boot,
+    validated. ``pending_only``: leave a device without a pending reboot alone (changed false)."""
+    began = time.monotonic()
+    before = await device_status(address)
+    root, active = before.get("running_root"), before.get("active")
+    running = _slot(before, root).get("version")
+    if pending_only and not before.get("pending_reboot"):
+        return RebootResult(False, running, running, before.get("validated"), msg="no reboot pending; not rebooted")
+    if before.get("update_in_progress"):
+        raise FleetError(f"{address.host} is applying an update right now; not rebooted")
+    expected = _slot(before, active).get("version")
+    server = before.get("server") if isinstance(before.get("server"), dict) else {}
+    watch = RebootWatch(expected, active if isinstance(active, str) else None, server.get("instance"))
+    target = Target(address.host, address.port, connect_options(address.username, list(address.identities),
+                                                                  address.known_hosts), address.known_hosts)  # fmt: skip
+    try:
+        with anyio.fail_after(STATUS_TIMEOUT):
+            async with asyncssh.connect(address.host, address.port, **target.options) as conn:
+                answer = await conn.run("reboot", check=False)
+    except TimeoutError:
+        raise DeviceUnreachable(f"{address.host}:{address.port}: no answer to `reboot`") from None
+    except (OSError, asyncssh.Error) as e:
+        raise DeviceUnreachable(await describe_connect_error(e, address.host, address.port, address.known_hosts)) from None
+    if answer.exit_status != 0:
+        raise FleetError(f"{address.host}: `reboot` failed (exit status {answer.exit_status}): "
+                         f"{clean_text(str(answer.stderr or answer.stdout or '')).strip()}")  # fmt: skip
+    lines: list[str] = []
+    result = RebootResult(True, running, expected)
+    if not wait:
+        return replace(result, durations={"total": round(time.monotonic() - began, 3)},
+                       msg=f"rebooting into {expected} (not waited for)")  # fmt: skip
+    status = await follow_reboot(target, watch, timeout, lines.append)
+    result = replace(result, durations={"total": round(time.monotonic() - began, 3)}, device_output=tuple(lines))
+    if status != EXIT_OK:
+        failure = lines[-1].removeprefix("sshfwup: ") if lines else "no answer"
+        raise FleetError(f"{address.host}: {failure}", result)
+    return replace(result, validated=True, msg=f"{expected} booted from slot {active} and is validated")

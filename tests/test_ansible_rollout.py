@@ -3,7 +3,8 @@ against fleets of simulated devices on 127.0.0.1 (real fwup, real SSH, real proc
 
 One 6-device fleet carries the scenarios that follow each other on a real fleet, in order: a
 bad input, a canary that never becomes ready (rolled back, the play stops), the hot roll-out to
-all six, the same play again (nothing changes), a device that goes offline (the play stops). A
+all six, the same play again (nothing changes), rebooting them into the new firmware, a device
+that goes offline (the play stops). A
 second, mixed fleet checks that check mode's predictions are what a real run then does.
 """
 
@@ -28,6 +29,7 @@ from sshfwup.sim.rootfs import build_sample_firmware
 CALLBACKS = Path(__file__).resolve().parent / "ansible" / "callback_plugins"
 UPDATE_TASK = "Update the firmware (hot swap or reboot; waits for validation)"
 HEALTH_TASK = "Health gate (the application answers)"
+REBOOT_TASK = "Reboot into the new firmware (reboot_after=true; a hot swap leaves it pending)"
 FLEET_CONFIG = {"app": {"ready_timeout": 3}}  # a never-ready canary is given up on quickly
 
 
@@ -204,6 +206,24 @@ def test_same_play_again_changes_nothing(fleet: SimFleet, releases: Releases, tm
         r = run.results(UPDATE_TASK)[d.name]
         assert r["verdict"] == "unchanged" and r["reboot_pending"] and r["bytes_sent"] == 0, r
         assert snapshot(d) == before[d.name], d.name  # not even an upload reached the device
+
+
+def test_reboot_after_boots_the_hot_swapped_firmware(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:
+    check = playbook(tmp_path, fleet.inventory(), releases.v2, "-e", "reboot_after=true", "--check")
+    assert check.returncode == 0 and all(r["changed"] for r in check.results(REBOOT_TASK).values()), check
+    assert all(snapshot(d).env["nerves_fw_validated"] == "0" for d in fleet.devices)  # check mode rebooted nothing
+    run = playbook(tmp_path, fleet.inventory(), releases.v2, "-e", "reboot_after=true")
+    assert run.returncode == 0, run
+    assert run.total("changed") == 6 and not any(r["changed"] for r in run.results(UPDATE_TASK).values()), run
+    for d in fleet.devices:
+        r = run.results(REBOOT_TASK)[d.name]
+        assert (r["from_version"], r["to_version"], r["validated"]) == ("1.0.0", "2.0.0", True), r
+        s = snapshot(d)
+        assert s.env["nerves_fw_active"] == "b" and s.env["nerves_fw_validated"] == "1", s.env
+        assert s.app["version"] == "2.0.0" and s.app["slot"] == "b", s.app
+        assert d.device.running_slot() == "b"
+    again = playbook(tmp_path, fleet.inventory(), releases.v2, "-e", "reboot_after=true")
+    assert again.returncode == 0 and again.total("changed") == 0, again  # nothing pending: nothing rebooted
 
 
 def test_device_offline_mid_play_fails_and_stops_the_play(fleet: SimFleet, releases: Releases, tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def test_ansible_test_sanity_local_tests(tmp_path: Path) -> None:
 
 def test_ansible_doc_reads_every_module(tmp_path: Path) -> None:
     names = [f"sshfwup.device.{m.stem}" for m in MODULES]
-    assert names == ["sshfwup.device.firmware_facts", "sshfwup.device.firmware_update"]
+    assert names == ["sshfwup.device.firmware_facts", "sshfwup.device.firmware_update", "sshfwup.device.reboot"]
     result = subprocess.run([_tool("ansible-doc"), "--json", "-t", "module", *names], capture_output=True, text=True,
                             env=_env(tmp_path), timeout=120, check=False)  # fmt: skip
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
@@ -78,7 +78,8 @@ def test_documented_options_match_the_argument_spec(module: Path) -> None:
         from ansible_collections.sshfwup.device.plugins.module_utils import args
     finally:
         sys.path.remove(str(REPO))
-    spec = {"firmware_update": args.FIRMWARE_UPDATE_ARGS, "firmware_facts": args.FIRMWARE_FACTS_ARGS}[module.stem]
+    spec = {"firmware_update": args.FIRMWARE_UPDATE_ARGS, "firmware_facts": args.FIRMWARE_FACTS_ARGS,
+            "reboot": args.REBOOT_ARGS}[module.stem]  # fmt: skip
     options = _module_docs(module)["DOCUMENTATION"]["options"]
     assert set(options) == set(spec), module.stem
     for name, arg in spec.items():

@@ -26,6 +26,12 @@ FIRMWARE_UPDATE_ARGS = dict(
     allow_reboot=dict(type="bool", default=True),
 )
 
+REBOOT_ARGS = dict(
+    CONNECTION_ARGS,
+    pending_only=dict(type="bool", default=True),
+    wait=dict(type="bool", default=True),
+)
+
 FIRMWARE_FACTS_ARGS = dict(CONNECTION_ARGS)
 FIRMWARE_FACTS_ARGS["timeout"] = dict(type="float", default=30.0)
 
