@@ -44,7 +44,8 @@ def test_ansible_test_sanity_local_tests(tmp_path: Path) -> None:
     tests = [arg for name in LOCAL_SANITY_TESTS for arg in ("--test", name)]
     result = subprocess.run(
         [_tool("ansible-test"), "sanity", "--python", f"{sys.version_info.major}.{sys.version_info.minor}", *tests],
-        cwd=COLLECTION, capture_output=True, text=True, env=_env(tmp_path), timeout=300, check=False,
+        cwd=COLLECTION, capture_output=True, text=True, timeout=300, check=False,
+        env={**_env(tmp_path), "HOME": str(tmp_path)},  # its virtual environments go under ~/.ansible/test
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("Running sanity test") == len(LOCAL_SANITY_TESTS), result.stdout
