@@ -30,7 +30,7 @@ CALLBACKS = Path(__file__).resolve().parent / "ansible" / "callback_plugins"
 UPDATE_TASK = "Update the firmware (hot swap or reboot; waits for validation)"
 HEALTH_TASK = "Health gate (the application answers)"
 REBOOT_TASK = "Reboot into the new firmware (reboot_after=true; a hot swap leaves it pending)"
-FLEET_CONFIG = {"app": {"ready_timeout": 3}}  # a never-ready canary is given up on quickly
+FLEET_CONFIG = {"app": {"ready_timeout": 6}}  # a never-ready canary is given up on sooner (the sim says 10)
 
 
 @dataclass(frozen=True)
