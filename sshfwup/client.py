@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +36,7 @@ __all__ = [
     "clean_text",
     "connect_options",
     "describe_connect_error",
+    "follow_reboot",
     "judge_reboot",
     "upload",
     "upload_main",
@@ -360,6 +362,12 @@ async def _follow(target: Target, file: Path, after: dict[str, Any] | None, time
         say("sshfwup: cannot tell which firmware the device should boot (no status, no version in the file)")
         return EXIT_FAILED
     say(f"sshfwup: waiting for {target.host} to reboot into {watch.version} (up to {timeout:.0f} s)")
+    return await follow_reboot(target, watch, timeout, say)
+
+
+async def follow_reboot(target: Target, watch: RebootWatch, timeout: float, say: Callable[[str], None]) -> int:
+    """Reconnect until the device booted ``watch.version`` and validated it (EXIT_OK), fell back
+    or was not validated in time (EXIT_FAILED), or never came back (EXIT_LOST)."""
     began = time.monotonic()
     answered_once = False
     while True:

@@ -16,17 +16,21 @@ from typing import Any
 import anyio
 import asyncssh
 
-from .client import connect_options
+from .client import connect_options, describe_connect_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteError", "RunningFirmware", "fetch_status", "running_firmware"]
+__all__ = ["RemoteError", "RemoteUnreachable", "RunningFirmware", "fetch_status", "running_firmware"]
 
 STATUS_COMMAND = "status --json"
 
 
 class RemoteError(Exception):
     """The device could not be asked, or its answer does not say what it runs."""
+
+
+class RemoteUnreachable(RemoteError):
+    """No session with the device: not answering, refused, host key or login refused."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,9 @@ async def fetch_status(
             async with asyncssh.connect(host, port, **connect_options(username, identities, known_hosts)) as conn:
                 result = await conn.run(STATUS_COMMAND, check=False)
     except TimeoutError:
-        raise RemoteError(f"{host}:{port}: no answer to `{STATUS_COMMAND}` within {timeout:.0f} s") from None
+        raise RemoteUnreachable(f"{host}:{port}: no answer to `{STATUS_COMMAND}` within {timeout:.0f} s") from None
     except (OSError, asyncssh.Error) as e:
-        raise RemoteError(f"cannot connect to {host}:{port}: {e}") from None
+        raise RemoteUnreachable(await describe_connect_error(e, host, port, known_hosts)) from None
     stdout = result.stdout if isinstance(result.stdout, str) else (result.stdout or b"").decode("utf-8", "replace")
     stderr = result.stderr if isinstance(result.stderr, str) else (result.stderr or b"").decode("utf-8", "replace")
     if result.exit_status != 0:

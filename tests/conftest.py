@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,12 +277,29 @@ async def sim(
         cleanup(path)
 
 
+_LONG_LIVED: set[str] = set()  # directories of devices that outlive a test (module-scoped fleets)
+
+
+@contextmanager
+def long_lived(path: Path) -> Iterator[None]:
+    """Devices under ``path`` outlive single tests (a module-scoped fleet): the per-test check
+    leaves them alone; when the block ends, nothing under ``path`` may be left."""
+    key = f"{path.resolve()}/"
+    _LONG_LIVED.add(key)
+    try:
+        yield
+    finally:
+        _LONG_LIVED.discard(key)
+    leaks = sorted(item for item in _loops_and_mounts() if key in item)
+    assert not leaks, f"left behind: {leaks}"
+
+
 @pytest.fixture(autouse=True)
 def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test must clean up the mounts and loop devices it made, even when it fails."""
     yield
     base = f"{tmp_path_factory.getbasetemp().resolve()}/"  # the slash: pytest-9 is not pytest-94
-    leaks = sorted(item for item in _loops_and_mounts() if base in item)
+    leaks = sorted(item for item in _loops_and_mounts() if base in item and not any(d in item for d in _LONG_LIVED))
     if leaks:
         for item in leaks:  # don't let one test's leak fail every later one
             subprocess.run(["umount", "-l", item.split(" ", 2)[2]] if item.startswith("mount") else

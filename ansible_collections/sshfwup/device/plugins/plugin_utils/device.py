@@ -1,0 +1,71 @@
+# -*- coding: utf-8 -*-
+# Copyright: sshfwup developers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Controller side shared by the action plugins: who to connect to, and sshfwup's client.
+
+The connection parameters come from the task's arguments, else from the inventory's
+connection variables (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file,
+ansible_host_key_checking), so an inventory written for ssh works unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ansible.errors import AnsibleActionFail
+
+try:
+    from sshfwup import fleet
+except ImportError as e:  # the controller's Python lacks sshfwup
+    fleet = None
+    FLEET_IMPORT_ERROR: str | None = str(e)
+else:
+    FLEET_IMPORT_ERROR = None
+
+
+def require_fleet() -> Any:
+    if fleet is None:
+        raise AnsibleActionFail(
+            "the sshfwup Python package is not importable by the Python that runs ansible-playbook "
+            f"({FLEET_IMPORT_ERROR}); install it there: pip install 'sshfwup[fleet]'"
+        )
+    return fleet
+
+
+def _var(task_vars: dict[str, Any], templar: Any, *names: str) -> Any:
+    for name in names:
+        value = task_vars.get(name)
+        if value is not None and value != "":
+            return templar.template(value)
+    return None
+
+
+def _truth(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def device_address(args: dict[str, Any], task_vars: dict[str, Any], templar: Any) -> Any:
+    """sshfwup.fleet.DeviceAddress from the task arguments, else the inventory's variables."""
+    module = require_fleet()
+    host = args.get("host") or _var(task_vars, templar, "ansible_host", "inventory_hostname")
+    port = args.get("port") or _var(task_vars, templar, "ansible_port", "ansible_ssh_port") or 22
+    user = args.get("user") or _var(task_vars, templar, "ansible_user", "ansible_ssh_user")
+    key = args.get("key") or _var(task_vars, templar, "ansible_ssh_private_key_file", "ansible_private_key_file")
+    checking = args.get("host_key_checking")
+    if checking is None:
+        found = _var(task_vars, templar, "ansible_host_key_checking", "ansible_ssh_host_key_checking")
+        checking = True if found is None else _truth(found)
+    known_hosts: Any = ()
+    if not checking:
+        known_hosts = None
+    elif args.get("known_hosts"):
+        known_hosts = str(args["known_hosts"])
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        raise AnsibleActionFail(f"port {port!r}: not a number") from None
+    identities = (os.path.expanduser(str(key)),) if key else ()
+    return module.DeviceAddress(str(host), port, str(user) if user else None, identities, known_hosts)
