@@ -447,11 +447,16 @@ def sample_firmware(directory: Path, version: str) -> Path:
 @asynccontextmanager
 async def sim_device(
     directory: Path, key: KeyPair, firmware: Path, *, overrides: Mapping[str, Any] | None = None,
-    layout: Layout = DEFAULT_LAYOUT,
+    layout: Layout = DEFAULT_LAYOUT, name: str = "device", env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[SimRun]:
     """A simulated device booted from ``firmware`` with ``sshfwup serve`` up; torn down at exit.
-    ``layout``: other slot sizes (the firmware must be built for them)."""
-    path = directory / "device"
+    ``layout``: other slot sizes (the firmware must be built for them). ``env``: extra environment
+    of the serve process only (a variant measured beside the default in the same run)."""
+    path = directory / name
+    server_command = None
+    if env:  # `env` execs serve: the machine's server pid stays serve's own
+        server_command = ["env", *(f"{k}={v}" for k, v in env.items()),
+                          sys.executable, "-m", "sshfwup", "serve", "--config", "{config}"]  # fmt: skip
     try:
         device = await anyio.to_thread.run_sync(
             lambda: SimDevice.create(
@@ -464,7 +469,7 @@ async def sim_device(
                 config_overrides=dict(overrides or {}),
             )
         )
-        async with SimMachine.start(device.path) as machine:
+        async with SimMachine.start(device.path, server_command=server_command) as machine:
             await machine.wait_up(timeout=60)
             yield SimRun(device, machine)
     finally:
