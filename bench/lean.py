@@ -131,11 +131,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def serve_pid(process: subprocess.Popen[bytes]) -> int:
-    """The serve process itself (under --slow-cpu the shell wrapper execs into it: same pid)."""
-    return process.pid
-
-
 def measure_starts(config: Path, runs: int, slow: SlowCpu | None, command: list[str], work: Path) -> list[StartSample]:
     notify = _Notify(work / "bench.notify")
     samples = []
@@ -149,18 +144,13 @@ def measure_starts(config: Path, runs: int, slow: SlowCpu | None, command: list[
             try:
                 ready = notify.wait_ready(process, timeout=60)
                 time.sleep(1.0)  # idle: whatever start-up left behind has settled
-                mem = common.memory_figures(serve_pid(process))
+                mem = common.memory_figures(process.pid)  # under --slow-cpu the wrapper execs serve: same pid
                 samples.append(StartSample(ready - started, mem.rss, mem.pss, mem.uss))
             finally:
                 _stop(process)
     finally:
         notify.close()
     return samples
-
-
-async def booted_config(work: Path, key: common.KeyPair) -> Any:
-    firmware = common.sample_firmware(work, "1.0.0")
-    return common.sim_device(work, key, firmware, overrides={"app": {"command": []}})
 
 
 def second_config(sim: common.SimRun, work: Path) -> Path:
@@ -210,7 +200,8 @@ async def main(args: argparse.Namespace) -> int:
     targets: list[tuple[str, bool, str]] = []
     with common.workdir("lean") as work:
         key = common.make_key(work / "uploader")
-        async with await booted_config(work, key) as sim:
+        firmware = common.sample_firmware(work, "1.0.0")
+        async with common.sim_device(work, key, firmware, overrides={"app": {"command": []}}) as sim:  # no app
             config = second_config(sim, work)
             cases: list[tuple[str, SlowCpu | None]] = [("this machine", None)]
             if args.slow_cpu:
