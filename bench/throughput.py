@@ -175,12 +175,31 @@ def _package(frame: str) -> str:
 Target = tuple[str, bool, str]
 
 
-def _parse_variant(text: str) -> tuple[str, dict[str, str]]:
+def _event_loop(pid: int) -> str:
+    """uvloop when its extension is mapped into the process (a variant really runs on it)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+        return "uvloop" if "/uvloop/" in f.read() else "asyncio"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A lever: serve's environment and config settings (``section.key``) on a second device."""
+
+    env: dict[str, str]
+    config: dict[str, dict[str, str]]
+
+
+def _parse_variant(text: str) -> tuple[str, Variant]:
     label, _, assignments = text.partition(":")
-    env = dict(a.split("=", 1) for a in assignments.split(",") if "=" in a)
-    if not label or not env:
-        raise BenchError(f"--variant {text!r}: expected LABEL:VAR=VALUE[,VAR=VALUE]")
-    return label, env
+    pairs = [a.split("=", 1) for a in assignments.split(",") if "=" in a]
+    if not label or not pairs:
+        raise BenchError(f"--variant {text!r}: expected LABEL:VAR=VALUE[,section.key=VALUE...]")
+    config: dict[str, dict[str, str]] = defaultdict(dict)
+    for name, value in pairs:
+        if "." in name:
+            section, key = name.split(".", 1)
+            config[section][key] = value
+    return label, Variant({n: v for n, v in pairs if "." not in n}, dict(config))
 
 
 def summarize(
@@ -249,18 +268,23 @@ async def main(args: argparse.Namespace) -> int:
             async with common.sim_device(work, key, firmware, overrides=overrides) as sim, \
                     contextlib.AsyncExitStack() as devices:
                 others: dict[str, tuple[SimRun, Path]] = {}
-                for label, env in variants.items():
+                for label, variant in variants.items():
                     vreport = work / f"sink-{label}.json"
+                    voverrides = common.sink_overrides(vreport, expect=max(sizes))
+                    for section, settings in variant.config.items():
+                        voverrides[section] = voverrides.get(section, {}) | settings
                     vsim = await devices.enter_async_context(common.sim_device(
-                        work, key, firmware, overrides=common.sink_overrides(vreport, expect=max(sizes)),
-                        name=f"device-{label}", env=env))  # fmt: skip
+                        work, key, firmware, overrides=voverrides, name=f"device-{label}", env=variant.env))  # fmt: skip
                     others[label] = (vsim, vreport)
-                    print(f"variant {label}: serve pid {vsim.server_pid} with {env}")
+                    print(f"variant {label}: serve pid {vsim.server_pid} with {variant}; event loop "
+                          f"{_event_loop(vsim.server_pid)}")  # fmt: skip
                 slow = ""
                 if args.slow_cpu:  # both servers (and the sinks they start) on the same throttled core
                     cpu = stack.enter_context(common.SlowCpu(args.cpu_percent))
                     cpu.confine(sshd.pid)
                     cpu.confine(sim.server_pid)
+                    for vsim, _ in others.values():
+                        cpu.confine(vsim.server_pid)
                     slow = cpu.describe()
                     print(f"servers on a slow CPU: {slow}")
                 ciphers: dict[tuple[str, str], str] = {}
@@ -273,7 +297,7 @@ async def main(args: argparse.Namespace) -> int:
                       f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
                 for (server, cipher), negotiated in sorted(ciphers.items()):
                     print(f"  {server:<8} -c {cipher:<22} → {negotiated}")
-                print(f"sshd listener pid {sshd.pid}; sshfwup serve pid {sim.server_pid}; "
+                print(f"sshd listener pid {sshd.pid}; sshfwup serve pid {sim.server_pid} ({_event_loop(sim.server_pid)}); "
                       f"serve RSS {common.status_kib(sim.server_pid, 'VmRSS') / 1024:.0f} MiB")  # fmt: skip
                 for rnd in range(rounds):
                     for cipher in CIPHERS:
@@ -326,9 +350,10 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="one more sshfwup upload under py-spy; print hot spots")
     parser.add_argument("--slow-cpu", action="store_true", help="both servers on one core throttled to --cpu-percent")
     parser.add_argument("--cpu-percent", type=float, default=20.0)
-    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
                         help="also measure a second device whose serve runs with these environment variables "
-                             "(a lever, same run, interleaved); repeatable")
+                             "(NAME) and config settings (section.key, e.g. server.event_loop=uvloop): a lever, "
+                             "same run, interleaved; repeatable")
     parser.add_argument("--sizes", help="comma-separated MiB, e.g. 256,1024 (default 256,1024; quick 64)")
     try:
         sys.exit(anyio.run(main, parser.parse_args()))
