@@ -167,6 +167,28 @@ def status_kib(pid: int, field: str) -> int:
     raise BenchError(f"/proc/{pid}/status has no {field}")
 
 
+@dataclass(frozen=True)
+class MemoryFigures:
+    """/proc/PID/smaps_rollup in MiB: RSS counts shared library pages in full; PSS divides each
+    shared page among the processes mapping it; USS (private clean + dirty) is what the process
+    alone holds — on a board, where no other Python shares the libraries, RSS is the honest one."""
+
+    rss: float
+    pss: float
+    uss: float
+
+
+def memory_figures(pid: int) -> MemoryFigures:
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return MemoryFigures(fields["Rss"] / 1024, fields["Pss"] / 1024, uss / 1024)
+
+
 def reset_peak_rss(pid: int) -> None:
     """Reset VmHWM to the current RSS (``echo 5 > /proc/PID/clear_refs``, Linux ≥ 4.0, root)."""
     with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
@@ -425,11 +447,16 @@ def sample_firmware(directory: Path, version: str) -> Path:
 @asynccontextmanager
 async def sim_device(
     directory: Path, key: KeyPair, firmware: Path, *, overrides: Mapping[str, Any] | None = None,
-    layout: Layout = DEFAULT_LAYOUT,
+    layout: Layout = DEFAULT_LAYOUT, name: str = "device", env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[SimRun]:
     """A simulated device booted from ``firmware`` with ``sshfwup serve`` up; torn down at exit.
-    ``layout``: other slot sizes (the firmware must be built for them)."""
-    path = directory / "device"
+    ``layout``: other slot sizes (the firmware must be built for them). ``env``: extra environment
+    of the serve process only (a variant measured beside the default in the same run)."""
+    path = directory / name
+    server_command = None
+    if env:  # `env` execs serve: the machine's server pid stays serve's own
+        server_command = ["env", *(f"{k}={v}" for k, v in env.items()),
+                          sys.executable, "-m", "sshfwup", "serve", "--config", "{config}"]  # fmt: skip
     try:
         device = await anyio.to_thread.run_sync(
             lambda: SimDevice.create(
@@ -442,7 +469,7 @@ async def sim_device(
                 config_overrides=dict(overrides or {}),
             )
         )
-        async with SimMachine.start(device.path) as machine:
+        async with SimMachine.start(device.path, server_command=server_command) as machine:
             await machine.wait_up(timeout=60)
             yield SimRun(device, machine)
     finally:
@@ -450,11 +477,15 @@ async def sim_device(
             await anyio.to_thread.run_sync(cleanup, path)
 
 
-def sink_overrides(report: Path, *, rate_mb_s: float = 0.0, expect: int = 0) -> dict[str, Any]:
-    """Config overrides that make a simulated device's fwup the framed discard sink, no pipeline."""
+def sink_overrides(report: Path, *, rate_mb_s: float = 0.0, expect: int = 0, rate_file: Path | None = None
+                   ) -> dict[str, Any]:  # fmt: skip
+    """Config overrides that make a simulated device's fwup the framed discard sink, no pipeline.
+    ``rate_file``: the sink's rate is read from it at each upload (see discard_fwup.py)."""
     extra = ["--sink-report", str(report)]
     if rate_mb_s:
         extra += ["--sink-rate", f"{rate_mb_s:g}"]
+    if rate_file is not None:
+        extra += ["--sink-rate-file", str(rate_file)]
     if expect:
         extra += ["--sink-expect", str(expect)]
     return {"fwup": {"path": str(SINK), "success_callback": "", "extra_args": extra}}
@@ -520,3 +551,92 @@ async def throttled_proxy(target_port: int, rate: float, *, burst: int = 16 * 10
             yield port
         finally:
             tg.cancel_scope.cancel()
+
+
+# --- a slower CPU: one core, throttled ----------------------------------------------------------
+
+
+class SlowCpu:
+    """The nearest thing to a board here: processes confined to one core (``sched_setaffinity``,
+    as ``taskset -c CPU``) and to ``percent`` of it by a cgroup CPU quota (cgroup v2 ``cpu.max``
+    where the cpu controller is on the unified hierarchy, else cgroup v1 ``cpu.cfs_quota_us``).
+    Children started later inherit both. The cgroup is removed at exit, also on failure (its
+    processes are moved back to the root cgroup first)."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, percent: float = 20.0, cpu: int = 0) -> None:
+        self.percent, self.cpu = percent, cpu
+        self.path: Path | None = None
+        self.v2 = False
+
+    def __enter__(self) -> SlowCpu:
+        unified = Path("/sys/fs/cgroup")
+        v1 = Path("/sys/fs/cgroup/cpu")
+        quota = int(self.PERIOD_US * self.percent / 100)
+        if "cpu" in _read(unified / "cgroup.controllers").split():
+            self.v2, parent = True, unified
+        elif (v1 / "cpu.cfs_quota_us").exists():
+            parent = v1
+        else:
+            raise BenchError("no cgroup cpu controller (neither cgroup v2 cpu.max nor v1 cpu.cfs_quota_us)")
+        path = parent / f"sshfwup-bench-{os.getpid()}"
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise BenchError(f"cannot create the cgroup {path} (root needed): {e}") from e
+        self.path = path
+        try:
+            if self.v2:
+                (path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}\n")
+            else:
+                (path / "cpu.cfs_period_us").write_text(f"{self.PERIOD_US}\n")
+                (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def confine(self, pid: int) -> None:
+        """Move ``pid`` (its threads too) onto the slow CPU."""
+        assert self.path is not None
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {self.cpu})
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` started already confined (its start-up counts too)."""
+        assert self.path is not None
+        script = f'echo $$ > "{self.path}/cgroup.procs" && exec taskset -c {self.cpu} "$@"'
+        return ["/bin/sh", "-c", script, "sh", *argv]
+
+    def describe(self) -> str:
+        how = "cpu.max" if self.v2 else "cgroup v1 cpu.cfs_quota_us"
+        return f"one core (cpu {self.cpu}) at {self.percent:g} % ({how})"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        root = self.path.parent / "cgroup.procs"
+        for _ in range(50):
+            pids = _read(self.path / "cgroup.procs").split()
+            for pid in pids:
+                try:
+                    root.write_text(f"{pid}\n")
+                except OSError:
+                    pass  # exited meanwhile
+            try:
+                self.path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            print(f"warning: could not remove the cgroup {self.path}", file=sys.stderr)
+        self.path = None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

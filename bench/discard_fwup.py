@@ -10,7 +10,8 @@ Two modes:
   (like fwup's progress, when ``--sink-expect`` gives the total) and an ``OK`` packet at the end.
 - raw (``--raw``): what OpenSSH's sshd runs as ``Subsystem fwup``: stdin until EOF, discarded.
 
-Both can be throttled (``--sink-rate MB/s``: a slow flash) and write a JSON report at exit
+Both can be throttled (``--sink-rate MB/s``: a slow flash; ``--sink-rate-file F``: the MB/s
+written in F when the sink starts, so one device can upload at several rates) and write a JSON report at exit
 (``--sink-report FILE``, replaced atomically): bytes, first-byte and end time on the system-wide
 monotonic clock (comparable with the benchmark's ``time.monotonic()``), and the sink's own CPU
 time (user and system; itself and its reaped children, e.g. a shell's start-up work), so a
@@ -62,13 +63,19 @@ def parse_args(argv: list[str]) -> SinkOptions:
         arg = argv[i]
         if arg == "--raw":
             raw = True
-        elif arg in ("--sink-rate", "--sink-expect", "--sink-report"):
+        elif arg in ("--sink-rate", "--sink-rate-file", "--sink-expect", "--sink-report"):
             if i + 1 >= len(argv):
                 raise SystemExit(f"discard_fwup: {arg} needs a value")
             value = argv[i + 1]
             i += 1
             if arg == "--sink-rate":
                 rate = float(value) * 1e6
+            elif arg == "--sink-rate-file":  # read at each start: one device, several rates
+                try:
+                    with open(value, encoding="ascii") as f:
+                        rate = float(f.read()) * 1e6
+                except FileNotFoundError:
+                    pass
             elif arg == "--sink-expect":
                 expect = int(value)
             else:

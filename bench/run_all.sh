@@ -1,7 +1,11 @@
 #!/bin/sh
 # Run every sshfwup benchmark, then print the targets each one met or missed.
 #
-#   bench/run_all.sh [--quick]        (as root: the simulated device uses loop devices and mounts)
+#   bench/run_all.sh [--quick] [--slow-cpu]     (as root: the simulated device uses loop devices and mounts)
+#
+# --quick: smaller uploads (no 1 GiB), fewer rounds, shorter load. --slow-cpu: then lean, throughput
+# and memory once more with the servers on one core throttled to 20 % (taskset + a cgroup CPU quota),
+# the nearest thing to a board here.
 #
 # The figures go to stdout as the benchmarks run, and to bench/results/*.json. Benchmarks print
 # figures; a missed target does not fail this script, a benchmark that cannot run does.
@@ -10,28 +14,43 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-"$here/../.venv/bin/python"}
 quick=""
-case "${1:-}" in
-    --quick) quick="--quick" ;;
-    "") ;;
-    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
-esac
+slow=""
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick="--quick" ;;
+        --slow-cpu) slow="yes" ;;
+        *) echo "usage: $0 [--quick] [--slow-cpu]" >&2; exit 2 ;;
+    esac
+done
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/sshfwup-bench.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
+runs="lean throughput memory zero_downtime preauth_flood delta"
+if [ -n "$slow" ]; then
+    runs="$runs lean:--slow-cpu throughput:--slow-cpu memory:--slow-cpu"
+fi
 failed=""
-for bench in throughput memory zero_downtime preauth_flood delta; do
-    echo "=== $bench $quick ($(date '+%H:%M:%S'), load average $(cut -d' ' -f1 /proc/loadavg))"
+for run in $runs; do
+    bench=${run%%:*}
+    extra=""
+    [ "$run" != "$bench" ] && extra=${run#*:}
+    name=$bench${extra:+-slow}
+    echo "=== $bench $quick $extra ($(date '+%H:%M:%S'), load average $(cut -d' ' -f1 /proc/loadavg))"
     # a pipeline's status is tee's: keep the benchmark's own
-    { "$python" "$here/$bench.py" $quick 2>&1; echo "$?" >"$logs/$bench.status"; } | tee "$logs/$bench.log"
-    if [ "$(cat "$logs/$bench.status")" != 0 ]; then
-        failed="$failed $bench"
+    # shellcheck disable=SC2086 # $quick and $extra are one flag or nothing
+    { "$python" "$here/$bench.py" $quick $extra 2>&1; echo "$?" >"$logs/$name.status"; } | tee "$logs/$name.log"
+    if [ "$(cat "$logs/$name.status")" != 0 ]; then
+        failed="$failed $name"
     fi
     echo
 done
 
-echo "=== summary $quick"
-for bench in throughput memory zero_downtime preauth_flood delta; do
-    grep -h '^target ' "$logs/$bench.log" || true
+echo "=== summary $quick${slow:+ --slow-cpu}"
+for run in $runs; do
+    bench=${run%%:*}
+    name=$bench
+    [ "$run" != "$bench" ] && name=$bench-slow
+    grep -h '^target ' "$logs/$name.log" || true
 done
 if [ -n "$failed" ]; then
     echo "did not run to the end:$failed"

@@ -69,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"sshfwup serve: {e}", file=sys.stderr)
         return 2
     try:
-        anyio.run(run_daemon, config)
+        anyio.run(run_daemon, config, backend_options={"use_uvloop": _use_uvloop(config.server.event_loop)})
     except KeyboardInterrupt:
         pass
     except BaseException as e:  # noqa: B036 - groups from the task groups, sorted below
@@ -80,6 +80,23 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"sshfwup serve: {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _use_uvloop(event_loop: str) -> bool:
+    """uvloop when configured and importable; else asyncio with a warning: SSH must come up even
+    when an optional speed-up is missing or broken on the device."""
+    if event_loop != "uvloop":
+        return False
+    try:
+        import uvloop  # noqa: F401 - only to know it loads; anyio makes the loop
+    except ImportError as e:
+        logging.getLogger(__name__).warning(
+            "[server] event_loop = \"uvloop\" but uvloop cannot be imported (%s; pip install 'sshfwup[uvloop]'); "
+            "serving with asyncio's event loop", e,
+        )  # fmt: skip
+        return False
+    logging.getLogger(__name__).info("event loop: uvloop")
+    return True
 
 
 def operator_errors(error: BaseException) -> list[str] | None:

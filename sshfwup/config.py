@@ -82,6 +82,7 @@ class ServerConfig:
     data_dir: Path = Path("/data/sshfwup")
     run_dir: Path = Path("/run/sshfwup")
     lock_file: Path = Path("/run/sshfwup/update.lock")
+    event_loop: str = "asyncio"  # "uvloop": the optional extra sshfwup[uvloop] (less CPU per upload)
 
 
 @dataclass(frozen=True)
@@ -293,8 +294,9 @@ def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
         if not isinstance(value, list) or len(value) != 2:
             raise TypeError(f"expected [first, maximum] seconds, got {value!r}")
         return (_number(value[0], "seconds"), _number(value[1], "seconds"))
-    if name in ("ready", "strategy"):
-        allowed = {"ready": ("notify", "tcp", "http"), "strategy": ("overlap", "stop-first")}[name]
+    if name in ("ready", "strategy", "event_loop"):
+        allowed = {"ready": ("notify", "tcp", "http"), "strategy": ("overlap", "stop-first"),
+                   "event_loop": ("asyncio", "uvloop")}[name]  # fmt: skip
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
         return value

@@ -38,6 +38,7 @@ def test_every_option_is_documented() -> None:
         ({"device": {"slots": {"a": "/dev/x"}}}, "[device] slots: must name exactly the slots a and b"),
         ({"fwup": {"success_callback": "no_colon"}}, '[fwup] success_callback: expected "package.module:function"'),
         ({"app": {"ready": "maybe"}}, "[app] ready: must be one of notify, tcp, http"),
+        ({"server": {"event_loop": "trio"}}, "[server] event_loop: must be one of asyncio, uvloop"),
         ({"app": {"sockets": ["udp:1.2.3.4:5"]}}, "[app] sockets: socket must start with tcp: or unix:"),
         ({"app": {"drain_timeout": -1}}, "[app] drain_timeout: must not be negative"),
         ({"app": {"rollback_after_crashes": -1}}, "[app] rollback_after_crashes: must not be negative"),

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import Sim, journal, output, upload, wait_until
+from conftest import Sim, assert_applied, journal, output, upload, wait_until
 
-from sshfwup.cli import operator_errors
+from sshfwup.cli import _use_uvloop, operator_errors
 from sshfwup.daemon import DaemonError
 from sshfwup.lock import DeviceBusy, DeviceLock
 from sshfwup.supervisor import SupervisorError
@@ -225,3 +225,25 @@ def _answers(sim: Sim) -> bool:
     except OSError:
         return False
     return True
+
+
+# --- the optional uvloop event loop (issue 13) ------------------------------------------------
+
+
+async def test_serve_on_uvloop_hot_swaps_an_update(sim: Sim, firmware) -> None:
+    """fwup's pipes, the app's sockets handed over with pass_fds, signals: all on uvloop's loop."""
+    await sim.restart_server(server={"event_loop": "uvloop"})
+    assert "event loop: uvloop" in sim.machine.log_path.read_text(errors="replace")
+    result = await upload(sim, firmware("2.0.0"))
+    assert_applied(sim, result)
+    assert sim.app()["version"] == "2.0.0"
+
+
+def test_a_missing_uvloop_falls_back_to_asyncio(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An optional speed-up missing on the device must not keep SSH down: a warning, asyncio."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop → ImportError
+    assert _use_uvloop("uvloop") is False
+    assert "uvloop cannot be imported" in caplog.text and "serving with asyncio" in caplog.text
+    assert _use_uvloop("asyncio") is False
+    monkeypatch.delitem(sys.modules, "uvloop")
+    assert _use_uvloop("uvloop") is True

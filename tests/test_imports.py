@@ -1,0 +1,91 @@
+"""What ``sshfwup serve`` imports: nothing host-side (issue 13, a lean device).
+
+``sshfwup serve`` runs beside the application on boards with 256 MiB of RAM and slow CPUs, where
+every imported module costs start-up time and resident memory on every boot. The host tooling
+(upload client, progress display, firmware build/sign/delta, the simulator, test and Ansible
+tooling) must stay unimported. Measured with ``python -X importtime`` in a fresh interpreter, which
+lists every module the statement imported, however indirectly.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+# What `sshfwup serve` loads before it serves anything: the console script's module, then
+# cli._serve's own imports (see sshfwup/cli.py).
+SERVE_IMPORTS = "import sshfwup.cli, sshfwup.config, sshfwup.daemon, sshfwup.logring"
+
+# Module name patterns (full names, re.fullmatch) that `serve` must not import.
+DENIED = (
+    r"sshfwup\.sim(\..*)?",  # the simulated device and its host helpers
+    r"sshfwup\.client",  # `sshfwup upload`
+    r"sshfwup\.progress_display",
+    r"sshfwup\.demo",
+    r"sshfwup\.firmware(_build|_delta|_image|_keys|_remote)?",  # host side: build, sign, diff, delta
+    r"sshfwup\.fwfile\.(build|zipwrite|keys|delta|conf)",  # building and signing .fw files
+    r"tqdm(\..*)?",
+    r"hypothesis(\..*)?",
+    r"pytest(\..*)?|_pytest(\..*)?",
+    r"ansible(\..*)?|ansible_collections(\..*)?",
+    r"uvloop(\..*)?",  # optional: only when configured, never at import
+    r"multiprocessing(\..*)?|concurrent\.futures\.process",
+    r"http\.server|xmlrpc(\..*)?|unittest(\..*)?|doctest|pdb|pydoc",
+)
+
+_IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
+
+
+def imported_modules(statement: str) -> dict[str, int]:
+    """Every module a fresh interpreter imports to run ``statement``: name → cumulative µs."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", statement],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    modules = {}
+    for line in result.stderr.splitlines():
+        match = _IMPORT_LINE.match(line)
+        if match:
+            modules[match.group(4)] = int(match.group(2))
+    assert modules, f"no -X importtime output: {result.stderr[-500:]!r}"
+    return modules
+
+
+def denied(modules: dict[str, int]) -> list[str]:
+    return sorted(name for name in modules if any(re.fullmatch(pattern, name) for pattern in DENIED))
+
+
+def test_serve_imports_nothing_host_side() -> None:
+    modules = imported_modules(SERVE_IMPORTS)
+    assert "asyncssh" in modules and "sshfwup.daemon" in modules  # the listing is real
+    assert denied(modules) == [], "sshfwup serve imports host-side modules; import them where they are used"
+
+
+@pytest.mark.parametrize(
+    "statement, expected",
+    [
+        ("import sshfwup.firmware_build", "sshfwup.firmware_build"),
+        ("import sshfwup.client", "sshfwup.progress_display"),
+        ("import sshfwup.sim.device", "sshfwup.sim.device"),
+    ],
+)
+def test_the_check_sees_host_side_imports(statement: str, expected: str) -> None:
+    """The deny list catches what it is meant to (a check that cannot fail protects nothing)."""
+    assert expected in denied(imported_modules(statement))
+
+
+def test_serve_command_line_help_stays_lean() -> None:
+    """``sshfwup serve --help`` through the console script's module: argparse only, no asyncssh."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sshfwup", "serve", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = {m.group(4) for m in map(_IMPORT_LINE.match, result.stderr.splitlines()) if m}
+    assert "sshfwup.cli" in names
+    assert denied(dict.fromkeys(names, 0)) == []
+    assert "asyncssh" not in names
