@@ -25,6 +25,7 @@ DENIED = (
     r"sshfwup\.client",  # `sshfwup upload`
     r"sshfwup\.progress_display",
     r"sshfwup\.demo",
+    r"sshfwup\.fleet",  # the Ansible collection's controller side
     r"sshfwup\.firmware(_build|_delta|_image|_keys|_remote)?",  # host side: build, sign, diff, delta
     r"sshfwup\.fwfile\.(build|zipwrite|keys|delta|conf)",  # building and signing .fw files
     r"tqdm(\..*)?",
