@@ -318,11 +318,12 @@ async def _roll_back_crash_loop(device: Device, crashed: Instance, crashes: int)
 
 @asynccontextmanager
 async def _update_lock(device: Device, who: str, timeout: float = 600) -> AsyncIterator[None]:
-    """The device's update lock, waited for (an upload or an operator command may hold it)."""
+    """The device's update lock, waited for (an upload or an operator command may hold it).
+    Held briefly (the device's own work): an upload arriving meanwhile waits instead of failing."""
     deadline = anyio.current_time() + timeout
     while True:
         try:
-            device.lock.acquire(who)
+            device.lock.acquire(who, brief=True)
             break
         except DeviceBusy:
             if anyio.current_time() > deadline:

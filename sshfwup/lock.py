@@ -25,6 +25,8 @@ class LockHolder:
     pid: int
     who: str
     since: float
+    brief: bool = False  # the device's own short work (boot validation): an upload waits for it
+
 
     def describe(self) -> str:
         age = max(0.0, time.time() - self.since)
@@ -51,7 +53,7 @@ class DeviceLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, who: str) -> None:
+    def acquire(self, who: str, *, brief: bool = False) -> None:
         if self._fd is not None:
             raise DeviceBusy(self.holder())
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ class DeviceLock:
             os.close(fd)
             raise
         # Who holds it, for the next uploader's error message. Advisory text only: the flock is the lock.
-        info = json.dumps({"pid": os.getpid(), "who": who, "since": time.time()}).encode()
+        info = json.dumps({"pid": os.getpid(), "who": who, "since": time.time(), "brief": brief}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, info, 0)
         self._fd = fd
@@ -100,7 +102,7 @@ class DeviceLock:
     def holder(self) -> LockHolder | None:
         try:
             data = json.loads(self.path.read_text() or "null")
-            return LockHolder(int(data["pid"]), str(data["who"]), float(data["since"]))
+            return LockHolder(int(data["pid"]), str(data["who"]), float(data["since"]), data.get("brief") is True)
         except (OSError, ValueError, TypeError, KeyError):
             return None
 

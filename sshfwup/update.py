@@ -51,6 +51,7 @@ __all__ = [
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+BRIEF_HOLDER_WAIT = 15.0  # s: the longest an upload waits for the device's own brief work to release the lock
 
 
 class UpdateError(Exception):
@@ -155,13 +156,25 @@ class Update:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    async def _take_lock(self) -> None:
+        """One update at a time: refused at once while another update holds the lock, but the
+        device's own brief work under it (boot validation right after a boot) is waited for —
+        an uploader must not be told "another update is in progress" by the device itself."""
+        deadline = anyio.current_time() + BRIEF_HOLDER_WAIT
+        while True:
+            try:
+                self.device.lock.acquire(str(self.uploader))
+                return
+            except DeviceBusy as e:
+                if e.holder is None or not e.holder.brief or anyio.current_time() > deadline:
+                    log.warning("refused upload from %s: %s", self.uploader, e)
+                    raise UpdateRefused(str(e)) from None
+                log.info("upload from %s waits for %s", self.uploader, e.holder.who)
+            await anyio.sleep(0.1)
+
     async def __aenter__(self) -> "Update":
         cfg = self.device.config
-        try:
-            self.device.lock.acquire(str(self.uploader))
-        except DeviceBusy as e:
-            log.warning("refused upload from %s: %s", self.uploader, e)
-            raise UpdateRefused(str(e)) from None
+        await self._take_lock()
         # Unwinds in reverse: relay task → fwup (killed unless finished) → lock.
         stack = AsyncExitStack()
         stack.callback(self.device.lock.release)

@@ -15,12 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import asyncssh
 import pytest
-from conftest import SSH_OPTIONS, KeyPair, Sim, assert_applied, assert_untouched, output, wait_unlocked
+from conftest import SSH_OPTIONS, KeyPair, Sim, assert_applied, assert_untouched, output, upload, wait_unlocked
+
+import sshfwup.update as update_module
+from sshfwup.lock import DeviceLock, LockHolder
 
 from sshfwup.sim.host import zip_payload
 
@@ -161,6 +165,46 @@ async def test_an_outside_flock_holder_blocks_uploads(sim: Sim, firmware) -> Non
         holder.kill()
         holder.wait()
     assert_untouched(sim)
+
+
+async def test_an_upload_waits_for_the_devices_own_brief_work_under_the_lock(sim: Sim, firmware) -> None:
+    """Boot validation holds the lock for a moment right after a boot: an upload arriving then
+    is not told "another update is in progress" by the device itself; it waits and applies."""
+    lock = DeviceLock(sim.device.run_dir / "update.lock")
+    lock.acquire("boot validation of 1.0.0 (the test)", brief=True)
+    try:
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                results: list[subprocess.CompletedProcess[bytes]] = []
+                tg.start_soon(lambda: _append(results, upload(sim, firmware("2.0.0"))))
+                await anyio.sleep(1.5)
+                assert not results  # still waiting for the brief holder
+                lock.release()
+    finally:
+        lock.release()
+    assert_applied(sim, results[0])
+
+
+async def _append(results: list[Any], awaitable: Any) -> None:
+    results.append(await awaitable)
+
+
+async def test_a_brief_holder_is_waited_for_within_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(update_module, "BRIEF_HOLDER_WAIT", 0.5)
+    held = DeviceLock(tmp_path / "update.lock")
+    held.acquire("boot validation of 1.0.0", brief=True)
+    assert DeviceLock(tmp_path / "update.lock").holder() == LockHolder(os.getpid(), "boot validation of 1.0.0",
+                                                                        held.holder().since, True)  # fmt: skip
+    upload_ = update_module.Update.__new__(update_module.Update)
+    upload_.device, upload_.uploader = SimpleNamespace(lock=DeviceLock(tmp_path / "update.lock")), "root@test"
+    started = time.monotonic()
+    with pytest.raises(update_module.UpdateRefused, match="in progress by boot validation of 1.0.0"), anyio.fail_after(10):
+        await upload_._take_lock()
+    assert 0.5 <= time.monotonic() - started < 5
+    held.release()
+    await upload_._take_lock()  # free: taken at once
+    assert upload_.device.lock.held
+    upload_.device.lock.release()
 
 
 async def test_disconnects_at_any_point_change_nothing(sim: Sim, firmware) -> None:
