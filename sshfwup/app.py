@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # asyncio costs ~35 ms to import; the exec shim and sync apps
 
 __all__ = [
     "LISTEN_FDS_START",
+    "handoff",
     "listen_sockets",
     "notify",
     "notify_ready",
@@ -202,6 +203,16 @@ async def serve(
             for task in late:
                 task.cancel()
             await asyncio.wait(late)
+
+
+def __getattr__(name: str) -> Any:
+    """``sshfwup.app.handoff``: the state and connection hand-off (:mod:`sshfwup.handoff`),
+    imported on first use — the exec shim and apps without hand-off never load it."""
+    if name == "handoff":
+        from sshfwup import handoff
+
+        return handoff
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- sd_notify -----------------------------------------------------------------------------
