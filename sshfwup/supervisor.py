@@ -318,6 +318,7 @@ class _Child:
         self.drain_deadline: float | None = None  # set with SIGTERM: when SIGKILL comes
         self.handoff: handoff_relay.Channel | None = None  # [app] handoff: its channel (sshfwup.handoff)
         self.owes_verdict = False  # it was asked to GIVE and waits for DONE or KEEP
+        self.gave_away = False  # told DONE: its state and connections belong to the next version
         self.taken: handoff_relay.Transfer | None = None  # what it took over from the version before
 
     @property
@@ -1141,6 +1142,7 @@ class Supervisor:
         else KEEP (everything is still yours); then say what moved."""
         if sender.owes_verdict and sender.handoff is not None:
             sender.handoff.tell(b"DONE" if transfer.taken else b"KEEP")
+            sender.gave_away = transfer.taken
         sender.owes_verdict = False
         if transfer.taken:
             await say(
@@ -1158,7 +1160,7 @@ class Supervisor:
             and not new.handoff.broken
             and new.process.returncode is None
             and not new.exited.is_set()
-            and (old.exited.is_set() or old.stopping)
+            and (old.exited.is_set() or old.stopping or old.gave_away)
         )
 
     @staticmethod
@@ -1218,6 +1220,8 @@ class Supervisor:
         start it again from its source on the sockets that receive new connections now — taking
         the state and connections back from ``donor`` (the failed new version, still running)."""
         self._keep_handoff(old)
+        if old.gave_away and not old.exited.is_set():
+            await self._stop_child(old)  # it runs on without its state: start it again instead
         if not old.exited.is_set() and not old.stopping:
             self._steer(old.sockets)
             old.supervised = True
