@@ -55,6 +55,10 @@ class Transfer:
             return handoff.describe(self.state_bytes, self.sockets)
         return self.problem
 
+    def verdict(self) -> str:
+        """For the verdict line: "handed over 3 connections, 1.2 KiB of state" or "no hand-off: why"."""
+        return f"handed over {self.summary()}" if self.taken else f"no hand-off: {self.problem}"
+
 
 class _SenderFailed(Exception):
     pass

@@ -229,7 +229,7 @@ class SwapResult:
     # "reuseport+migrate", "reuseport" or "shared" ("name=path, ..." when the sockets differ)
     socket_path: str = "shared"
     handover_seconds: float = 0.0  # steering new connections away from the old version → its SIGTERM
-    handoff: str = ""  # [app] handoff: "3 connections, 1.2 KiB of state", or why nothing was handed over
+    handoff: str = ""  # [app] handoff: "handed over 3 connections, 1.2 KiB of state" or "no hand-off: why"
 
 
 #: ``Supervisor(on_crash_loop=...)``: called once the app failed ``[app] rollback_after_crashes``
@@ -537,7 +537,7 @@ class Supervisor:
                 ready_at=new.ready_at or 0.0,
                 socket_path=path,
                 handover_seconds=handover,
-                handoff=new.taken.summary() if new.taken else "",
+                handoff=new.taken.verdict() if new.taken else "",
             )
 
     async def wait_healthy(self, duration: float) -> bool:

@@ -9,16 +9,17 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.abc
 import pytest
+from conftest import Sim, assert_applied, output, upload
 
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.sim.rootfs import SAMPLE_APP
+from sshfwup.sim.stream_client import StreamClient
 from sshfwup.supervisor import AppSource, Supervisor, SwapFailed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,55 +55,6 @@ def config(**overrides: Any) -> AppConfig:
     return replace(base, **overrides)
 
 
-@dataclass
-class StreamClient:
-    """One GET /stream connection: the lines it read, and whether the server closed it."""
-
-    port: int
-    lines: list[tuple[int, str]] = field(default_factory=list)
-    closed = False
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with await anyio.connect_tcp("127.0.0.1", self.port) as conn:
-            await conn.send(b"GET /stream?interval=0.01 HTTP/1.1\r\nHost: device\r\n\r\n")
-            buffer = b""
-            started = False
-            while True:
-                try:
-                    buffer += await conn.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    self.closed = True
-                    return
-                if not started and b"\r\n\r\n" in buffer:
-                    head, _, buffer = buffer.partition(b"\r\n\r\n")
-                    assert head.startswith(b"HTTP/1.1 200"), head
-                    started = True
-                    task_status.started()
-                while started and b"\n" in buffer:
-                    line, _, buffer = buffer.partition(b"\n")
-                    seq, _, version = line.decode().partition(" ")
-                    self.lines.append((int(seq), version))
-
-    def versions(self) -> list[str]:
-        """The versions that sent the lines, in order, each once per run."""
-        runs: list[str] = []
-        for _, version in self.lines:
-            if not runs or runs[-1] != version:
-                runs.append(version)
-        return runs
-
-    def assert_unbroken(self) -> None:
-        sequence = [seq for seq, _ in self.lines]
-        assert sequence == list(range(len(sequence))), f"gap or repeat: {_first_break(sequence)}"
-
-
-def _first_break(sequence: list[int]) -> str:
-    for index, seq in enumerate(sequence):
-        if seq != index:
-            return f"line {index} is {seq}: ...{sequence[max(0, index - 3) : index + 3]}"
-    return "none"
-
-
 async def get_json(port: int, path: str) -> Any:
     async with await anyio.connect_tcp("127.0.0.1", port) as conn:
         await conn.send(f"GET {path} HTTP/1.1\r\nHost: device\r\nConnection: close\r\n\r\n".encode())
@@ -120,7 +72,7 @@ async def get_json(port: int, path: str) -> Any:
 @asynccontextmanager
 async def streaming(sup: Supervisor, count: int) -> AsyncIterator[list[StreamClient]]:
     port = sup.sockets[0].sock.getsockname()[1]
-    clients = [StreamClient(port) for _ in range(count)]
+    clients = [StreamClient(port, interval=0.01) for _ in range(count)]
     async with anyio.create_task_group() as tasks:
         for client in clients:
             await tasks.start(client.run)
@@ -153,9 +105,9 @@ async def test_streams_and_the_counter_move_to_the_new_version(tmp_path: Path, m
         assert (await get_json(port, "/"))["version"] == "2.0.0"
     for client in clients:
         assert not client.closed, "the stream was cut"
-        client.assert_unbroken()
+        assert client.first_break() is None
         assert client.versions() == ["1.0.0", "2.0.0"]
-    assert result.handoff.startswith("3 connections, ") and result.handoff.endswith(" of state")
+    assert result.handoff.startswith("handed over 3 connections, ") and result.handoff.endswith(" of state")
     assert any(line.startswith("2.0.0 took over 3 connections") for line in lines), lines
 
 
@@ -167,11 +119,11 @@ async def test_a_refused_state_version_falls_back_to_the_drain(tmp_path: Path, m
         async with streaming(sup, 2) as clients:
             result = await sup.swap(v2, report=lines.append)
         assert await count(port) == 1  # 2.0.0 started clean
-    assert "2.0.0 refused state version 1" in result.handoff
+    assert result.handoff.startswith("no hand-off: 2.0.0 refused state version 1")
     assert "no hand-off: 2.0.0 refused state version 1" in "\n".join(lines)
     for client in clients:
         assert client.closed and client.versions() == ["1.0.0"]  # ended by 1.0.0's drain, as without hand-off
-        client.assert_unbroken()
+        assert client.first_break() is None
 
 
 async def test_a_new_version_failing_after_taking_over_hands_everything_back(tmp_path: Path, marker: str) -> None:
@@ -189,7 +141,7 @@ async def test_a_new_version_failing_after_taking_over_hands_everything_back(tmp
     assert "handed back 2 connections" in failed.value.rollback
     for client in clients:
         assert not client.closed, "the stream was cut"
-        client.assert_unbroken()
+        assert client.first_break() is None
         assert client.versions() == ["1.0.0", "2.0.0", "1.0.0"]
 
 
@@ -219,3 +171,26 @@ async def test_the_old_version_dying_mid_hand_off_leaves_the_new_one_clean(tmp_p
     assert "1.0.0 closed its channel" in result.handoff and "2.0.0 starts clean" in result.handoff
     assert "old version 1.0.0 had already stopped (exited with status 4)" in lines
     assert clients[0].closed
+
+
+# --- end to end: an upload through OpenSSH, the real fwup, the simulated device -------------------
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {"handoff": True, "observe": 1}}])
+async def test_an_upload_keeps_a_live_stream_and_the_verdict_says_what_moved(sim: Sim, firmware: Any) -> None:
+    assert [sim.app("/count")["count"] for _ in range(2)] == [1, 2]
+    client = StreamClient(sim.app_port, interval=0.01)
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(client.run)
+            result = await upload(sim, firmware("2.0.0", hot=True))
+            await anyio.sleep(0.3)
+            tasks.cancel_scope.cancel()
+    assert_applied(sim, result)
+    text = output(result)
+    assert "2.0.0 took over 1 connection, " in text and "handed over 1 connection, " in text, text
+    assert not client.closed, "the stream was cut"
+    assert client.first_break() is None
+    assert client.versions() == ["1.0.0", "2.0.0"]
+    assert sim.app("/count")["count"] == 3
+    assert "handed over 1 connection, " in sim.status()["last_update"]["verdict"]
