@@ -133,18 +133,18 @@ async def main(args: argparse.Namespace) -> int:
     for r in results:
         out += describe(r)
     with_handoff = results[0]
+    if with_handoff.handoff_seconds is not None:
+        out.append(f"hand-off time for {with_handoff.streams} connections and {args.state} bytes of padding: "
+                   f"{with_handoff.handoff_seconds:.3f} s (GIVE → TAKE, relayed by the supervisor)")  # fmt: skip
+    print("\n".join(["", *out]))
     targets = [
         common.target(
-            f"with hand-off: 0 failed requests and 0 dropped of >= 50 long-lived connections",
+            "with hand-off: 0 failed requests and 0 dropped of >= 50 long-lived connections",
             with_handoff.failed == 0 and with_handoff.dropped == 0 and with_handoff.streams >= 50
             and with_handoff.sent > 0,
             f"{with_handoff.failed} failed of {with_handoff.sent}; {with_handoff.dropped} dropped of {with_handoff.streams}",
         ),
     ]  # fmt: skip
-    if with_handoff.handoff_seconds is not None:
-        out.append(f"hand-off time for {with_handoff.streams} connections and {args.state} bytes of padding: "
-                   f"{with_handoff.handoff_seconds:.3f} s (GIVE → TAKE, relayed by the supervisor)")  # fmt: skip
-    print("\n".join(["", *out, *targets]))
     common.save_results("handoff_quick" if args.quick else "handoff", {
         "runs": [r.__dict__ for r in results], "summary": out + targets,
     })  # fmt: skip
