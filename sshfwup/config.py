@@ -354,6 +354,8 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [app] capabilities: unknown capability {unknown[0]!r} (e.g. CAP_NET_RAW)")
     if app.handoff and app.strategy != "overlap":
         raise ConfigError(f'{where}: [app] handoff: needs strategy = "overlap" (both versions run during a hand-off)')
+    if app.handoff_timeout <= 0:
+        raise ConfigError(f"{where}: [app] handoff_timeout: must be more than 0 seconds")
     if app.cgroup not in ("auto", "off") and not app.cgroup.startswith("/"):
         raise ConfigError(f'{where}: [app] cgroup: expected "auto", "off" or an absolute path, got {app.cgroup!r}')
     for path in config.inspect.exclude:

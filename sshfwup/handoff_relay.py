@@ -194,7 +194,8 @@ async def _forward(sender: Channel, receiver: Channel, limits: Limits, sender_na
             tag, body = data[:4], data[4:]
             if tag == DATA and not fds and sent_bytes + len(body) <= size:
                 sent_bytes += len(body)
-            elif tag == SOCK and fds and sent_fds + len(fds) <= count and all(_is_socket(fd) for fd in fds):
+            elif (tag == SOCK and fds and sent_bytes == size and sent_fds + len(fds) <= count
+                  and all(_is_socket(fd) for fd in fds)):  # fmt: skip
                 sent_fds += len(fds)
             else:
                 raise _SenderFailed(

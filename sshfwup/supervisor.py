@@ -1168,7 +1168,8 @@ class Supervisor:
         """What a failed new version took with it when it cannot hand back (for the rollback line)."""
         if donor is not None or failed is None or failed.taken is None or not failed.taken.taken:
             return ""
-        return f"; lost what {failed.version} had taken over ({failed.taken.summary()}): it {failed.describe_exit()}"
+        why = failed.describe_exit() if failed.exited.is_set() else "could not hand it back"
+        return f"; lost what {failed.version} had taken over ({failed.taken.summary()}): it {why}"
 
     @staticmethod
     def _keep_handoff(sender: _Child) -> None:

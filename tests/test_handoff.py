@@ -204,3 +204,27 @@ def test_without_a_channel_the_app_starts_clean(monkeypatch: pytest.MonkeyPatch)
     assert app.handoff is handoff
     assert not handoff.available() and handoff.receive() is None and handoff.send(1, b"", []) is False
     assert handoff.asked() is False and handoff.fileno() == -1
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([b"EVIL"], "unexpected message"),
+        ([b"HEAD\0\0"], "expected a HEAD"),
+        ([handoff.pack_head(1, 4, 0), handoff.DATA + b"12345"], "4 more bytes of state"),
+        ([handoff.pack_head(1, 4, 0), handoff.GIVE], "unexpected message"),
+    ],
+)
+async def test_a_sender_breaking_the_protocol_moves_nothing(messages: list[bytes], expected: str) -> None:
+    with channels() as (old, new):
+
+        def give() -> bytes:
+            while not handoff.asked(via=old.app_end):
+                time.sleep(0.005)
+            for message in messages:
+                old.app_end.send(message)
+            return handoff.recv_message(old.app_end)[0]
+
+        transfer, answer, taken = await run_handoff(old, new, give, lambda: handoff.receive(via=new.app_end))
+    assert not transfer.taken and taken is None and answer == handoff.KEEP
+    assert expected in transfer.problem and "2.0 starts clean" in transfer.problem

@@ -194,3 +194,17 @@ async def test_an_upload_keeps_a_live_stream_and_the_verdict_says_what_moved(sim
     assert client.versions() == ["1.0.0", "2.0.0"]
     assert sim.app("/count")["count"] == 3
     assert "handed over 1 connection, " in sim.status()["last_update"]["verdict"]
+
+
+@pytest.mark.parametrize("sim_config", [{"app": {"handoff": True, "observe": 1}}])
+async def test_an_upload_whose_app_refuses_the_state_drains_and_says_so(sim: Sim, firmware: Any) -> None:
+    client = StreamClient(sim.app_port, interval=0.01)
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(client.run)
+            result = await upload(sim, firmware("2.0.0", hot=True, app_behavior={"handoff_accept": [2]}))
+            tasks.cancel_scope.cancel()
+    assert_applied(sim, result)
+    assert "no hand-off: 2.0.0 refused state version 1" in output(result)
+    assert client.closed and client.versions() == ["1.0.0"]  # drained with 1.0.0, as without hand-off
+    assert sim.app("/count")["count"] == 1
