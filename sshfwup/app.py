@@ -57,6 +57,11 @@ plain asyncio::
 
     asyncio.run(main())
 
+With ``[app] handoff = true`` the old version can hand its in-memory state and established
+connections to the new one during a swap: ``sshfwup.app.handoff`` (:mod:`sshfwup.handoff`, one
+more stdlib-only file to vendor) has ``receive()`` for the new version and ``asked()``/``send()``
+for the old one; docs/hot-reload-apps.md spells out the protocol.
+
 Run as a script (``python -I -S app.py --sshfwup-exec ...``) this file is also the supervisor's
 exec shim: it moves the passed sockets to fds 3.., sets ``LISTEN_PID`` to its own pid, puts the
 process in the app's room (:mod:`sshfwup.room`: cgroup, user, capabilities, no_new_privs), ties

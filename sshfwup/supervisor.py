@@ -487,9 +487,9 @@ class Supervisor:
                 new = await self._launch(source, sockets=sockets, restarts=0, failures=0, donor=donor)
                 transfer = await self._wait_ready_taking_over(new, donor)
                 ready = time.monotonic() - launched
-                await say(f"new version {source.version} ready in {ready:.2f} s (pid {new.pid})")
-                if transfer is not None:
+                if transfer is not None:  # first: the old version waits for its verdict, paused
                     await self._settle_handoff(old, transfer, say)
+                await say(f"new version {source.version} ready in {ready:.2f} s (pid {new.pid})")
                 self._current = new
                 if config.strategy == "overlap":
                     proved = self._public_checks(new)  # at readiness; not those shared with the old version
@@ -1203,6 +1203,7 @@ class Supervisor:
             await self._abandon(new, old)
         restored, rollback = await self._restore(old, donor=donor, failed=new, say=say)
         if donor is not None:
+            self._keep_handoff(donor)  # it did not hand back: paused until told, it could not drain
             await self._stop_child(donor)
         self._release_unused()
         await say(rollback)
