@@ -32,6 +32,7 @@ import struct
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "ENV_FD",
@@ -76,6 +77,7 @@ class Received:
     version: int
     state: bytes
     sockets: list[socket.socket] = field(default_factory=list)
+    value: Any = None  # what ``receive(upgrade=...)`` made of the state
 
 
 # --- wire format (shared with the supervisor's relay) ----------------------------------------
@@ -202,12 +204,18 @@ def _recv_within(ch: socket.socket, deadline: float) -> tuple[bytes, list[int]]:
 
 
 def receive(
-    accept: Container[int] | Callable[[int], bool] = frozenset({1}), *, via: socket.socket | None = None
+    accept: Container[int] | Callable[[int], bool] = frozenset({1}),
+    *,
+    upgrade: Callable[[int, bytes, list[socket.socket]], Any] | None = None,
+    via: socket.socket | None = None,
 ) -> Received | None:
     """Ask for the old version's state and connections; call once, before ``notify_ready()``.
 
     ``accept`` says which state versions this code understands (its ``code_change``): a set of
-    versions or a predicate. Returns what was handed over, or None — start clean — when there is
+    versions or a predicate. ``upgrade(version, state, sockets)``, if given, turns the state into
+    the app's own before the answer goes out (it must bound what it parses); an exception there
+    refuses the hand-off (``DENY`` with its message) — the old version keeps everything. Its
+    result is ``Received.value``. Returns what was handed over, or None — start clean — when there is
     no channel, nothing to hand over, the old version failed, the version was refused or time ran
     out. The returned sockets are blocking; they are yours: the old version closes its copies once
     you said READY=1. Blocks at most twice ``SSHFWUP_HANDOFF_TIMEOUT``. ``via``: another channel
@@ -254,8 +262,17 @@ def receive(
             return None
         for sock in sockets:
             sock.setblocking(True)
+        value = None
+        if upgrade is not None:
+            try:
+                value = upgrade(version, bytes(state), sockets)
+            except Exception as e:  # the app's code_change said no: the old version keeps it all
+                _close(sockets)
+                send_message(ch, DENY, f"cannot use state version {version}: {e}".encode()[:MAX_REASON])
+                log.warning("refused the hand-off: %s", e)
+                return None
         send_message(ch, TAKE)
-        return Received(version, bytes(state), sockets)
+        return Received(version, bytes(state), sockets, value)
     except (OSError, HandoffProtocolError) as e:  # socket.timeout is an OSError
         log.warning("no hand-off: %s", e)
         _close(sockets)

@@ -228,3 +228,23 @@ async def test_a_sender_breaking_the_protocol_moves_nothing(messages: list[bytes
         transfer, answer, taken = await run_handoff(old, new, give, lambda: handoff.receive(via=new.app_end))
     assert not transfer.taken and taken is None and answer == handoff.KEEP
     assert expected in transfer.problem and "2.0 starts clean" in transfer.problem
+
+
+async def test_a_code_change_that_fails_refuses_the_hand_off() -> None:
+    def code_change(version: int, state: bytes, sockets: list[socket.socket]) -> Any:
+        raise ValueError("no field 'count'")
+
+    with channels() as (old, new), tcp_pairs(1) as pairs:
+        transfer, given, taken = await run_handoff(
+            old, new, giver(old, b"{}", [pairs[0][1]]), lambda: handoff.receive(upgrade=code_change, via=new.app_end)
+        )
+    assert not transfer.taken and given is False and taken is None
+    assert "refused state version 1 (cannot use state version 1: no field 'count')" in transfer.problem
+
+
+async def test_a_code_change_result_comes_with_what_was_taken() -> None:
+    with channels() as (old, new):
+        transfer, given, taken = await run_handoff(
+            old, new, giver(old, b"41", []), lambda: handoff.receive(upgrade=lambda v, s, _: int(s) + 1, via=new.app_end)
+        )
+    assert transfer.taken and given is True and taken.value == 42 and taken.sockets == []

@@ -305,28 +305,28 @@ class SampleApp:
         else:
             log.warning("hand-off not taken; the counter and %d stream(s) stay here", len(streams))
 
+    @staticmethod
+    def code_change(version: int, blob: bytes, sockets: list[socket.socket]) -> tuple[int, list[tuple[int, bytes, float]]]:
+        """State version 1 → ours; raises (refusing the hand-off) on anything else."""
+        state = json.loads(blob)
+        low, high = STREAM_INTERVAL
+        streams = [(int(s["next"]), str(s["pending"]).encode("latin-1"), min(max(float(s["interval"]), low), high))
+                   for s in state["streams"]]  # fmt: skip
+        if len(streams) != len(sockets):
+            raise ValueError(f"{len(streams)} streams described for {len(sockets)} sockets")
+        return int(state["count"]), streams
+
     def take_over(self) -> None:
         """At start-up, before READY=1: the previous version's counter and streams, if it hands
         them over in a format we understand."""
         accept = set(self.behavior.get("handoff_accept", [STATE_VERSION]))
-        received = handoff.receive(accept)
+        received = handoff.receive(accept, upgrade=self.code_change)
         if received is None:
             return
-        try:
-            state = json.loads(received.state)
-            streams = [(int(s["next"]), str(s["pending"]).encode("latin-1"), float(s["interval"]))
-                       for s in state["streams"]]  # fmt: skip
-            count = int(state["count"])
-        except (ValueError, KeyError, TypeError) as e:
-            log.error("unreadable hand-off state (%s); starting clean", e)
-            for sock in received.sockets:
-                sock.close()
-            return
+        count, streams = received.value
         self.count = count
         for sock, (next_seq, pending, interval) in zip(received.sockets, streams):
             self.run_stream(Stream(sock, next_seq, pending, interval))
-        for sock in received.sockets[len(streams):]:
-            sock.close()
         log.info("took over count=%d and %d stream(s)", count, len(streams))
 
     # --- life cycle
