@@ -70,9 +70,9 @@ async def get_json(port: int, path: str) -> Any:
 
 
 @asynccontextmanager
-async def streaming(sup: Supervisor, count: int) -> AsyncIterator[list[StreamClient]]:
+async def streaming(sup: Supervisor, count: int, interval: float = 0.01) -> AsyncIterator[list[StreamClient]]:
     port = sup.sockets[0].sock.getsockname()[1]
-    clients = [StreamClient(port, interval=0.01) for _ in range(count)]
+    clients = [StreamClient(port, interval=interval) for _ in range(count)]
     async with anyio.create_task_group() as tasks:
         for client in clients:
             await tasks.start(client.run)
@@ -171,6 +171,28 @@ async def test_the_old_version_dying_mid_hand_off_leaves_the_new_one_clean(tmp_p
     assert "1.0.0 closed its channel" in result.handoff and "2.0.0 starts clean" in result.handoff
     assert "old version 1.0.0 had already stopped (exited with status 4)" in lines
     assert clients[0].closed
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("streams", "padding"), [(100, 8 << 20), (250, 1 << 20)])
+async def test_many_streams_and_megabytes_of_state_move_back_and_forth(
+    tmp_path: Path, marker: str, streams: int, padding: int
+) -> None:
+    """The bounds' neighbourhood: up to 250 sockets (four SOCK messages each way), 8 MiB of state,
+    swapped 1.0.0 → 2.0.0 → 1.0.0; every stream unbroken."""
+    behavior = {"state_padding": padding}
+    v1, v2 = install(tmp_path, "a", "1.0.0", **behavior), install(tmp_path, "b", "2.0.0", **behavior)
+    v1_again = AppSource(v1.root, "a", "1.0.0")
+    results = []
+    async with running(config(handoff_max_state=16 << 20), marker, v1) as (sup, port):
+        async with streaming(sup, streams, interval=0.1) as clients:
+            results.append(await sup.swap(v2))
+            results.append(await sup.swap(v1_again))
+    assert [r.handoff.split(",")[0] for r in results] == [f"handed over {streams} connections"] * 2
+    for client in clients:
+        assert not client.closed and client.first_break() is None
+        assert client.versions() == ["1.0.0", "2.0.0", "1.0.0"]
 
 
 # --- end to end: an upload through OpenSSH, the real fwup, the simulated device -------------------
