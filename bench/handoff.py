@@ -55,7 +55,9 @@ class RunResult:
     upload_seconds: float
 
 
-async def run(work: Path, key: KeyPair, fw_old: Path, fw_new: Path, *, handoff: bool, args: argparse.Namespace) -> RunResult:
+async def run(
+    work: Path, key: KeyPair, fw_old: Path, fw_new: Path, *, handoff: bool, args: argparse.Namespace
+) -> RunResult:
     overrides = {"app": {"handoff": handoff, "handoff_max_state": max(16 << 20, 2 * args.state), "observe": 2}}
     async with common.sim_device(work, key, fw_old, overrides=overrides) as sim:
         await poll_version(sim.app_url, "1.0.0", timeout=30)
@@ -81,7 +83,9 @@ async def run(work: Path, key: KeyPair, fw_old: Path, fw_new: Path, *, handoff: 
                 await anyio.sleep(args.after)
             holders.cancel_scope.cancel()
         if not verdict:
-            raise BenchError(f"the upload ended without a verdict (ssh exit {result.returncode}):\n{result.stdout[-1500:]}")
+            raise BenchError(
+                f"the upload ended without a verdict (ssh exit {result.returncode}):\n{result.stdout[-1500:]}"
+            )
         match = TOOK.search(took)
         silences = [s.longest_silence for s in streams]
         return RunResult(
@@ -142,7 +146,8 @@ async def main(args: argparse.Namespace) -> int:
             "with hand-off: 0 failed requests and 0 dropped of >= 50 long-lived connections",
             with_handoff.failed == 0 and with_handoff.dropped == 0 and with_handoff.streams >= 50
             and with_handoff.sent > 0,
-            f"{with_handoff.failed} failed of {with_handoff.sent}; {with_handoff.dropped} dropped of {with_handoff.streams}",
+            f"{with_handoff.failed} failed of {with_handoff.sent};"
+            f" {with_handoff.dropped} dropped of {with_handoff.streams}",
         ),
     ]  # fmt: skip
     common.save_results("handoff_quick" if args.quick else "handoff", {

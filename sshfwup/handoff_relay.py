@@ -128,7 +128,9 @@ async def wait_want(channel: Channel) -> bool:
             return True
 
 
-async def relay(sender: Channel, receiver: Channel, limits: Limits, *, sender_name: str, receiver_name: str) -> Transfer:
+async def relay(
+    sender: Channel, receiver: Channel, limits: Limits, *, sender_name: str, receiver_name: str
+) -> Transfer:
     """Ask ``sender`` to give, pass everything to ``receiver`` (which sent WANT), return its answer.
 
     Whatever fails, the receiver is told NONE (start clean) and the sender KEEP — except after a
@@ -156,7 +158,8 @@ async def relay(sender: Channel, receiver: Channel, limits: Limits, *, sender_na
         sender.broken = True
         receiver.tell(NONE, f"{sender_name} failed to hand off: {e}")
         sender.tell(KEEP)
-        return Transfer(False, sender_name, receiver_name, problem=f"the hand-off failed: {e}; {receiver_name} starts clean")
+        problem = f"the hand-off failed: {e}; {receiver_name} starts clean"
+        return Transfer(False, sender_name, receiver_name, problem=problem)
     except _ReceiverFailed as e:
         finished = True
         receiver.broken = True
@@ -182,7 +185,9 @@ async def _forward(sender: Channel, receiver: Channel, limits: Limits, sender_na
     except HandoffProtocolError as e:
         raise _SenderFailed(str(e)) from None
     if size > limits.max_state:
-        raise _SenderFailed(f"its state of {size} bytes is over the limit of {limits.max_state} ([app] handoff_max_state)")
+        raise _SenderFailed(
+            f"its state of {size} bytes is over the limit of {limits.max_state} ([app] handoff_max_state)"
+        )
     if count > limits.max_sockets:
         raise _SenderFailed(f"{count} sockets are over the limit of {limits.max_sockets} ([app] handoff_max_sockets)")
     await _to_receiver(receiver, data)

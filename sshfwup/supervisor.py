@@ -1101,7 +1101,8 @@ class Supervisor:
                     return
                 asked.set()
                 if donor.handoff is None or donor.handoff.broken or donor.exited.is_set() or donor.stopping:
-                    what = "has stopped" if donor.exited.is_set() or donor.stopping else "has no usable hand-off channel"
+                    stopped = donor.exited.is_set() or donor.stopping
+                    what = "has stopped" if stopped else "has no usable hand-off channel"
                     channel.tell(b"NONE", f"{donor.version} {what}")
                     outcome.append(nothing(f"{donor.version} {what}; {new.version} starts clean"))
                     return
@@ -1239,8 +1240,8 @@ class Supervisor:
             transfer = await self._wait_ready_taking_over(child, donor)
             if transfer is not None and donor is not None:
                 await self._settle_handoff(donor, transfer, say or self._emit_async)
-                lost = (f"; handed back {transfer.summary()}" if transfer.taken
-                        else f"; {transfer.summary()}: the state and connections of {donor.version} are lost")  # fmt: skip
+                lost = (f"; handed back {transfer.summary()}" if transfer.taken else
+                        f"; {transfer.summary()}: the state and connections of {donor.version} are lost")  # fmt: skip
         except _NotReady as e:
             self._current = failed
             assert self._task_group is not None

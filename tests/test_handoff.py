@@ -116,7 +116,9 @@ async def test_a_refused_state_version_keeps_everything_with_the_old_version() -
         (b"", 3, Limits(1024, 2, 2.0), "3 sockets are over the limit of 2"),
     ],
 )
-async def test_bounds_are_enforced_before_anything_moves(state: bytes, count: int, limits: Limits, expected: str) -> None:
+async def test_bounds_are_enforced_before_anything_moves(
+    state: bytes, count: int, limits: Limits, expected: str
+) -> None:
     with channels() as (old, new), tcp_pairs(count) as pairs:
         transfer, given, taken = await run_handoff(
             old, new, giver(old, state, [s for _, s in pairs]), lambda: handoff.receive(via=new.app_end), limits=limits
@@ -245,6 +247,7 @@ async def test_a_code_change_that_fails_refuses_the_hand_off() -> None:
 async def test_a_code_change_result_comes_with_what_was_taken() -> None:
     with channels() as (old, new):
         transfer, given, taken = await run_handoff(
-            old, new, giver(old, b"41", []), lambda: handoff.receive(upgrade=lambda v, s, _: int(s) + 1, via=new.app_end)
+            old, new, giver(old, b"41", []),
+            lambda: handoff.receive(upgrade=lambda v, s, _: int(s) + 1, via=new.app_end),
         )
     assert transfer.taken and given is True and taken.value == 42 and taken.sockets == []

@@ -306,7 +306,9 @@ class SampleApp:
             log.warning("hand-off not taken; the counter and %d stream(s) stay here", len(streams))
 
     @staticmethod
-    def code_change(version: int, blob: bytes, sockets: list[socket.socket]) -> tuple[int, list[tuple[int, bytes, float]]]:
+    def code_change(
+        version: int, blob: bytes, sockets: list[socket.socket]
+    ) -> tuple[int, list[tuple[int, bytes, float]]]:
         """State version 1 → ours; raises (refusing the hand-off) on anything else."""
         state = json.loads(blob)
         low, high = STREAM_INTERVAL
