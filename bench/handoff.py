@@ -2,7 +2,7 @@
 
 A simulated device runs the sample app (1.0.0) with ``[app] handoff = true``. ``--streams``
 clients (default 50) each hold a ``GET /stream`` connection (a numbered line every
-``--interval`` s) and hey sends a steady ``--rate`` of requests, a new connection each; in the
+``--interval`` s) and hey sends a steady ``--rate`` of requests (a new connection each, or ``--keepalive``); in the
 middle, firmware 2.0.0 is uploaded with ``ssh -s`` and hot-swapped. The old version carries
 ``--state`` bytes of extra state (default 1 MiB) that it hands over with the streams.
 
@@ -43,6 +43,7 @@ TOOK = re.compile(r"took over (\d+) connections?, ([\d.]+ \w+) of state from \S+
 @dataclass(frozen=True)
 class RunResult:
     handoff: bool
+    mode: str  # hey: "keep-alive" or "new connection per request"
     sent: int
     failed: int
     streams: int
@@ -71,7 +72,7 @@ async def run(
             elif "took over" in line and not took:
                 took = line
 
-        spec = LoadSpec(sim.app_url, rate=args.rate, concurrency=args.concurrency, keepalive=False)
+        spec = LoadSpec(sim.app_url, rate=args.rate, concurrency=args.concurrency, keepalive=args.keepalive)
         async with anyio.create_task_group() as holders:
             for stream in streams:
                 await holders.start(stream.run)
@@ -90,6 +91,7 @@ async def run(
         silences = [s.longest_silence for s in streams]
         return RunResult(
             handoff=handoff,
+            mode="keep-alive" if args.keepalive else "new connection per request",
             sent=load.report.sent,
             failed=load.report.failed,
             streams=len(streams),
@@ -107,7 +109,7 @@ def describe(r: RunResult) -> list[str]:
     name = "with hand-off" if r.handoff else "baseline, no hand-off"
     lines = [
         f"== {name}",
-        f"requests: {r.failed} failed of {r.sent}",
+        f"requests: {r.failed} failed of {r.sent} ({r.mode})",
         f"long-lived connections: {r.dropped} dropped of {r.streams} ({r.moved} went on with 2.0.0)",
         f"longest silence a stream client saw: {r.longest_silence:.3f} s",
         f"upload: {r.upload_seconds:.1f} s; {r.verdict}",
@@ -164,6 +166,7 @@ if __name__ == "__main__":
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between a stream's lines")
     parser.add_argument("--rate", type=float, default=210.0, help="requests per second offered by hey")
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--keepalive", action="store_true", help="hey keeps connections alive (default: a new one each)")
     parser.add_argument("--before", type=float, default=5.0, help="seconds of load before the upload")
     parser.add_argument("--after", type=float, default=5.0, help="seconds of load after the verdict")
     try:

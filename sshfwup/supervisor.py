@@ -1148,7 +1148,7 @@ class Supervisor:
         if transfer.taken:
             await say(
                 f"{transfer.receiver} took over {transfer.summary()} from {transfer.sender}"
-                f" (state version {transfer.state_version}) in {transfer.seconds:.2f} s"
+                f" (state version {transfer.state_version}) in {transfer.seconds:.3f} s"
             )
         else:
             await say(f"no hand-off: {transfer.problem}")
