@@ -174,6 +174,17 @@ async def test_the_old_version_dying_mid_hand_off_leaves_the_new_one_clean(tmp_p
 
 
 
+async def test_a_new_version_that_does_not_ask_gets_nothing_and_the_old_one_drains(tmp_path: Path, marker: str) -> None:
+    v1, v2 = install(tmp_path, "a", "1.0.0"), install(tmp_path, "b", "2.0.0", handoff_ignore=True)
+    async with running(config(), marker, v1) as (sup, port):
+        async with streaming(sup, 1) as clients:
+            result = await sup.swap(v2)
+        assert await count(port) == 1
+    assert result.handoff == "no hand-off: 2.0.0 became ready without asking for the hand-off"
+    assert result.drain_seconds < 4  # the old version was never paused: it drained at once
+    assert clients[0].closed and clients[0].first_break() is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("streams", "padding"), [(100, 8 << 20), (250, 1 << 20)])
 async def test_many_streams_and_megabytes_of_state_move_back_and_forth(

@@ -33,6 +33,7 @@ Behaviour comes from ``behavior.json`` next to this file:
 - ``handoff_die``: asked to hand off, send the start of it and exit (status 4): the old version
   dying mid-hand-off
 - ``state_padding`` (bytes): extra state to hand over (for measuring)
+- ``handoff_ignore``: never ask for a hand-off at start-up (an app that does not speak it yet)
 
 On SIGTERM (or SIGINT) it drains: STOPPING=1, closes its own listening socket objects (the
 listener itself stays open in the supervisor and any other instance; never ``shutdown()`` a
@@ -383,7 +384,8 @@ class SampleApp:
         if self.stop.is_set():
             return 0
         if handoff.available():
-            self.take_over()
+            if not self.behavior.get("handoff_ignore"):
+                self.take_over()
             loop.add_reader(handoff.fileno(), self.on_handoff_asked)
 
         if self.behavior.get("own_port"):
