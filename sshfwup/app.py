@@ -57,6 +57,11 @@ plain asyncio::
 
     asyncio.run(main())
 
+With ``[app] handoff = true`` the old version can hand its in-memory state and established
+connections to the new one during a swap: ``sshfwup.app.handoff`` (:mod:`sshfwup.handoff`, one
+more stdlib-only file to vendor) has ``receive()`` for the new version and ``asked()``/``send()``
+for the old one; docs/hot-reload-apps.md spells out the protocol.
+
 Run as a script (``python -I -S app.py --sshfwup-exec ...``) this file is also the supervisor's
 exec shim: it moves the passed sockets to fds 3.., sets ``LISTEN_PID`` to its own pid, puts the
 process in the app's room (:mod:`sshfwup.room`: cgroup, user, capabilities, no_new_privs), ties
@@ -80,6 +85,7 @@ if TYPE_CHECKING:  # asyncio costs ~35 ms to import; the exec shim and sync apps
 
 __all__ = [
     "LISTEN_FDS_START",
+    "handoff",
     "listen_sockets",
     "notify",
     "notify_ready",
@@ -202,6 +208,16 @@ async def serve(
             for task in late:
                 task.cancel()
             await asyncio.wait(late)
+
+
+def __getattr__(name: str) -> Any:
+    """``sshfwup.app.handoff``: the state and connection hand-off (:mod:`sshfwup.handoff`),
+    imported on first use — the exec shim and apps without hand-off never load it."""
+    if name == "handoff":
+        from sshfwup import handoff
+
+        return handoff
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- sd_notify -----------------------------------------------------------------------------

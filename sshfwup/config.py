@@ -143,6 +143,11 @@ class AppConfig:
     capabilities: tuple[str, ...] = ()  # kept in the bounding set and raised as ambient
     pass_env: tuple[str, ...] = ()  # names of the server's environment variables the app gets
     cgroup: str = "auto"  # "auto", "off", or a cgroup2 directory for the instances' cgroups
+    # State and connection hand-off during a swap (sshfwup.handoff; the app must speak it)
+    handoff: bool = False
+    handoff_timeout: float = 5.0  # seconds for the transfer, and again for the new version's answer
+    handoff_max_state: int = 16 * 1024 * 1024  # bytes
+    handoff_max_sockets: int = 256
 
 
 @dataclass(frozen=True)
@@ -349,6 +354,10 @@ def _check(config: Config, where: str) -> None:
     unknown = [c for c in app.capabilities if c.upper() not in CAPABILITIES]
     if unknown:
         raise ConfigError(f"{where}: [app] capabilities: unknown capability {unknown[0]!r} (e.g. CAP_NET_RAW)")
+    if app.handoff and app.strategy != "overlap":
+        raise ConfigError(f'{where}: [app] handoff: needs strategy = "overlap" (both versions run during a hand-off)')
+    if app.handoff_timeout <= 0:
+        raise ConfigError(f"{where}: [app] handoff_timeout: must be more than 0 seconds")
     if app.cgroup not in ("auto", "off") and not app.cgroup.startswith("/"):
         raise ConfigError(f'{where}: [app] cgroup: expected "auto", "off" or an absolute path, got {app.cgroup!r}')
     for path in config.inspect.exclude:

@@ -1,5 +1,6 @@
 """The README's first command: a simulated A/B device, the server, a v1 → v2 hot update under
-load, then a reboot-required update — printing what happens as it happens.
+load that keeps a live stream open (state and connection hand-off), then a reboot-required
+update — printing what happens as it happens.
 
     sudo ./scripts/demo.sh            (installs what it needs, then runs this)
     python -m sshfwup.demo [--rate 200] [--workdir .demo]
@@ -31,6 +32,7 @@ from .sim.host import free_port, ssh_keygen
 from .sim.loadgen import LoadGenerator, LoadSpec
 from .sim.machine import SimMachine
 from .sim.rootfs import build_sample_firmware
+from .sim.stream_client import StreamClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,7 +126,7 @@ class Demo:
         shutil.rmtree(path, ignore_errors=True)
         self.device = SimDevice.create(
             path, firmware=v1, fwup=self.fwup, authorized_keys=[Path(f"{self.key}.pub").read_text().strip()],
-            ssh_port=free_port(), app_port=free_port(),
+            ssh_port=free_port(), app_port=free_port(), config_overrides={"app": {"handoff": True}},
         )  # fmt: skip
         async with SimMachine.start(path) as machine:
             await machine.wait_up(timeout=60)
@@ -133,9 +135,12 @@ class Demo:
             say(f"  app: {app['version']} from slot {app['slot']} (pid {app['pid']}) on http://127.0.0.1:{self.device.app_port}/")
             say(f"  boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'a.nerves_fw_version')}")
 
-            step(3, f"Hot update 1.0.0 → 2.0.0 with `ssh -s` while hey sends {self.rate:.0f} req/s to the app")
+            step(3, f"Hot update 1.0.0 → 2.0.0 with `ssh -s` while hey sends {self.rate:.0f} req/s to the app"
+                    " and a client holds a live stream (GET /stream, a numbered line every 50 ms)")
             url = f"http://127.0.0.1:{self.device.app_port}/"
-            async with LoadGenerator(LoadSpec(url, rate=self.rate)) as load:
+            stream = StreamClient(self.device.app_port, interval=0.05)
+            async with LoadGenerator(LoadSpec(url, rate=self.rate)) as load, anyio.create_task_group() as holder:
+                await holder.start(stream.run)
                 await anyio.sleep(5)
                 await load.mark("during")
                 started = time.monotonic()
@@ -149,6 +154,7 @@ class Demo:
                     status, ok_at = await self.upload(v2)
                 await load.mark("after")
                 await anyio.sleep(5)
+                holder.cancel_scope.cancel()  # the stream client; the load stops as the block ends
             report = load.report
             say("")
             say(report.table())
@@ -159,6 +165,11 @@ class Demo:
             say(f"  boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'b.nerves_fw_version')}")
             failed = report.failed
             say(f"  requests: {report.sent} sent, {failed} failed, {report.refused} refused")
+            broken = stream.first_break()
+            kept = not stream.closed and broken is None and stream.versions() == ["1.0.0", "2.0.0"]
+            say(f"  live stream: {len(stream.lines)} lines on one connection, sent by {' then '.join(stream.versions())};"
+                f" {'still open' if not stream.closed else 'CUT'}, {broken or 'no gap, no repeat'};"
+                f" longest pause {stream.longest_silence:.2f} s")  # fmt: skip
 
             step(4, "Upload 3.0.0 now: refused, because a reboot is pending (slot a is still the running root)")
             await self.upload(v3)
@@ -182,7 +193,7 @@ class Demo:
         say("\ndevice powered off; mounts, loop devices and processes cleaned up.")
         say("by hand: `sshfwup sim --help` (a device with SSH on 127.0.0.1:2222 and its app on :8080;")
         say("         `ssh -p 2222 root@127.0.0.1 logs -f`, `sshfwup upload -p 2222 root@127.0.0.1 FILE.fw --wait`)")
-        ok = status == 0 and failed == 0 and status3 == 0
+        ok = status == 0 and failed == 0 and status3 == 0 and kept
         say("demo " + ("succeeded" if ok else "FAILED"))
         return 0 if ok else 1
 

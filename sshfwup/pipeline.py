@@ -122,8 +122,10 @@ async def run(ctx: UpdateContext) -> Outcome:
     drops = max(0, listen_drops() - drops_before)
     total = time.monotonic() - t_ok
     serving = getattr(result, "ready_at", None)
+    handoff = getattr(result, "handoff", "")
+    handed = f"; {handoff}" if handoff else ""  # "handed over 3 connections, 1.2 KiB of state"
     text = (
-        f"hot reload: {old_version} → {new_version} in {total:.1f} s, {drops} connections refused; "
+        f"hot reload: {old_version} → {new_version} in {total:.1f} s, {drops} connections refused{handed}; "
         f"slot {new} boots next (reboot pending, not yet validated)"
     )
     if journal is not None:

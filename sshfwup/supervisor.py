@@ -96,7 +96,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.abc
@@ -105,6 +105,9 @@ from sshfwup import app as app_protocol
 from sshfwup import listeners, logring, procs, room
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.listeners import Listener
+
+if TYPE_CHECKING:  # imported when an app has [app] handoff on
+    from sshfwup import handoff_relay
 
 __all__ = [
     "HEALTH_SOCKET_NAME",
@@ -226,6 +229,7 @@ class SwapResult:
     # "reuseport+migrate", "reuseport" or "shared" ("name=path, ..." when the sockets differ)
     socket_path: str = "shared"
     handover_seconds: float = 0.0  # steering new connections away from the old version → its SIGTERM
+    handoff: str = ""  # [app] handoff: "handed over 3 connections, 1.2 KiB of state" or "no hand-off: why"
 
 
 #: ``Supervisor(on_crash_loop=...)``: called once the app failed ``[app] rollback_after_crashes``
@@ -312,6 +316,10 @@ class _Child:
         self.stopping = False
         self.cgroup: Path | None = None  # its own cgroup (sshfwup.room), if it has one
         self.drain_deadline: float | None = None  # set with SIGTERM: when SIGKILL comes
+        self.handoff: handoff_relay.Channel | None = None  # [app] handoff: its channel (sshfwup.handoff)
+        self.owes_verdict = False  # it was asked to GIVE and waits for DONE or KEEP
+        self.gave_away = False  # told DONE: its state and connections belong to the next version
+        self.taken: handoff_relay.Transfer | None = None  # what it took over from the version before
 
     @property
     def pid(self) -> int:
@@ -475,9 +483,12 @@ class Supervisor:
                     old_stopped = True
                     self._release_unused()
                 launched = time.monotonic()
-                new = await self._launch(source, sockets=sockets, restarts=0, failures=0)
-                await self._wait_ready(new)
+                donor = old if config.strategy == "overlap" else None
+                new = await self._launch(source, sockets=sockets, restarts=0, failures=0, donor=donor)
+                transfer = await self._wait_ready_taking_over(new, donor)
                 ready = time.monotonic() - launched
+                if transfer is not None:  # first: the old version waits for its verdict, paused
+                    await self._settle_handoff(old, transfer, say)
                 await say(f"new version {source.version} ready in {ready:.2f} s (pid {new.pid})")
                 self._current = new
                 if config.strategy == "overlap":
@@ -526,6 +537,7 @@ class Supervisor:
                 ready_at=new.ready_at or 0.0,
                 socket_path=path,
                 handover_seconds=handover,
+                handoff=new.taken.verdict() if new.taken else "",
             )
 
     async def wait_healthy(self, duration: float) -> bool:
@@ -585,7 +597,8 @@ class Supervisor:
             raise SupervisorError("[app] command is empty: there is no application to run")
 
     async def _launch(
-        self, source: AppSource, *, sockets: tuple[socket.socket, ...], restarts: int, failures: int
+        self, source: AppSource, *, sockets: tuple[socket.socket, ...], restarts: int, failures: int,
+        donor: _Child | None = None,
     ) -> _Child:
         """Start one instance with ``sockets`` (one per listener) at fds 3.. (raises _NotReady)."""
         assert self._task_group is not None
@@ -606,6 +619,7 @@ class Supervisor:
         names = [listener.name for listener in self._listeners] + ([HEALTH_SOCKET_NAME] if health else [])
         fds = [sock.fileno() for sock in passed]
         env = self._environment(source, app_dir, instance_id, notify_address, names, app_room)
+        channel = self._handoff_channel(fds, env)
         command = [_substitute(arg, source.root, app_dir) for arg in config.command]
         # The shim moves the fds to 3.., sets LISTEN_PID to its own pid and PR_SET_PDEATHSIG,
         # then execs the command: pass_fds alone keeps the parent's fd numbers.
@@ -620,9 +634,16 @@ class Supervisor:
             notify.close()
             if health:
                 health.close()
+            if channel:
+                channel.close()
             raise _NotReady(f"could not be started: {e.strerror or e}") from e
         child = _Child(process, source, instance_id=instance_id, sockets=sockets, notify=notify, health=health,
                        restarts=restarts, failures=failures)  # fmt: skip
+        if channel is not None:
+            channel.spawned()
+            child.handoff = channel
+            if donor is None:
+                channel.tell(b"NONE", "nothing to hand over: a plain start")
         child.cgroup = app_room.cgroup
         self._children.add(child)
         await self._task_group.start(self._run_child, child)
@@ -677,6 +698,8 @@ class Supervisor:
             child.notify.close()
             if child.health is not None:
                 child.health.close()
+            if child.handoff is not None:
+                child.handoff.close()
             await self._end_leftovers(child)
             caught = room.release_cgroup(child.cgroup)  # what it started, however detached
             if caught:
@@ -1035,6 +1058,132 @@ class Supervisor:
                     except listeners.ListenerError as e:  # released all the same; steering not updated
                         log.error("%s", e)
 
+    # --- state and connection hand-off ([app] handoff; sshfwup.handoff) ---------------------
+
+    def _handoff_channel(self, fds: list[int], env: dict[str, str]) -> handoff_relay.Channel | None:
+        """A hand-off channel for a new instance: passed after the listening sockets (fd 3 +
+        len(fds), not counted in LISTEN_FDS) and named in SSHFWUP_HANDOFF_FD. None when off."""
+        config = self._config
+        if not config.handoff:
+            return None
+        from sshfwup import handoff, handoff_relay
+
+        channel = handoff_relay.Channel()
+        env[handoff.ENV_FD] = str(app_protocol.LISTEN_FDS_START + len(fds))
+        env[handoff.ENV_TIMEOUT] = f"{config.handoff_timeout:g}"
+        # A sender waits for DONE/KEEP until the receiver is ready (or given up on)
+        env[handoff.ENV_VERDICT_TIMEOUT] = f"{config.ready_timeout + 2 * config.handoff_timeout + 5:g}"
+        fds.append(channel.passed_fd())
+        return channel
+
+    async def _wait_ready_taking_over(self, new: _Child, donor: _Child | None) -> handoff_relay.Transfer | None:
+        """:meth:`_wait_ready`, and meanwhile, once ``new`` asks (WANT), relay ``donor``'s state
+        and connections to it. None without hand-off, else how it went (kept as ``new.taken``);
+        the caller settles with the donor (:meth:`_settle_handoff`). Raises _NotReady."""
+        if new.handoff is None or donor is None:
+            await self._wait_ready(new)
+            return None
+        from sshfwup import handoff_relay
+
+        config = self._config
+        limits = handoff_relay.Limits(config.handoff_max_state, config.handoff_max_sockets, config.handoff_timeout)
+        channel = new.handoff
+        outcome: list[handoff_relay.Transfer] = []
+        failure: list[_NotReady] = []
+        asked, done = anyio.Event(), anyio.Event()
+
+        def nothing(problem: str) -> handoff_relay.Transfer:
+            return handoff_relay.Transfer(False, donor.version, new.version, problem=problem)
+
+        async def take() -> None:
+            try:
+                if not await handoff_relay.wait_want(channel):
+                    return
+                asked.set()
+                if donor.handoff is None or donor.handoff.broken or donor.exited.is_set() or donor.stopping:
+                    stopped = donor.exited.is_set() or donor.stopping
+                    what = "has stopped" if stopped else "has no usable hand-off channel"
+                    channel.tell(b"NONE", f"{donor.version} {what}")
+                    outcome.append(nothing(f"{donor.version} {what}; {new.version} starts clean"))
+                    return
+                donor.owes_verdict = True
+                transfer = await handoff_relay.relay(
+                    donor.handoff, channel, limits, sender_name=donor.version, receiver_name=new.version
+                )
+                donor.owes_verdict = transfer.taken  # else the relay told it KEEP already
+                outcome.append(transfer)
+            finally:
+                done.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(take)
+            try:
+                await self._wait_ready(new)
+            except _NotReady as e:
+                failure.append(e)
+            if not failure and asked.is_set():  # READY=1 may overtake the TAKE on its way
+                with anyio.move_on_after(config.handoff_timeout):
+                    await done.wait()
+            tasks.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        if outcome:
+            transfer = outcome[0]
+        elif asked.is_set():
+            transfer = nothing(f"{new.version} said it was ready before it took {donor.version}'s state")
+        else:
+            transfer = nothing(f"{new.version} became ready without asking for the hand-off")
+        new.taken = transfer
+        return transfer
+
+    async def _settle_handoff(
+        self, sender: _Child, transfer: handoff_relay.Transfer, say: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """The receiver is ready: DONE to the sender (close your copies) if it took everything,
+        else KEEP (everything is still yours); then say what moved."""
+        if sender.owes_verdict and sender.handoff is not None:
+            sender.handoff.tell(b"DONE" if transfer.taken else b"KEEP")
+            sender.gave_away = transfer.taken
+        sender.owes_verdict = False
+        if transfer.taken:
+            await say(
+                f"{transfer.receiver} took over {transfer.summary()} from {transfer.sender}"
+                f" (state version {transfer.state_version}) in {transfer.seconds:.3f} s"
+            )
+        else:
+            await say(f"no hand-off: {transfer.problem}")
+
+    def _can_hand_back(self, new: _Child, old: _Child) -> bool:
+        """A failed new version can hand back what it holds: hand-off is on, it still runs and
+        the old version no longer does (a running old version never gave anything away)."""
+        return (
+            new.handoff is not None
+            and not new.handoff.broken
+            and new.process.returncode is None
+            and not new.exited.is_set()
+            and (old.exited.is_set() or old.stopping or old.gave_away)
+        )
+
+    @staticmethod
+    def _lost_handoff(failed: _Child | None, donor: _Child | None) -> str:
+        """What a failed new version took with it when it cannot hand back (for the rollback line)."""
+        if donor is not None or failed is None or failed.taken is None or not failed.taken.taken:
+            return ""
+        why = failed.describe_exit() if failed.exited.is_set() else "could not hand it back"
+        return f"; lost what {failed.version} had taken over ({failed.taken.summary()}): it {why}"
+
+    @staticmethod
+    def _keep_handoff(sender: _Child) -> None:
+        """A sender waiting for the verdict of a hand-off that did not happen: KEEP (it still
+        owns its state and connections)."""
+        if sender.owes_verdict:
+            sender.owes_verdict = False
+            if sender.handoff is not None:
+                sender.handoff.tell(b"KEEP")
+
+    async def _emit_async(self, line: str) -> None:
+        self._emit(line)
+
     # --- failure handling ----------------------------------------------------------------
 
     async def _abandon(self, new: _Child, old: _Child) -> None:
@@ -1048,9 +1197,15 @@ class Supervisor:
     ) -> SwapFailed:
         """Stop the new version, bring the old one back; the SwapFailed that tells the caller."""
         await say(reason)
-        if new is not None:
+        # With hand-off, a new version still running once the old one is gone hands back.
+        donor = new if new is not None and self._can_hand_back(new, old) else None
+        self._keep_handoff(old)  # before stopping the new version: the old one waits, frozen
+        if new is not None and donor is None:
             await self._abandon(new, old)
-        restored, rollback = await self._restore(old)
+        restored, rollback = await self._restore(old, donor=donor, failed=new, say=say)
+        if donor is not None:
+            self._keep_handoff(donor)  # it did not hand back: paused until told, it could not drain
+            await self._stop_child(donor)
         self._release_unused()
         await say(rollback)
         return SwapFailed(
@@ -1060,26 +1215,40 @@ class Supervisor:
             restored=restored.snapshot() if restored else None,
         )
 
-    async def _restore(self, old: _Child) -> tuple[_Child | None, str]:
+    async def _restore(
+        self, old: _Child, *, donor: _Child | None = None, failed: _Child | None = None,
+        say: Callable[[str], Awaitable[None]] | None = None,
+    ) -> tuple[_Child | None, str]:
         """Make the old version serve again: it still does (new connections go to it again), or
-        start it again from its source on the sockets that receive new connections now."""
+        start it again from its source on the sockets that receive new connections now — taking
+        the state and connections back from ``donor`` (the failed new version, still running)."""
+        self._keep_handoff(old)
+        if old.gave_away and not old.exited.is_set():
+            await self._stop_child(old)  # it runs on without its state: start it again instead
         if not old.exited.is_set() and not old.stopping:
             self._steer(old.sockets)
             old.supervised = True
             self._current = old
             return old, f"{old.version} is still serving (pid {old.pid})"
+        lost = self._lost_handoff(failed, donor)
         failed = old
         try:
-            child = await self._launch(old.source, sockets=self._serving_sockets(), restarts=old.restarts, failures=0)
+            child = await self._launch(
+                old.source, sockets=self._serving_sockets(), restarts=old.restarts, failures=0, donor=donor
+            )
             self._current = failed = child
-            await self._wait_ready(child)
+            transfer = await self._wait_ready_taking_over(child, donor)
+            if transfer is not None and donor is not None:
+                await self._settle_handoff(donor, transfer, say or self._emit_async)
+                lost = (f"; handed back {transfer.summary()}" if transfer.taken else
+                        f"; {transfer.summary()}: the state and connections of {donor.version} are lost")  # fmt: skip
         except _NotReady as e:
             self._current = failed
             assert self._task_group is not None
             self._task_group.start_soon(self._restart_after_crash, failed, 1)
             return None, f"{old.version} could not be started again ({e}); retrying with backoff"
         child.supervised = True
-        return child, f"{old.version} started again from slot {old.source.slot} (pid {child.pid})"
+        return child, f"{old.version} started again from slot {old.source.slot} (pid {child.pid}){lost}"
 
     def _on_exit(self, child: _Child) -> None:
         if self._closing or child.stopping or not child.supervised or child is not self._current:

@@ -50,6 +50,9 @@ def test_every_option_is_documented() -> None:
         ({"app": {"capabilities": ["CAP_FLY"]}}, "[app] capabilities: unknown capability 'CAP_FLY'"),
         ({"app": {"cgroup": "sometimes"}}, '[app] cgroup: expected "auto", "off" or an absolute path'),
         ({"inspect": {"exclude": ["etc"]}}, "[inspect] exclude: 'etc' is not an absolute path"),
+        ({"app": {"handoff": True, "strategy": "stop-first"}}, '[app] handoff: needs strategy = "overlap"'),
+        ({"app": {"handoff_timeout": 0}}, "[app] handoff_timeout: must be more than 0 seconds"),
+        ({"app": {"handoff_max_sockets": -1}}, "[app] handoff_max_sockets: must not be negative"),
         ({"server": {"authorized_keys": []}}, "[server] authorized_keys: at least one file is required"),
     ],
 )
