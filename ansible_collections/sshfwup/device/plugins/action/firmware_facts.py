@@ -7,33 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible.plugins.action import ActionBase
-
 from ansible_collections.sshfwup.device.plugins.module_utils.args import FIRMWARE_FACTS_ARGS
-from ansible_collections.sshfwup.device.plugins.plugin_utils.device import device_address, require_fleet
+from ansible_collections.sshfwup.device.plugins.plugin_utils.device import DeviceAction
 
 
-class ActionModule(ActionBase):
-    TRANSFERS_FILES = False
-    _supports_check_mode = True
-    _supports_async = False
+class ActionModule(DeviceAction):
+    ARGS = FIRMWARE_FACTS_ARGS
 
-    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
-        result = super().run(tmp, task_vars)
-        del tmp
-        _validation, args = self.validate_argument_spec(argument_spec=FIRMWARE_FACTS_ARGS)
-        fleet = require_fleet()
+    def act(self, fleet: Any, address: Any, args: dict[str, Any]) -> dict[str, Any]:
         import anyio
 
-        address = device_address(args, task_vars or {}, self._templar)
-        if not 0 < address.port < 65536 or not args["timeout"] > 0:
-            result.update(failed=True, msg=f"port {address.port} / timeout {args['timeout']:g}: out of range")
-            return result
-        try:
-            status = anyio.run(lambda: fleet.device_status(address, args["timeout"]))
-        except fleet.FleetError as e:
-            result["msg"] = str(e)
-            result["unreachable" if isinstance(e, fleet.DeviceUnreachable) else "failed"] = True
-            return result
-        result.update(changed=False, status=status, ansible_facts={"sshfwup": status})
-        return result
+        status = anyio.run(lambda: fleet.device_status(address, args["timeout"]))
+        return {"changed": False, "status": status, "ansible_facts": {"sshfwup": status}}

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from ansible.errors import AnsibleActionFail
+from ansible.plugins.action import ActionBase
 
 try:
     from sshfwup import fleet
@@ -69,3 +70,41 @@ def device_address(args: dict[str, Any], task_vars: dict[str, Any], templar: Any
         raise AnsibleActionFail(f"port {port!r}: not a number") from None
     identities = (os.path.expanduser(str(key)),) if key else ()
     return module.DeviceAddress(str(host), port, str(user) if user else None, identities, known_hosts)
+
+
+class DeviceAction(ActionBase):
+    """What every sshfwup.device action shares: the arguments checked against ``ARGS``, the
+    device's address, and a FleetError turned into a failed (or unreachable) result."""
+
+    TRANSFERS_FILES = False
+    _supports_check_mode = True
+    _supports_async = False
+    ARGS: dict[str, Any] = {}
+
+    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = super().run(tmp, task_vars)
+        del tmp
+        _validation, args = self.validate_argument_spec(argument_spec=self.ARGS)
+        module = require_fleet()
+        address = device_address(args, task_vars or {}, self._templar)
+        if not 0 < address.port < 65536 or not args["timeout"] > 0:
+            result.update(failed=True, changed=False,
+                          msg=f"port {address.port} / timeout {args['timeout']:g}: out of range")  # fmt: skip
+            return result
+        try:
+            result.update(self.act(module, address, args))
+        except module.FleetError as e:
+            if e.result is not None:
+                result.update(e.result.to_json())
+            result.update(changed=self.changed_despite(e), msg=str(e))
+            # unreachable, not failed: Ansible counts a result that says both as failed
+            result["unreachable" if isinstance(e, module.DeviceUnreachable) else "failed"] = True
+        return result
+
+    def act(self, fleet: Any, address: Any, args: dict[str, Any]) -> dict[str, Any]:
+        """The action's own work: what goes into the result (raises fleet.FleetError)."""
+        raise NotImplementedError
+
+    def changed_despite(self, error: Any) -> bool:
+        """Whether the device changed although the action failed."""
+        return bool(error.result is not None and getattr(error.result, "changed", False))
