@@ -92,3 +92,19 @@ def test_documented_options_match_the_argument_spec(module: Path) -> None:
     for example in _module_docs(module)["EXAMPLES"]:
         used = example.get(f"sshfwup.device.{module.stem}") or {}
         assert set(used) <= set(spec), example
+
+
+def test_the_playbook_finds_the_collection_from_any_directory(tmp_path: Path) -> None:
+    """`ansible-playbook -i INVENTORY deploy/ansible/rollout.yml` from the repository's root (or
+    anywhere): the collection is found next to the playbook (deploy/ansible/collections), not only
+    through deploy/ansible/ansible.cfg, which applies only when run from that directory."""
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text((REPO / "deploy" / "ansible" / "inventory.example.yml").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(HOME=str(tmp_path), ANSIBLE_HOME=str(tmp_path / "ansible-home"))
+    for cwd in (REPO, tmp_path):
+        playbook = (REPO / "deploy" / "ansible" / "rollout.yml").relative_to(REPO) if cwd == REPO else \
+            REPO / "deploy" / "ansible" / "rollout.yml"  # fmt: skip
+        result = subprocess.run([_tool("ansible-playbook"), "-i", str(inventory), str(playbook), "--syntax-check"],
+                                cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert result.returncode == 0 and "couldn't resolve" not in result.stderr, (cwd, result.stdout + result.stderr)
