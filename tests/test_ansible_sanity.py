@@ -64,12 +64,30 @@ def test_ansible_doc_reads_every_module(tmp_path: Path) -> None:
     assert "firmware" in docs["sshfwup.device.firmware_update"]["doc"]["options"]
 
 
+def _constants(body: list[ast.stmt]) -> dict[str, Any]:
+    return {n.targets[0].id: n.value.value for n in body if isinstance(n, ast.Assign)
+            and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Constant)}  # fmt: skip
+
+
+def _fragment_options(name: str) -> dict[str, Any]:
+    """The options of doc fragment ``sshfwup.device.<name>`` (its ModuleDocFragment.DOCUMENTATION)."""
+    namespace, collection, fragment = name.split(".")
+    assert (namespace, collection) == ("sshfwup", "device"), name
+    tree = ast.parse((COLLECTION / "plugins" / "doc_fragments" / f"{fragment}.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ModuleDocFragment"]
+    return yaml.safe_load(_constants(cls.body)["DOCUMENTATION"])["options"]
+
+
 def _module_docs(path: Path) -> dict[str, Any]:
-    tree = ast.parse(path.read_text())
-    found = {n.targets[0].id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
-             and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Constant)}  # fmt: skip
+    """DOCUMENTATION (with its doc fragments' options merged in, as Ansible does), EXAMPLES, RETURN."""
+    found = _constants(ast.parse(path.read_text()).body)
     assert {"DOCUMENTATION", "EXAMPLES", "RETURN"} <= set(found), path
-    return {k: yaml.safe_load(found[k]) for k in ("DOCUMENTATION", "EXAMPLES", "RETURN")}
+    docs = {k: yaml.safe_load(found[k]) for k in ("DOCUMENTATION", "EXAMPLES", "RETURN")}
+    for fragment in docs["DOCUMENTATION"].get("extends_documentation_fragment", []):
+        shared = _fragment_options(fragment)
+        assert not set(shared) & set(docs["DOCUMENTATION"]["options"]), (path, fragment)
+        docs["DOCUMENTATION"]["options"].update(shared)
+    return docs
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda p: p.stem)

@@ -21,25 +21,9 @@ description:
     C(ansible_user), C(ansible_ssh_private_key_file) and C(ansible_host_key_checking).
 author:
   - sshfwup developers (@sshfwup)
+extends_documentation_fragment:
+  - sshfwup.device.connection
 options:
-  host:
-    description: The device's address. Default C(ansible_host), else the inventory hostname.
-    type: str
-  port:
-    description: The device's SSH port. Default C(ansible_port), else 22.
-    type: int
-  user:
-    description: The SSH user. Default C(ansible_user).
-    type: str
-  key:
-    description: Private key file. Default C(ansible_ssh_private_key_file).
-    type: path
-  known_hosts:
-    description: known_hosts file holding the device's host key. Default C(~/.ssh/known_hosts).
-    type: path
-  host_key_checking:
-    description: V(false) accepts any host key. Default C(ansible_host_key_checking), else V(true).
-    type: bool
   timeout:
     description: Seconds to wait for the answer.
     type: float

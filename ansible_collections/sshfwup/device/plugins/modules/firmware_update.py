@@ -30,31 +30,13 @@ description:
   - Needs the C(sshfwup) Python package where ansible-playbook runs (C(pip install 'sshfwup[fleet]')).
 author:
   - sshfwup developers (@sshfwup)
+extends_documentation_fragment:
+  - sshfwup.device.connection
 options:
   firmware:
     description: The C(.fw) file on the controller.
     type: path
     required: true
-  host:
-    description: The device's address. Default C(ansible_host), else the inventory hostname.
-    type: str
-  port:
-    description: The device's SSH port. Default C(ansible_port), else 22.
-    type: int
-  user:
-    description: The SSH user. Default C(ansible_user).
-    type: str
-  key:
-    description: Private key file whose public half is in the device's authorized_keys. Default C(ansible_ssh_private_key_file).
-    type: path
-  known_hosts:
-    description: known_hosts file holding the device's host key. Default C(~/.ssh/known_hosts).
-    type: path
-  host_key_checking:
-    description:
-      - Check the device's host key against O(known_hosts). V(false) accepts any key (first
-        contact on a network you trust). Default C(ansible_host_key_checking), else V(true).
-    type: bool
   releases:
     description:
       - Directory of released C(.fw) files; the one the device runs (same uuid) is compared with

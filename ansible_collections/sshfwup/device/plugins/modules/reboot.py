@@ -24,6 +24,8 @@ description:
     C(ansible_user), C(ansible_ssh_private_key_file) and C(ansible_host_key_checking).
 author:
   - sshfwup developers (@sshfwup)
+extends_documentation_fragment:
+  - sshfwup.device.connection
 options:
   pending_only:
     description: Reboot only a device with a pending reboot. V(false) reboots it anyway.
@@ -33,24 +35,6 @@ options:
     description: Wait until the device has booted and validated its firmware.
     type: bool
     default: true
-  host:
-    description: The device's address. Default C(ansible_host), else the inventory hostname.
-    type: str
-  port:
-    description: The device's SSH port. Default C(ansible_port), else 22.
-    type: int
-  user:
-    description: The SSH user. Default C(ansible_user).
-    type: str
-  key:
-    description: Private key file. Default C(ansible_ssh_private_key_file).
-    type: path
-  known_hosts:
-    description: known_hosts file holding the device's host key. Default C(~/.ssh/known_hosts).
-    type: path
-  host_key_checking:
-    description: V(false) accepts any host key. Default C(ansible_host_key_checking), else V(true).
-    type: bool
   timeout:
     description: Seconds to wait for the device to come back and validate.
     type: float
