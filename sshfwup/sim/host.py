@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import zipfile
@@ -22,11 +23,42 @@ class KeyPair:
         return self.public.read_text().strip()
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing uses right now, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 gives) can be taken, between now and
+    the server's bind, as the local port of some client's outgoing connection — hey's keep-alive
+    connections hold theirs for a whole load run, and the server then fails to bind until they
+    end. Below that range only listeners take ports. Never the same port twice in one process."""
+    low = _ephemeral_low()
+    if low <= 2048:  # no room below it: what the kernel gives
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 20000), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError("no free TCP port on 127.0.0.1 below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def ssh_keygen(path: Path, *, comment: str | None = None) -> KeyPair:
