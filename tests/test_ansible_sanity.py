@@ -75,7 +75,7 @@ def _fragment_options(name: str) -> dict[str, Any]:
     assert (namespace, collection) == ("sshfwup", "device"), name
     tree = ast.parse((COLLECTION / "plugins" / "doc_fragments" / f"{fragment}.py").read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ModuleDocFragment"]
-    return yaml.safe_load(_constants(cls.body)["DOCUMENTATION"])["options"]
+    return yaml.safe_load(_constants(cls.body)["DOCUMENTATION"]).get("options", {})
 
 
 def _module_docs(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ author:
   - sshfwup developers (@sshfwup)
 extends_documentation_fragment:
   - sshfwup.device.connection
+  - sshfwup.device.controller
 options:
   timeout:
     description: Seconds to wait for the answer.
@@ -32,19 +33,9 @@ attributes:
   check_mode:
     support: full
     description: Reads only; runs the same in check mode.
-  diff_mode:
-    support: none
-    description: No diff is shown.
   facts:
     support: full
     description: Sets the fact C(sshfwup).
-  action:
-    support: full
-    description: Runs on the controller as an action plugin.
-  platform:
-    support: full
-    platforms: posix
-    description: The controller needs the C(sshfwup) Python package; the device runs C(sshfwup serve).
 seealso:
   - module: sshfwup.device.firmware_update
 """

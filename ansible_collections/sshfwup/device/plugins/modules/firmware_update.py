@@ -32,6 +32,7 @@ author:
   - sshfwup developers (@sshfwup)
 extends_documentation_fragment:
   - sshfwup.device.connection
+  - sshfwup.device.controller
 options:
   firmware:
     description: The C(.fw) file on the controller.
@@ -68,16 +69,6 @@ attributes:
   check_mode:
     support: full
     description: Predicts the verdict (hot, reboot, unchanged, unknown) and sends nothing.
-  diff_mode:
-    support: none
-    description: No diff is shown.
-  action:
-    support: full
-    description: Runs on the controller as an action plugin.
-  platform:
-    support: full
-    platforms: posix
-    description: The controller needs the C(sshfwup) Python package; the device runs C(sshfwup serve).
 notes:
   - A hot swap leaves the device waiting for a reboot (it refuses further uploads until then);
     a second run reports it C(changed=false) with RV(reboot_pending=true).

@@ -26,6 +26,7 @@ author:
   - sshfwup developers (@sshfwup)
 extends_documentation_fragment:
   - sshfwup.device.connection
+  - sshfwup.device.controller
 options:
   pending_only:
     description: Reboot only a device with a pending reboot. V(false) reboots it anyway.
@@ -43,16 +44,6 @@ attributes:
   check_mode:
     support: full
     description: Says whether the device would be rebooted; does not reboot it.
-  diff_mode:
-    support: none
-    description: No diff is shown.
-  action:
-    support: full
-    description: Runs on the controller as an action plugin.
-  platform:
-    support: full
-    platforms: posix
-    description: The controller needs the C(sshfwup) Python package; the device runs C(sshfwup serve).
 seealso:
   - module: sshfwup.device.firmware_update
 """
