@@ -199,6 +199,9 @@ def add_upload_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .dependency_warnings import silence
+
+    silence()  # before anything imports asyncssh: dependencies' warnings are not the operator's
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommand families with their own parsers.
     if argv[:1] == ["sim"]:

@@ -22,17 +22,21 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import anyio
+from .dependency_warnings import silence
 
-from .client import OutputParser
-from .fwfile import FirmwareError
-from .sim.device import SimDevice, cleanup
-from .sim.firmware import find_fwup
-from .sim.host import free_port, ssh_keygen
-from .sim.loadgen import LoadGenerator, LoadSpec
-from .sim.machine import SimMachine
-from .sim.rootfs import build_sample_firmware
-from .sim.stream_client import StreamClient
+silence()  # `python -m sshfwup.demo` starts here, and the imports below load asyncssh
+
+import anyio  # noqa: E402
+
+from .client import OutputParser  # noqa: E402
+from .fwfile import FirmwareError  # noqa: E402
+from .sim.device import SimDevice, cleanup  # noqa: E402
+from .sim.firmware import find_fwup  # noqa: E402
+from .sim.host import free_port, ssh_keygen  # noqa: E402
+from .sim.loadgen import LoadGenerator, LoadSpec  # noqa: E402
+from .sim.machine import SimMachine  # noqa: E402
+from .sim.rootfs import build_sample_firmware  # noqa: E402
+from .sim.stream_client import StreamClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -202,6 +202,9 @@ def _destroy(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "sshfwup sim") -> int:
+    from sshfwup.dependency_warnings import silence
+
+    silence()  # `python -m sshfwup.sim` (the sim's reboot command) starts here, not in sshfwup.cli
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -17,6 +17,9 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
 try:
+    from sshfwup.dependency_warnings import silence
+
+    silence()  # dependencies' warnings (at asyncssh's import) would print in the play's output
     from sshfwup import fleet
 except ImportError as e:  # the controller's Python lacks sshfwup
     fleet = None
