@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
-    exec sudo --preserve-env=FWUP_SOURCE,PYTHON,CI "$0" "$@"
+    exec sudo --preserve-env=FWUP_SOURCE,PYTHON,CI,SSHFWUP_VENV,SSHFWUP_LOCK "$0" "$@"
   fi
   echo "bootstrap: run this as root (it installs Debian packages, builds fwup and uses loop devices)" >&2
   exit 1
@@ -89,15 +89,34 @@ EOF
   echo "bootstrap: installed fwup $(fwup --version) at $(command -v fwup)" >&2
 fi
 
-# Python: a project venv with the package and its test dependencies.
+# Python: a venv with exactly the locked packages (requirements-lock.txt: every package, with
+# hashes; scripts/lock.sh moves it forward), then this checkout in it (editable, no dependencies,
+# built by the locked setuptools). SSHFWUP_VENV / SSHFWUP_LOCK point elsewhere (scripts/lock.sh).
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+venv=${SSHFWUP_VENV:-.venv}
+lock=${SSHFWUP_LOCK:-requirements-lock.txt}
+[ -f "$lock" ] || { echo "bootstrap: $lock: no such file" >&2; exit 1; }
+if [ ! -x "$venv/bin/python" ]; then
+  "$PY" -m venv "$venv"
 fi
-stamp=.venv/.sshfwup-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import asyncssh, anyio, cryptography, pytest, pytest_asyncio"
-  touch "$stamp"
+stamp=$venv/.sshfwup-installed
+want=$(cat "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  pip_quiet() {  # pip's own chatter (this kind of machine's pip.conf, setuptools' editable notice) only on failure
+    local out
+    out=$("$venv/bin/python" -m pip "$@" 2>&1) || { echo "$out" >&2; return 1; }
+  }
+  echo "bootstrap: installing the locked Python packages into $venv" >&2
+  pip_quiet install -q --disable-pip-version-check --require-hashes --no-deps -r "$lock"
+  pip_quiet install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  # Exactly the lock: remove what an older lock installed and this one no longer names.
+  extra=$("$venv/bin/python" scripts/lock_extras.py "$lock")
+  if [ -n "$extra" ]; then
+    echo "bootstrap: removing packages the lock does not name: $extra" >&2
+    # shellcheck disable=SC2086
+    pip_quiet uninstall -q -y $extra
+  fi
+  pip_quiet check
+  "$venv/bin/python" -c "from sshfwup.dependency_warnings import silence; silence(); import asyncssh, anyio, pytest, pytest_asyncio"
+  echo "$want" >"$stamp"
 fi

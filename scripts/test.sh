@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
-  exec sudo --preserve-env=FWUP_SOURCE,PYTHON,CI "$0" "$@"
+  exec sudo --preserve-env=FWUP_SOURCE,PYTHON,CI,SSHFWUP_VENV,SSHFWUP_LOCK "$0" "$@"
 fi
 ./scripts/bootstrap.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec "${SSHFWUP_VENV:-.venv}/bin/python" -m pytest -q "$@"
