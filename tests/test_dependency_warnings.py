@@ -10,7 +10,6 @@ warning is one clear failure (add it to ``SILENCED`` with the reason), not ten m
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -23,19 +22,9 @@ from sshfwup.dependency_warnings import silence
 from sshfwup.sim.fleet import ansible_environment, ansible_tool
 from sshfwup.sim.host import free_port
 
-# Python's warning line: "path:line: SomeWarning: message"
-_WARNING = re.compile(r"^\s*(?P<path>.*?):\d+: (?P<category>\w*Warning): (?P<message>.*)$", re.M)
+from printed_warnings import printed_warnings
+
 SSHFWUP = str(Path(sys.executable).parent / "sshfwup")
-
-
-def printed_warnings(text: str, *, upstream: str | None = None) -> list[str]:
-    """The warnings in ``text`` ("Category: message"), except those raised by the code of the
-    package directory ``upstream`` itself (emitted before any sshfwup code runs there)."""
-    return [
-        f"{m['category']}: {m['message']}"
-        for m in _WARNING.finditer(text)
-        if upstream is None or not m["path"].startswith(upstream)
-    ]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
