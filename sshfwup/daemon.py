@@ -116,12 +116,11 @@ def _listen_error(error: SupervisorError, config: Config) -> ListenError | None:
     if not isinstance(cause, OSError) or cause.errno not in _BIND_ERRNOS:
         return None
     holders = [
-        f"port {spec.port}: {describe_holders(spec.port)}"
+        f"port {spec.port} {describe_holders(spec.port)}"
         for spec in config.app.sockets
         if spec.kind == "tcp" and cause.errno == errno.EADDRINUSE and port_holders(spec.port)
     ]
-    detail = f" ({'; '.join(holders)})" if holders else ""
-    return ListenError(f"{error} ([app] sockets){detail}")
+    return ListenError("; ".join([f"{error} ([app] sockets)", *holders]))
 
 
 async def _stop_app(device: Device) -> None:

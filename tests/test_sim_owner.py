@@ -37,7 +37,7 @@ from sshfwup.sim.host import KeyPair, free_port
 from sshfwup.sim.machine import MachineError, MachineState, SimMachine
 from sshfwup.sim.stale import remove_stale
 
-from conftest import FirmwareFactory
+from conftest import FirmwareFactory, Sim
 
 # A test run in miniature: provision a device, start it with SimMachine, say the machine's and the
 # server's pids, then wait to be killed. It never powers the device off by itself.
@@ -303,3 +303,38 @@ def test_sim_run_in_a_terminal_says_which_port_is_taken(stub_device: SimDevice, 
     assert len(errors) == 1 and f"127.0.0.1:{port} is in use: held by pid {os.getpid()}" in errors[0], result.stderr
     assert "restarting" not in result.stderr
     assert nothing_left(stub_device.path)
+
+
+@pytest.mark.parametrize("which", ["ssh", "app"])
+def test_serve_that_cannot_listen_exits_3_with_one_message(sim: Sim, tmp_path: Path, which: str) -> None:
+    """The real ``sshfwup serve`` against a running device's root, its own data and run dirs
+    (the device's server and app are not disturbed), with one of its ports held by this test."""
+    import tomllib
+
+    from sshfwup.sim.toml_write import dumps
+
+    document = tomllib.loads(sim.device.config_path.read_text())
+    mine = tmp_path / "second"
+    mine.mkdir()
+    document["server"].update(
+        data_dir=str(mine / "data"), run_dir=str(mine / "run"), lock_file=str(mine / "run/update.lock"),
+        host_key=str(mine / "host_key"), port=free_port(),
+    )  # fmt: skip
+    with held_port() as (_, port):
+        if which == "ssh":
+            document["server"]["port"] = port
+            document.pop("app")
+        else:
+            document["app"]["sockets"] = [f"http=tcp:127.0.0.1:{port}"]
+        config = mine / "sshfwup.toml"
+        config.write_text(dumps(document))
+        result = subprocess.run(
+            [sys.executable, "-m", "sshfwup", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+    problems = [line for line in result.stderr.splitlines() if line.startswith("sshfwup serve: ")]
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr and len(problems) == 1, result.stderr
+    setting = "[server] listen, port" if which == "ssh" else "[app] sockets"
+    assert f"127.0.0.1:{port}" in problems[0] and setting in problems[0], problems
+    assert "address already in use" in problems[0].lower() and f"held by pid {os.getpid()} " in problems[0], problems
+    assert sim.machine.state().server_restarts == 0 and sim.app()["version"] == "1.0.0"  # untouched

@@ -12,6 +12,7 @@ its own unprivileged user and must reach them; ``D`` may sit below a private dir
     R/run/            the server's run dir (lock, the pipeline's slot mounts)
     D/sshfwup.toml    the server's configuration
     D/machine.json    the simulated machine's state (written by machine.py)
+    R/owner.json      who owns the device (pid + start time; see OWNER_ENV and sim/stale.py)
 
 This kernel sandbox creates no partition nodes (loopNpM), so each partition is its own loop
 device over ``disk.img`` with an offset and a size limit. fwup writes ``disk.img`` itself, not
