@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,6 +216,9 @@ async def test_processes_carry_their_owner(
             found = procs.processes_with_variables((OWNER_ENV, MARKER_ENV))
             assert found[state.server_pid] == {OWNER_ENV: me.token, MARKER_ENV: str(device.path)}
             assert found[machine.process.pid] == {OWNER_ENV: me.token}
+            with urllib.request.urlopen(f"http://127.0.0.1:{device.app_port}/", timeout=5) as r:
+                app_pid = json.loads(r.read())["pid"]
+            assert found[app_pid] == {OWNER_ENV: me.token, MARKER_ENV: str(device.path)}
     finally:
         cleanup(path)
 

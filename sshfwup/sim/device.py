@@ -785,8 +785,9 @@ class SimDevice:
                 "ready_timeout": 10,
                 "drain_timeout": 5,
                 "observe": 2,
-                # the machine finds every process it started by this marker (see MARKER_ENV)
-                "pass_env": [MARKER_ENV],
+                # the machine finds every process it started by this marker (see MARKER_ENV);
+                # the owner lets a later run tell whether they are stale (see OWNER_ENV)
+                "pass_env": [MARKER_ENV, OWNER_ENV],
             },
         }
 

@@ -39,7 +39,6 @@ from sshfwup.sim.device import (
     _run,
     _umount,
     lock_holders,
-    loop_devices,
     owner_of,
     runtime_dir,
 )
@@ -115,9 +114,46 @@ def _runtime_dirs() -> dict[Path, procs.ProcessRef | None]:
     return found
 
 
-def _is_sim_disk(disk: Path) -> bool:
-    device_dir = disk.parent
-    return (device_dir / DEVICE_JSON).exists() or runtime_dir(device_dir).is_dir()
+def _sim_loops() -> dict[Path, list[LoopDevice]]:
+    """Loop devices over a simulated device's ``disk.img``, by device directory.
+
+    Loop devices are shared by every container on the host while paths are not: another
+    container's device may have the very same path (pytest's numbered directories). So a loop
+    device counts only if its backing file is *this* file (device and inode match what we see at
+    that path). A backing file that was deleted cannot be checked that way: it counts only if our
+    own ``/run`` holds the device's owner record."""
+    text = _run(
+        ["losetup", "-J", "-l", "-O", "NAME,OFFSET,SIZELIMIT,RO,BACK-FILE,BACK-INO,BACK-MAJ:MIN"],
+        what="listing loop devices",
+    )
+    found: dict[Path, list[LoopDevice]] = {}
+    if not text.strip():
+        return found
+    for entry in json.loads(text).get("loopdevices", []):
+        raw = entry.get("back-file") or ""
+        disk = Path(raw.removesuffix(" (deleted)"))
+        if disk.name != "disk.img" or not disk.is_absolute():
+            continue
+        device_dir = disk.parent
+        if raw.endswith(" (deleted)"):
+            ours = (runtime_dir(device_dir) / OWNER_FILE).exists()
+        else:
+            try:
+                st = os.stat(disk)
+                major, minor = (int(n) for n in str(entry.get("back-maj:min", "")).strip().split(":"))
+                ino = int(entry.get("back-ino") or -1)
+            except (OSError, ValueError):
+                continue
+            same_file = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == (major, minor, ino)
+            ours = same_file and ((device_dir / DEVICE_JSON).exists() or runtime_dir(device_dir).is_dir())
+        if ours:
+            found.setdefault(device_dir, []).append(
+                LoopDevice(
+                    name=entry["name"], back_file=str(disk), offset=int(entry.get("offset") or 0),
+                    sizelimit=int(entry.get("sizelimit") or 0), read_only=bool(entry.get("ro")),
+                )  # fmt: skip
+            )
+    return found
 
 
 def _machine_cmdline_dir(pid: int) -> Path | None:
@@ -151,10 +187,8 @@ def find_leftovers() -> list[Leftovers]:
 
     for runtime in _runtime_dirs():
         device(_device_of_runtime(runtime))
-    for loop in loop_devices():
-        disk = Path(loop.back_file)
-        if disk.name == "disk.img" and _is_sim_disk(disk):
-            device(disk.parent).loops.append(loop)
+    for device_dir, loops in _sim_loops().items():
+        device(device_dir).loops.extend(loops)
     for pid, variables in procs.processes_with_variables((MARKER_ENV, OWNER_ENV)).items():
         owner = procs.ProcessRef.parse(variables.get(OWNER_ENV, ""))
         where = variables.get(MARKER_ENV) or _machine_cmdline_dir(pid)
@@ -222,7 +256,7 @@ def _remove(leftovers: Leftovers) -> tuple[list[str], list[str]]:
     _unmount_all(
         lambda: [m.mount_point for m in _mounts_under(device_dir) + _mounts_under(runtime)], removed, problems
     )
-    for loop in loop_devices(device_dir / "disk.img"):
+    for loop in _sim_loops().get(device_dir, []):
         try:
             _run(["losetup", "-d", loop.name], what=f"detaching {loop.name}")
             removed.append(f"detached {loop.name} ({loop.back_file} at offset {loop.offset})")
