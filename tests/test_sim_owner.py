@@ -171,6 +171,13 @@ async def test_the_next_run_removes_a_killed_runs_device_and_leaves_live_ones(
                 orphans = set(left["processes"])
                 assert pids["server"] in orphans
 
+                dry = subprocess.run(
+                    [sys.executable, "-m", "sshfwup", "sim", "cleanup", "--dry-run"],
+                    capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert dry.returncode == 0 and f"would remove {stale_path} " in dry.stdout, dry.stdout + dry.stderr
+                assert str(live_path) not in dry.stdout and traces(stale_path) == left
+
                 report = subprocess.run(
                     [sys.executable, "-m", "sshfwup", "sim", "cleanup"], capture_output=True, text=True, timeout=120
                 )
@@ -198,6 +205,34 @@ async def test_the_next_run_removes_a_killed_runs_device_and_leaves_live_ones(
     finally:
         cleanup(live_path)
         cleanup(stale_path)
+
+
+@pytest.mark.parametrize("owner_alive", [True, False])
+def test_the_owner_is_its_pid_and_start_time(tmp_path: Path, owner_alive: bool) -> None:
+    """A record naming this very process (alive) keeps the device; one naming this pid with
+    another start time — the pid reused by someone else — is a dead owner's: its mount goes."""
+    path = tmp_path / "device"
+    runtime = runtime_dir(path)
+    me = procs.ProcessRef.of(os.getpid())
+    assert me is not None
+    recorded = me if owner_alive else procs.ProcessRef(me.pid, me.start - 1)
+    try:
+        (runtime / "root").mkdir(parents=True)
+        (runtime / "run").mkdir()
+        (runtime / "owner.json").write_text(json.dumps({"pid": recorded.pid, "start": recorded.start}))
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sshfwup-test", str(runtime / "root")], check=True)
+        report = remove_stale()
+        ours = [line for line in report.removed if str(path) in line]
+        if owner_alive:
+            assert ours == [] and mounted_under(runtime) == [runtime / "root"], report
+        else:
+            assert ours == [
+                f"stale simulated device {path} (owner pid {me.pid} is gone): unmounted {runtime / 'root'}",
+                f"stale simulated device {path} (owner pid {me.pid} is gone): removed {runtime}",
+            ], report
+            assert mounted_under(runtime) == [] and not runtime.exists()
+    finally:
+        cleanup(path)
 
 
 async def test_processes_carry_their_owner(
