@@ -217,6 +217,8 @@ def _destroy(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from sshfwup.sim.stale import remove_stale
 
+    if not args.verbose:  # the lines below say it once; the library's log would repeat each
+        logging.getLogger("sshfwup.sim.stale").setLevel(logging.WARNING)
     report = remove_stale(dry_run=args.dry_run)
     for line in report.removed:
         print(line)

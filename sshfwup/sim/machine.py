@@ -392,7 +392,7 @@ class Machine:
                 failed = 0
                 request = await self._until_request(requests, serve=True)
             elif self.fatal is not None:
-                request = await requests.receive()  # the power-off _power_off_for queued
+                request = POWER_OFF  # a taken port (_power_off_for): no retry, no watchdog reset
             else:
                 failed += 1
                 if failed < MAX_FAILED_BOOTS:
@@ -407,6 +407,8 @@ class Machine:
                     self._update(state="halted")
                     request = await self._until_request(requests, serve=False)
                 failed = 0
+            if self.fatal is not None:
+                request = POWER_OFF  # whatever else was asked first: booting again cannot help
             self._update(state="stopping" if request == POWER_OFF else "rebooting", ready=False)
             await self._stop_everything(graceful=request != POWER_CUT)
             self._update(server_pid=None)
