@@ -235,6 +235,31 @@ def test_the_owner_is_its_pid_and_start_time(tmp_path: Path, owner_alive: bool) 
         cleanup(path)
 
 
+def test_a_new_pytest_session_removes_and_reports_a_dead_owners_device(tmp_path: Path) -> None:
+    """The conftest's session start: a device whose owner is gone (here: its record names a
+    process that no longer exists, and a mount is left) is removed before any test runs."""
+    path = tmp_path / "device"
+    runtime = runtime_dir(path)
+    gone = subprocess.Popen(["true"])
+    ref = procs.ProcessRef.of(gone.pid) or procs.ProcessRef(gone.pid, 1)
+    gone.wait()
+    try:
+        (runtime / "root").mkdir(parents=True)
+        (runtime / "run").mkdir()
+        (runtime / "owner.json").write_text(json.dumps({"pid": ref.pid, "start": ref.start}))
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sshfwup-test", str(runtime / "root")], check=True)
+        session = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_procs.py", "-k", "zombie"],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert f"sshfwup: stale simulated device {path} (owner pid {ref.pid} is gone): unmounted {runtime / 'root'}" in (
+            session.stdout
+        ), session.stdout + session.stderr
+        assert mounted_under(runtime) == [] and not runtime.exists()
+    finally:
+        cleanup(path)
+
+
 async def test_processes_carry_their_owner(
     tmp_path: Path, firmware: FirmwareFactory, fwup: str, client_key: KeyPair
 ) -> None:
