@@ -201,7 +201,10 @@ async def test_the_next_run_removes_a_killed_runs_device_and_leaves_live_ones(
             assert now.server_restarts == 0 and procs.alive(live_state.server_pid)
             assert owner_of(live_path) == procs.ProcessRef.of(os.getpid())
             assert remove_stale().removed == ()  # and a second pass finds nothing to remove
-            assert live_machine.state() == now
+            again = live_machine.state()
+            assert again is not None and (again.server_pid, again.boot_count, again.server_restarts) == (
+                now.server_pid, now.boot_count, 0,
+            ), again
     finally:
         cleanup(live_path)
         cleanup(stale_path)
