@@ -10,7 +10,12 @@ from collections.abc import Sequence
 
 from . import __version__
 
-__all__ = ["main", "operator_errors"]
+__all__ = ["EXIT_CANNOT_LISTEN", "main", "operator_errors"]
+
+#: ``sshfwup serve``'s exit status when a port it must listen on is taken or not allowed: a
+#: service manager should not restart it in a loop (systemd: ``RestartPreventExitStatus=3``; the
+#: simulated machine powers off). 1 is any other operator error, 2 a bad configuration.
+EXIT_CANNOT_LISTEN = 3
 
 DESCRIPTION = """\
 Zero-downtime A/B firmware updates over SSH for embedded Linux devices.
@@ -53,6 +58,15 @@ first boot of new firmware once the app has stayed healthy. deploy/sshfwup.toml 
 option; docs/deploying.md shows configurations for common board layouts.
 """
 
+SERVE_EPILOG = """\
+exit status:
+  0    stopped by SIGTERM/SIGINT
+  1    cannot run as configured or set up (the message says what to fix)
+  2    the configuration file is invalid
+  3    a port it must listen on ([server] port, [app] sockets) is taken or not allowed; the
+       message names who holds it (don't restart in a loop: RestartPreventExitStatus=3)
+"""
+
 
 def _serve(args: argparse.Namespace) -> int:
     import anyio
@@ -78,8 +92,17 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         for problem in problems:
             print(f"sshfwup serve: {problem}", file=sys.stderr)
-        return 1
+        return EXIT_CANNOT_LISTEN if _cannot_listen(e) else 1
     return 0
+
+
+def _cannot_listen(error: BaseException) -> bool:
+    """Did serve stop because a port it must listen on is taken (or not allowed)?"""
+    from .ports import ListenError
+
+    if isinstance(error, BaseExceptionGroup):
+        return any(_cannot_listen(e) for e in error.exceptions)
+    return isinstance(error, ListenError)
 
 
 def _use_uvloop(event_loop: str) -> bool:
@@ -106,9 +129,10 @@ def operator_errors(error: BaseException) -> list[str] | None:
     from .bootenv import BootEnvError
     from .daemon import DaemonError
     from .slots import SlotError
+    from .ports import ListenError
     from .supervisor import SupervisorError
 
-    expected = (DaemonError, SupervisorError, BootEnvError, SlotError, OSError)
+    expected = (DaemonError, SupervisorError, BootEnvError, SlotError, ListenError, OSError)
     leaves: list[BaseException] = []
     stack = [error]
     while stack:
@@ -141,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve", help="run the device-side server (SSH listener + app supervisor)",
-        description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see deploy/sshfwup.toml)")
     p.set_defaults(func=_serve)

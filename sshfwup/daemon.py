@@ -10,6 +10,7 @@ Order matters:
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -28,6 +29,7 @@ from .device import Device
 from .journal import Journal, Recovery, StageHook, plan_recovery
 from .lock import DeviceBusy
 from .pipeline import slot_mount_point
+from .ports import ListenError, describe_holders, port_holders
 from .server import FirmwareServer
 from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
 from .supervisor import AppNotReady, AppSource, Instance, Supervisor, SupervisorError
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 # How long a crash-loop rollback waits for the update lock; if it stays busy, the crashing
 # version is restarted and the rollback is tried again at its next crash.
 _CRASH_LOOP_LOCK_WAIT = 30.0
+
+# bind() errors that no restart fixes by itself: the address is taken, not ours, or not allowed.
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 __all__ = ["DaemonError", "run_daemon"]
 
@@ -76,7 +81,10 @@ async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[Fir
                 config.app, marker=f"sshfwup:{config.server.data_dir}",
                 on_crash_loop=functools.partial(_roll_back_crash_loop, device),
             )  # fmt: skip
-            device.supervisor = await stack.enter_async_context(supervisor)
+            try:
+                device.supervisor = await stack.enter_async_context(supervisor)
+            except SupervisorError as e:
+                raise _listen_error(e, config) or e
             app_ok = await _start_app(device, plan, tg)
         await server.start(tg)
         stack.push_async_callback(server.close)
@@ -96,6 +104,23 @@ async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[Fir
         notify("STOPPING=1")
         await _stop_app(device)
         tg.cancel_scope.cancel()
+
+
+def _listen_error(error: SupervisorError, config: Config) -> ListenError | None:
+    """The app's sockets could not be bound because an address is taken or not allowed: a
+    ListenError naming who holds the port (``sshfwup serve`` exits with its own status for it);
+    None for any other supervisor error."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+    if not isinstance(cause, OSError) or cause.errno not in _BIND_ERRNOS:
+        return None
+    holders = [
+        f"port {spec.port} {describe_holders(spec.port)}"
+        for spec in config.app.sockets
+        if spec.kind == "tcp" and cause.errno == errno.EADDRINUSE and port_holders(spec.port)
+    ]
+    return ListenError("; ".join([f"{error} ([app] sockets)", *holders]))
 
 
 async def _stop_app(device: Device) -> None:

@@ -30,12 +30,13 @@ import anyio  # noqa: E402
 
 from .client import OutputParser  # noqa: E402
 from .fwfile import FirmwareError  # noqa: E402
-from .sim.device import SimDevice, cleanup  # noqa: E402
+from .sim.device import SimDevice, SimError, cleanup  # noqa: E402
 from .sim.firmware import find_fwup  # noqa: E402
 from .sim.host import free_port, ssh_keygen  # noqa: E402
 from .sim.loadgen import LoadGenerator, LoadSpec  # noqa: E402
 from .sim.machine import SimMachine  # noqa: E402
 from .sim.rootfs import build_sample_firmware  # noqa: E402
+from .sim.stale import remove_stale  # noqa: E402
 from .sim.stream_client import StreamClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +113,14 @@ class Demo:
 
     async def run(self) -> int:
         say("sshfwup demo: zero-downtime A/B firmware updates over SSH, on a simulated device")
+        # What a killed earlier demo or test run left (its owner is gone); live runs' devices stay.
+        try:
+            report = await anyio.to_thread.run_sync(remove_stale)
+            lines = [*report.removed, *(f"could not remove: {p}" for p in report.problems)]
+        except SimError as e:
+            lines = [f"could not look for stale simulated devices: {e}"]
+        for line in lines:
+            say(f"  cleaned up: {line}")
         version = subprocess.run([self.fwup, "--version"], capture_output=True, text=True, check=False).stdout.strip()
         say(f"  fwup: {version} at {self.fwup}")
 

@@ -16,7 +16,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Sweep", "alive", "end_processes_with", "processes_with", "send_signal", "wait_gone"]
+__all__ = [
+    "ProcessRef",
+    "Sweep",
+    "alive",
+    "argv",
+    "command_line",
+    "end_processes_with",
+    "processes_with",
+    "processes_with_variables",
+    "send_signal",
+    "start_time",
+    "wait_gone",
+]
 
 _POLL = 0.02
 
@@ -57,6 +69,59 @@ def alive(pid: int) -> bool:
     return fields[0] not in ("Z", "X")
 
 
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (``/proc/<pid>/stat`` field 22); None if
+    it is gone. With the pid it names one process: a pid the kernel reuses has another start."""
+    fields = _stat_after_comm(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    try:
+        return int(fields[19])  # field 22 of stat; fields[0] is field 3 (the state)
+    except ValueError:
+        return None
+
+
+def argv(pid: int) -> list[str]:
+    """``/proc/<pid>/cmdline`` as a list; empty when gone, unreadable or a kernel thread."""
+    raw = _read(pid, "cmdline")
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg] if raw else []
+
+
+def command_line(pid: int) -> str:
+    """``/proc/<pid>/cmdline`` as one line (for messages), or "?" when it cannot be read."""
+    return " ".join(argv(pid))[:300] or "?"
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """One process, also after its pid is reused: its pid and its start time."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef | None:
+        start = start_time(pid)
+        return None if start is None else cls(pid, start)
+
+    @classmethod
+    def parse(cls, text: str) -> ProcessRef | None:
+        """From :attr:`token` (``"PID:START"``); None if malformed."""
+        pid, sep, start = text.strip().partition(":")
+        if not sep or not pid.isdigit() or not start.isdigit():
+            return None
+        return cls(int(pid), int(start))
+
+    @property
+    def token(self) -> str:
+        return f"{self.pid}:{self.start}"
+
+    def alive(self) -> bool:
+        """True while this very process runs: not gone, not a zombie, and not another process
+        that got the same pid."""
+        return alive(self.pid) and start_time(self.pid) == self.start
+
+
 def _own_lineage() -> set[int]:
     """This process and its ancestors."""
     pids, pid = set(), os.getpid()
@@ -81,6 +146,28 @@ def processes_with(entry: str) -> list[int]:
         if environ is not None and needle in environ.split(b"\0") and alive(int(name)):
             found.append(int(name))
     return sorted(found)
+
+
+def processes_with_variables(names: Iterable[str]) -> dict[int, dict[str, str]]:
+    """Live processes (the caller's lineage aside) that carry any of the environment variables
+    ``names``: pid → {name: value} of those it carries."""
+    prefixes = {f"{name}=".encode(): name for name in names}
+    own = _own_lineage()
+    found: dict[int, dict[str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in own:
+            continue
+        environ = _read(entry, "environ")
+        if not environ:
+            continue
+        carried = {}
+        for item in environ.split(b"\0"):
+            for prefix, name in prefixes.items():
+                if item.startswith(prefix):
+                    carried[name] = item[len(prefix) :].decode(errors="replace")
+        if carried and alive(int(entry)):
+            found[int(entry)] = carried
+    return found
 
 
 def send_signal(pid: int, signum: int) -> bool:

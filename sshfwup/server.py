@@ -15,6 +15,7 @@ authenticated connection that runs nothing for ``session_idle_timeout`` is close
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ from .admission import Admission, Refused, StartupLimits, Ticket
 from .authkeys import AuthorizedKeys, SessionRequest, resolve_session
 from .config import Config
 from .fsutil import write_atomically
+from .ports import ListenError, describe_holders
 from .device import Device
 from .report import Report
 from .scp import run_scp_sink
@@ -274,7 +276,20 @@ class FirmwareServer:
         cfg = self.config.server
         self._tg = tg
         host_key = load_or_create_host_key(cfg.host_key)
-        self._listener = await asyncssh.create_server(
+        try:
+            self._listener = await self._create_server(host_key, tg)
+        except OSError as e:
+            # asyncio's message ("error while attempting to bind on address ...") names neither
+            # the setting nor who holds the port; an operator needs both.
+            where = f"{cfg.listen}:{cfg.port}"
+            holder = f"; {describe_holders(cfg.port)}" if e.errno == errno.EADDRINUSE else ""
+            reason = os.strerror(e.errno).lower() if e.errno else str(e)
+            raise ListenError(f"cannot listen for SSH on {where} ([server] listen, port): {reason}{holder}") from e
+        log.info("listening on %s:%d (host key %s)", cfg.listen, self.port, host_key.get_fingerprint())
+
+    async def _create_server(self, host_key: asyncssh.SSHKey, tg: anyio.abc.TaskGroup) -> asyncssh.SSHAcceptor:
+        cfg = self.config.server
+        return await asyncssh.create_server(
             functools.partial(_Connection, self),
             cfg.listen,
             cfg.port,
@@ -294,7 +309,6 @@ class FirmwareServer:
             keepalive_count_max=4,
             reuse_address=True,
         )
-        log.info("listening on %s:%d (host key %s)", cfg.listen, self.port, host_key.get_fingerprint())
 
     @property
     def port(self) -> int:

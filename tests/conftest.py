@@ -44,6 +44,27 @@ def _fwup() -> tuple[str | None, str]:
     return path, result.stdout.strip() or "unknown version"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove the simulated devices of killed earlier runs (their owner is gone), saying what went;
+    devices of live runs — other sessions, demos, ``sim run`` — are left alone."""
+    import os
+
+    if os.geteuid() != 0:  # no loop devices or mounts of ours could exist
+        return
+    from sshfwup.sim.device import SimError
+    from sshfwup.sim.stale import remove_stale
+
+    try:
+        report = remove_stale()
+        lines = [*report.removed, *(f"could not remove: {p}" for p in report.problems)]
+    except SimError as e:  # (no losetup): the tests that need one say so themselves
+        lines = [f"could not look for stale simulated devices: {e}"]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(f"sshfwup: {line}")
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     path, version = _fwup()
     return f"fwup {version} at {path}" if path else "fwup: none on PATH (the tests that need it fail)"

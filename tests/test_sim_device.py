@@ -143,7 +143,8 @@ def test_create_writes_the_server_config(device: SimDevice) -> None:
     assert config.device.reboot_command == (sys.executable, "-m", "sshfwup.sim", "reboot", str(d))
     assert config.app.command[1:] == ("{app_dir}/app.py",)
     assert config.app.user == "sshfwup-app" and pwd.getpwnam("sshfwup-app").pw_uid != 0
-    assert config.app.pass_env == ("SSHFWUP_SIM_MACHINE",)  # how the machine finds the app's processes
+    # how the machine finds the app's processes, and whose run they belong to (stale or not)
+    assert config.app.pass_env == ("SSHFWUP_SIM_MACHINE", "SSHFWUP_SIM_OWNER")
     assert [str(s) for s in config.app.sockets] == ["tcp:127.0.0.1:8201"]
     assert config.app.sockets[0].name == "http"
     assert (config.app.ready, config.app.ready_timeout, config.app.drain_timeout, config.app.observe) == ("notify", 10, 5, 2)

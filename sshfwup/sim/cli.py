@@ -44,6 +44,7 @@ filesystem slots and a data partition, mounted through loop devices (needs root)
   sshfwup sim power-cut DIR              cut its power (it boots again at once)
   sshfwup sim status DIR                 machine state and boot environment
   sshfwup sim destroy DIR                stop everything and delete the directory
+  sshfwup sim cleanup                    remove what killed runs left (devices whose owner died)
 
 By default the device's SSH server listens on 127.0.0.1:2222 and its sample app on
 127.0.0.1:8080. Hands-on, with your own key (as root):
@@ -94,6 +95,10 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
         "--server-command", metavar="JSON",
         help='run this instead of sshfwup serve: a JSON list; "{config}" and "{device}" are substituted',
     )
+    run.add_argument(
+        "--owner-fd", type=int, metavar="FD",
+        help="power off when this pipe's write end closes (its owner died); SimMachine passes it",
+    )  # fmt: skip
 
     for name, text in (
         ("reboot", "reboot the running machine (the device's reboot command)"),
@@ -103,6 +108,14 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("dir", type=Path, metavar="DIR", help="the device directory")
+    clean = sub.add_parser(
+        "cleanup", help="remove the simulated devices whose owner died (killed tests, demos, sim run)",
+        description="Find simulated devices left by runs that were killed — their owner (the test "
+        "run, demo or `sim run` that set them up) is gone — and remove their processes, mounts and "
+        "loop devices, one line per thing removed. Devices of live runs are never touched; devices "
+        "without an owner record (an older sshfwup's) are listed and left alone: `sim destroy DIR`.",
+    )  # fmt: skip
+    clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     return parser
 
 
@@ -174,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SimError(f"--server-command is not JSON: {e}") from None
         if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
             raise SimError("--server-command must be a non-empty JSON list of strings")
-    return anyio.run(lambda: run_machine(args.dir, server_command=command))
+    return anyio.run(lambda: run_machine(args.dir, server_command=command, owner_fd=args.owner_fd))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -201,6 +214,23 @@ def _destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cleanup(args: argparse.Namespace) -> int:
+    from sshfwup.sim.stale import remove_stale
+
+    if not args.verbose:  # the lines below say it once; the library's log would repeat each
+        logging.getLogger("sshfwup.sim.stale").setLevel(logging.WARNING)
+    report = remove_stale(dry_run=args.dry_run)
+    for line in report.removed:
+        print(line)
+    for line in report.unowned:
+        print(f"left alone: {line}")
+    for line in report.problems:
+        print(f"sshfwup sim cleanup: {line}", file=sys.stderr)
+    if not report.removed:
+        print("no stale simulated devices")
+    return 1 if report.problems else 0
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "sshfwup sim") -> int:
     from sshfwup.dependency_warnings import silence
 
@@ -210,7 +240,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "sshfwup sim") -> int
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s sim[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    if args.command in ("create", "run", "destroy") and os.geteuid() != 0:
+    if args.command in ("create", "run", "destroy", "cleanup") and os.geteuid() != 0:
         print(f"{prog} {args.command}: needs root (loop devices and mounts)", file=sys.stderr)
         return 1
     handlers = {
@@ -221,6 +251,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "sshfwup sim") -> int
         "power-cut": lambda a: power_cut_machine(a.dir) or 0,
         "status": _status,
         "destroy": _destroy,
+        "cleanup": _cleanup,
     }
     try:
         return handlers[args.command](args)

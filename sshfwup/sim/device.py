@@ -12,6 +12,7 @@ its own unprivileged user and must reach them; ``D`` may sit below a private dir
     R/run/            the server's run dir (lock, the pipeline's slot mounts)
     D/sshfwup.toml    the server's configuration
     D/machine.json    the simulated machine's state (written by machine.py)
+    R/owner.json      who owns the device (pid + start time; see OWNER_ENV and sim/stale.py)
 
 This kernel sandbox creates no partition nodes (loopNpM), so each partition is its own loop
 device over ``disk.img`` with an offset and a size limit. fwup writes ``disk.img`` itself, not
@@ -56,12 +57,17 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MACHINE_LOCK",
     "MARKER_ENV",
+    "OWNER_ENV",
+    "OWNER_FILE",
     "LoopDevice",
     "ProvisionError",
     "SimDevice",
     "SimError",
+    "claim",
     "cleanup",
+    "current_owner",
     "ensure_app_user",
+    "owner_of",
     "runtime_dir",
     "kill_marked_processes",
     "lock_holders",
@@ -81,6 +87,14 @@ DEVICE_JSON = "device.json"
 MACHINE_LOCK = "machine.lock"  # held by the running machine for its whole life
 RUNTIME_BASE = Path("/run/sshfwup-sim")
 APP_FSTYPE = "ext4"
+
+#: Who a device's loop devices, mounts and processes belong to: the process that runs the
+#: test, the demo or the terminal's ``sshfwup sim run``. ``SimMachine`` puts it into the
+#: machine's environment (``PID:START``, see ``procs.ProcessRef``); everything under the machine
+#: inherits it. ``R/owner.json`` records it for the whole device, so a later run can tell a
+#: device whose owner died (stale: removed by ``sim/stale.py``) from one a live run is using.
+OWNER_ENV = "SSHFWUP_SIM_OWNER"
+OWNER_FILE = "owner.json"
 
 
 class SimError(Exception):
@@ -222,6 +236,42 @@ def runtime_dir(device_dir: Path) -> Path:
     device directory itself may sit below a private (0700) directory such as pytest's.
     """
     return RUNTIME_BASE / str(Path(device_dir).resolve()).lstrip("/")
+
+
+def current_owner() -> procs.ProcessRef:
+    """Who owns what this process sets up: the owner handed down in ``OWNER_ENV`` (a machine
+    started by ``SimMachine``, and everything under it), else this process itself."""
+    inherited = procs.ProcessRef.parse(os.environ.get(OWNER_ENV, ""))
+    if inherited is not None:
+        return inherited
+    me = procs.ProcessRef.of(os.getpid())
+    assert me is not None  # our own /proc entry
+    return me
+
+
+def owner_of(device_dir: Path) -> procs.ProcessRef | None:
+    """The owner recorded for a device (``R/owner.json``), or None when none is recorded."""
+    try:
+        raw = json.loads((runtime_dir(device_dir) / OWNER_FILE).read_text())
+        return procs.ProcessRef(int(raw["pid"]), int(raw["start"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def claim(device_dir: Path) -> procs.ProcessRef:
+    """Record this process's owner (``current_owner``) as the device's, before it attaches or
+    mounts anything, unless another owner that is still alive holds it (a machine a test
+    started without ``SimMachine`` belongs to the test). Returns the device's owner."""
+    owner = current_owner()
+    recorded = owner_of(device_dir)
+    if recorded is not None and recorded != owner and recorded.alive():
+        return recorded
+    if recorded != owner:
+        runtime = runtime_dir(device_dir)
+        _make_public_dir(runtime)
+        record = {"pid": owner.pid, "start": owner.start, "command": procs.command_line(owner.pid)}
+        write_atomically(runtime / OWNER_FILE, json.dumps(record, indent=2) + "\n", durable=False)
+    return owner
 
 
 def _make_public_dir(path: Path) -> None:
@@ -520,6 +570,7 @@ class SimDevice:
 
     def attach(self) -> dict[str, str]:
         """Power on the disk: loop devices for slot a, slot b (read-only) and app data (rw)."""
+        claim(self.path)  # first: a kill right after losetup must leave an owned device
         loops = self._loops()
         for role in ROLES:
             if role in loops:
@@ -616,6 +667,7 @@ class SimDevice:
 
     def make_runtime_dirs(self) -> None:
         """The running root's mount point and the run dir, reachable by the app's user."""
+        claim(self.path)
         for directory in (self.root_dir, self.run_dir):
             _make_public_dir(directory)
 
@@ -733,8 +785,9 @@ class SimDevice:
                 "ready_timeout": 10,
                 "drain_timeout": 5,
                 "observe": 2,
-                # the machine finds every process it started by this marker (see MARKER_ENV)
-                "pass_env": [MARKER_ENV],
+                # the machine finds every process it started by this marker (see MARKER_ENV);
+                # the owner lets a later run tell whether they are stale (see OWNER_ENV)
+                "pass_env": [MARKER_ENV, OWNER_ENV],
             },
         }
 

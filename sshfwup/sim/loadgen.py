@@ -383,6 +383,13 @@ class LoadGenerator:
     async def _start(self, name: str, at: float | None = None) -> _Run:
         assert self._tg is not None
         argv = self.spec.argv(self.hey)
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # hey runs up to max_phase (an hour) and writes only at its end: if we are killed it
+            # would keep loading a device that is gone. util-linux's setpriv sets PR_SET_PDEATHSIG
+            # and execs it. (That signal follows the *thread* that forked: here the event loop's,
+            # which lives as long as the load does.)
+            argv = [setpriv, "--pdeathsig", "TERM", *argv]
         try:
             process = await anyio.open_process(argv, stdin=subprocess.DEVNULL)
         except OSError as e:

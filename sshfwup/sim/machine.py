@@ -9,7 +9,14 @@
   like ``NotifyAccess=main``). A boot that fails (an unmountable slot) is retried like a
   watchdog reset, so the boot counter can fall back; after several failures in a row the
   machine halts.
-- **Restart=always**: a server that dies is started again after ``RESTART_DELAY``.
+- **Restart=always**: a server that dies is started again after ``RESTART_DELAY`` — except
+  when it exits with ``EXIT_CANNOT_LISTEN`` (systemd's ``RestartPreventExitStatus=``): a port
+  it must listen on is taken, and no restart fixes that. Each boot first checks that the
+  device's SSH and app ports are free. Either way the machine powers off with one error naming
+  the port and, when it can tell, who holds it (``sim run`` exits 1).
+- **Its owner's death**: started by ``SimMachine`` (a test, the demo), the machine gets the
+  read end of a pipe whose write end only the owner holds (``--owner-fd``). The kernel closes it
+  when the owner exits, however it dies (SIGKILL too), and the machine powers off on that EOF.
 - **SIGUSR1** reboot (SIGTERM the server, wait ``STOP_TIMEOUT``, SIGKILL everything left,
   unmount, boot again), **SIGUSR2** power cut (SIGKILL everything at once, unmount, boot again),
   **SIGTERM/SIGINT** power off (stop, unmount, detach the loop devices, exit 0).
@@ -43,12 +50,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from sshfwup.bootenv import BootEnv, BootEnvError
 from sshfwup.fsutil import write_atomically
 from sshfwup.sim.bootloader import boot
+from sshfwup.ports import port_problem
 from sshfwup.sim.device import (
     MACHINE_LOCK,
     MARKER_ENV,
+    OWNER_ENV,
     SimDevice,
     SimError,
+    claim,
     cleanup,
+    current_owner,
     kill_marked_processes,
     machine_pids,
 )
@@ -70,6 +81,10 @@ RESTART_DELAY = 0.5
 STOP_TIMEOUT = 10.0
 WATCHDOG_DELAY = 0.5
 MAX_FAILED_BOOTS = 5
+# `sshfwup serve`'s exit status for a port it cannot listen on (sshfwup.cli.EXIT_CANNOT_LISTEN;
+# not imported from there: the machine need not load the CLI). Never restarted.
+EXIT_CANNOT_LISTEN = 3
+RESTART_PREVENT_EXIT_STATUS = frozenset({EXIT_CANNOT_LISTEN})
 
 # Requests the machine acts on, from signals.
 REBOOT, POWER_CUT, POWER_OFF = "reboot", "power-cut", "power-off"
@@ -156,14 +171,20 @@ class _NotifySocket:
 class Machine:
     """Runs inside ``sshfwup sim run D``; see the module documentation."""
 
-    def __init__(self, device: SimDevice, *, server_command: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, device: SimDevice, *, server_command: Sequence[str] | None = None, owner_fd: int | None = None
+    ) -> None:
         self.device = device
         self.dir = device.path
         self.server_command = list(server_command) if server_command else None
+        self.owner_fd = owner_fd
+        self.owner = current_owner()
         self.state = MachineState(pid=os.getpid(), state="booting")
         self.server: anyio.abc.Process | None = None
         self.stopping = False
         self.notify: _NotifySocket | None = None
+        self.requests: MemoryObjectSendStream[str] | None = None
+        self.fatal: str | None = None  # why the machine powered itself off (a taken port)
 
     # --- state
 
@@ -189,6 +210,7 @@ class Machine:
         assert self.notify is not None
         env = dict(os.environ)
         env[MARKER_ENV] = str(self.dir)
+        env[OWNER_ENV] = self.owner.token
         env["NOTIFY_SOCKET"] = str(self.notify.path)
         return env
 
@@ -202,11 +224,34 @@ class Machine:
         self.device.refresh_slots()
         return choice.slot, choice.reason
 
+    def _ports_in_use(self) -> str | None:
+        """Why the server could not listen on the device's ports right now, or None."""
+        for what, port in (("SSH", self.device.ssh_port), ("app", self.device.app_port)):
+            problem = port_problem("127.0.0.1", port)
+            if problem is not None:
+                return f"the {what} port of the simulated device {self.dir}: {problem}"
+        return None
+
+    def _power_off_for(self, problem: str) -> None:
+        """Stop for good: a problem no restart or reboot fixes (a port someone else holds)."""
+        log.error("%s; powering off", problem)
+        self.fatal = problem
+        self._update(error=problem)
+        assert self.requests is not None
+        try:
+            self.requests.send_nowait(POWER_OFF)
+        except anyio.WouldBlock:
+            log.warning("too many pending requests; cannot queue the power-off")
+
     async def _boot(self) -> bool:
         self._update(
             state="booting", boot_count=self.state.boot_count + 1, ready=False, status=None,
             server_pid=None, slot=None, error=None,
         )
+        problem = await anyio.to_thread.run_sync(self._ports_in_use)
+        if problem is not None:
+            self._power_off_for(problem)
+            return False
         try:
             slot, reason = await anyio.to_thread.run_sync(self._boot_sync)
         except (BootEnvError, SimError) as e:
@@ -271,8 +316,16 @@ class Machine:
             status = await self.server.wait()
             if self.stopping:
                 return
-            log.warning("server (pid %d) exited with status %s; restarting", self.server.pid, status)
             self._update(server_pid=None, ready=False)
+            if status in RESTART_PREVENT_EXIT_STATUS:
+                # Its own message is in the log just above; say who holds the port if we can.
+                found = await anyio.to_thread.run_sync(self._ports_in_use)
+                self._power_off_for(
+                    f"the server (pid {self.server.pid}) cannot listen (exit status {status}); not restarting it"
+                    + (f": {found}" if found else "")
+                )
+                return
+            log.warning("server (pid %d) exited with status %s; restarting", self.server.pid, status)
 
     async def _listen_notify(self) -> None:
         assert self.notify is not None
@@ -291,6 +344,23 @@ class Machine:
                     changes["status"] = line.removeprefix("STATUS=")
             if changes:
                 self._update(**changes)
+
+    async def _watch_owner(self, fd: int) -> None:
+        """Power off once the owner is gone: the pipe's write end closes with its last holder."""
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                data = os.read(fd, 512)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+        log.warning("the machine's owner (pid %d) is gone; powering off", self.owner.pid)
+        assert self.requests is not None
+        try:
+            self.requests.send_nowait(POWER_OFF)
+        except anyio.WouldBlock:
+            log.warning("too many pending requests; cannot queue the power-off")
 
     async def _watch_signals(
         self, requests: MemoryObjectSendStream[str], *, task_status: anyio.abc.TaskStatus[None]
@@ -321,6 +391,8 @@ class Machine:
             if booted:
                 failed = 0
                 request = await self._until_request(requests, serve=True)
+            elif self.fatal is not None:
+                request = POWER_OFF  # a taken port (_power_off_for): no retry, no watchdog reset
             else:
                 failed += 1
                 if failed < MAX_FAILED_BOOTS:
@@ -335,6 +407,8 @@ class Machine:
                     self._update(state="halted")
                     request = await self._until_request(requests, serve=False)
                 failed = 0
+            if self.fatal is not None:
+                request = POWER_OFF  # whatever else was asked first: booting again cannot help
             self._update(state="stopping" if request == POWER_OFF else "rebooting", ready=False)
             await self._stop_everything(graceful=request != POWER_CUT)
             self._update(server_pid=None)
@@ -342,6 +416,7 @@ class Machine:
                 return
 
     async def run(self) -> int:
+        self.owner = claim(self.dir)  # a device a live test set up stays that test's
         self.device.make_runtime_dirs()
         self.device.prepare_app_user()
         lock = open(self.dir / MACHINE_LOCK, "w")  # held for the machine's life: how it is found
@@ -352,11 +427,14 @@ class Machine:
                 raise MachineError(f"a simulated machine is already running for {self.dir}") from None
             self.notify = _NotifySocket(self.dir)
             send, receive = anyio.create_memory_object_stream[str](16)
+            self.requests = send
             stopped = False
             try:
                 async with anyio.create_task_group() as tg:
                     await tg.start(self._watch_signals, send)
                     tg.start_soon(self._listen_notify)
+                    if self.owner_fd is not None:
+                        tg.start_soon(self._watch_owner, self.owner_fd)
                     try:
                         await self._main(receive)
                         stopped = True
@@ -370,14 +448,23 @@ class Machine:
                     self._update(state="off", ready=False, server_pid=None)
                 self.notify.close()
             log.info("powered off")
-            return 0
+            return 0 if self.fatal is None else 1  # the error itself was logged once, when it happened
         finally:
             lock.close()
 
 
-async def run_machine(device_dir: Path, *, server_command: Sequence[str] | None = None) -> int:
-    """Run the machine of the device at ``device_dir`` until it is powered off."""
-    machine = Machine(SimDevice.open(device_dir), server_command=server_command)
+async def run_machine(
+    device_dir: Path, *, server_command: Sequence[str] | None = None, owner_fd: int | None = None
+) -> int:
+    """Run the machine of the device at ``device_dir`` until it is powered off (or, with
+    ``owner_fd``, until that pipe's write end is closed: its owner died)."""
+    if owner_fd is not None:
+        try:
+            os.set_inheritable(owner_fd, False)  # the server and the app must not keep it open
+            os.set_blocking(owner_fd, False)
+        except OSError as e:
+            raise MachineError(f"--owner-fd {owner_fd}: {e.strerror}") from None
+    machine = Machine(SimDevice.open(device_dir), server_command=server_command, owner_fd=owner_fd)
     return await machine.run()
 
 
@@ -412,27 +499,48 @@ class SimMachine:
     """A machine running as a subprocess (``python -m sshfwup.sim run D``), driven by a test.
 
     ``async with SimMachine.start(D) as machine:`` always powers off and cleans up at the end.
+    If this process dies first — however: SIGKILL, a crash — the machine powers itself off:
+    it watches a pipe whose write end only this process holds (``--owner-fd``). A pipe rather
+    than ``PR_SET_PDEATHSIG``: that fires when the *thread* that forked exits (a worker thread
+    that started the machine), and an EOF cannot be missed or raced the way a signal sent before
+    the child set it up can. The machine and everything under it also carry this process as
+    their owner (``OWNER_ENV``, ``R/owner.json``), so a later run can tell they were ours.
     """
 
-    def __init__(self, device_dir: Path, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(
+        self, device_dir: Path, process: subprocess.Popen[bytes], log_path: Path, owner_pipe: int | None = None
+    ) -> None:
         self.dir = device_dir
         self.process = process
         self.log_path = log_path
+        self._owner_pipe = owner_pipe  # the write end: closing it powers the machine off
 
     @classmethod
     def start(cls, device_dir: Path, *, server_command: Sequence[str] | None = None) -> SimMachine:
         device_dir = Path(device_dir).resolve()
         SimDevice.open(device_dir)  # fail here, not in the subprocess, for a wrong directory
         (device_dir / STATE_FILE).unlink(missing_ok=True)  # a stale state must not satisfy a wait
-        argv = [sys.executable, "-m", "sshfwup.sim", "run", str(device_dir)]
+        # Both ends are close-on-exec (PEP 446): no other child of ours inherits the write end
+        # (it would keep the machine alive after we die); pass_fds hands the machine the read end.
+        read_end, write_end = os.pipe()
+        argv = [sys.executable, "-m", "sshfwup.sim", "run", str(device_dir), "--owner-fd", str(read_end)]
         if server_command:
             argv += ["--server-command", json.dumps(list(server_command))]
+        env = dict(os.environ)
+        env[OWNER_ENV] = current_owner().token
         log_path = device_dir / LOG_FILE
-        with open(log_path, "ab") as out:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        return cls(device_dir, process, log_path)
+        try:
+            with open(log_path, "ab") as out:
+                process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                    pass_fds=(read_end,), start_new_session=True,  # not killed by the terminal's Ctrl-C
+                )  # fmt: skip
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        return cls(device_dir, process, log_path, write_end)
 
     def state(self) -> MachineState | None:
         return MachineState.read(self.dir)
@@ -450,6 +558,13 @@ class SimMachine:
             if state is not None and state.pid == self.process.pid and predicate(state):
                 return state
             if self.process.poll() is not None:
+                state = self.state() or state
+                if state is not None and state.pid == self.process.pid and state.error:
+                    # one clear message first (a taken port), the log for the details
+                    raise MachineError(
+                        f"the machine powered off (status {self.process.returncode}) before {what}: {state.error}\n"
+                        f"{self.log_tail()}"
+                    )
                 raise MachineError(
                     f"the machine exited (status {self.process.returncode}) before {what}; state {state}\n"
                     f"{self.log_tail()}"
@@ -508,6 +623,11 @@ class SimMachine:
     async def __aenter__(self) -> SimMachine:
         return self
 
+    def _close_owner_pipe(self) -> None:
+        if self._owner_pipe is not None:
+            os.close(self._owner_pipe)
+            self._owner_pipe = None
+
     async def __aexit__(self, *exc: object) -> None:
         try:
             with anyio.CancelScope(shield=True):
@@ -516,4 +636,5 @@ class SimMachine:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
+            self._close_owner_pipe()
             await anyio.to_thread.run_sync(cleanup, self.dir)
