@@ -1512,7 +1512,11 @@ class Supervisor:
         http = listener.name in self._config.http_sockets
         assert self._task_group is not None
         while True:
-            await anyio.wait_readable(sock)
+            try:
+                await anyio.wait_readable(sock)
+            except (OSError, anyio.ClosedResourceError) as e:  # never takes the supervisor down
+                log.error("%s: cannot wait for connections while the app is down: %s", listener.name, e)
+                return
             if self._stand_in_scope is None or self._stand_in_scope.cancel_called or not self._may_stand_in():
                 return  # an instance is about to start: the queue is its own
             try:
@@ -1535,6 +1539,9 @@ class Supervisor:
     async def _answer_standing_in(self, conn: socket.socket, reason: str, retry: float | None) -> None:
         try:
             await unavailable.answer_503(conn, reason, retry)
+        except Exception:  # a bug here must not end the supervisor's task group
+            log.exception("answering 503 failed")
+            conn.close()
         finally:
             self._stand_in_answering -= 1
 
