@@ -820,3 +820,16 @@ async def test_a_stopped_app_is_not_answered_for(tmp_path: Path, marker: str) ->
         assert sup.outage is None
         with pytest.raises(TimeoutError):
             await get(port_of(sup, "http"), timeout=0.8)
+
+
+def test_the_503_answer_is_one_safe_line_with_a_bounded_retry_after() -> None:
+    from sshfwup.unavailable import response_503
+
+    text = response_503("2.0.0 exited\r\nX-Evil: 1", 0.2).decode()
+    head, _, body = text.partition("\r\n\r\n")
+    assert head.splitlines()[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "X-Evil" not in head and "Retry-After: 1" in head and "Connection: close" in head
+    assert body == "503 Service Unavailable: the application is not running (2.0.0 exited  X-Evil: 1)\n"
+    assert f"Content-Length: {len(body.encode())}" in head
+    assert "Retry-After: 300\r\n" in response_503("x", 10_000).decode()
+    assert "Retry-After: 5\r\n" in response_503("x", None).decode()
