@@ -63,6 +63,8 @@ async def status(device: Device) -> dict[str, Any]:
     if progress is not None:
         out["update"] = progress.to_json()
     sup = device.supervisor
+    out["app_down"] = None
+    out["app_last_exit"] = None
     if sup is not None and sup.current is not None:
         inst = sup.current
         out["app"] = {
@@ -72,7 +74,20 @@ async def status(device: Device) -> dict[str, Any]:
             "root": str(inst.source.root),
             "uptime": round(time.monotonic() - inst.started_at, 1),
             "restarts": getattr(inst, "restarts", 0),
+            # "exited": crashed, waiting for its restart (app_down says why)
+            "state": "exited" if inst.returncode is not None else "running" if inst.ready_at else "starting",
         }
+    if sup is not None:
+        now = time.monotonic()
+        if sup.outage is not None:
+            out["app_down"] = {
+                "reason": sup.outage.reason,
+                "for": round(now - sup.outage.since, 1),
+                "next_attempt_in": round(max(0.0, sup.outage.next_attempt - now), 1)
+                if sup.outage.next_attempt is not None else None,
+            }  # fmt: skip
+        if sup.last_exit is not None:
+            out["app_last_exit"] = sup.last_exit.to_json()
     if device.journal is not None:
         out["journal"] = device.journal.summary()
         out["journal_error"] = device.journal.error
@@ -92,11 +107,19 @@ def render_status(s: dict[str, Any]) -> str:
     if s["pending_reboot"]:
         rows.append(("pending reboot", f"yes: slot {s['active']} runs after the next reboot (ssh <device> reboot)"))
     app = s.get("app")
-    if app:
+    down = s.get("app_down")
+    if app and app.get("state", "running") != "exited":
         text = f"{app['version']} from slot {app['slot']}, pid {app['pid']}, up {app['uptime']:.0f} s"
-        rows.append(("app", text + (f", {app['restarts']} restarts" if app.get("restarts") else "")))
+        text += f", {app['restarts']} restarts" if app.get("restarts") else ""
+        rows.append(("app", text + (" (starting)" if app.get("state") == "starting" else "")))
+    elif down:
+        text = f"NOT RUNNING for {down['for']:.0f} s: {down['reason']}"
+        if down.get("next_attempt_in") is not None:
+            text += f"; next start in {down['next_attempt_in']:.0f} s"
+        rows.append(("app", text))
     else:
         rows.append(("app", "not running"))
+    rows += _exit_rows(s.get("app_last_exit"), output=not app or app.get("state") == "exited" or bool(down))
     last = s.get("last_update")
     if last:
         rows.append(("last update", f"{'ok' if last.get('ok') else 'FAILED'}: {last.get('verdict')}"))
@@ -108,6 +131,19 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("rebooting"):
         rows.append(("rebooting", s["rebooting"]))
     return "".join(f"{label + ':' if label else '':<16}{value}\n" for label, value in rows)
+
+
+def _exit_rows(last: dict[str, Any] | None, *, output: bool) -> list[tuple[str, str]]:
+    """``last app exit:`` (how and when), and while no version runs its last lines of output."""
+    if not last:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+    ago = max(0, round(time.time() - last["at"]))
+    rows = [("last app exit", f"{last['reason']} (pid {last['pid']}), {when} ({ago} s ago)")]
+    if output:
+        lines = last.get("output") or ["(no output)"]
+        rows += [("app output" if i == 0 else "", line) for i, line in enumerate(lines[-10:])]
+    return rows
 
 
 def _update_rows(u: dict[str, Any]) -> list[tuple[str, str]]:

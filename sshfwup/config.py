@@ -148,6 +148,12 @@ class AppConfig:
     handoff_timeout: float = 5.0  # seconds for the transfer, and again for the new version's answer
     handoff_max_state: int = 16 * 1024 * 1024  # bytes
     handoff_max_sockets: int = 256
+    # While no version runs (crashed, waiting for its restart; or it does not start), the
+    # supervisor answers on the public sockets itself once this many seconds passed without one
+    # (sshfwup.unavailable): "503 Service Unavailable" and the reason on the sockets named in
+    # http_sockets, a reset on the others. Sooner, connections wait in the queue for the restart.
+    http_sockets: tuple[str, ...] = ("http",)
+    unavailable_after: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -358,6 +364,13 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f'{where}: [app] handoff: needs strategy = "overlap" (both versions run during a hand-off)')
     if app.handoff_timeout <= 0:
         raise ConfigError(f"{where}: [app] handoff_timeout: must be more than 0 seconds")
+    names = [spec.name for spec in app.sockets]
+    unknown_http = [name for name in app.http_sockets if name not in names]
+    if unknown_http and app.http_sockets != AppConfig.http_sockets:  # the default may name none
+        raise ConfigError(
+            f"{where}: [app] http_sockets: no socket named {unknown_http[0]!r} in [app] sockets"
+            f" (named: {', '.join(names) or 'none'}; name one as \"http=tcp:HOST:PORT\")"
+        )
     if app.cgroup not in ("auto", "off") and not app.cgroup.startswith("/"):
         raise ConfigError(f'{where}: [app] cgroup: expected "auto", "off" or an absolute path, got {app.cgroup!r}')
     for path in config.inspect.exclude:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ from .sim.stale import remove_stale  # noqa: E402
 from .sim.stream_client import StreamClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says what the device reported (no traceback)."""
 
 
 def say(text: str = "") -> None:
@@ -66,10 +71,48 @@ class Demo:
             "-o", "LogLevel=ERROR", "-i", str(self.key), "-p", str(self.device.ssh_port), *args,
         ]  # fmt: skip
 
-    def app(self) -> dict[str, Any]:
+    def _get_app(self) -> dict[str, Any]:
         assert self.device is not None
         with urllib.request.urlopen(f"http://127.0.0.1:{self.device.app_port}/", timeout=2) as r:
             return json.loads(r.read())
+
+    def app(self) -> dict[str, Any]:
+        """The app's ``GET /``; DemoError with the device's own reason when it does not answer."""
+        try:
+            return self._get_app()
+        except (OSError, ValueError) as e:  # URLError, HTTPError (a 503), timeouts, bad JSON
+            raise DemoError(f"the app on the simulated device does not answer ({_what(e)}).\n{self.why_no_app()}") from None
+
+    def why_no_app(self) -> str:
+        """Why the app does not run, as the device says it: ``status --json`` over SSH, else the
+        machine log's last lines."""
+        assert self.device is not None
+        try:
+            done = subprocess.run(self.ssh_argv("root@127.0.0.1", "status", "--json"), capture_output=True,
+                                  text=True, timeout=15, check=False)  # fmt: skip
+            status = json.loads(done.stdout) if done.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            status = None
+        lines: list[str] = []
+        if isinstance(status, dict):
+            down, last = status.get("app_down"), status.get("app_last_exit")
+            if down:
+                lines.append(f"the device says: app not running for {down['for']:.0f} s: {down['reason']}")
+            elif status.get("app"):
+                app = status["app"]
+                lines.append(f"the device says: app {app['version']} (pid {app['pid']}) is {app.get('state', 'running')}")
+            if last:
+                lines.append(f"its last exit: {last['reason']} (pid {last['pid']})")
+                lines += ["its last output:", *(f"  | {line}" for line in last.get("output", [])[-10:])]
+        if not lines:
+            log_file = self.device.path / "machine.log"
+            try:
+                tail = log_file.read_text(errors="replace").splitlines()[-15:]
+            except OSError:
+                tail = []
+            lines = [f"the device did not answer `status` either; the last lines of {log_file}:",
+                     *(f"  | {line}" for line in tail)]  # fmt: skip
+        return "\n".join(lines)
 
     def env(self, *names: str) -> str:
         assert self.device is not None
@@ -104,12 +147,12 @@ class Demo:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.app()["version"] == version:
+                if self._get_app()["version"] == version:
                     return time.monotonic()
-            except OSError:
+            except (OSError, ValueError):
                 pass
             await anyio.sleep(0.02)
-        raise RuntimeError(f"{version} never answered")
+        raise DemoError(f"{version} never answered within {timeout:g} s.\n{self.why_no_app()}")
 
     async def run(self) -> int:
         say("sshfwup demo: zero-downtime A/B firmware updates over SSH, on a simulated device")
@@ -215,7 +258,7 @@ class Demo:
         deadline = time.monotonic() + timeout
         while self.device.env().get("nerves_fw_validated") != "1":
             if time.monotonic() > deadline:
-                raise RuntimeError("the new firmware was not validated")
+                raise DemoError(f"the new firmware was not validated within {timeout:g} s.\n{self.why_no_app()}")
             await anyio.sleep(0.2)
 
 
@@ -231,10 +274,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return anyio.run(demo.run)
+    except (DemoError, SimError) as e:
+        print(f"\ndemo FAILED: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:
         cleanup(args.workdir.resolve() / "device")
+
+
+def _what(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    reason = getattr(error, "reason", None) or error
+    return str(reason) or type(reason).__name__
 
 
 if __name__ == "__main__":

@@ -90,6 +90,12 @@ async def run(ctx: UpdateContext) -> Outcome:
         verdict = with_resources(verdict, installed, {n: (size, h) for n, size, h in ctx.firmware.resources})
     if verdict.hot and device.supervisor is None:
         verdict = replace(verdict, hot=False, reasons=("no application is supervised ([app] command is empty)",))
+    elif verdict.hot and device.supervisor.current is None:
+        # The booted firmware's app never started (the daemon keeps retrying it): there is no
+        # version to swap from, and the new one is proved at boot like any firmware.
+        down = device.supervisor.outage
+        why = f"the app is not running ({down.reason})" if down else "the app is not running"
+        verdict = replace(verdict, hot=False, reasons=(f"{why}: nothing to swap; the new firmware starts at boot",))
     changed = sum(1 for c in verdict.changes)
     await report.line(
         f"sshfwup: inspected {old_version} → {new_version}: {verdict.summary()}"

@@ -70,6 +70,16 @@ exec shim in :mod:`sshfwup.app` (``pass_fds`` keeps the parent's fd numbers; the
 to 3.. and sets ``LISTEN_PID`` in the process that then execs the app), in a session of its own
 so that SIGKILL reaches its whole process group.
 
+While no instance runs — it crashed and waits for its restart, or it does not start — the
+supervisor itself answers on the public sockets once ``[app] unavailable_after`` seconds passed
+without one (:mod:`sshfwup.unavailable`): ``503 Service Unavailable`` with the reason on the
+sockets named in ``[app] http_sockets``, a reset on the others, so that clients get an answer
+instead of waiting in the queue until they give up. It stops before any instance is started
+(a start, a swap, a restart attempt, a stop all take the supervisor's lock, and stand it down
+first), so it never takes a connection an instance could accept. :attr:`Supervisor.last_exit`
+keeps how the last instance that failed ended and its last lines of output;
+:attr:`Supervisor.outage` why no version runs now.
+
 Every app process carries ``SSHFWUP_SUPERVISOR=<marker>`` in its environment and dies with the
 supervisor (``PR_SET_PDEATHSIG``); :func:`kill_strays` removes what an earlier server left behind.
 The marker must be the same for every run of one device's server and unique to it. Processes an
@@ -91,8 +101,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -102,7 +113,7 @@ import anyio
 import anyio.abc
 
 from sshfwup import app as app_protocol
-from sshfwup import listeners, logring, procs, room
+from sshfwup import listeners, logring, procs, room, unavailable
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.listeners import Listener
 
@@ -112,8 +123,10 @@ if TYPE_CHECKING:  # imported when an app has [app] handoff on
 __all__ = [
     "HEALTH_SOCKET_NAME",
     "MARKER_VARIABLE",
+    "AppExit",
     "AppNotReady",
     "AppSource",
+    "Outage",
     "CrashLoopHandler",
     "Instance",
     "Listener",
@@ -147,6 +160,8 @@ _HANDOVER_POLL = 0.01
 
 Report = Callable[[str], Awaitable[None] | None]
 _CRASH_LOOP_TIMEOUT = 120.0  # the crash-loop handler's bound (it may wait for the update lock)
+LAST_OUTPUT_LINES = 20  # an instance's last lines of output kept for `status` (AppExit.output)
+_STAND_IN_CONNECTIONS = 32  # 503 answers in progress at once; beyond, connections are reset
 
 
 class SupervisorError(Exception):
@@ -232,6 +247,52 @@ class SwapResult:
     handoff: str = ""  # [app] handoff: "handed over 3 connections, 1.2 KiB of state" or "no hand-off: why"
 
 
+@dataclass(frozen=True)
+class AppExit:
+    """How an instance of the app ended when nobody asked it to — a crash, a failed start, or
+    a failed new version stopped by its swap — for ``status``."""
+
+    version: str
+    slot: str
+    pid: int
+    returncode: int | None  # negative: killed by that signal
+    at: float  # time.time() when it ended
+    reason: str  # "2.0.0 exited with status 3 before it became ready"
+    output: tuple[str, ...] = ()  # its last lines of stdout/stderr, oldest first
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.returncode if self.returncode is not None and self.returncode >= 0 else None
+
+    @property
+    def signal(self) -> str | None:
+        if self.returncode is None or self.returncode >= 0:
+            return None
+        return _signal_name(-self.returncode)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "slot": self.slot,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "at": round(self.at, 3),
+            "reason": self.reason,
+            "output": list(self.output),
+        }
+
+
+@dataclass(frozen=True)
+class Outage:
+    """No version of the app runs: since when (``time.monotonic()``), why, and when the next
+    start attempt is due (None: not known to the supervisor, e.g. the daemon retries a start)."""
+
+    reason: str
+    since: float
+    next_attempt: float | None = None
+
+
 #: ``Supervisor(on_crash_loop=...)``: called once the app failed ``[app] rollback_after_crashes``
 #: times in a row, with the last failed instance and that count, before the next restart. Returns
 #: the source to start instead (at once), or None to go on restarting the same one with backoff.
@@ -267,15 +328,18 @@ def kill_strays(marker: str, *, timeout: float = 2.0) -> list[int]:
     return pids
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "is running"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
+        return f"was killed by {_signal_name(-returncode)}"
     return f"exited with status {returncode}"
 
 
@@ -320,6 +384,8 @@ class _Child:
         self.owes_verdict = False  # it was asked to GIVE and waits for DONE or KEEP
         self.gave_away = False  # told DONE: its state and connections belong to the next version
         self.taken: handoff_relay.Transfer | None = None  # what it took over from the version before
+        self.output: deque[str] = deque(maxlen=LAST_OUTPUT_LINES)  # its last lines, for AppExit
+        self.failure: str | None = None  # why the supervisor stops it as failed (not ready, rolled back)
 
     @property
     def pid(self) -> int:
@@ -377,6 +443,14 @@ class Supervisor:
         self._closing = False
         self._spawned = 0
         self._token = secrets.token_hex(4)  # instance ids stay unique across supervisors
+        self._last_exit: AppExit | None = None
+        self._outage: Outage | None = None
+        # The stand-in (sshfwup.unavailable): woken whenever the outage or the lock changes;
+        # its cancel scope and done event while it accepts on the public sockets.
+        self._stand_in_wake: anyio.Event | None = None  # made in __aenter__ (needs the event loop)
+        self._stand_in_scope: anyio.CancelScope | None = None
+        self._stand_in_done: anyio.Event | None = None
+        self._stand_in_answering = 0
 
     # --- context -------------------------------------------------------------------------
 
@@ -394,6 +468,9 @@ class Supervisor:
         self._closing = False
         for listener in self._listeners:
             log.info("listening on %s (%s; socket path %s)", listener.address, listener.name, listener.path)
+        self._stand_in_wake = anyio.Event()
+        if self._listeners:
+            self._task_group.start_soon(self._stand_in)
         return self
 
     async def __aexit__(
@@ -427,13 +504,24 @@ class Supervisor:
     def sockets(self) -> tuple[Listener, ...]:
         return self._listeners
 
+    @property
+    def last_exit(self) -> AppExit | None:
+        """The last instance that ended unasked (crash, failed start, failed new version)."""
+        return self._last_exit
+
+    @property
+    def outage(self) -> Outage | None:
+        """Why no version runs now (from the first failure until an instance is ready again;
+        None once one is, and after :meth:`stop`)."""
+        return self._outage
+
     async def start(self, source: AppSource) -> Instance:
         """Start the app from ``source`` and wait until it is ready; keep it running afterwards.
 
         Raises :class:`AppNotReady` (and leaves nothing running) if it is not ready in time.
         """
         self._check_open()
-        async with self._lock:
+        async with self._exclusive():
             if self._current is not None and self._current.returncode is None:
                 raise SupervisorError(
                     f"the application already runs ({self._current.version}, pid {self._current.pid})"
@@ -443,6 +531,8 @@ class Supervisor:
                 child = await self._launch(source, sockets=self._serving_sockets(), restarts=0, failures=0)
                 await self._wait_ready(child)
             except _NotReady as e:
+                if self._current is None or self._current.returncode is not None:
+                    self._mark_down(f"{source.version} {e}")
                 raise AppNotReady(f"{source.version} {e}", pid=child.pid if child else None) from None
             self._current = child
             child.supervised = True
@@ -461,7 +551,7 @@ class Supervisor:
         async def say(line: str) -> None:
             await self._report(report, line)
 
-        async with self._lock:
+        async with self._exclusive():
             old = self._current
             if old is None:
                 raise SupervisorError("no application is running: start it before swapping")
@@ -579,8 +669,10 @@ class Supervisor:
         return None
 
     async def stop(self) -> None:
-        """Stop the app (SIGTERM → drain_timeout → SIGKILL). The sockets stay bound."""
-        async with self._lock:
+        """Stop the app (SIGTERM → drain_timeout → SIGKILL). The sockets stay bound; nothing
+        answers on them until the next start (connections wait in the queue)."""
+        async with self._exclusive():
+            self._outage = None  # stopped on purpose: not an outage to answer for
             current, self._current = self._current, None
             for child in sorted(self._children, key=lambda c: c is not current):
                 await self._stop_child(child)
@@ -706,6 +798,8 @@ class Supervisor:
                 log.warning("killed %s left in the cgroup of %s (pid %d)", caught, child.version, child.pid)
             self._children.discard(child)
             child.exited.set()
+        if not child.stopping or child.failure is not None:
+            self._record_exit(child)
         self._on_exit(child)
 
     async def _end_leftovers(self, child: _Child) -> None:
@@ -790,12 +884,15 @@ class Supervisor:
                 hint = f" (last probe: {last_probe[0]})"
             else:
                 hint = self._silence(child)
+            child.failure = f"{child.version} did not become ready within {_seconds(config.ready_timeout)}{hint}"
             await self._stop_child(child)
             raise _NotReady(f"did not become ready within {_seconds(config.ready_timeout)}{hint}")
         if outcome[0] is not None:
+            child.failure = f"{child.version} {outcome[0]}"
             await self._stop_child(child)
             raise _NotReady(outcome[0])
         child.ready_at = time.monotonic()
+        self._outage = None  # a version serves again (the stand-in was stood down before its start)
 
     async def _probe(self, child: _Child, *, timeout: float | None) -> str | None:
         """One readiness/health probe on the instance's private socket: None if it passed."""
@@ -1197,6 +1294,8 @@ class Supervisor:
     ) -> SwapFailed:
         """Stop the new version, bring the old one back; the SwapFailed that tells the caller."""
         await say(reason)
+        if new is not None and new.failure is None:
+            new.failure = reason
         # With hand-off, a new version still running once the old one is gone hands back.
         donor = new if new is not None and self._can_hand_back(new, old) else None
         self._keep_handoff(old)  # before stopping the new version: the old one waits, frozen
@@ -1244,6 +1343,7 @@ class Supervisor:
                         f"; {transfer.summary()}: the state and connections of {donor.version} are lost")  # fmt: skip
         except _NotReady as e:
             self._current = failed
+            self._mark_down(f"{old.version} could not be started again ({e})")
             assert self._task_group is not None
             self._task_group.start_soon(self._restart_after_crash, failed, 1)
             return None, f"{old.version} could not be started again ({e}); retrying with backoff"
@@ -1253,6 +1353,7 @@ class Supervisor:
     def _on_exit(self, child: _Child) -> None:
         if self._closing or child.stopping or not child.supervised or child is not self._current:
             return  # stopped on purpose, or a start/swap in progress owns it
+        self._mark_down(f"{child.version} {child.describe_exit()}")
         maximum = self._config.restart_backoff[1]
         ran = time.monotonic() - child.started_at
         failures = 1 if ran >= maximum else child.failures + 1
@@ -1285,8 +1386,9 @@ class Supervisor:
                     f"{crashed.version} (pid {crashed.pid}) {crashed.describe_exit()}; {again} in {_seconds(delay)}",
                     logging.WARNING,
                 )
+                self._next_attempt_in(delay)
                 await anyio.sleep(delay)
-            async with self._lock:
+            async with self._exclusive():
                 if self._current is not crashed or self._closing:
                     return  # a swap, start or stop took over meanwhile
                 child: _Child | None = None
@@ -1298,6 +1400,7 @@ class Supervisor:
                     await self._wait_ready(child)
                 except _NotReady as e:
                     self._emit(f"{source.version} {e}", logging.WARNING)
+                    self._mark_down(f"{source.version} {e}")
                     crashed = child or crashed  # the failed attempt is the one to replace next
                     failures += 1
                     restarts += 1
@@ -1321,6 +1424,126 @@ class Supervisor:
         except Exception:
             log.exception("the crash-loop handler failed; restarting %s", source.version)
         return None
+
+    # --- when no version runs: the last exit, the outage, the stand-in ---------------------
+
+    def _record_exit(self, child: _Child) -> None:
+        reason = child.failure or f"{child.version} {child.describe_exit()}"
+        if child.ready_at is None and child.failure is None:
+            reason += " before it became ready" + (f" ({child.status})" if child.status else "")
+        self._last_exit = AppExit(
+            version=child.version, slot=child.source.slot, pid=child.pid, returncode=child.returncode,
+            at=time.time(), reason=reason, output=tuple(child.output),
+        )  # fmt: skip
+
+    def _mark_down(self, reason: str) -> None:
+        """No version runs (after a crash or a failed start): remember why; the stand-in answers
+        once ``unavailable_after`` passed since the outage began."""
+        if self._closing:
+            return
+        since = self._outage.since if self._outage is not None else time.monotonic()
+        self._outage = Outage(reason, since)
+        self._wake_stand_in()
+
+    def _next_attempt_in(self, delay: float) -> None:
+        if self._outage is not None:
+            self._outage = dataclasses.replace(self._outage, next_attempt=time.monotonic() + delay)
+
+    @asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """The supervisor's lock, for anything that starts, swaps or stops instances: the
+        stand-in stops accepting first (an instance about to start owns the queue), and may
+        answer again once the lock is free."""
+        async with self._lock:
+            await self._stand_down()
+            try:
+                yield
+            finally:
+                self._wake_stand_in()
+
+    def _wake_stand_in(self) -> None:
+        if self._stand_in_wake is not None:
+            self._stand_in_wake.set()
+
+    async def _stand_down(self) -> None:
+        scope, done = self._stand_in_scope, self._stand_in_done
+        if scope is None or done is None:
+            return
+        scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await done.wait()  # it accepts nothing once this returns
+
+    def _may_stand_in(self) -> bool:
+        return (
+            self._outage is not None
+            and not self._closing
+            and not self._lock.locked()
+            and not any(child.process.returncode is None for child in self._children)
+        )
+
+    async def _stand_in(self) -> None:
+        """Answer on the public sockets while no version runs (see the module doc)."""
+        while True:
+            wake = self._stand_in_wake = anyio.Event()
+            outage = self._outage
+            if not self._may_stand_in() or outage is None:
+                await wake.wait()
+                continue
+            wait = outage.since + self._config.unavailable_after - time.monotonic()
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await wake.wait()
+                continue
+            # No await between the check above and publishing the scope: _stand_down sees it.
+            done = self._stand_in_done = anyio.Event()
+            with anyio.CancelScope() as scope:
+                self._stand_in_scope = scope
+                log.info("no version of the app runs (%s): answering on its sockets meanwhile", outage.reason)
+                try:
+                    async with anyio.create_task_group() as tasks:
+                        for listener in self._listeners:
+                            tasks.start_soon(self._accept_standing_in, listener)
+                finally:
+                    self._stand_in_scope = None
+                    done.set()
+
+    async def _accept_standing_in(self, listener: Listener) -> None:
+        sock = listener.sock
+        http = listener.name in self._config.http_sockets
+        assert self._task_group is not None
+        while True:
+            try:
+                await anyio.wait_readable(sock)
+            except (OSError, anyio.ClosedResourceError) as e:  # never takes the supervisor down
+                log.error("%s: cannot wait for connections while the app is down: %s", listener.name, e)
+                return
+            if self._stand_in_scope is None or self._stand_in_scope.cancel_called or not self._may_stand_in():
+                return  # an instance is about to start: the queue is its own
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:  # out of fds: the connection stays queued, try again shortly
+                log.warning("%s: cannot accept while the app is down: %s", listener.name, e.strerror or e)
+                await anyio.sleep(0.1)
+                continue
+            if not http or self._stand_in_answering >= _STAND_IN_CONNECTIONS:
+                unavailable.close_at_once(conn)
+                continue
+            outage = self._outage
+            assert outage is not None
+            retry = outage.next_attempt - time.monotonic() if outage.next_attempt is not None else None
+            self._stand_in_answering += 1
+            self._task_group.start_soon(self._answer_standing_in, conn, outage.reason, retry)
+
+    async def _answer_standing_in(self, conn: socket.socket, reason: str, retry: float | None) -> None:
+        try:
+            await unavailable.answer_503(conn, reason, retry)
+        except Exception:  # a bug here must not end the supervisor's task group
+            log.exception("answering 503 failed")
+            conn.close()
+        finally:
+            self._stand_in_answering -= 1
 
     # --- reporting -----------------------------------------------------------------------
 
@@ -1377,9 +1600,14 @@ def _receive_notifications(child: _Child) -> None:
 async def _log_output(child: _Child, done: anyio.Event) -> None:
     """The app's stdout and stderr (one pipe) as log lines, with its version and pid as fields."""
     fields = {"app_version": child.version, "app_pid": child.pid}
+
+    def emit(line: str) -> None:
+        child.output.append(line)
+        _app_output.info("%s", line, extra=fields)
+
     try:
         if child.process.stdout is not None:
-            await logring.pump_lines(child.process.stdout, lambda line: _app_output.info("%s", line, extra=fields))
+            await logring.pump_lines(child.process.stdout, emit)
     finally:
         done.set()
 

@@ -276,15 +276,23 @@ def sim_config() -> dict[str, Any]:
 
 
 @pytest.fixture
+def sim_firmware() -> dict[str, Any]:
+    """Override per test: how the factory firmware 1.0.0 is built (``make_rootfs`` arguments,
+    e.g. ``{"app_behavior": {"fail_at_start": "..."}}``)."""
+    return {}
+
+
+@pytest.fixture
 async def sim(
-    tmp_path: Path, firmware: FirmwareFactory, client_key: KeyPair, fwup: str, sim_config: dict[str, Any]
+    tmp_path: Path, firmware: FirmwareFactory, client_key: KeyPair, fwup: str, sim_config: dict[str, Any],
+    sim_firmware: dict[str, Any],
 ) -> AsyncIterator[Sim]:
     """A running simulated device with firmware 1.0.0 in slot a and its app serving."""
     path = tmp_path / "device"
     try:
         device = SimDevice.create(
             path,
-            firmware=firmware("1.0.0"),
+            firmware=firmware("1.0.0", **sim_firmware),
             fwup=fwup,
             authorized_keys=[client_key.public_line],
             ssh_port=free_port(),

@@ -54,6 +54,11 @@ def test_every_option_is_documented() -> None:
         ({"app": {"handoff_timeout": 0}}, "[app] handoff_timeout: must be more than 0 seconds"),
         ({"app": {"handoff_max_sockets": -1}}, "[app] handoff_max_sockets: must not be negative"),
         ({"server": {"authorized_keys": []}}, "[server] authorized_keys: at least one file is required"),
+        (
+            {"app": {"sockets": ["web=tcp:127.0.0.1:80"], "http_sockets": ["htp"]}},
+            "[app] http_sockets: no socket named 'htp' in [app] sockets (named: web",
+        ),
+        ({"app": {"unavailable_after": -1}}, "[app] unavailable_after: must not be negative"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, message: str) -> None:

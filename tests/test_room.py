@@ -25,10 +25,10 @@ from sshfwup import procs, room
 from sshfwup.config import AppConfig
 from sshfwup.room import CAPABILITIES, RoomError, prepare_room, release_cgroup
 from sshfwup.sim.device import app_interpreter, ensure_app_user
+from sshfwup.sim.rootfs import SITE_PACKAGES, install_app_library
 from sshfwup.supervisor import AppNotReady, AppSource, Supervisor
 
 PROBE = Path(__file__).resolve().parent / "apps" / "room_probe.py"
-SOURCE_ROOT = Path(room.__file__).resolve().parents[1]
 APP_USER = AppConfig().user
 CGROUP2 = next(
     (Path(line.split(" - ")[0].split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -78,12 +78,14 @@ def probe_config(public_dir: Path, *args: str, **overrides: Any) -> AppConfig:
     app_dir = public_dir / "rootfs" / "srv" / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROBE, app_dir / "room_probe.py")
-    for d in (public_dir / "rootfs", public_dir / "rootfs" / "srv", app_dir):
+    # sshfwup.app from the tree, as a firmware has it: the checkout may be out of the user's reach
+    install_app_library(public_dir / "rootfs")
+    for d in [public_dir / "rootfs", *(p for p in (public_dir / "rootfs").rglob("*") if p.is_dir())]:
         os.chmod(d, 0o755)
     config = AppConfig(
         command=(app_interpreter(user), "{app_dir}/room_probe.py", *args),
         app_dir="/srv/app",
-        env=(("PROBE_REPORT", str(public_dir / "reports" / "report.json")), ("PYTHONPATH", str(SOURCE_ROOT))),
+        env=(("PROBE_REPORT", str(public_dir / "reports" / "report.json")), ("PYTHONPATH", "{root}" + SITE_PACKAGES)),
         ready_timeout=10.0,
         drain_timeout=2.0,
         observe=0.0,

@@ -7,6 +7,7 @@ misbehave the way a broken release would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -728,3 +729,107 @@ async def test_leaving_the_supervisor_stops_the_app_and_releases_the_port(tmp_pa
     assert (instance.pid, "sigterm") in app_events(tmp_path)
     with socket.create_server(("127.0.0.1", port)):
         pass  # the port is free again
+
+
+# --- while no version runs: the stand-in, the last exit --------------------------------------
+
+BROKEN_APP = "import sys; print('starting'); print('cannot open the database: /data/app.db'); sys.exit(3)"
+
+
+async def raw_connection_ends(port: int) -> str:
+    """Connect, wait for the other side: "reset" or "closed" (a hang fails the caller's bound)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return "closed" if await reader.read(100) == b"" else "data"
+    except ConnectionResetError:
+        return "reset"
+    finally:
+        writer.close()
+
+
+async def test_while_no_version_runs_the_http_socket_answers_503_with_the_reason_and_others_reset(
+    tmp_path: Path, marker: str
+) -> None:
+    sockets = (SocketSpec("tcp", "127.0.0.1", 0, "http"), SocketSpec("tcp", "127.0.0.1", 0, "raw"))
+    broken = app_config(tmp_path, command=(sys.executable, "-c", BROKEN_APP), sockets=sockets, unavailable_after=0.2)
+    source = install_app(tmp_path, "a", "1.0.0")
+    async with supervising(broken, marker) as sup:
+        assert sup.outage is None and sup.last_exit is None
+        with pytest.raises(AppNotReady):
+            await sup.start(source)
+        began = time.monotonic()
+        answer = await get(port_of(sup, "http"), timeout=3)  # queued until the stand-in answers
+        assert time.monotonic() - began < 2.0
+        assert answer.status == 503
+        assert answer.body == (
+            "503 Service Unavailable: the application is not running (1.0.0 exited with status 3 before it"
+            " became ready)\n"
+        )
+        assert answer.headers["connection"] == "close" and int(answer.headers["retry-after"]) >= 1
+        with anyio.fail_after(3):
+            assert await raw_connection_ends(port_of(sup, "raw")) == "reset"
+        exit_ = sup.last_exit
+        assert exit_ is not None and (exit_.version, exit_.exit_code, exit_.signal) == ("1.0.0", 3, None)
+        assert exit_.output == ("starting", "cannot open the database: /data/app.db")
+        assert abs(exit_.at - time.time()) < 10
+        assert sup.outage is not None and sup.outage.reason == exit_.reason
+
+    # a good version: the stand-in stops before it starts, and never answers again while it runs
+    good = replace(broken, command=(sys.executable, "{app_dir}/server.py"))
+    async with supervising(good, marker) as sup:
+        with pytest.raises(AppNotReady):
+            await sup.start(install_app(tmp_path, "b", "0.9.0", ready="never"))  # times out: not ready
+        assert sup.outage is not None and "did not become ready within 5 s" in sup.outage.reason
+        assert (await get(port_of(sup, "http"), timeout=3)).status == 503
+        # stopped for it (SIGTERM; it drained and exited 0): the reason is the supervisor's
+        assert sup.last_exit is not None and sup.last_exit.reason == "0.9.0 did not become ready within 5 s"
+        instance = await sup.start(source)
+        assert sup.outage is None
+        for _ in range(20):
+            assert (await get(port_of(sup, "http"))).body == f"1.0.0 {instance.pid}"
+
+
+async def test_a_crashed_app_waiting_for_its_restart_is_answered_for_then_serves_again(
+    tmp_path: Path, marker: str
+) -> None:
+    source = install_app(tmp_path, "a", "1.0.0", exit_after=[0.3, 3])
+    sockets = (SocketSpec("tcp", "127.0.0.1", 0, "http"),)
+    config = app_config(tmp_path, sockets=sockets, restart_backoff=(2.0, 2.0), unavailable_after=0.3, observe=0)
+    async with supervising(config, marker) as sup:
+        first = await sup.start(source)
+        (source.root / "srv/app/mode.json").unlink()  # the restart comes up and stays
+        while sup.outage is None:
+            await anyio.sleep(0.02)
+        answer = await get(port_of(sup, "http"), timeout=3)
+        assert answer.status == 503 and "1.0.0 exited with status 3" in answer.body
+        assert 1 <= int(answer.headers["retry-after"]) <= 2
+        assert sup.last_exit is not None and sup.last_exit.pid == first.pid and sup.last_exit.exit_code == 3
+        while not (sup.current and sup.current.pid != first.pid and sup.current.ready_at):
+            await anyio.sleep(0.02)
+        assert sup.outage is None
+        for _ in range(20):
+            assert (await get(port_of(sup, "http"))).body == f"1.0.0 {sup.current.pid}"
+
+
+async def test_a_stopped_app_is_not_answered_for(tmp_path: Path, marker: str) -> None:
+    """stop() is on purpose (stop-first swaps, shutdown): connections wait in the queue."""
+    config = app_config(tmp_path, sockets=(SocketSpec("tcp", "127.0.0.1", 0, "http"),), unavailable_after=0.1)
+    async with supervising(config, marker) as sup:
+        await sup.start(install_app(tmp_path, "a", "1.0.0"))
+        await sup.stop()
+        assert sup.outage is None
+        with pytest.raises(TimeoutError):
+            await get(port_of(sup, "http"), timeout=0.8)
+
+
+def test_the_503_answer_is_one_safe_line_with_a_bounded_retry_after() -> None:
+    from sshfwup.unavailable import response_503
+
+    text = response_503("2.0.0 exited\r\nX-Evil: 1", 0.2).decode()
+    head, _, body = text.partition("\r\n\r\n")
+    assert head.splitlines()[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "X-Evil" not in head and "Retry-After: 1" in head and "Connection: close" in head
+    assert body == "503 Service Unavailable: the application is not running (2.0.0 exited  X-Evil: 1)\n"
+    assert f"Content-Length: {len(body.encode())}" in head
+    assert "Retry-After: 300\r\n" in response_503("x", 10_000).decode()
+    assert "Retry-After: 5\r\n" in response_503("x", None).decode()

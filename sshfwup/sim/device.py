@@ -23,6 +23,7 @@ flushes that device's buffers first, or it would show the slot as it was before 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ from sshfwup.fwhead import MAX_HEAD, read_head_bytes
 from sshfwup.installed import record
 from sshfwup.sim.firmware import find_fwup
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
+from sshfwup.sim.rootfs import HOST_INTERPRETERS, INTERPRETER, SITE_PACKAGES
 from sshfwup.sim.toml_write import dumps as toml_dumps
 from sshfwup.slots import MountInfo, mounts
 
@@ -363,15 +365,67 @@ def _may_execute(path: Path, user: pwd.struct_passwd) -> bool:
     return bool(st.st_mode & 0o001)
 
 
+_MIN_PYTHON = (3, 11)
+_PYTHON_CHECK = "import sys; print('%d.%d' % sys.version_info[:2])"
+
+
 def app_interpreter(user: pwd.struct_passwd) -> str:
-    """A Python the app's user can run: this one, unless it lives where that user cannot reach
-    (a pyenv under /root), then the system's. The app finds ``sshfwup.app`` through the
-    PYTHONPATH the simulator sets (the sample app imports it; a firmware would vendor it)."""
-    for candidate in (sys.executable, "/usr/bin/python3"):
-        chain = [Path(candidate), Path(os.path.realpath(candidate))]
-        if all(_may_execute(p, user) for c in chain for p in [*c.parents, c] if p.exists()):
+    """The host Python that the firmware's stand-in ``/usr/bin/python3`` execs for ``user``: the
+    first of ``rootfs.HOST_INTERPRETERS`` that ``user`` can run and that is new enough.
+
+    The app runs from the mounted slot as its own user; nothing it runs may come from the
+    checkout or a venv (they may sit in a 0700 home). Raises SimError naming what is missing and
+    how to install it — before a device is made, not in the machine log once it boots.
+    """
+    return _app_interpreter(user.pw_name, user.pw_uid, user.pw_gid, HOST_INTERPRETERS)
+
+
+@functools.lru_cache(maxsize=8)  # the host's interpreters do not change under one process
+def _app_interpreter(name: str, uid: int, gid: int, candidates: tuple[str, ...]) -> str:
+    wanted = ".".join(map(str, _MIN_PYTHON))
+    tried = []
+    for candidate in candidates:
+        problem = _cannot_run(Path(candidate), name, uid, gid)
+        if problem is None:
             return candidate
-    raise SimError(f"no Python interpreter that the app user {user.pw_name} may run (tried {sys.executable}, /usr/bin/python3)")
+        tried.append(f"{candidate}: {problem}")
+    raise SimError(
+        f"the simulated device runs its app as the user {name!r} with the host's Python (the firmware's"
+        f" /usr/bin/python3 execs {' or '.join(candidates)}), but there is no Python >= {wanted} that"
+        f" {name!r} can run ({'; '.join(tried)}); install one: apt-get install python3"
+    )
+
+
+def _cannot_run(path: Path, name: str, uid: int, gid: int) -> str | None:
+    """Why ``uid`` cannot run ``path`` as a Python >= _MIN_PYTHON, or None. As root: by running it
+    as that user (search permission on every directory, ACLs, the interpreter's own libraries);
+    otherwise by the mode bits."""
+    if not path.exists():
+        return "missing"
+    if os.geteuid() != 0 or uid == os.geteuid():
+        entry = pwd.getpwuid(uid)
+        chain = [path, Path(os.path.realpath(path))]
+        if not all(_may_execute(p, entry) for c in chain for p in [*c.parents, c] if p.exists()):
+            return f"{name} may not execute it"
+        if uid != os.geteuid():
+            return None  # cannot switch users to ask its version
+    as_user: dict[str, Any] = {"user": uid, "group": gid, "extra_groups": []} if os.geteuid() == 0 else {}
+    try:
+        proc = subprocess.run(
+            [str(path), "-I", "-S", "-c", _PYTHON_CHECK], capture_output=True, text=True, timeout=30, cwd="/",
+            env={"PATH": "/usr/bin:/bin"}, check=False, **as_user,
+        )  # fmt: skip
+    except OSError as e:
+        return f"{name} cannot run it: {e.strerror or e}"
+    except subprocess.TimeoutExpired:
+        return "it did not answer within 30 s"
+    if proc.returncode != 0:
+        return f"{name} cannot run it: {(proc.stderr.strip().splitlines() or ['exit status %d' % proc.returncode])[-1]}"
+    version = proc.stdout.strip()
+    major, _, minor = version.partition(".")
+    if not (major.isdigit() and minor.isdigit()) or (int(major), int(minor)) < _MIN_PYTHON:
+        return f"it is Python {version}"
+    return None
 
 
 # --- the device ----------------------------------------------------------------------------
@@ -472,6 +526,10 @@ class SimDevice:
             raise ProvisionError(f"firmware file {firmware} not found")
         if (path / "disk.img").exists() or (path / DEVICE_JSON).exists():
             raise SimError(f"{path} already holds a simulated device (destroy it first)")
+        overrides = dict(config_overrides or {})
+        # Before anything is made: a device whose app cannot start fails only in its machine log.
+        cls(path, layout=layout, fwup="", ssh_port=ssh_port, app_port=app_port,
+            config_overrides=overrides).check_app_interpreter()  # fmt: skip
         try:
             fwup = find_fwup(fwup)
         except FirmwareError as e:
@@ -674,9 +732,11 @@ class SimDevice:
     def cleanup(self) -> None:
         cleanup(self.path)
 
-    def _app_python(self) -> str:
+    def check_app_interpreter(self) -> str:
+        """The host Python the app will run on (see app_interpreter); SimError if there is none
+        its user can run. The app user is created when missing."""
         user = self.config_overrides.get("app", {}).get("user", AppConfig().user)
-        return app_interpreter(ensure_app_user(user)) if user else sys.executable
+        return app_interpreter(ensure_app_user(user) if user else pwd.getpwuid(os.geteuid()))
 
     def prepare_app_user(self) -> None:
         """Make sure the configured [app] user exists (on this machine: see ensure_app_user)."""
@@ -777,8 +837,11 @@ class SimDevice:
                 "reboot_command": [sys.executable, "-m", "sshfwup.sim", "reboot", str(self.path)],
             },
             "app": {
-                "command": [self._app_python(), "{app_dir}/app.py"],
-                "env": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},  # sshfwup.app
+                # The firmware's own interpreter and its copy of sshfwup.app (sim/rootfs.py), from
+                # the tree the app runs from: never the checkout or its venv, which the app's
+                # user may not reach (a clone in a 0700 home).
+                "command": ["{root}" + INTERPRETER, "{app_dir}/app.py"],
+                "env": {"PYTHONPATH": "{root}" + SITE_PACKAGES},
                 "app_dir": "/srv/app",
                 "sockets": [f"http=tcp:127.0.0.1:{self.app_port}"],
                 "ready": "notify",

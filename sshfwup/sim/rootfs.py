@@ -17,6 +17,12 @@ change             what differs
 ``app-executable`` adds ``/srv/app/helper`` (an ELF executable)
 =================  =======================================================================
 
+The tree also holds what a device image would: the app's side of sshfwup (``sshfwup/__init__.py``,
+``app.py``, ``handoff.py``: stdlib only) under ``/usr/lib/python3/dist-packages``, and a stand-in
+``/usr/bin/python3`` that execs the host's Python by a fixed path (``HOST_INTERPRETERS``), so the
+app runs from the mounted slot as its own user, wherever the checkout lives. Those library files
+come from the checkout that builds the firmware: identical in every version built from it.
+
 A changed file's content includes the version, so two releases that both carry the same change
 also differ from each other there. Everything is deterministic: same inputs, same bytes, same
 modes and timestamps, so unchanged files hash identically across versions.
@@ -32,9 +38,31 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHANGES", "SAMPLE_APP", "build_sample_firmware", "make_rootfs"]
+__all__ = [
+    "APP_LIBRARY",
+    "CHANGES",
+    "HOST_INTERPRETERS",
+    "INTERPRETER",
+    "SAMPLE_APP",
+    "SITE_PACKAGES",
+    "build_sample_firmware",
+    "install_app_library",
+    "make_rootfs",
+]
 
 SAMPLE_APP = Path(__file__).with_name("sample_app") / "app.py"
+#: What an app imports of sshfwup (``from sshfwup.app import ...``): these files need only the
+#: standard library, so a firmware vendors them as they are.
+APP_LIBRARY = ("__init__.py", "app.py", "handoff.py")
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: Where the firmware's Python finds them (Debian's directory for distribution packages).
+SITE_PACKAGES = "/usr/lib/python3/dist-packages"
+#: The firmware's interpreter (the stand-in below); the simulator's [app] command runs it.
+INTERPRETER = "/usr/bin/python3"
+#: The host interpreters the stand-in execs, first one the app's user may run. Fixed paths, never
+#: this process's interpreter: the tree must not depend on who builds it (a pyenv or venv under
+#: /root would also be out of the app user's reach).
+HOST_INTERPRETERS = ("/usr/bin/python3", "/usr/local/bin/python3")
 KERNEL_RELEASE = "6.1.0-sim"
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: timestamps carry no information
 
@@ -88,11 +116,7 @@ def _baseline(changed: set[str], version: str) -> dict[str, tuple[bytes, int]]:
             f"kernel/drivers/sim/simdev.ko:\n# {variant('modules')}\n".encode(),
             0o644,
         ),
-        "/usr/bin/python3": (
-            f"#!/bin/sh\n# stand-in interpreter ({variant('interpreter')}); the app runs on the host's\n"
-            'exec /usr/bin/env python3 "$@"\n'.encode(),
-            0o755,
-        ),
+        INTERPRETER: (_stand_in_interpreter(variant("interpreter")), 0o755),
         "/usr/lib/python3.11/os.py": (b'"""stand-in for the standard library of the simulated rootfs"""\n', 0o644),
     }
     if "native-app" in changed:
@@ -100,6 +124,31 @@ def _baseline(changed: set[str], version: str) -> dict[str, tuple[bytes, int]]:
     if "app-executable" in changed:
         files["/srv/app/helper"] = (_elf(variant("app-executable"), 2), 0o755)
     return files
+
+
+def _stand_in_interpreter(variant: str) -> bytes:
+    candidates = " ".join(HOST_INTERPRETERS)
+    return (
+        "#!/bin/sh\n"
+        f"# stand-in interpreter ({variant}): the simulated device borrows the host's Python\n"
+        f"for python in {candidates}; do\n"
+        '    [ -x "$python" ] && exec "$python" "$@"\n'
+        "done\n"
+        f'echo "{INTERPRETER}: no host Python to run (tried {candidates}); apt-get install python3" >&2\n'
+        "exit 127\n"
+    ).encode()
+
+
+def install_app_library(root: Path) -> Path:
+    """Install the app's side of sshfwup (``APP_LIBRARY``) into the tree ``root``, under
+    ``SITE_PACKAGES``, as a firmware build would; returns the package directory."""
+    package = Path(root) / SITE_PACKAGES.lstrip("/") / "sshfwup"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in APP_LIBRARY:
+        target = package / name
+        target.write_bytes((_PACKAGE_DIR / name).read_bytes())
+        os.chmod(target, 0o644)
+    return package
 
 
 def _write(dest: Path, path: str, content: bytes, mode: int) -> None:
@@ -150,6 +199,7 @@ def make_rootfs(
 
     for path, (content, mode) in sorted(_baseline(changed, version).items()):
         _write(dest, path, content, mode)
+    install_app_library(dest)
     if filler:
         _write(dest, "/usr/share/sshfwup-sim/filler.bin", _blob("filler", filler), 0o644)
     _write(dest, "/srv/app/app.py", SAMPLE_APP.read_bytes(), 0o644)

@@ -23,6 +23,8 @@ Behaviour comes from ``behavior.json`` next to this file:
 - ``ready_delay`` (seconds, default 0.1): start-up time before accepting and sending READY=1
 - ``never_ready``: start up forever: never accept a connection, never send READY=1
 - ``crash_after`` (seconds): exit with status 3 this long after becoming ready
+- ``fail_at_start`` (text): log it as an error and exit with status 1 before becoming ready, as
+  a release that cannot start does (a missing module, an unreadable file): it never serves
 - ``unhealthy_after`` (seconds): ``/health`` answers 500 from this long after becoming ready
 - ``stop_accepting_after`` (seconds): this long after becoming ready, stop accepting new
   connections (its copies of the listeners closed, as a dead accept loop would) and hang on,
@@ -377,6 +379,9 @@ class SampleApp:
             await asyncio.wait_for(self.stop.wait(), float(self.behavior.get("ready_delay", 0.1)))
         except asyncio.TimeoutError:
             pass
+        if self.behavior.get("fail_at_start"):
+            log.error("cannot start: %s", self.behavior["fail_at_start"])
+            return 1
         if self.behavior.get("never_ready"):
             log.warning("never_ready: starting up forever")
             await self.stop.wait()
