@@ -124,10 +124,14 @@ def test_a_killed_owner_takes_its_device_down(tmp_path: Path, firmware: Firmware
         owner.send_signal(signal.SIGKILL)  # runs no cleanup of its own
         owner.wait(10)
         started = time.monotonic()
-        wait_for(lambda: nothing_left(path), GONE_WITHIN, f"the device to power itself off: {traces(path)}")
+        # Powered off = its mounts and loops gone *and* its processes exited (the machine unmounts
+        # before it exits: checking the processes at the instant the last loop went away raced).
+        wait_for(
+            lambda: nothing_left(path) and not procs.alive(pids["machine"]) and not procs.alive(pids["server"]),
+            GONE_WITHIN, f"the device to power itself off: {traces(path)}",
+        )  # fmt: skip
         log = (path / "machine.log").read_text()
 
-    assert not procs.alive(pids["machine"]) and not procs.alive(pids["server"])
     assert "owner (pid" in log and "is gone; powering off" in log, log[-2000:]
     state = MachineState.read(path)
     assert state is not None and state.state == "off", state
