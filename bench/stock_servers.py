@@ -65,6 +65,7 @@ class RunResult:
     report: LoadReport | None  # None: the run ended before its load did (see failure)
     swaps: tuple[SwapResult, ...]
     planned: int = 0  # swaps asked for
+    probe_waits: tuple[float, ...] = ()  # seconds each probe connection waited to be accepted
     failure: str = ""  # why a swap failed (rolled back), or the run could not go on
 
     @property
@@ -102,6 +103,20 @@ class RunResult:
         return {r.socket_path for r in self.swaps}
 
 
+class ProbeWaits(logging.Handler):
+    """Collects how long the supervisor's probe connections waited (sshfwup.listeners' debug
+    records): what [app] stall_timeout has to stay well above under load."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.waits: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        wait = getattr(record, "probe_wait", None)
+        if wait is not None:
+            self.waits.append(float(wait))
+
+
 def set_migration(enabled: bool) -> None:
     Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1" if enabled else "0")
 
@@ -120,6 +135,11 @@ async def run_one(work: Path, server: stock.StockServer, path: str, mode: str, a
     swaps: list[SwapResult] = []
     failure = ""
     load: LoadGenerator | None = None
+    waits = ProbeWaits()
+    probe_log = logging.getLogger("sshfwup.listeners.probes")
+    probe_log.addHandler(waits)
+    probe_log.setLevel(logging.DEBUG)
+    probe_log.propagate = False  # collected here, not printed
     try:
         async with Supervisor(config, marker=marker, steer=steer) as sup:
             await sup.start(sources[0])
@@ -147,8 +167,11 @@ async def run_one(work: Path, server: stock.StockServer, path: str, mode: str, a
                     await load.mark(f"tail-{tail}")
     except (SupervisorError, LoadError, OSError, ExceptionGroup) as e:  # a start that failed, hey gone: this run only
         failure = f"could not run: {e}"
+    finally:
+        probe_log.removeHandler(waits)
     report = load.report if load is not None and load.phases else None
-    return RunResult(server.name, path, mode, report, tuple(swaps), planned=args.swaps, failure=failure)
+    return RunResult(server.name, path, mode, report, tuple(swaps), planned=args.swaps, failure=failure,
+                     probe_waits=tuple(waits.waits))  # fmt: skip
 
 
 def ms(value: float | None) -> str:
@@ -171,6 +194,10 @@ def describe(r: RunResult) -> list[str]:
         drain = statistics.median(s.drain_seconds for s in r.swaps)
         lines.append(f"swaps (medians): ready {ready:.2f} s, hand-over {handover:.2f} s, drain {drain:.2f} s,"
                      f" total {statistics.median(s.total_seconds for s in r.swaps):.2f} s")  # fmt: skip
+    if r.probe_waits:
+        waits = sorted(r.probe_waits)
+        lines.append(f"probe connections: {len(waits)}, accepted after median {ms(statistics.median(waits))} ms,"
+                     f" max {ms(waits[-1])} ms (the health check's wait; [app] stall_timeout bounds a wait without progress)")  # fmt: skip
     if r.failure:
         lines.append(f"FAILED: {r.failure}")
     errors = rep.errors()
@@ -189,14 +216,15 @@ def describe(r: RunResult) -> list[str]:
 
 def table(results: list[RunResult]) -> list[str]:
     head = (f"{'server':<10} {'socket path':<18} {'mode':<15} {'swaps':>5} {'requests':>9} {'req/s':>6} {'failed':>6}"
-            f" {'p99 swaps ms':>12} {'p99 steady ms':>13}  result")  # fmt: skip
+            f" {'p99 swaps ms':>12} {'p99 steady ms':>13} {'probe max ms':>12}  result")  # fmt: skip
     rows = [head]
     for r in results:
         rate = f"{r.report.rate:>6.0f}" if r.report else f"{'-':>6}"
         swaps = f"{len(r.swaps)}/{r.planned}"
         rows.append(
             f"{r.server:<10} {'/'.join(sorted(r.socket_paths)) or r.path:<18} {r.mode:<15} {swaps:>5} {r.sent:>9} {rate}"
-            f" {r.failed:>6} {ms(r.p99_swaps):>12} {ms(r.p99_steady):>13}  {'ok' if r.ok else 'FAILED: ' + r.failure}"
+            f" {r.failed:>6} {ms(r.p99_swaps):>12} {ms(r.p99_steady):>13} {ms(max(r.probe_waits, default=None)):>12}"
+            f"  {'ok' if r.ok else 'FAILED: ' + r.failure}"
         )
     return rows
 
@@ -257,6 +285,7 @@ async def main(args: argparse.Namespace) -> int:
              "requests": r.sent, "failed": r.failed, "errors": r.report.errors() if r.report else {},
              "req_per_s": r.report.rate if r.report else None, "p99_swaps": r.p99_swaps, "p99_steady": r.p99_steady,
              "swaps": len(r.swaps), "planned_swaps": r.planned, "failure": r.failure,
+             "probe_waits": list(r.probe_waits),
              "ready": [s.ready_seconds for s in r.swaps], "handover": [s.handover_seconds for s in r.swaps],
              "drain": [s.drain_seconds for s in r.swaps]}
             for r in results

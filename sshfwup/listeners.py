@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_probe_log = logging.getLogger(f"{__name__}.probes")  # one line per accepted probe connection (debug)
 
 SocketPath = Literal["shared", "reuseport", "reuseport+migrate"]
 
@@ -593,6 +594,7 @@ async def accept_probe(
             if diag is not None:
                 try:
                     if _accepted(diag, client, *ends):
+                        _log_accepted(began, ahead)
                         return
                 except ProbeReset:
                     raise
@@ -601,6 +603,7 @@ async def accept_probe(
                     diag.close()
                     diag = None
             if diag is None and (not last or left >= ahead):
+                _log_accepted(began, ahead)
                 return
             now = anyio.current_time()
             if stall_timeout is not None and now - progress_at >= stall_timeout:
@@ -614,6 +617,13 @@ async def accept_probe(
     finally:
         if diag is not None:
             diag.close()
+
+
+def _log_accepted(began: float, ahead: int) -> None:
+    waited = anyio.current_time() - began
+    # probe_wait: for bench/stock_servers.py, which reports the longest wait under load
+    _probe_log.debug("probe connection accepted after %.3f s (%d queued when it arrived)", waited, ahead,
+                     extra={"probe_wait": waited})  # fmt: skip
 
 
 def _accepted(diag: sockdiag.SockDiag, client: socket.socket, local: tuple[Any, ...], remote: tuple[Any, ...]) -> bool:
