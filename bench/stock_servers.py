@@ -65,7 +65,7 @@ class RunResult:
     report: LoadReport | None  # None: the run ended before its load did (see failure)
     swaps: tuple[SwapResult, ...]
     planned: int = 0  # swaps asked for
-    probe_waits: tuple[float, ...] = ()  # seconds each probe connection waited to be accepted
+    probe_waits: tuple[float, ...] = ()  # seconds each health probe waited: accepted, or answered (http)
     failure: str = ""  # why a swap failed (rolled back), or the run could not go on
 
     @property
@@ -104,8 +104,8 @@ class RunResult:
 
 
 class ProbeWaits(logging.Handler):
-    """Collects how long the supervisor's probe connections waited (sshfwup.listeners' debug
-    records): what [app] stall_timeout has to stay well above under load."""
+    """Collects how long the supervisor's probes waited to be accepted or answered
+    (sshfwup.listeners' debug records): what [app] stall_timeout has to stay well above."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -196,8 +196,8 @@ def describe(r: RunResult) -> list[str]:
                      f" total {statistics.median(s.total_seconds for s in r.swaps):.2f} s")  # fmt: skip
     if r.probe_waits:
         waits = sorted(r.probe_waits)
-        lines.append(f"probe connections: {len(waits)}, accepted after median {ms(statistics.median(waits))} ms,"
-                     f" max {ms(waits[-1])} ms (the health check's wait; [app] stall_timeout bounds a wait without progress)")  # fmt: skip
+        lines.append(f"probes (readiness and health): {len(waits)}, accepted or answered after median"
+                     f" {ms(statistics.median(waits))} ms, max {ms(waits[-1])} ms ([app] stall_timeout: 5 s by default)")  # fmt: skip
     if r.failure:
         lines.append(f"FAILED: {r.failure}")
     errors = rep.errors()

@@ -488,6 +488,7 @@ async def http_probe(port: int, path: str, *, route: tuple[socket.socket, tuple[
         f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: sshfwup-probe\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
+    began = anyio.current_time()
     try:
         await _connect(client, destination)
         while request:
@@ -506,6 +507,8 @@ async def http_probe(port: int, path: str, *, route: tuple[socket.socket, tuple[
     finally:
         if route is None:
             client.close()
+    waited = anyio.current_time() - began
+    _probe_log.debug("http probe answered after %.3f s", waited, extra={"probe_wait": waited})
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split()
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
@@ -589,17 +592,21 @@ async def accept_probe(
     progress_at = began
     diag = _lookup(listener)
     try:
-        ends = (listener.getsockname(), client.getsockname())
+        # the server's end: bound to where the client connected (a wildcard listener's too)
+        ends = (client.getpeername(), client.getsockname())
         while True:
             if diag is not None:
                 try:
-                    if _accepted(diag, client, *ends):
-                        _log_accepted(began, ahead)
-                        return
+                    accepted = _accepted(diag, client, *ends)
                 except ProbeReset:
                     raise
                 except OSError as e:  # a lookup that fails is no verdict on the app: count instead
                     log.warning("socket diagnostics failed (%s); counting accepts from the queue's length", e)
+                    accepted = None
+                if accepted:
+                    _log_accepted(began, ahead)
+                    return
+                if accepted is None:
                     diag.close()
                     diag = None
             if diag is None and (not last or left >= ahead):
@@ -626,21 +633,25 @@ def _log_accepted(began: float, ahead: int) -> None:
                      extra={"probe_wait": waited})  # fmt: skip
 
 
-def _accepted(diag: sockdiag.SockDiag, client: socket.socket, local: tuple[Any, ...], remote: tuple[Any, ...]) -> bool:
+def _accepted(
+    diag: sockdiag.SockDiag, client: socket.socket, local: tuple[Any, ...], remote: tuple[Any, ...]
+) -> bool | None:
     """The server's end of the probe connection is no longer queued: an app holds it (or took
-    it and closed it already). Raises ProbeReset when it vanished unaccepted."""
+    it and closed it already). None: the kernel does not find it while the client's end is still
+    open (no verdict: the caller counts instead). Raises ProbeReset when it vanished unaccepted."""
     end = diag.server_end(local, remote)
     if end.queued:
         return False
     if end.found:
         return True
-    try:  # gone altogether: closed by an app that accepted it, or reset with its listener
-        client.recv(1, socket.MSG_PEEK)
+    try:  # gone: closed by an app that accepted it (end of stream here), or reset with its listener
+        return client.recv(1, socket.MSG_PEEK) == b""
     except (ConnectionResetError, ConnectionAbortedError) as e:
         raise ProbeReset(e.errno, "the probe connection was reset before it was accepted") from e
     except BlockingIOError:
-        pass
-    return True
+        log.warning("socket diagnostics do not find the probe connection %s → %s; counting accepts from the"
+                    " queue's length", remote, local)  # fmt: skip
+        return None
 
 
 async def tcp_probe(listener: socket.socket, port: int) -> str | None:

@@ -49,9 +49,15 @@ while no other instance runs — during an overlap that means once the old versi
 the swap completes (a failure then starts the old version again). UNIX sockets have no accept
 queue to watch: there READY=1 (or the private probe) is all the proof. During the observation
 window the process must stay alive and, every ``health_interval``, pass the http/tcp probe and
-accept a probe connection on each public socket, each within ``max(1 s, 2 × health_interval)``;
-boot validation runs the same checks (:meth:`Supervisor.watch_health`,
-:meth:`Supervisor.check_health`).
+accept a probe connection on each public socket; boot validation runs the same checks
+(:meth:`Supervisor.watch_health`, :meth:`Supervisor.check_health`).
+
+Saturated is not dead (issue #20): at full load a probe connection may wait in the accept queue
+behind busy workers, and that passes once it is accepted. A version is unhealthy when it makes no
+progress: it exits; a probe connection waits while nothing at all is accepted on that socket for
+``stall_timeout`` (:func:`listeners.accept_probe`; the kernel says when the probe itself is
+accepted, :mod:`sshfwup.sockdiag`); its http/tcp check does not answer within ``stall_timeout``;
+or that check answers with a failure ``health_failures`` rounds in a row.
 
 Outside a swap, an instance that exits is restarted from the same source, on the same sockets,
 with exponential backoff (``restart_backoff``: first delay, maximum; a crash after running at

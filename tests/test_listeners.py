@@ -363,6 +363,36 @@ def test_a_probe_accepted_while_the_queue_length_stays_put_is_seen_accepted(tcp:
         close_all(ahead + accepted + arrived)
 
 
+def test_a_probe_on_a_wildcard_listener_is_accepted_when_its_connection_is() -> None:
+    """The server's end of a connection to 0.0.0.0 is bound to the address connected to."""
+    import anyio
+
+    (web,) = bind_listeners((SocketSpec("tcp", "0.0.0.0", 0, "web"),))
+    accepted: list[socket.socket] = []
+
+    async def scenario() -> None:
+        done = anyio.Event()
+        with web.probe_connection(web.sock) as route:
+
+            async def probe() -> None:
+                await listeners.accept_probe(web.sock, route, stall_timeout=60)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(probe)
+                await anyio.sleep(0.2)
+                assert not done.is_set() and web.queued(web.sock) == 1
+                accepted.append(web.sock.accept()[0])
+                with anyio.fail_after(10):
+                    await done.wait()
+
+    try:
+        anyio.run(scenario)
+    finally:
+        close_all(accepted)
+        web.close()
+
+
 def test_a_probe_waiting_on_a_queue_that_does_not_move_stalls(tcp: Listener) -> None:
     """Nothing accepted at all for stall_timeout while the probe waits: no progress, not busy."""
     import anyio
