@@ -644,8 +644,9 @@ def _accepted(
         return False
     if end.found:
         return True
-    try:  # gone: closed by an app that accepted it (end of stream here), or reset with its listener
-        return client.recv(1, socket.MSG_PEEK) == b""
+    try:  # gone: closed by an app that accepted it (end of stream, or what it wrote first), or reset
+        client.recv(1, socket.MSG_PEEK)
+        return True
     except (ConnectionResetError, ConnectionAbortedError) as e:
         raise ProbeReset(e.errno, "the probe connection was reset before it was accepted") from e
     except BlockingIOError:
