@@ -199,7 +199,8 @@ def describe(r: RunResult) -> list[str]:
     if r.probe_waits:
         waits = sorted(r.probe_waits)
         lines.append(f"probes (readiness and health): {len(waits)}, accepted or answered after median"
-                     f" {ms(statistics.median(waits))} ms, max {ms(waits[-1])} ms ([app] stall_timeout: 5 s by default)")  # fmt: skip
+                     f" {ms(statistics.median(waits))} ms, max {ms(waits[-1])} ms"
+                     " ([app] stall_timeout: 5 s by default)")  # fmt: skip
     if r.failure:
         lines.append(f"FAILED: {r.failure}")
     errors = rep.errors()
@@ -274,7 +275,8 @@ async def main(args: argparse.Namespace) -> int:
             detail += f"; swaps took another socket path: {[sorted(r.socket_paths) for r in wrong_path]}"
         rolled_back = [r for r in runs if not r.ok]
         if rolled_back:
-            detail += f"; {len(rolled_back)} run(s) failed: " + "; ".join(f"{r.path}/{r.mode}: {r.failure}" for r in rolled_back)
+            failures = "; ".join(f"{r.path}/{r.mode}: {r.failure}" for r in rolled_back)
+            detail += f"; {len(rolled_back)} run(s) failed: {failures}"
         targets.append((f"{server.name}: 0 failed of >= {args.min_requests} per run and no rollback on the steered paths",
                         failed == 0 and least >= args.min_requests and not wrong_path and not rolled_back,
                         detail))  # fmt: skip
@@ -324,7 +326,8 @@ if __name__ == "__main__":
     parser.add_argument("--stall-timeout", type=float, default=None,
                         help="[app] stall_timeout for every run (default: the configuration's default)")  # fmt: skip
     parser.add_argument("--broken-release", action="store_true",
-                        help="2.0.0 fails to import (gunicorn, uvicorn, hypercorn; the sample app has no such fault): the first swap fails, which checks that failures are reported")  # fmt: skip
+                        help="2.0.0 fails to import (gunicorn, uvicorn, hypercorn; not the sample app): the first"
+                             " swap fails, which checks that failures are reported")  # fmt: skip
     parser.add_argument("--no-netns", dest="netns", action="store_false",
                         help="run in the host's network namespace with its tcp_migrate_req")  # fmt: skip
     parser.add_argument(IN_NETNS, action="store_true", help=argparse.SUPPRESS)

@@ -546,22 +546,20 @@ def _lookup(listener: socket.socket) -> sockdiag.SockDiag | None:
     """A socket-diagnostics handle, or None where the kernel offers none (told once)."""
     if _sockdiag_state and not _sockdiag_state[0]:
         return None
+    diag: sockdiag.SockDiag | None = None
     try:
         diag = sockdiag.SockDiag()
-    except sockdiag.SockDiagUnavailable as e:
-        _sockdiag_state[:] = [False]
-        log.warning("%s: health checks count accepts from the accept queue's length instead (less exact under load)", e)
-        return None
-    if not _sockdiag_state:
-        try:
+        if not _sockdiag_state:
             diag.check(listener)
-        except sockdiag.SockDiagUnavailable as e:
+            _sockdiag_state[:] = [True]
+        return diag
+    except sockdiag.SockDiagUnavailable as e:
+        if diag is not None:
             diag.close()
-            _sockdiag_state[:] = [False]
-            log.warning("%s: health checks count accepts from the accept queue's length instead (less exact under load)", e)
-            return None
-        _sockdiag_state[:] = [True]
-    return diag
+        _sockdiag_state[:] = [False]
+        log.warning("%s: health checks count accepts from the accept queue's length instead"
+                    " (less exact under load)", e)  # fmt: skip
+        return None
 
 
 async def accept_probe(

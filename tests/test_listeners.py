@@ -447,6 +447,50 @@ def test_a_queue_that_keeps_moving_is_not_a_stall(tcp: Listener) -> None:
     assert len(accepted) >= 7  # the six ahead, then the probe's own
 
 
+def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
+    tcp: Listener, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel without inet_diag: said once, and the queue's length decides (exact when idle)."""
+    import anyio
+
+    from sshfwup import sockdiag
+
+    def unavailable() -> sockdiag.SockDiag:
+        raise sockdiag.SockDiagUnavailable(93, "no socket diagnostics (NETLINK_SOCK_DIAG): Protocol not supported")
+
+    monkeypatch.setattr(listeners, "_sockdiag_state", [])
+    monkeypatch.setattr(sockdiag, "SockDiag", unavailable)
+    target = tcp.sock
+    ahead = connect(port_of(tcp), 2)
+    accepted: list[socket.socket] = []
+
+    async def scenario() -> None:
+        done = anyio.Event()
+        with tcp.probe_connection(target) as route:
+
+            async def probe() -> None:
+                await listeners.accept_probe(target, route, stall_timeout=60)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(probe)
+                await anyio.sleep(0.1)
+                accepted.extend(target.accept()[0] for _ in range(2))
+                await anyio.sleep(0.1)
+                assert not done.is_set()  # its own connection is still queued
+                accepted.append(target.accept()[0])
+                with anyio.fail_after(5):
+                    await done.wait()
+
+    with caplog.at_level(logging.WARNING, logger="sshfwup.listeners"):
+        try:
+            anyio.run(scenario)
+        finally:
+            close_all(ahead + accepted)
+    assert listeners._sockdiag_state == [False]
+    assert [r.message for r in caplog.records if "count accepts from the accept queue" in r.message] != []
+
+
 def test_socket_diagnostics_tell_a_queued_connection_from_an_accepted_one(tcp: Listener) -> None:
     from sshfwup import sockdiag
 
