@@ -21,7 +21,7 @@ Target: 0 failed of >= 50 000 requests for every server on the steered paths, in
 A swap that fails (the new version is rolled back) ends that run: it is a row like the others,
 with the reason, and the run's load is still reported. The summary table is always printed; the
 exit status is 1 when any run had a failed swap or could not run (a missed target is a MISS line).
-The table's "probe max ms": the longest any readiness or health probe waited to be accepted or
+The table's "health max ms": the longest a health check that passed waited to be accepted or
 answered under that load (what ``[app] stall_timeout`` must stay well above).
 
     .venv/bin/python bench/stock_servers.py [--quick] [--servers sample,gunicorn,uvicorn,hypercorn]
@@ -67,7 +67,7 @@ class RunResult:
     report: LoadReport | None  # None: the run ended before its load did (see failure)
     swaps: tuple[SwapResult, ...]
     planned: int = 0  # swaps asked for
-    probe_waits: tuple[float, ...] = ()  # seconds each health probe waited: accepted, or answered (http)
+    health_waits: tuple[float, ...] = ()  # seconds each passed health check waited (accepted, or answered)
     failure: str = ""  # why a swap failed (rolled back), or the run could not go on
 
     @property
@@ -105,16 +105,17 @@ class RunResult:
         return {r.socket_path for r in self.swaps}
 
 
-class ProbeWaits(logging.Handler):
-    """Collects how long the supervisor's probes waited to be accepted or answered
-    (sshfwup.listeners' debug records): what [app] stall_timeout has to stay well above."""
+class HealthWaits(logging.Handler):
+    """Collects how long the supervisor's health checks (observation windows; the shared path's
+    proof after the drain) waited to be accepted or answered — sshfwup.supervisor.health's debug
+    records: what [app] stall_timeout has to stay well above under load."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.waits: list[float] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        wait = getattr(record, "probe_wait", None)
+        wait = getattr(record, "health_wait", None)
         if wait is not None:
             self.waits.append(float(wait))
 
@@ -137,11 +138,11 @@ async def run_one(work: Path, server: stock.StockServer, path: str, mode: str, a
     swaps: list[SwapResult] = []
     failure = ""
     load: LoadGenerator | None = None
-    waits = ProbeWaits()
-    probe_log = logging.getLogger("sshfwup.listeners.probes")
-    probe_log.addHandler(waits)
-    probe_log.setLevel(logging.DEBUG)
-    probe_log.propagate = False  # collected here, not printed
+    waits = HealthWaits()
+    health_log = logging.getLogger("sshfwup.supervisor.health")
+    health_log.addHandler(waits)
+    health_log.setLevel(logging.DEBUG)
+    health_log.propagate = False  # collected here, not printed
     try:
         async with Supervisor(config, marker=marker, steer=steer) as sup:
             await sup.start(sources[0])
@@ -170,10 +171,10 @@ async def run_one(work: Path, server: stock.StockServer, path: str, mode: str, a
     except (SupervisorError, LoadError, OSError, ExceptionGroup) as e:  # a start that failed, hey gone: this run only
         failure = f"could not run: {e}"
     finally:
-        probe_log.removeHandler(waits)
+        health_log.removeHandler(waits)
     report = load.report if load is not None and load.phases else None
     return RunResult(server.name, path, mode, report, tuple(swaps), planned=args.swaps, failure=failure,
-                     probe_waits=tuple(waits.waits))  # fmt: skip
+                     health_waits=tuple(waits.waits))  # fmt: skip
 
 
 def ms(value: float | None) -> str:
@@ -196,9 +197,9 @@ def describe(r: RunResult) -> list[str]:
         drain = statistics.median(s.drain_seconds for s in r.swaps)
         lines.append(f"swaps (medians): ready {ready:.2f} s, hand-over {handover:.2f} s, drain {drain:.2f} s,"
                      f" total {statistics.median(s.total_seconds for s in r.swaps):.2f} s")  # fmt: skip
-    if r.probe_waits:
-        waits = sorted(r.probe_waits)
-        lines.append(f"probes (readiness and health): {len(waits)}, accepted or answered after median"
+    if r.health_waits:
+        waits = sorted(r.health_waits)
+        lines.append(f"health checks passed: {len(waits)}, accepted or answered after median"
                      f" {ms(statistics.median(waits))} ms, max {ms(waits[-1])} ms"
                      " ([app] stall_timeout: 5 s by default)")  # fmt: skip
     if r.failure:
@@ -219,14 +220,14 @@ def describe(r: RunResult) -> list[str]:
 
 def table(results: list[RunResult]) -> list[str]:
     head = (f"{'server':<10} {'socket path':<18} {'mode':<15} {'swaps':>5} {'requests':>9} {'req/s':>6} {'failed':>6}"
-            f" {'p99 swaps ms':>12} {'p99 steady ms':>13} {'probe max ms':>12}  result")  # fmt: skip
+            f" {'p99 swaps ms':>12} {'p99 steady ms':>13} {'health max ms':>13}  result")  # fmt: skip
     rows = [head]
     for r in results:
         rate = f"{r.report.rate:>6.0f}" if r.report else f"{'-':>6}"
         swaps = f"{len(r.swaps)}/{r.planned}"
         rows.append(
             f"{r.server:<10} {'/'.join(sorted(r.socket_paths)) or r.path:<18} {r.mode:<15} {swaps:>5} {r.sent:>9} {rate}"
-            f" {r.failed:>6} {ms(r.p99_swaps):>12} {ms(r.p99_steady):>13} {ms(max(r.probe_waits, default=None)):>12}"
+            f" {r.failed:>6} {ms(r.p99_swaps):>12} {ms(r.p99_steady):>13} {ms(max(r.health_waits, default=None)):>13}"
             f"  {'ok' if r.ok else 'FAILED: ' + r.failure}"
         )
     return rows
@@ -289,7 +290,7 @@ async def main(args: argparse.Namespace) -> int:
              "requests": r.sent, "failed": r.failed, "errors": r.report.errors() if r.report else {},
              "req_per_s": r.report.rate if r.report else None, "p99_swaps": r.p99_swaps, "p99_steady": r.p99_steady,
              "swaps": len(r.swaps), "planned_swaps": r.planned, "failure": r.failure,
-             "probe_waits": list(r.probe_waits),
+             "health_waits": list(r.health_waits),
              "ready": [s.ready_seconds for s in r.swaps], "handover": [s.handover_seconds for s in r.swaps],
              "drain": [s.drain_seconds for s in r.swaps]}
             for r in results

@@ -76,7 +76,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_probe_log = logging.getLogger(f"{__name__}.probes")  # one line per accepted probe connection (debug)
 
 SocketPath = Literal["shared", "reuseport", "reuseport+migrate"]
 
@@ -488,7 +487,6 @@ async def http_probe(port: int, path: str, *, route: tuple[socket.socket, tuple[
         f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: sshfwup-probe\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
-    began = anyio.current_time()
     try:
         await _connect(client, destination)
         while request:
@@ -507,8 +505,6 @@ async def http_probe(port: int, path: str, *, route: tuple[socket.socket, tuple[
     finally:
         if route is None:
             client.close()
-    waited = anyio.current_time() - began
-    _probe_log.debug("http probe answered after %.3f s", waited, extra={"probe_wait": waited})
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split()
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
@@ -584,10 +580,9 @@ async def accept_probe(
     """
     client, destination = route
     await _connect(client, destination)
-    began = anyio.current_time()
     ahead = last = accept_queue_length(listener)
     left = 0
-    progress_at = began
+    progress_at = anyio.current_time()
     diag = _lookup(listener)
     try:
         # the server's end: bound to where the client connected (a wildcard listener's too)
@@ -602,13 +597,11 @@ async def accept_probe(
                     log.warning("socket diagnostics failed (%s); counting accepts from the queue's length", e)
                     accepted = None
                 if accepted:
-                    _log_accepted(began, ahead)
                     return
                 if accepted is None:
                     diag.close()
                     diag = None
             if diag is None and (not last or left >= ahead):
-                _log_accepted(began, ahead)
                 return
             now = anyio.current_time()
             if stall_timeout is not None and now - progress_at >= stall_timeout:
@@ -622,13 +615,6 @@ async def accept_probe(
     finally:
         if diag is not None:
             diag.close()
-
-
-def _log_accepted(began: float, ahead: int) -> None:
-    waited = anyio.current_time() - began
-    # probe_wait: for bench/stock_servers.py, which reports the longest wait under load
-    _probe_log.debug("probe connection accepted after %.3f s (%d queued when it arrived)", waited, ahead,
-                     extra={"probe_wait": waited})  # fmt: skip
 
 
 def _accepted(

@@ -144,6 +144,9 @@ _REPORT_TIMEOUT = 5.0  # a stuck uploader channel must not stall a swap
 _PROBE_RETRY = 0.05
 _OUTPUT_DRAIN = 1.0  # after an exit, the app's last output lines still get this long to arrive
 _app_output = logging.getLogger(logring.APP_LOGGER)
+# One debug line per health check that passed, with how long it waited (``health_wait``):
+# bench/stock_servers.py reports the longest under load, what [app] stall_timeout must stay above.
+_health_log = logging.getLogger(f"{__name__}.health")
 # The hand-over: the old version's queues must stay empty this long before it gets SIGTERM, so
 # that it has read the requests of the connections it accepted last; bounded for an old version
 # that stopped accepting.
@@ -879,15 +882,19 @@ class Supervisor:
         is accepted or answered; only ``stall_timeout`` without any progress fails it."""
         config = self._config
         if child.health is not None:
+            began = time.monotonic()
             problem = await self._probe(child, timeout=config.stall_timeout)
             if problem is not None:
                 silent = problem.startswith("no answer within")
                 what = "stopped answering its health check" if silent else "failed its health check"
                 return f"{what} ({problem})", not silent
+            _passed(child, f"{config.ready} check", began)
         for listener, sock in self._public_checks(child):
+            began = time.monotonic()
             problem = await self._accept_probe(listener, sock, timeout=self._busy_limit(), stall=True)
             if problem is not None:
                 return problem, False
+            _passed(child, f"probe connection on {listener.name}", began)
         return None, False
 
     async def _health_verdict(self, child: _Child, *, rounds: int) -> str | None:
@@ -1388,6 +1395,12 @@ class Supervisor:
                 log.warning("reporting %r took over %s; carrying on", line, _seconds(_REPORT_TIMEOUT))
         except Exception:
             log.warning("cannot report %r; carrying on", line, exc_info=True)
+
+
+def _passed(child: _Child, check: str, began: float) -> None:
+    waited = time.monotonic() - began
+    _health_log.debug("%s (pid %d): %s passed after %.3f s", child.version, child.pid, check, waited,
+                      extra={"health_wait": waited})  # fmt: skip
 
 
 def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
