@@ -131,6 +131,12 @@ class AppConfig:
     drain_timeout: float = 30.0
     observe: float = 10.0
     health_interval: float = 0.5
+    # Saturated is not dead (issue #20): a version is unhealthy when it makes no progress, not
+    # when one probe waits behind busy workers. A public socket whose probe connection waits while
+    # nothing at all is accepted for stall_timeout seconds, or a health check that does not answer
+    # within it, means dead; an answer that says unhealthy counts after health_failures in a row.
+    stall_timeout: float = 5.0
+    health_failures: int = 3
     strategy: Literal["overlap", "stop-first"] = "overlap"
     revert_on_failure: bool = True  # revert the boot env when a hot swap fails
     restart_backoff: tuple[float, float] = (0.5, 30.0)  # first and maximum delay
@@ -362,6 +368,10 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [app] capabilities: unknown capability {unknown[0]!r} (e.g. CAP_NET_RAW)")
     if app.handoff and app.strategy != "overlap":
         raise ConfigError(f'{where}: [app] handoff: needs strategy = "overlap" (both versions run during a hand-off)')
+    if app.stall_timeout <= 0:
+        raise ConfigError(f"{where}: [app] stall_timeout: must be more than 0 seconds")
+    if app.health_failures < 1:
+        raise ConfigError(f"{where}: [app] health_failures: must be at least 1")
     if app.handoff_timeout <= 0:
         raise ConfigError(f"{where}: [app] handoff_timeout: must be more than 0 seconds")
     names = [spec.name for spec in app.sockets]

@@ -53,11 +53,14 @@ from typing import Any, Literal
 
 import anyio
 
+from sshfwup import sockdiag
 from sshfwup.config import SocketSpec
 
 __all__ = [
+    "AcceptStalled",
     "Listener",
     "ListenerError",
+    "ProbeReset",
     "SocketPath",
     "accept_probe",
     "accept_queue_length",
@@ -519,26 +522,121 @@ async def _connect(client: socket.socket, destination: tuple[Any, ...]) -> None:
         raise OSError(result, os.strerror(result))
 
 
-async def accept_probe(listener: socket.socket, route: tuple[socket.socket, tuple[Any, ...]]) -> None:
+class AcceptStalled(Exception):
+    """A probe connection waited while its listener accepted nothing at all for the stall time."""
+
+    def __init__(self, seconds: float, queued: int) -> None:
+        super().__init__(f"a probe connection waited {seconds:g} s while nothing was accepted there ({queued} queued)")
+        self.seconds = seconds
+        self.queued = queued
+
+
+class ProbeReset(OSError):
+    """The probe connection disappeared before any app accepted it (its listener closed)."""
+
+
+_sockdiag_state: list[bool] = []  # [available], once known: the kernel does not change under us
+
+
+def _lookup(listener: socket.socket) -> sockdiag.SockDiag | None:
+    """A socket-diagnostics handle, or None where the kernel offers none (told once)."""
+    if _sockdiag_state and not _sockdiag_state[0]:
+        return None
+    diag: sockdiag.SockDiag | None = None
+    try:
+        diag = sockdiag.SockDiag()
+        if not _sockdiag_state:
+            diag.check(listener)
+            _sockdiag_state[:] = [True]
+        return diag
+    except sockdiag.SockDiagUnavailable as e:
+        if diag is not None:
+            diag.close()
+        _sockdiag_state[:] = [False]
+        log.warning("%s: health checks count accepts from the accept queue's length instead"
+                    " (less exact under load)", e)  # fmt: skip
+        return None
+
+
+async def accept_probe(
+    listener: socket.socket, route: tuple[socket.socket, tuple[Any, ...]], *, stall_timeout: float | None = None
+) -> None:
     """Connect through ``route`` (see :meth:`Listener.probe_connection`) to ``listener`` and return
     once an app has accepted that connection; the caller bounds the wait.
 
-    A listener's accept queue is first in, first out, and a connection leaves it only when it is
-    accepted (or when the listener closes). On loopback the kernel queues the connection before
-    ``connect()`` returns, so ours is at most ``ahead`` places from the head then, where ``ahead``
-    is the queue's length read right after. It has been accepted once the queue was empty, or once
-    ``ahead`` connections have left — counted as the drops in length between polls: a lower bound,
-    since arrivals hide departures, so a busy queue may take longer to prove, never less.
+    Saturated is not dead: with ``stall_timeout``, raise :class:`AcceptStalled` only once the
+    probe is still waiting and nothing at all was seen accepted from ``listener`` for that long.
+    Progress is the queue's length dropping between two polls; the probe itself is the sure sign
+    (the queue is first in, first out: a listener that keeps accepting reaches it).
+
+    Whether the probe was accepted is asked of the kernel (:mod:`sshfwup.sockdiag`: a queued
+    connection has no inode yet). Without socket diagnostics it is inferred from the queue:
+    on loopback the kernel queues the connection before ``connect()`` returns, so ours is at most
+    ``ahead`` places from the head then, where ``ahead`` is the queue's length read right after.
+    It has been accepted once the queue was empty, or once ``ahead`` connections have left —
+    counted as the drops in length between polls: a lower bound, since arrivals hide departures
+    (under a closed-loop load they hide all of them: there it may never prove it).
+    Raises :class:`ProbeReset` if the probe connection is reset before it was accepted.
     """
     client, destination = route
     await _connect(client, destination)
     ahead = last = accept_queue_length(listener)
     left = 0
-    while last and left < ahead:
-        await anyio.sleep(_ACCEPT_POLL)
-        now = accept_queue_length(listener)
-        left += max(0, last - now)
-        last = now
+    progress_at = anyio.current_time()
+    diag = _lookup(listener)
+    try:
+        # the server's end: bound to where the client connected (a wildcard listener's too)
+        ends = (client.getpeername(), client.getsockname())
+        while True:
+            if diag is not None:
+                try:
+                    accepted = _accepted(diag, client, *ends)
+                except ProbeReset:
+                    raise
+                except OSError as e:  # a lookup that fails is no verdict on the app: count instead
+                    log.warning("socket diagnostics failed (%s); counting accepts from the queue's length", e)
+                    accepted = None
+                if accepted:
+                    return
+                if accepted is None:
+                    diag.close()
+                    diag = None
+            if diag is None and (not last or left >= ahead):
+                return
+            now = anyio.current_time()
+            if stall_timeout is not None and now - progress_at >= stall_timeout:
+                raise AcceptStalled(round(now - progress_at, 1), last)
+            await anyio.sleep(_ACCEPT_POLL)
+            length = accept_queue_length(listener)
+            if length < last:
+                left += last - length
+                progress_at = anyio.current_time()
+            last = length
+    finally:
+        if diag is not None:
+            diag.close()
+
+
+def _accepted(
+    diag: sockdiag.SockDiag, client: socket.socket, local: tuple[Any, ...], remote: tuple[Any, ...]
+) -> bool | None:
+    """The server's end of the probe connection is no longer queued: an app holds it (or took
+    it and closed it already). None: the kernel does not find it while the client's end is still
+    open (no verdict: the caller counts instead). Raises ProbeReset when it vanished unaccepted."""
+    end = diag.server_end(local, remote)
+    if end.queued:
+        return False
+    if end.found:
+        return True
+    try:  # gone: closed by an app that accepted it (end of stream, or what it wrote first), or reset
+        client.recv(1, socket.MSG_PEEK)
+        return True
+    except (ConnectionResetError, ConnectionAbortedError) as e:
+        raise ProbeReset(e.errno, "the probe connection was reset before it was accepted") from e
+    except BlockingIOError:
+        log.warning("socket diagnostics do not find the probe connection %s → %s; counting accepts from the"
+                    " queue's length", remote, local)  # fmt: skip
+        return None
 
 
 async def tcp_probe(listener: socket.socket, port: int) -> str | None:

@@ -49,9 +49,15 @@ while no other instance runs — during an overlap that means once the old versi
 the swap completes (a failure then starts the old version again). UNIX sockets have no accept
 queue to watch: there READY=1 (or the private probe) is all the proof. During the observation
 window the process must stay alive and, every ``health_interval``, pass the http/tcp probe and
-accept a probe connection on each public socket, each within ``max(1 s, 2 × health_interval)``;
-boot validation runs the same checks (:meth:`Supervisor.watch_health`,
-:meth:`Supervisor.check_health`).
+accept a probe connection on each public socket; boot validation runs the same checks
+(:meth:`Supervisor.watch_health`, :meth:`Supervisor.check_health`).
+
+Saturated is not dead (issue #20): at full load a probe connection may wait in the accept queue
+behind busy workers, and that passes once it is accepted. A version is unhealthy when it makes no
+progress: it exits; a probe connection waits while nothing at all is accepted on that socket for
+``stall_timeout`` (:func:`listeners.accept_probe`; the kernel says when the probe itself is
+accepted, :mod:`sshfwup.sockdiag`); its http/tcp check does not answer within ``stall_timeout``;
+or that check answers with a failure ``health_failures`` rounds in a row.
 
 Outside a swap, an instance that exits is restarted from the same source, on the same sockets,
 with exponential backoff (``restart_backoff``: first delay, maximum; a crash after running at
@@ -151,6 +157,9 @@ _REPORT_TIMEOUT = 5.0  # a stuck uploader channel must not stall a swap
 _PROBE_RETRY = 0.05
 _OUTPUT_DRAIN = 1.0  # after an exit, the app's last output lines still get this long to arrive
 _app_output = logging.getLogger(logring.APP_LOGGER)
+# One debug line per health check that passed, with how long it waited (``health_wait``):
+# bench/stock_servers.py reports the longest under load, what [app] stall_timeout must stay above.
+_health_log = logging.getLogger(f"{__name__}.health")
 # The hand-over: the old version's queues must stay empty this long before it gets SIGTERM, so
 # that it has read the requests of the connections it accepted last; bounded for an old version
 # that stopped accepting.
@@ -653,7 +662,7 @@ class Supervisor:
         problem = self._not_serving(child)
         if problem is not None or child is None:
             return problem
-        problem = await self._health_problem(child, timeout=self._probe_timeout())
+        problem = await self._health_verdict(child, rounds=self._config.health_failures)
         if problem is None and child.exited.is_set():
             problem = child.describe_exit()
         return f"{child.version} {problem}" if problem else None
@@ -941,30 +950,66 @@ class Supervisor:
             and not any(sock in other.sockets for other in others)
         ]
 
-    async def _accept_probe(self, listener: Listener, sock: socket.socket, *, timeout: float | None) -> str | None:
-        """A probe connection to ``sock`` (see listeners.accept_probe): None once it was accepted."""
+    async def _accept_probe(
+        self, listener: Listener, sock: socket.socket, *, timeout: float | None, stall: bool = False
+    ) -> str | None:
+        """A probe connection to ``sock`` (see listeners.accept_probe): None once it was accepted.
+        ``stall``: a health check — the probe may wait behind busy workers as long as the queue
+        moves; ``[app] stall_timeout`` without any accept there means the app stopped accepting."""
         what = f"its public socket {listener.name} ({listener.address})"
+        stall_timeout = self._config.stall_timeout if stall else None
         with anyio.move_on_after(timeout if timeout is not None else float("inf")):
             try:
                 with listener.probe_connection(sock) as route:
-                    await listeners.accept_probe(sock, route)
+                    await listeners.accept_probe(sock, route, stall_timeout=stall_timeout)
                 return None
+            except listeners.AcceptStalled as e:
+                return f"stopped accepting connections on {what}: {e}"
             except (OSError, listeners.ListenerError) as e:
                 return f"could not be probed on {what}: {getattr(e, 'strerror', None) or e}"
         return f"stopped accepting connections on {what}: a probe connection waited {_seconds(timeout or 0)} unaccepted"
 
-    async def _health_problem(self, child: _Child, *, timeout: float) -> str | None:
-        """One round of health checks, each within ``timeout``: the http/tcp probe, and a probe
-        connection accepted on each public socket (every readiness mode). None if all passed."""
+    async def _health_problem(self, child: _Child) -> tuple[str | None, bool]:
+        """One round of health checks: the http/tcp probe, and a probe connection accepted on each
+        public socket (every readiness mode). Returns (None, _) if all passed, else (what failed,
+        whether it is a failed answer of the health check — which counts only after
+        ``[app] health_failures`` in a row — rather than no progress at all, which counts at once).
+
+        Saturated is not dead (issue #20): a probe that waits behind busy workers passes once it
+        is accepted or answered; only ``stall_timeout`` without any progress fails it."""
+        config = self._config
         if child.health is not None:
-            problem = await self._probe(child, timeout=timeout)
+            began = time.monotonic()
+            problem = await self._probe(child, timeout=config.stall_timeout)
             if problem is not None:
-                return f"failed its health check ({problem})"
+                silent = problem.startswith("no answer within")
+                what = "stopped answering its health check" if silent else "failed its health check"
+                return f"{what} ({problem})", not silent
+            _passed(child, f"{config.ready} check", began)
         for listener, sock in self._public_checks(child):
-            problem = await self._accept_probe(listener, sock, timeout=timeout)
+            began = time.monotonic()
+            problem = await self._accept_probe(listener, sock, timeout=self._busy_limit(), stall=True)
             if problem is not None:
+                return problem, False
+            _passed(child, f"probe connection on {listener.name}", began)
+        return None, False
+
+    async def _health_verdict(self, child: _Child, *, rounds: int) -> str | None:
+        """Up to ``rounds`` rounds of checks, ``health_interval`` apart, while only failed answers
+        of the health check come back: None once a round passes, else the last problem."""
+        for number in range(1, rounds + 1):
+            problem, repeatable = await self._health_problem(child)
+            if problem is None or not repeatable or number == rounds:
                 return problem
+            log.warning("%s (pid %d) %s; checking again (%d of %d failures allowed in a row)",
+                        child.version, child.pid, problem, number, self._config.health_failures)  # fmt: skip
+            await anyio.sleep(self._config.health_interval)
         return None
+
+    def _busy_limit(self) -> float:
+        """The longest a health check's probe connection may wait while its queue still moves (a
+        bound for the case the kernel's accept count cannot be read exactly)."""
+        return max(self._config.ready_timeout, self._config.stall_timeout)
 
     async def _prove_after_drain(
         self, new: _Child, proved: list[tuple[Listener, socket.socket]], old: _Child,
@@ -975,23 +1020,23 @@ class Supervisor:
         for listener, sock in self._public_checks(new):
             if (listener, sock) in proved:
                 continue
-            problem = await self._accept_probe(listener, sock, timeout=self._probe_timeout())
+            problem = await self._accept_probe(listener, sock, timeout=self._busy_limit(), stall=True)
             if problem is not None:
                 raise _NotReady(f"{problem} once {old.version} had drained")
             await say(f"{new.version} accepts on {listener.name} ({listener.address}), which {old.version} shared")
-
-    def _probe_timeout(self) -> float:
-        return max(1.0, 2 * self._config.health_interval)
 
     async def _watch(self, child: _Child, duration: float) -> str | None:
         """Watch ``child`` for ``duration``: None if it stayed alive and healthy, else what failed.
 
         A round of checks every ``health_interval``, the last one at the end of the window; a
         round is not cut short by the window's end (a probe that hangs then counts), so the watch
-        may last one probe timeout longer."""
+        may last up to ``stall_timeout`` longer. A failed answer of the health check fails the
+        watch after ``health_failures`` rounds in a row; no progress (see :meth:`_health_problem`)
+        and an exit fail it at once."""
         interval = max(self._config.health_interval, 0.05)
         deadline = anyio.current_time() + duration
         outcome: list[str] = []
+        failures = [0]
 
         async def exits() -> None:
             await child.exited.wait()
@@ -1000,12 +1045,17 @@ class Supervisor:
 
         async def stays_healthy() -> None:
             while True:
-                await anyio.sleep(min(interval, max(0.0, deadline - anyio.current_time())))
-                problem = await self._health_problem(child, timeout=self._probe_timeout())
-                if problem is not None:
+                # Failures in a row are seen through to a verdict, even past the window's end
+                await anyio.sleep(interval if failures[0] else min(interval, max(0.0, deadline - anyio.current_time())))
+                problem, repeatable = await self._health_problem(child)
+                failures[0] = failures[0] + 1 if problem is not None and repeatable else 0
+                if problem is not None and (not repeatable or failures[0] >= self._config.health_failures):
                     outcome.append(problem)
                     break
-                if anyio.current_time() >= deadline:
+                if problem is not None:
+                    log.warning("%s (pid %d) %s (%d of %d failures allowed in a row)",
+                                child.version, child.pid, problem, failures[0], self._config.health_failures)  # fmt: skip
+                if anyio.current_time() >= deadline and not failures[0]:
                     break
             tasks.cancel_scope.cancel()
 
@@ -1568,6 +1618,12 @@ class Supervisor:
                 log.warning("reporting %r took over %s; carrying on", line, _seconds(_REPORT_TIMEOUT))
         except Exception:
             log.warning("cannot report %r; carrying on", line, exc_info=True)
+
+
+def _passed(child: _Child, check: str, began: float) -> None:
+    waited = time.monotonic() - began
+    _health_log.debug("%s (pid %d): %s passed after %.3f s", child.version, child.pid, check, waited,
+                      extra={"health_wait": waited})  # fmt: skip
 
 
 def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

@@ -47,6 +47,7 @@ def config(**overrides: Any) -> AppConfig:
         drain_timeout=5.0,
         observe=0.5,
         health_interval=0.1,
+        stall_timeout=1.0,  # the stop-accepting test need not wait the default 5 s
         restart_backoff=(0.1, 2.0),
         user="",
         handoff=True,

@@ -327,6 +327,187 @@ def test_an_accept_probe_ends_when_its_own_connection_is_accepted_not_before(tcp
         close_all(ahead + accepted)
 
 
+def test_a_probe_accepted_while_the_queue_length_stays_put_is_seen_accepted(tcp: Listener) -> None:
+    """Issue #20: under a closed-loop load a new connection arrives for each one accepted, so the
+    queue's length hides every departure. The kernel's lookup of the probe's own connection does
+    not: here four are accepted (the probe's among them) and four others arrive between two polls."""
+    import anyio
+
+    target = tcp.sock
+    ahead = connect(port_of(tcp), 3)
+    accepted: list[socket.socket] = []
+    arrived: list[socket.socket] = []
+
+    async def scenario() -> None:
+        done = anyio.Event()
+        with tcp.probe_connection(target) as route:
+
+            async def probe() -> None:
+                await listeners.accept_probe(target, route, stall_timeout=60)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(probe)
+                await anyio.sleep(0.1)
+                assert not done.is_set() and tcp.queued(target) == 4
+                # no await in between: the probe's poll cannot see the queue any shorter
+                accepted.extend(target.accept()[0] for _ in range(4))
+                arrived.extend(connect(port_of(tcp), 4))
+                assert tcp.queued(target) == 4
+                with anyio.fail_after(10):
+                    await done.wait()
+
+    try:
+        anyio.run(scenario)
+    finally:
+        close_all(ahead + accepted + arrived)
+
+
+def test_a_probe_on_a_wildcard_listener_is_accepted_when_its_connection_is() -> None:
+    """The server's end of a connection to 0.0.0.0 is bound to the address connected to."""
+    import anyio
+
+    (web,) = bind_listeners((SocketSpec("tcp", "0.0.0.0", 0, "web"),))
+    accepted: list[socket.socket] = []
+
+    async def scenario() -> None:
+        done = anyio.Event()
+        with web.probe_connection(web.sock) as route:
+
+            async def probe() -> None:
+                await listeners.accept_probe(web.sock, route, stall_timeout=60)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(probe)
+                await anyio.sleep(0.2)
+                assert not done.is_set() and web.queued(web.sock) == 1
+                accepted.append(web.sock.accept()[0])
+                with anyio.fail_after(10):
+                    await done.wait()
+
+    try:
+        anyio.run(scenario)
+    finally:
+        close_all(accepted)
+        web.close()
+
+
+def test_a_probe_waiting_on_a_queue_that_does_not_move_stalls(tcp: Listener) -> None:
+    """Nothing accepted at all for stall_timeout while the probe waits: no progress, not busy."""
+    import anyio
+
+    target = tcp.sock
+    ahead = connect(port_of(tcp), 2)
+
+    async def scenario() -> listeners.AcceptStalled:
+        with tcp.probe_connection(target) as route, pytest.raises(listeners.AcceptStalled) as stalled:
+            with anyio.fail_after(10):
+                await listeners.accept_probe(target, route, stall_timeout=0.3)
+        return stalled.value
+
+    try:
+        stalled = anyio.run(scenario)
+    finally:
+        close_all(ahead)
+    assert stalled.queued == 3 and stalled.seconds >= 0.3
+    assert str(stalled).startswith("a probe connection waited ")
+
+
+def test_a_queue_that_keeps_moving_is_not_a_stall(tcp: Listener) -> None:
+    """A probe far back in a queue that drains slowly (one accept per poll or so, each within the
+    stall time) is accepted in the end, however long that takes in all."""
+    import anyio
+
+    target = tcp.sock
+    ahead = connect(port_of(tcp), 6)
+    accepted: list[socket.socket] = []
+
+    async def scenario() -> None:
+        with tcp.probe_connection(target) as route:
+            async with anyio.create_task_group() as tasks:
+
+                async def accept_slowly() -> None:
+                    while True:
+                        await anyio.sleep(0.15)  # less than the stall time, more than it takes in all
+                        try:
+                            accepted.append(target.accept()[0])
+                        except BlockingIOError:
+                            pass
+
+                tasks.start_soon(accept_slowly)
+                with anyio.fail_after(20):
+                    await listeners.accept_probe(target, route, stall_timeout=0.4)
+                tasks.cancel_scope.cancel()
+
+    try:
+        anyio.run(scenario)
+    finally:
+        close_all(ahead + accepted)
+    assert len(accepted) >= 7  # the six ahead, then the probe's own
+
+
+def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
+    tcp: Listener, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel without inet_diag: said once, and the queue's length decides (exact when idle)."""
+    import anyio
+
+    from sshfwup import sockdiag
+
+    def unavailable() -> sockdiag.SockDiag:
+        raise sockdiag.SockDiagUnavailable(93, "no socket diagnostics (NETLINK_SOCK_DIAG): Protocol not supported")
+
+    monkeypatch.setattr(listeners, "_sockdiag_state", [])
+    monkeypatch.setattr(sockdiag, "SockDiag", unavailable)
+    target = tcp.sock
+    ahead = connect(port_of(tcp), 2)
+    accepted: list[socket.socket] = []
+
+    async def scenario() -> None:
+        done = anyio.Event()
+        with tcp.probe_connection(target) as route:
+
+            async def probe() -> None:
+                await listeners.accept_probe(target, route, stall_timeout=60)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(probe)
+                await anyio.sleep(0.1)
+                accepted.extend(target.accept()[0] for _ in range(2))
+                await anyio.sleep(0.1)
+                assert not done.is_set()  # its own connection is still queued
+                accepted.append(target.accept()[0])
+                with anyio.fail_after(5):
+                    await done.wait()
+
+    with caplog.at_level(logging.WARNING, logger="sshfwup.listeners"):
+        try:
+            anyio.run(scenario)
+        finally:
+            close_all(ahead + accepted)
+    assert listeners._sockdiag_state == [False]
+    assert [r.message for r in caplog.records if "count accepts from the accept queue" in r.message] != []
+
+
+def test_socket_diagnostics_tell_a_queued_connection_from_an_accepted_one(tcp: Listener) -> None:
+    from sshfwup import sockdiag
+
+    (client,) = connect(port_of(tcp))
+    with sockdiag.SockDiag() as diag:
+        diag.check(tcp.sock)
+        local, remote = tcp.sock.getsockname(), client.getsockname()
+        assert diag.server_end(local, remote).queued
+        accepted, _ = tcp.sock.accept()
+        end = diag.server_end(local, remote)
+        assert end.found and not end.queued and end.inode > 0
+        accepted.close()
+        assert not diag.server_end(local, remote).queued  # closed by the app that accepted it
+        assert not diag.server_end(local, ("127.0.0.1", 1)).found
+    client.close()
+
+
 def test_probe_connections_on_the_shared_path_and_none_on_unix_sockets(tmp_path: Path) -> None:
     import anyio
 

@@ -102,3 +102,45 @@ async def test_a_broken_release_of_a_stock_server_is_refused_while_the_old_one_s
     assert failure.value.rollback == f"1.0.0 is still serving (pid {old.pid})"
     assert load.failures == [] and len(load.answers) >= 20
     assert {version for _, version in load.answers} == {"1.0.0"}
+
+
+async def test_a_saturated_sync_worker_server_is_busy_not_dead(tmp_path: Path, marker: str) -> None:
+    """Issue #20: one gunicorn sync worker, eight keep-alive clients. The worker serves one
+    connection at a time, so the others' connections always wait in the accept queue, and new
+    ones arrive as fast as the worker accepts: the queue's length hardly moves while it drains.
+    A health check that reads "a probe connection still queued after a second" as death rolled
+    back good versions here; the swap must complete, and observe the new version under that load."""
+    server = stock.sync_workers(server_for("gunicorn"), workers=1)
+    v1, v2 = server.install(tmp_path, "a", "1.0.0"), server.install(tmp_path, "b", "2.0.0")
+    config = server.config(steered=True, observe=2.0, health_interval=0.1)
+    results = []
+    queued: list[int] = []  # the public socket's accept queue, sampled while the load runs
+    running = [True]
+
+    async def sample(sup: Supervisor) -> None:
+        while running[0]:
+            listener = sup.sockets[0]
+            queued.append(listener.queued(listener.sock))
+            await anyio.sleep(0.05)
+
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with Supervisor(config, marker=marker) as sup:
+            await sup.start(v1)
+            url = f"http://127.0.0.1:{sup.sockets[0].sock.getsockname()[1]}/"
+            async with (
+                LoadGenerator(stock.unthrottled(url, concurrency=8, keepalive=True)) as load,
+                anyio.create_task_group() as tasks,
+            ):
+                tasks.start_soon(sample, sup)
+                await anyio.sleep(0.5)
+                for source in (v2, v1):
+                    results.append(await sup.swap(source))  # SwapFailed here is the bug
+                running[0] = False
+            final = await get(sup.sockets[0].sock.getsockname()[1])
+
+    assert [(r.old_version, r.new_version) for r in results] == [("1.0.0", "2.0.0"), ("2.0.0", "1.0.0")]
+    assert all(r.observe_seconds == 2.0 for r in results)
+    # The scenario really was saturation: connections waited for the one worker most of the time.
+    assert sorted(queued)[len(queued) // 2] >= 2, queued
+    assert load.report.failed == 0, f"{load.report.failed} of {load.report.sent} failed: {load.report.errors()}"
+    assert final.status == 200 and final.body.startswith("1.0.0 ")

@@ -103,6 +103,17 @@ SERVERS = {
 }
 
 
+def sync_workers(server: StockServer, workers: int) -> StockServer:
+    """gunicorn with ``workers`` sync workers: each one takes one connection at a time and closes
+    it after the response (its sync worker has no keep-alive), so more clients than workers keep
+    every worker busy and the others' connections waiting in the accept queue."""
+    if server.name != "gunicorn":
+        raise ValueError(f"{server.name} has no sync workers")
+    command = list(server.command)
+    command[command.index("--workers") + 1] = str(workers)
+    return replace(server, command=tuple(command))
+
+
 def expected_socket_path() -> str:
     """What a swap of one TCP socket reports on this kernel with steering on."""
     return "reuseport+migrate" if listeners.migration_enabled() else "reuseport"
