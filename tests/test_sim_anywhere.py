@@ -85,11 +85,19 @@ def test_without_a_python_the_app_user_can_run_create_stops_at_once_and_says_wha
 ) -> None:
     from sshfwup.sim import device as sim_device
 
-    monkeypatch.setattr(sim_device, "HOST_INTERPRETERS", ("/nonexistent/bin/python3", str(Path(sys.executable).resolve())))
+    # A Python that exists but that the app user cannot reach (in a 0700 directory, as a pyenv
+    # under /root is): whatever this machine's own interpreters are, none of the candidates works.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    unreachable = private / "python3"
+    unreachable.symlink_to(Path(sys.executable).resolve())
+    monkeypatch.setattr(sim_device, "HOST_INTERPRETERS", ("/nonexistent/bin/python3", str(unreachable)))
+    sim_device._app_interpreter.cache_clear()
     path = tmp_path / "device"
     with pytest.raises(sim_device.SimError) as failure:
         sim_device.SimDevice.create(path, firmware=Path(__file__), fwup=fwup, ssh_port=free_port(), app_port=free_port())
     message = str(failure.value)
     assert "'sshfwup-app'" in message and "apt-get install python3" in message, message
     assert "/nonexistent/bin/python3: missing" in message, message
+    assert f"{unreachable}: " in message and "cannot run it" in message, message
     assert not (path / "disk.img").exists()  # nothing made
