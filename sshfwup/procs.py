@@ -136,16 +136,8 @@ def _own_lineage() -> set[int]:
 
 def processes_with(entry: str) -> list[int]:
     """Sorted pids of the live processes whose environment holds ``entry`` (``NAME=value``)."""
-    needle = entry.encode()
-    own = _own_lineage()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in own:
-            continue
-        environ = _read(name, "environ")
-        if environ is not None and needle in environ.split(b"\0") and alive(int(name)):
-            found.append(int(name))
-    return sorted(found)
+    name, _, value = entry.partition("=")
+    return sorted(pid for pid, carried in processes_with_variables([name]).items() if carried[name] == value)
 
 
 def processes_with_variables(names: Iterable[str]) -> dict[int, dict[str, str]]:

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,15 +177,18 @@ def _umount(mount_point: Path, *, lazy_fallback: bool = True) -> None:
     _run(["umount", "-l", str(mount_point)], what=f"unmounting {mount_point}")
 
 
-def _unmount_under(path: Path) -> None:
-    """Unmount everything at or below ``path``, deepest (and most recent) first."""
+def _unmount_under(*paths: Path, unmounted: Callable[[Path], object] | None = None) -> None:
+    """Unmount everything at or below each of ``paths``, deepest (and most recent) first, telling
+    ``unmounted`` each mount point as it goes."""
     for _ in range(100):  # stacked mounts reappear one layer at a time
-        found = _mounts_under(path)
+        found = [m for path in paths for m in _mounts_under(path)]
         if not found:
             return
         deepest = max(found, key=lambda m: (len(m.mount_point.parts), m.mount_id))
         _umount(deepest.mount_point)
-    raise SimError(f"mounts under {path} keep reappearing")
+        if unmounted is not None:
+            unmounted(deepest.mount_point)
+    raise SimError(f"mounts under {', '.join(map(str, paths))} keep reappearing")
 
 
 def marked_processes(device_dir: Path) -> list[int]:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +36,11 @@ from sshfwup.sim.device import (
     _mounts_under,
     _remove_runtime_dir,
     _run,
-    _umount,
+    _unmount_under,
     lock_holders,
     owner_of,
     runtime_dir,
 )
-from sshfwup.slots import mounts
 
 __all__ = ["Leftovers", "StaleReport", "find_leftovers", "remove_stale"]
 
@@ -208,22 +206,6 @@ def find_leftovers() -> list[Leftovers]:
     return [*devices.values(), *orphans.values()]
 
 
-def _unmount_all(points: Callable[[], list[Path]], removed: list[str], problems: list[str]) -> None:
-    """Unmount deepest (and most recent) first; stacked mounts reappear one layer at a time."""
-    for _ in range(100):
-        found = points()
-        if not found:
-            return
-        target = max(found, key=lambda p: len(p.parts))
-        try:
-            _umount(target)
-            removed.append(f"unmounted {target}")
-        except SimError as e:
-            problems.append(str(e))
-            return
-    problems.append("mounts keep reappearing")
-
-
 def _remove(leftovers: Leftovers) -> tuple[list[str], list[str]]:
     removed: list[str] = []
     problems: list[str] = []
@@ -253,9 +235,10 @@ def _remove(leftovers: Leftovers) -> tuple[list[str], list[str]]:
         return removed, problems
     device_dir = leftovers.device_dir
     runtime = runtime_dir(device_dir)
-    _unmount_all(
-        lambda: [m.mount_point for m in _mounts_under(device_dir) + _mounts_under(runtime)], removed, problems
-    )
+    try:
+        _unmount_under(device_dir, runtime, unmounted=lambda point: removed.append(f"unmounted {point}"))
+    except SimError as e:
+        problems.append(str(e))
     for loop in _sim_loops().get(device_dir, []):
         try:
             _run(["losetup", "-d", loop.name], what=f"detaching {loop.name}")
