@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
     from .daemon import run_daemon
-    from .logring import RingFormatter
+    from sshfwup.supervisor.logring import RingFormatter
 
     for handler in logging.getLogger().handlers:  # the app's output lines show its version too
         handler.setFormatter(RingFormatter())
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _cannot_listen(error: BaseException) -> bool:
     """Did serve stop because a port it must listen on is taken (or not allowed)?"""
-    from .ports import ListenError
+    from sshfwup.system.ports import ListenError
 
     if isinstance(error, BaseExceptionGroup):
         return any(_cannot_listen(e) for e in error.exceptions)
@@ -126,11 +126,11 @@ def operator_errors(error: BaseException) -> list[str] | None:
     """The messages of an error (or exception group) made only of problems an operator can fix
     from the message alone — a wrong setting, a port in use — or None for anything else (a bug,
     whose traceback is worth having)."""
-    from .bootenv import BootEnvError
+    from sshfwup.boot.bootenv import BootEnvError
     from .daemon import DaemonError
-    from .slots import SlotError
-    from .ports import ListenError
-    from .supervisor import SupervisorError
+    from sshfwup.boot.slots import SlotError
+    from sshfwup.system.ports import ListenError
+    from sshfwup.supervisor.supervisor import SupervisorError
 
     expected = (DaemonError, SupervisorError, BootEnvError, SlotError, ListenError, OSError)
     leaves: list[BaseException] = []
@@ -147,7 +147,7 @@ def operator_errors(error: BaseException) -> list[str] | None:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from .client import upload_main
+    from sshfwup.host.client import upload_main
 
     return upload_main(args)
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(argv[1:])
     if argv[:1] in (["firmware"], ["keys"]):
-        from .firmware import main as firmware_main
+        from sshfwup.host.firmware import main as firmware_main
 
         return firmware_main(argv)
 
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    from .logsafe import install
+    from sshfwup.ssh.logsafe import install
 
     install()  # clients choose names and versions that end up in log lines
     return int(args.func(args) or 0)

@@ -94,7 +94,7 @@ class FwupConfig:
     extra_args: tuple[str, ...] = ()
     public_keys: tuple[Path, ...] = ()
     precheck_callback: str = ""
-    success_callback: str = "sshfwup.pipeline:run"
+    success_callback: str = "sshfwup.update.pipeline:run"
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,14 @@ class AppConfig:
     capabilities: tuple[str, ...] = ()  # kept in the bounding set and raised as ambient
     pass_env: tuple[str, ...] = ()  # names of the server's environment variables the app gets
     cgroup: str = "auto"  # "auto", "off", or a cgroup2 directory for the instances' cgroups
-    # State and connection hand-off during a swap (sshfwup.handoff; the app must speak it)
+    # State and connection hand-off during a swap (sshfwup.app.handoff; the app must speak it)
     handoff: bool = False
     handoff_timeout: float = 5.0  # seconds for the transfer, and again for the new version's answer
     handoff_max_state: int = 16 * 1024 * 1024  # bytes
     handoff_max_sockets: int = 256
     # While no version runs (crashed, waiting for its restart; or it does not start), the
     # supervisor answers on the public sockets itself once this many seconds passed without one
-    # (sshfwup.unavailable): "503 Service Unavailable" and the reason on the sockets named in
+    # (sshfwup.supervisor.unavailable): "503 Service Unavailable" and the reason on the sockets named in
     # http_sockets, a reset on the others. Sooner, connections wait in the queue for the restart.
     http_sockets: tuple[str, ...] = ("http",)
     unavailable_after: float = 1.0
@@ -361,7 +361,7 @@ def _check(config: Config, where: str) -> None:
     app = config.app
     if app.command and not app.app_dir.startswith("/"):
         raise ConfigError(f"{where}: [app] app_dir: must be an absolute path inside the root filesystem")
-    from .room import CAPABILITIES  # a table of names only: cheap
+    from sshfwup.supervisor.room import CAPABILITIES  # a table of names only: cheap
 
     unknown = [c for c in app.capabilities if c.upper() not in CAPABILITIES]
     if unknown:

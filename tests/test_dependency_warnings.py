@@ -42,7 +42,7 @@ ENTRY_POINTS = {
     "keys --help": [SSHFWUP, "keys", "--help"],
     "sim --help": [SSHFWUP, "sim", "--help"],
     "python -m sshfwup.sim --help": [sys.executable, "-m", "sshfwup.sim", "--help"],
-    "python -m sshfwup.demo --help": [sys.executable, "-m", "sshfwup.demo", "--help"],
+    "python -m sshfwup.host.demo --help": [sys.executable, "-m", "sshfwup.host.demo", "--help"],
 }
 
 
@@ -98,7 +98,7 @@ def test_silenced_from_asyncssh() -> None:
 
 
 def test_same_category_from_elsewhere_still_shows() -> None:
-    assert _shown(CryptographyDeprecationWarning, "sshfwup.client")
+    assert _shown(CryptographyDeprecationWarning, "sshfwup.host.client")
     assert _shown(CryptographyDeprecationWarning, "asyncsshfoo")
 
 

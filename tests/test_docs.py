@@ -26,7 +26,7 @@ def test_architecture_cites_nothing_missing() -> None:
 
 def test_keys_readme_names_only_the_keys_the_demo_makes() -> None:
     text = (ROOT / "keys" / "README.md").read_text()
-    demo = (ROOT / "sshfwup" / "demo.py").read_text()
+    demo = (ROOT / "sshfwup" / "host" / "demo.py").read_text()
     assert '"keys" / "dev" / "id_ed25519"' in demo
     named = set(re.findall(r"`(dev/[^`]+)`", text))
     assert named <= {"dev/", "dev/id_ed25519", "dev/id_ed25519.pub"}, named

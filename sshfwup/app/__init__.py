@@ -10,7 +10,7 @@ to every instance of the app exactly the way systemd socket activation does:
   supervisor sends ``tcp`` probes there, and ``http`` probes where a TCP socket is shared between
   versions, because a probe through a shared socket could be answered by the *old* version during
   a swap. Where each version has a TCP socket of its own (the reuseport socket paths, see
-  :mod:`sshfwup.listeners`), ``http`` probes reach the instance through the public address
+  :mod:`sshfwup.supervisor.listeners`), ``http`` probes reach the instance through the public address
   instead. **Serve every socket you are given** (gunicorn and :func:`listen_sockets` +
   :func:`serve` do);
 - ``NOTIFY_SOCKET`` takes sd_notify datagrams: ``READY=1`` when the app serves
@@ -58,13 +58,13 @@ plain asyncio::
     asyncio.run(main())
 
 With ``[app] handoff = true`` the old version can hand its in-memory state and established
-connections to the new one during a swap: ``sshfwup.app.handoff`` (:mod:`sshfwup.handoff`, one
+connections to the new one during a swap: ``sshfwup.app.handoff`` (:mod:`sshfwup.app.handoff`, one
 more stdlib-only file to vendor) has ``receive()`` for the new version and ``asked()``/``send()``
 for the old one; docs/hot-reload-apps.md spells out the protocol.
 
 Run as a script (``python -I -S app.py --sshfwup-exec ...``) this file is also the supervisor's
 exec shim: it moves the passed sockets to fds 3.., sets ``LISTEN_PID`` to its own pid, puts the
-process in the app's room (:mod:`sshfwup.room`: cgroup, user, capabilities, no_new_privs), ties
+process in the app's room (:mod:`sshfwup.supervisor.room`: cgroup, user, capabilities, no_new_privs), ties
 its lifetime to the supervisor's (``PR_SET_PDEATHSIG``) and execs the application — so the pid
 the app runs under is the one named in ``LISTEN_PID``.
 """
@@ -211,12 +211,12 @@ async def serve(
 
 
 def __getattr__(name: str) -> Any:
-    """``sshfwup.app.handoff``: the state and connection hand-off (:mod:`sshfwup.handoff`),
+    """``sshfwup.app.handoff``: the state and connection hand-off (:mod:`sshfwup.app.handoff`),
     imported on first use — the exec shim and apps without hand-off never load it."""
     if name == "handoff":
-        from sshfwup import handoff
+        import importlib  # not `from . import handoff`: that asks this __getattr__ again
 
-        return handoff
+        return importlib.import_module(f"{__name__}.handoff")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -273,7 +273,7 @@ def _exec_app(args: list[str]) -> None:
     """``--sshfwup-exec PARENT_PID FD,FD,... [--room JSON] -- COMMAND ARGS...``: become the app.
 
     Runs in the freshly started child, before the application exists, so that the socket
-    numbering, ``LISTEN_PID``, the room (:mod:`sshfwup.room`: cgroup, groups, user,
+    numbering, ``LISTEN_PID``, the room (:mod:`sshfwup.supervisor.room`: cgroup, groups, user,
     capabilities, no_new_privs) and the parent-death signal are set up by the process that then
     execs — the one whose pid the application will have.
     """

@@ -19,7 +19,7 @@ an app in C or Go can speak it; in short:
   not: everything is still yours, carry on as before).
 
 The supervisor relays between the two ends and enforces the bounds: state size, socket count,
-time (:mod:`sshfwup.handoff_relay`). Both sides trust nothing of the other beyond that.
+time (:mod:`sshfwup.supervisor.handoff_relay`). Both sides trust nothing of the other beyond that.
 """
 
 from __future__ import annotations

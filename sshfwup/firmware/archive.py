@@ -3,7 +3,7 @@
 A ``.fw`` file is a ZIP archive. An optional ``meta.conf.ed25519`` (a 64-byte raw ed25519
 signature over the exact meta.conf bytes) comes first, then ``meta.conf`` (fwup's *compiled*
 configuration), then one ``data/<resource>`` entry per file resource. fwup reads the archive
-from stdin without seeking, so this does too (:class:`~sshfwup.fwfile.zipstream.ZipStream`).
+from stdin without seeking, so this does too (:class:`~sshfwup.firmware.zipstream.ZipStream`).
 
 Facts this module relies on (checked against fwup's source and real fwup 1.16 output):
 
@@ -13,7 +13,7 @@ Facts this module relies on (checked against fwup's source and real fwup 1.16 ou
   meta.conf itself carries one (older archives).
 - Resource hashes are blake2b-256, checked while the data streams.
 
-Writing and signing archives is :mod:`sshfwup.fwfile.build`.
+Writing and signing archives is :mod:`sshfwup.host.sign`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """fwup's configuration syntax, a libconfuse subset: parse, print, quote, expand ``${VAR}``.
 
 This is the syntax only (options, lists, calls, titled sections); what a compiled meta.conf
-*means* is :mod:`sshfwup.fwfile.metaconf`. The printer writes exactly what fwup writes for a
+*means* is :mod:`sshfwup.firmware.metaconf`. The printer writes exactly what fwup writes for a
 compiled meta.conf (no indentation, ``key=value``, quoted titles), so a parse/print round trip
 gives fwup's bytes back.
 """

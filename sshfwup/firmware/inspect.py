@@ -70,7 +70,7 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
-    from .config import Config
+    from sshfwup.config import Config
 
 log = logging.getLogger(__name__)
 

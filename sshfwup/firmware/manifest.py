@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
-from .fsutil import write_atomically
+from sshfwup import __version__
+from sshfwup.system.fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Speaks the same ``fwup`` subsystem as ``cat FILE | ssh -s HOST fwup``, so it works with any
 ssh_subsystem_fwup-compatible device. Shows the transfer and fwup's progress, the device's stage
-lines and its verdict (:mod:`sshfwup.progress_display`), and exits with the device's exit status
+lines and its verdict (:mod:`sshfwup.host.progress_display`), and exits with the device's exit status
 (255 when the connection is lost, as ssh does). With ``wait`` it then follows the device: after
 a hot swap it shows what runs now; after a reboot verdict it reconnects until the device is back
 and reports whether the new firmware booted and was validated, or the device fell back.
@@ -465,9 +465,9 @@ def judge_reboot(s: dict[str, Any], watch: RebootWatch) -> tuple[int | None, str
 
 def _firmware_version(file: Path) -> str | None:
     """The version in the file's meta.conf (read from the head of the archive only)."""
-    from .fwfile.archive import read_head
-    from .fwfile.errors import FirmwareError
-    from .fwfile.zipstream import ZipStream
+    from sshfwup.firmware.archive import read_head
+    from sshfwup.firmware.errors import FirmwareError
+    from sshfwup.firmware.zipstream import ZipStream
 
     try:
         with file.open("rb") as f:

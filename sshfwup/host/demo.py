@@ -3,7 +3,7 @@ load that keeps a live stream open (state and connection hand-off), then a reboo
 update — printing what happens as it happens.
 
     sudo ./scripts/demo.sh            (installs what it needs, then runs this)
-    python -m sshfwup.demo [--rate 200] [--workdir .demo]
+    python -m sshfwup.host.demo [--rate 200] [--workdir .demo]
 
 Everything is real except the board: OpenSSH's ``ssh`` uploads, the server is ``sshfwup serve``,
 slots are squashfs images on loop devices, the boot env is read and written with libubootenv,
@@ -23,24 +23,24 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .dependency_warnings import silence
+from sshfwup.dependency_warnings import silence
 
-silence()  # `python -m sshfwup.demo` starts here, and the imports below load asyncssh
+silence()  # `python -m sshfwup.host.demo` starts here, and the imports below load asyncssh
 
 import anyio  # noqa: E402
 
 from .client import OutputParser  # noqa: E402
-from .fwfile import FirmwareError  # noqa: E402
-from .sim.device import SimDevice, SimError, cleanup  # noqa: E402
-from .sim.firmware import find_fwup  # noqa: E402
-from .sim.host import free_port, ssh_keygen  # noqa: E402
-from .sim.loadgen import LoadGenerator, LoadSpec  # noqa: E402
-from .sim.machine import SimMachine  # noqa: E402
-from .sim.rootfs import build_sample_firmware  # noqa: E402
-from .sim.stale import remove_stale  # noqa: E402
-from .sim.stream_client import StreamClient  # noqa: E402
+from sshfwup.firmware.errors import FirmwareError  # noqa: E402
+from sshfwup.sim.device import SimDevice, SimError, cleanup  # noqa: E402
+from sshfwup.sim.firmware import find_fwup  # noqa: E402
+from sshfwup.sim.host import free_port, ssh_keygen  # noqa: E402
+from sshfwup.sim.loadgen import LoadGenerator, LoadSpec  # noqa: E402
+from sshfwup.sim.machine import SimMachine  # noqa: E402
+from sshfwup.sim.rootfs import build_sample_firmware  # noqa: E402
+from sshfwup.sim.stale import remove_stale  # noqa: E402
+from sshfwup.sim.stream_client import StreamClient  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class DemoError(Exception):
@@ -263,7 +263,7 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sshfwup.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sshfwup.host.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=200, help="requests per second during the hot update")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="where the device and firmware live")
     args = parser.parse_args(argv)

@@ -28,19 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from .firmware_image import DEFAULT_ROOTFS_RESOURCE, RootfsError, read_rootfs_view
-from .fwfile import (
-    FirmwareError,
-    FirmwareInfo,
-    ZipStream,
-    load_private_key,
-    load_public_key,
-    read_firmware,
-    read_head,
-    sign_firmware,
-    verify_signature,
-)
-from .inspect import DEFAULT_INTERPRETER, Change, Policy, Verdict, decide, with_resources
-from .manifest import (
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.firmware.archive import FirmwareInfo, read_firmware, read_head
+from sshfwup.firmware.zipstream import ZipStream
+from sshfwup.firmware.keys import load_private_key, load_public_key, verify_signature
+from .sign import sign_firmware
+from sshfwup.firmware.inspect import DEFAULT_INTERPRETER, Change, Policy, Verdict, decide, with_resources
+from sshfwup.firmware.manifest import (
     DEFAULT_APP_DIRS,
     MANIFEST_PATH,
     MARKER_PATH,
@@ -552,7 +546,7 @@ def _delta_json(old_fw: str, new_fw: str, resource: str | None) -> dict[str, Any
 def _settings(args: argparse.Namespace) -> InspectSettings:
     settings = InspectSettings()
     if args.config:
-        from .config import ConfigError, load_config
+        from sshfwup.config import ConfigError, load_config
 
         try:
             config = load_config(args.config)
@@ -734,7 +728,7 @@ def _add_rootfs_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_connection_arguments
+    from sshfwup.cli import add_connection_arguments
 
     parser = argparse.ArgumentParser(prog="sshfwup", description="sshfwup build-machine tools.")
     families = parser.add_subparsers(dest="family", required=True, metavar="firmware|keys")

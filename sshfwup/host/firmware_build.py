@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fwfile import FirmwareError
-from .manifest import (
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.firmware.manifest import (
     DEFAULT_APP_DIRS,
     MANIFEST_PATH,
     MARKER_PATH,
@@ -91,7 +91,7 @@ def find_fwup(fwup: str | None = None) -> str:
 
 def reference_conf() -> Path:
     """``deploy/fwup.conf``, the fwup configuration sshfwup ships (``sim/fwup.conf`` links to it)."""
-    return (Path(__file__).parent / "sim" / "fwup.conf").resolve()
+    return (Path(__file__).parents[1] / "sim" / "fwup.conf").resolve()
 
 
 def _conf(conf: Path | None, signing_key: Path | None) -> Path:
@@ -259,7 +259,7 @@ def build_release(
 ) -> Built:
     """Everything ``sshfwup firmware build`` does: check the inputs (before anything is written),
     write manifest and marker into ``root``, pack it, and read back what was built."""
-    from .fwfile import read_firmware
+    from sshfwup.firmware.archive import read_firmware
 
     root = Path(root)
     if not root.is_dir():

@@ -7,7 +7,7 @@ the running slot; ``deploy/fwup.conf`` has them), fwup decodes the entry against
 checks the blake2b-256 of the *decoded* bytes against meta.conf. So a patch is NEW with its root
 filesystem resource replaced by ``xdelta3 -A -S -s OLD NEW``: meta.conf verbatim (NEW's uuid and
 signature stay valid), everything else from NEW. The first resource entry's local header names
-the firmware the patch applies to (:mod:`sshfwup.fwfile.delta`), so a device refuses a patch for
+the firmware the patch applies to (:mod:`sshfwup.firmware.delta_source`), so a device refuses a patch for
 another firmware before fwup writes a byte.
 
 :func:`plan_upload` is what an uploader calls: given what the device runs (its uuid, from
@@ -29,21 +29,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import atomic_file
-from .fwfile import (
+from sshfwup.system.fsutil import atomic_file
+from sshfwup.firmware.archive import (
     DATA_PREFIX,
     META_CONF_NAME,
     SIGNATURE_NAME,
-    FirmwareError,
     FirmwareInfo,
-    ZipStream,
     extract_resource,
     read_firmware,
     read_head,
 )
-from .fwfile.archive import checked_resource
-from .fwfile.delta import DELTA_SOURCE_ID, DeltaSource, decode_delta_source, encode_delta_source
-from .fwfile.zipwrite import ZipWriter
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.firmware.zipstream import ZipStream
+from sshfwup.firmware.archive import checked_resource
+from sshfwup.firmware.delta_source import (
+    DELTA_SOURCE_ID,
+    DeltaSource,
+    decode_delta_source,
+    encode_delta_source,
+)
+from .zipwrite import ZipWriter
 
 log = logging.getLogger(__name__)
 

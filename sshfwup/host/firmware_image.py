@@ -33,14 +33,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from .fwfile import FirmwareError, FirmwareInfo, extract_resource
-from .inspect import AppCheck, ManifestState, MarkerState, Policy, check_app_files, read_states
-from .manifest import (
-    MANIFEST_PATH,
-    MARKER_PATH,
-    Manifest,
-    ManifestError,
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.firmware.archive import FirmwareInfo, extract_resource
+from sshfwup.firmware.inspect import (
+    AppCheck,
+    ManifestState,
+    MarkerState,
+    Policy,
+    check_app_files,
+    read_states,
 )
+from sshfwup.firmware.manifest import MANIFEST_PATH, MARKER_PATH, Manifest, ManifestError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .fsutil import write_atomically
-from .fwfile import generate_keypair
+from sshfwup.system.fsutil import write_atomically
+from sshfwup.firmware.keys import generate_keypair
 
 log = logging.getLogger(__name__)
 

@@ -2,20 +2,20 @@
 
 The Ansible collection (``ansible_collections/sshfwup/device``) runs this on the controller for
 each device: devices refuse shells, so nothing is copied to them; this module speaks sshfwup's
-SSH protocol to the device with :mod:`sshfwup.client`.
+SSH protocol to the device with :mod:`sshfwup.host.client`.
 
 - :func:`plan_update` asks the device what it runs (``status --json``) and predicts the
   verdict for ``firmware``: ``unchanged`` (already installed: running, or hot-swapped in and
   waiting for its reboot), ``hot``, ``reboot``, ``unknown`` (the running firmware's ``.fw`` is
   not among the releases, so its manifest cannot be compared), or a refusal the device would
   answer (an update in progress, a reboot pending into other firmware, firmware not validated
-  yet). The verdict comes from :func:`sshfwup.firmware.compute_diff` — ``inspect.decide``, the
+  yet). The verdict comes from :func:`sshfwup.host.firmware.compute_diff` — ``inspect.decide``, the
   same rule the device applies — on the running release and the new one.
 - :func:`reboot_device` reboots a device (by default only one whose reboot is pending, after a
   hot swap) and follows it until the firmware it boots is validated, or it fell back.
 - :func:`update_device` does it: with ``check`` only the plan; without ``allow_reboot`` it
   fails before sending a byte when the verdict is not a proven hot swap; otherwise it uploads
-  with :func:`sshfwup.client.upload` (``wait`` follows the reboot and validation) and reports
+  with :func:`sshfwup.host.client.upload` (``wait`` follows the reboot and validation) and reports
   what the device did, bytes sent and durations.
 
 Host side only: ``sshfwup serve`` never imports this.
@@ -156,7 +156,9 @@ def check_request(
 
 
 def read_firmware_head(path: Path) -> Firmware:
-    from .fwfile import FirmwareError, ZipStream, read_head
+    from sshfwup.firmware.errors import FirmwareError
+    from sshfwup.firmware.zipstream import ZipStream
+    from sshfwup.firmware.archive import read_head
 
     try:
         with path.open("rb") as f:
@@ -216,7 +218,7 @@ def refusal(status: dict[str, Any], host: str) -> str | None:
 
 
 def _find_release(releases: Path, uuid: str) -> Path | None:
-    from .fwfile import FirmwareError
+    from sshfwup.firmware.errors import FirmwareError
 
     for candidate in sorted(releases.glob("*.fw")):
         try:
@@ -280,7 +282,7 @@ async def plan_update(address: DeviceAddress, firmware: Path, releases: Path | N
 
 
 class RecordingDisplay:
-    """A :class:`sshfwup.progress_display.Display` that keeps the device's lines and counts bytes."""
+    """A :class:`sshfwup.host.progress_display.Display` that keeps the device's lines and counts bytes."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []

@@ -13,16 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..fsutil import atomic_file
-from .archive import (
-    DATA_PREFIX,
-    META_CONF_NAME,
-    SIGNATURE_NAME,
-    checked_resource,
-    read_head,
-)
-from .keys import as_private_key
-from .zipstream import OUT_CHUNK, ZipStream
+from sshfwup.system.fsutil import atomic_file
+from sshfwup.firmware.archive import DATA_PREFIX, META_CONF_NAME, SIGNATURE_NAME, checked_resource, read_head
+from sshfwup.firmware.keys import as_private_key
+from sshfwup.firmware.zipstream import OUT_CHUNK, ZipStream
 from .zipwrite import ZipWriter
 
 log = logging.getLogger(__name__)

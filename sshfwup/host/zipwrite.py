@@ -15,8 +15,8 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
-from .errors import FirmwareError
-from .zipstream import (
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.firmware.zipstream import (
     CENTRAL_SIG,
     DESCRIPTOR_SIG,
     EOCD_SIG,

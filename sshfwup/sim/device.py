@@ -41,18 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sshfwup import procs
-from sshfwup.bootenv import BootEnv
+from sshfwup.system import procs
+from sshfwup.boot.bootenv import BootEnv
 from sshfwup.config import AppConfig
-from sshfwup.fsutil import write_atomically
-from sshfwup.fwfile import FirmwareError
-from sshfwup.fwhead import MAX_HEAD, read_head_bytes
-from sshfwup.installed import record
+from sshfwup.system.fsutil import write_atomically
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
+from sshfwup.update.installed import record
 from sshfwup.sim.firmware import find_fwup
 from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
 from sshfwup.sim.rootfs import HOST_INTERPRETERS, INTERPRETER, SITE_PACKAGES
 from sshfwup.sim.toml_write import dumps as toml_dumps
-from sshfwup.slots import MountInfo, mounts
+from sshfwup.boot.slots import MountInfo, mounts
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,10 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from sshfwup.bootenv import BootEnv, BootEnvError
-from sshfwup.fsutil import write_atomically
+from sshfwup.boot.bootenv import BootEnv, BootEnvError
+from sshfwup.system.fsutil import write_atomically
 from sshfwup.sim.bootloader import boot
-from sshfwup.ports import port_problem
+from sshfwup.system.ports import port_problem
 from sshfwup.sim.device import (
     MACHINE_LOCK,
     MARKER_ENV,

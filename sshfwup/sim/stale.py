@@ -23,7 +23,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sshfwup import procs
+from sshfwup.system import procs
 from sshfwup.sim.device import (
     DEVICE_JSON,
     MACHINE_LOCK,

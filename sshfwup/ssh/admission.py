@@ -20,7 +20,7 @@ Before a client has authenticated it costs the device memory and CPU and proves 
   from many addresses, so that none ever looks old, blocks itself within seconds; a client
   that tries a key — even a wrong one — and health checks now and then never get there.
 - the grace time to authenticate (``login_timeout``) and the number of *authenticated*
-  connections (``max_connections``) are enforced by the server (:mod:`sshfwup.server`).
+  connections (``max_connections``) are enforced by the server (:mod:`sshfwup.ssh.server`).
 
 Pure bookkeeping with an injectable clock and random source: the caller closes what it is told
 to close.

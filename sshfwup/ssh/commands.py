@@ -14,10 +14,10 @@ from typing import Any
 import anyio
 import asyncssh
 
-from . import __version__
-from .bootenv import BootEnvError
-from .device import Device
-from .update import EXIT_FAILED, EXIT_OK, Uploader
+from sshfwup import __version__
+from sshfwup.boot.bootenv import BootEnvError
+from sshfwup.device import Device
+from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Uploader
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader,
     if name in ("revert", "validate") and len(argv) == 1:
         if device.lock.busy():
             return fail("an update is in progress; try again when it has finished")
-        from . import pipeline
+        from sshfwup.update import pipeline
 
         try:
             text = await (pipeline.revert(device, who) if name == "revert" else pipeline.validate(device, who))

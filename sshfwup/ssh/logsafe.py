@@ -2,7 +2,7 @@
 
 A client chooses its SSH version string, the names it asks for (subsystems, commands, SFTP
 paths, scp file names) and, through a firmware it uploads, version strings; all of them end up
-in log lines. A newline in one would start a fake line of its own ("... sshfwup.server:
+in log lines. A newline in one would start a fake line of its own ("... sshfwup.ssh.server:
 accepted key ..."); escape sequences would rewrite a terminal. :class:`EscapingFilter` turns
 every C0/C1 control character, DEL, the Unicode line and paragraph separators and the
 bidirectional overrides in the *message* into ``\\xNN``/``\\uNNNN``; tracebacks (our own) are

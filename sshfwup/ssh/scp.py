@@ -15,10 +15,10 @@ import shlex
 import anyio
 import asyncssh
 
-from .device import Device
-from .report import Report
+from sshfwup.device import Device
+from sshfwup.update.report import Report
 from .sftp import parse_target
-from .update import EXIT_FAILED, EXIT_OK, Update, UpdateError, UpdateRefused, Uploader
+from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Update, UpdateError, UpdateRefused, Uploader
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """The SSH side: listener, authentication, and what each kind of session may do.
 
 Allowed: the ``fwup`` subsystem (raw ``.fw`` on stdin), SFTP (a virtual upload-only filesystem),
-``scp -t`` (legacy scp uploads), and the device commands in :mod:`sshfwup.commands` — as far as
-the key's authorized_keys options allow (:mod:`sshfwup.authkeys`: ``command=``, ``from=``,
+``scp -t`` (legacy scp uploads), and the device commands in :mod:`sshfwup.ssh.commands` — as far as
+the key's authorized_keys options allow (:mod:`sshfwup.ssh.authkeys`: ``command=``, ``from=``,
 ``expiry-time=``, ``cert-authority``/``principals=``).
 Refused: passwords, keyboard-interactive, host-based auth, shells, ptys, other exec commands,
 port/agent/X11 forwarding.
 
-Limits (docs/security.md): unauthenticated connections are admitted by :mod:`sshfwup.admission`
+Limits (docs/security.md): unauthenticated connections are admitted by :mod:`sshfwup.ssh.admission`
 (sshd's MaxStartups and PerSourceMaxStartups, silent connections shed first) and must log in
 within ``login_timeout``; at most ``max_connections`` are authenticated at once; an
 authenticated connection that runs nothing for ``session_idle_timeout`` is closed.
@@ -32,14 +32,14 @@ import asyncssh
 from . import commands
 from .admission import Admission, Refused, StartupLimits, Ticket
 from .authkeys import AuthorizedKeys, SessionRequest, resolve_session
-from .config import Config
-from .fsutil import write_atomically
-from .ports import ListenError, describe_holders
-from .device import Device
-from .report import Report
+from sshfwup.config import Config
+from sshfwup.system.fsutil import write_atomically
+from sshfwup.system.ports import ListenError, describe_holders
+from sshfwup.device import Device
+from sshfwup.update.report import Report
 from .scp import run_scp_sink
 from .sftp import FirmwareSFTPServer
-from .update import EXIT_FAILED, Update, UpdateError, UpdateRefused, Uploader
+from sshfwup.update.update import EXIT_FAILED, Update, UpdateError, UpdateRefused, Uploader
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,9 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
-from .device import Device
-from .report import Report
-from .update import (
-    EXIT_FAILED,
-    EXIT_OK,
-    Outcome,
-    Update,
-    UpdateError,
-    UpdateRefused,
-    Uploader,
-)
+from sshfwup.device import Device
+from sshfwup.update.report import Report
+from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Outcome, Update, UpdateError, UpdateRefused, Uploader
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The supervisor's side of the state and connection hand-off (wire format: :mod:`sshfwup.handoff`).
+"""The supervisor's side of the state and connection hand-off (wire format: :mod:`sshfwup.app.handoff`).
 
 Each instance of an app with ``[app] handoff = true`` gets a :class:`Channel`. During a swap the
 supervisor waits for the new instance's ``WANT``, asks the old one to ``GIVE`` and relays what it
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from sshfwup import handoff
-from sshfwup.handoff import DATA, DENY, DONE, GIVE, HEAD, KEEP, NONE, SOCK, TAKE, WANT, HandoffProtocolError
+from sshfwup.app import handoff
+from sshfwup.app.handoff import DATA, DENY, DONE, GIVE, HEAD, KEEP, NONE, SOCK, TAKE, WANT, HandoffProtocolError
 
 __all__ = ["Channel", "Limits", "Transfer", "relay", "wait_want"]
 

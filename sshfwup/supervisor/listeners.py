@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import anyio
 
-from sshfwup import sockdiag
+from . import sockdiag
 from sshfwup.config import SocketSpec
 
 __all__ = [
@@ -569,7 +569,7 @@ async def accept_probe(
     Progress is the queue's length dropping between two polls; the probe itself is the sure sign
     (the queue is first in, first out: a listener that keeps accepting reaches it).
 
-    Whether the probe was accepted is asked of the kernel (:mod:`sshfwup.sockdiag`: a queued
+    Whether the probe was accepted is asked of the kernel (:mod:`sshfwup.supervisor.sockdiag`: a queued
     connection has no inode yet). Without socket diagnostics it is inferred from the queue:
     on loopback the kernel queues the connection before ``connect()`` returns, so ours is at most
     ``ahead`` places from the head then, where ``ahead`` is the queue's length read right after.

@@ -41,7 +41,7 @@ class LogLine:
 
 
 class RingFormatter(logging.Formatter):
-    """``2026-05-01 12:00:00.123 INFO sshfwup.update: text``; app output as ``app 2.0.0[1234]: text``."""
+    """``2026-05-01 12:00:00.123 INFO sshfwup.update.update: text``; app output as ``app 2.0.0[1234]: text``."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(source)s: %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AppConfig
+from sshfwup.config import AppConfig
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def delegated_cgroup() -> Path | None:
     systemd marks the cgroup of a unit with ``Delegate=yes`` with the extended attribute
     ``trusted.delegate`` (``user.delegate`` in a user manager) since version 251. Without the
     mark, sub-cgroups are not ours to make: the app's processes are then found by their
-    environment marker only (see :mod:`sshfwup.supervisor`).
+    environment marker only (see :mod:`sshfwup.supervisor.supervisor`).
     """
     own = _own_cgroup()
     if own is None:

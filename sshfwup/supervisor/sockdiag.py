@@ -5,7 +5,7 @@ completed — but no process holds it: it has no file, and the kernel reports in
 an app ``accept()``s it, it gets one. So one exact lookup of the server's end of a connection (by
 its four-tuple, ``SOCK_DIAG_BY_FAMILY`` without ``NLM_F_DUMP``: the kernel looks one socket up, it
 does not list them) tells whether it was accepted, whatever else is queued or arrives meanwhile.
-That is what :func:`sshfwup.listeners.accept_probe` needs under load: counting departures from the
+That is what :func:`sshfwup.supervisor.listeners.accept_probe` needs under load: counting departures from the
 queue's length cannot see them when new connections arrive as fast as old ones are accepted.
 
 Plain ``socket`` and ``struct``, no dependency; ``inet_diag``/``tcp_diag`` are in every common

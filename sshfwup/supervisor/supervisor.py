@@ -6,7 +6,7 @@ variables (see :mod:`sshfwup.app`). Because the supervisor's copy never closes, 
 arrives while an instance (re)starts waits in the kernel's listen queue instead of being refused.
 
 How a TCP socket goes from one version to the next — its *socket path*, see
-:mod:`sshfwup.listeners` — is ``reuseport`` (``reuseport+migrate`` with
+:mod:`sshfwup.supervisor.listeners` — is ``reuseport`` (``reuseport+migrate`` with
 ``net.ipv4.tcp_migrate_req = 1``) wherever the kernel takes a reuseport program: each version
 gets a listening socket of its own on the same address, and the supervisor steers new
 connections to one of them. UNIX sockets, kernels without the program and ``Supervisor(...,
@@ -56,7 +56,7 @@ Saturated is not dead (issue #20): at full load a probe connection may wait in t
 behind busy workers, and that passes once it is accepted. A version is unhealthy when it makes no
 progress: it exits; a probe connection waits while nothing at all is accepted on that socket for
 ``stall_timeout`` (:func:`listeners.accept_probe`; the kernel says when the probe itself is
-accepted, :mod:`sshfwup.sockdiag`); its http/tcp check does not answer within ``stall_timeout``;
+accepted, :mod:`sshfwup.supervisor.sockdiag`); its http/tcp check does not answer within ``stall_timeout``;
 or that check answers with a failure ``health_failures`` rounds in a row.
 
 Outside a swap, an instance that exits is restarted from the same source, on the same sockets,
@@ -67,7 +67,7 @@ An exit during a swap belongs to the swap, never to the restart loop. After
 source to start instead (the daemon's: the running root's firmware for a hot-swapped version).
 
 Each instance runs with cwd = ``root/app_dir`` (``app_dir`` is absolute inside the root
-filesystem), in its room (:mod:`sshfwup.room`: its own user, capabilities and cgroup, a clean
+filesystem), in its room (:mod:`sshfwup.supervisor.room`: its own user, capabilities and cgroup, a clean
 environment), plus ``[app] env`` (``{root}`` and ``{app_dir}``
 are substituted there and in ``command``), ``PYTHONPATH`` starting with the app dir,
 ``SSHFWUP_SLOT``, ``SSHFWUP_VERSION``, ``SSHFWUP_APP_ROOT`` (the root), ``SSHFWUP_APP_DIR``,
@@ -78,7 +78,7 @@ so that SIGKILL reaches its whole process group.
 
 While no instance runs — it crashed and waits for its restart, or it does not start — the
 supervisor itself answers on the public sockets once ``[app] unavailable_after`` seconds passed
-without one (:mod:`sshfwup.unavailable`): ``503 Service Unavailable`` with the reason on the
+without one (:mod:`sshfwup.supervisor.unavailable`): ``503 Service Unavailable`` with the reason on the
 sockets named in ``[app] http_sockets``, a reset on the others, so that clients get an answer
 instead of waiting in the queue until they give up. It stops before any instance is started
 (a start, a swap, a restart attempt, a stop all take the supervisor's lock, and stand it down
@@ -119,12 +119,13 @@ import anyio
 import anyio.abc
 
 from sshfwup import app as app_protocol
-from sshfwup import listeners, logring, procs, room, unavailable
+from . import listeners, logring, room, unavailable
+from sshfwup.system import procs
 from sshfwup.config import AppConfig, SocketSpec
-from sshfwup.listeners import Listener
+from sshfwup.supervisor.listeners import Listener
 
 if TYPE_CHECKING:  # imported when an app has [app] handoff on
-    from sshfwup import handoff_relay
+    from . import handoff_relay
 
 __all__ = [
     "HEALTH_SOCKET_NAME",
@@ -312,7 +313,7 @@ CrashLoopHandler = Callable[[Instance, int], Awaitable[AppSource | None]]
 
 
 def bind_listeners(specs: tuple[SocketSpec, ...], *, steer: bool = True) -> tuple[Listener, ...]:
-    """Bind and listen on every socket; all or nothing (see :mod:`sshfwup.listeners`)."""
+    """Bind and listen on every socket; all or nothing (see :mod:`sshfwup.supervisor.listeners`)."""
     try:
         return listeners.bind_listeners(specs, steer=steer)
     except listeners.ListenerError as e:
@@ -387,9 +388,9 @@ class _Child:
         self.exited = anyio.Event()
         self.supervised = False  # an exit is the restart loop's business (never during start/swap)
         self.stopping = False
-        self.cgroup: Path | None = None  # its own cgroup (sshfwup.room), if it has one
+        self.cgroup: Path | None = None  # its own cgroup (sshfwup.supervisor.room), if it has one
         self.drain_deadline: float | None = None  # set with SIGTERM: when SIGKILL comes
-        self.handoff: handoff_relay.Channel | None = None  # [app] handoff: its channel (sshfwup.handoff)
+        self.handoff: handoff_relay.Channel | None = None  # [app] handoff: its channel (sshfwup.app.handoff)
         self.owes_verdict = False  # it was asked to GIVE and waits for DONE or KEEP
         self.gave_away = False  # told DONE: its state and connections belong to the next version
         self.taken: handoff_relay.Transfer | None = None  # what it took over from the version before
@@ -434,7 +435,7 @@ class Supervisor:
         steer: bool = True,
         on_crash_loop: CrashLoopHandler | None = None,
     ) -> None:
-        """``steer=False`` keeps every socket on the shared path (see :mod:`sshfwup.listeners`).
+        """``steer=False`` keeps every socket on the shared path (see :mod:`sshfwup.supervisor.listeners`).
         ``on_crash_loop``: see :meth:`_restart_after_crash` and ``[app] rollback_after_crashes``."""
         if not marker or "\0" in marker:
             raise ValueError("marker must be a non-empty string without NUL")
@@ -454,7 +455,7 @@ class Supervisor:
         self._token = secrets.token_hex(4)  # instance ids stay unique across supervisors
         self._last_exit: AppExit | None = None
         self._outage: Outage | None = None
-        # The stand-in (sshfwup.unavailable): woken whenever the outage or the lock changes;
+        # The stand-in (sshfwup.supervisor.unavailable): woken whenever the outage or the lock changes;
         # its cancel scope and done event while it accepts on the public sockets.
         self._stand_in_wake: anyio.Event | None = None  # made in __aenter__ (needs the event loop)
         self._stand_in_scope: anyio.CancelScope | None = None
@@ -1205,7 +1206,7 @@ class Supervisor:
                     except listeners.ListenerError as e:  # released all the same; steering not updated
                         log.error("%s", e)
 
-    # --- state and connection hand-off ([app] handoff; sshfwup.handoff) ---------------------
+    # --- state and connection hand-off ([app] handoff; sshfwup.app.handoff) ---------------------
 
     def _handoff_channel(self, fds: list[int], env: dict[str, str]) -> handoff_relay.Channel | None:
         """A hand-off channel for a new instance: passed after the listening sockets (fd 3 +
@@ -1213,7 +1214,8 @@ class Supervisor:
         config = self._config
         if not config.handoff:
             return None
-        from sshfwup import handoff, handoff_relay
+        from sshfwup.app import handoff
+        from . import handoff_relay
 
         channel = handoff_relay.Channel()
         env[handoff.ENV_FD] = str(app_protocol.LISTEN_FDS_START + len(fds))
@@ -1230,7 +1232,7 @@ class Supervisor:
         if new.handoff is None or donor is None:
             await self._wait_ready(new)
             return None
-        from sshfwup import handoff_relay
+        from . import handoff_relay
 
         config = self._config
         limits = handoff_relay.Limits(config.handoff_max_state, config.handoff_max_sockets, config.handoff_timeout)

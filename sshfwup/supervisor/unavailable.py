@@ -3,7 +3,7 @@
 The supervisor keeps the listening sockets open for its whole life, so a connection that arrives
 while the app is down would wait in the kernel's queue until the client gives up: a hang, with
 no hint why. While no instance runs (it crashed and waits for its restart, or it does not start
-at all) the supervisor accepts on the public sockets itself (:class:`~sshfwup.supervisor.Supervisor`
+at all) the supervisor accepts on the public sockets itself (:class:`~sshfwup.supervisor.supervisor.Supervisor`
 decides when) and answers each connection here:
 
 - on a socket named in ``[app] http_sockets``: ``HTTP/1.1 503 Service Unavailable`` with a short

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .fwfile.delta import DeltaSource
+    from sshfwup.firmware.delta_source import DeltaSource
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ def read_head_bytes(data: bytes, *, public_keys: Sequence[Path] = (), final: boo
     """The firmware's head from the first bytes of an upload, or None: not there yet (more bytes
     may bring it), or not readable (``final``, or more than :data:`MAX_HEAD` bytes without it).
     With ``public_keys`` an unsigned or wrongly signed head is not readable."""
-    from .fwfile import FirmwareError, ZipStream, read_head  # first upload only: not at serve start-up
-    from .fwfile.delta import DELTA_SOURCE_ID, decode_delta_source
+    from sshfwup.firmware.errors import FirmwareError  # first upload only: not at serve start-up
+    from sshfwup.firmware.zipstream import ZipStream  # first upload only: not at serve start-up
+    from sshfwup.firmware.archive import read_head  # first upload only: not at serve start-up
+    from sshfwup.firmware.delta_source import DELTA_SOURCE_ID, decode_delta_source
 
     try:
         stream = ZipStream(io.BytesIO(data).read)

@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from . import app as _app_protocol
+from sshfwup import app as _app_protocol
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from .fsutil import write_atomically
+from sshfwup.system.fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .fsutil import write_atomically
+from sshfwup.system.fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 fwup has written the inactive slot and switched the boot env. From here the device either runs the
 new application version from the new slot without a reboot (hot), or reboots into the new
 firmware — and whatever goes wrong, the old version keeps serving and the boot env names firmware
-that is known to work. Every stage is journaled before it starts (see :mod:`sshfwup.journal`).
+that is known to work. Every stage is journaled before it starts (see :mod:`sshfwup.update.journal`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import anyio
 
-from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_slot, slot_state_var
-from .device import Device
-from .inspect import Policy, Verdict, inspect_slot, with_resources
+from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_slot, slot_state_var
+from sshfwup.device import Device
+from sshfwup.firmware.inspect import Policy, Verdict, inspect_slot, with_resources
 from .installed import recorded_resources
 from .lock import DeviceBusy
-from .slots import SlotError, mount_slot, unmount
-from .supervisor import AppSource, SwapFailed
+from sshfwup.boot.slots import SlotError, mount_slot, unmount
+from sshfwup.supervisor.supervisor import AppSource, SwapFailed
 from .update import Outcome, UpdateContext, Uploader
 
 log = logging.getLogger(__name__)

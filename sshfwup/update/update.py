@@ -25,15 +25,15 @@ from typing import Any
 
 import anyio
 
-from .bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
-from .device import Device
+from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
+from sshfwup.device import Device
 from .fwup import FwupError, FwupProcess, FwupResult, Progress
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes, version_key
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .installed import forget, record
 from .lock import DeviceBusy
 from .report import Report
-from .slots import SlotError, is_mounted, unmount
+from sshfwup.boot.slots import SlotError, is_mounted, unmount
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,15 @@ class UpdateContext:
 Callback = Callable[[UpdateContext], Any]
 
 
+#: Callbacks by the names they had before sshfwup's modules moved into packages (issue 21):
+#: configurations written then keep working.
+MOVED_CALLBACK_MODULES = {"sshfwup.pipeline": "sshfwup.update.pipeline", "sshfwup.update": "sshfwup.update.update"}
+
+
 def load_callback(spec: str) -> Callback:
     """``"package.module:function"`` or ``"/path/to/file.py:function"`` → the function (sync or async)."""
     module_name, _, attr = spec.rpartition(":")
+    module_name = MOVED_CALLBACK_MODULES.get(module_name, module_name)
     try:
         if module_name.endswith(".py"):
             # A plain file on the device: no package to install for a one-off hook.

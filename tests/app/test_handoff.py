@@ -1,4 +1,4 @@
-"""sshfwup.handoff (wire format, the app's side) and sshfwup.handoff_relay (the supervisor's side),
+"""sshfwup.app.handoff (wire format, the app's side) and sshfwup.supervisor.handoff_relay (the supervisor's side),
 with real SEQPACKET socket pairs, real SCM_RIGHTS and real TCP connections on 127.0.0.1; the two
 app sides run in threads, as the two processes would."""
 
@@ -15,8 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from sshfwup import handoff
-from sshfwup.handoff_relay import Channel, Limits, Transfer, relay
+from sshfwup.app import handoff
+from sshfwup.supervisor.handoff_relay import Channel, Limits, Transfer, relay
 
 LIMITS = Limits(max_state=4 * 1024 * 1024, max_sockets=128, timeout=2.0)
 
@@ -61,7 +61,7 @@ async def run_handoff(
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(in_thread, "given", give)
             tasks.start_soon(in_thread, "taken", take)
-            from sshfwup.handoff_relay import wait_want
+            from sshfwup.supervisor.handoff_relay import wait_want
 
             assert await wait_want(new)
             transfer = await relay(old, new, limits, sender_name="1.0", receiver_name="2.0")

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import fwfile
-from sshfwup.fwfile import FirmwareError
+from sshfwup.firmware.archive import extract_resource, firmware_uuid, format_metadata, read_firmware
+from sshfwup.firmware.keys import generate_keypair, load_private_key, load_public_key, verify_signature
+from sshfwup.firmware.metaconf import Call, UBootEnvironment, parse_meta_conf
+from sshfwup.firmware.zipstream import ZipStream
+from sshfwup.host.sign import sign_firmware
+from sshfwup.firmware.errors import FirmwareError
 from sshfwup.sim.firmware import SQUASHFS_TIME, reference_conf
 from sshfwup.sim.layout import BLOCK_SIZE, Layout
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "fwup-1.16"  # real fwup output, see its README
-DEPLOY_CONF = Path(__file__).resolve().parents[1] / "deploy" / "fwup.conf"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "fwup-1.16"  # real fwup output, see its README
+DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "fwup.conf"
 
 
 def sample_env(name: str) -> dict[str, str]:
@@ -69,13 +73,13 @@ def fw(fwup: str, rootfs: Path, tmp_path: Path) -> Path:
                                                   ("v2.fw", "env-after-upgrade.txt", "b")])
 def test_uuid_matches_what_real_fwup_wrote_to_the_env(name: str, env_file: str, slot: str) -> None:
     meta_conf = zipfile.ZipFile(SAMPLES / name).read("meta.conf")
-    assert fwfile.firmware_uuid(meta_conf) == sample_env(env_file)[f"{slot}.nerves_fw_uuid"]
-    assert fwfile.read_firmware(SAMPLES / name).uuid == sample_env(env_file)[f"{slot}.nerves_fw_uuid"]
+    assert firmware_uuid(meta_conf) == sample_env(env_file)[f"{slot}.nerves_fw_uuid"]
+    assert read_firmware(SAMPLES / name).uuid == sample_env(env_file)[f"{slot}.nerves_fw_uuid"]
 
 
 @pytest.mark.parametrize("name", ["v1.fw", "v2.fw", "v2-otherboard.fw"])
 def test_read_firmware_on_real_archives(name: str) -> None:
-    info = fwfile.read_firmware(SAMPLES / name)
+    info = read_firmware(SAMPLES / name)
     with zipfile.ZipFile(SAMPLES / name) as z:
         assert [(e.name, e.compressed_size, e.size) for e in info.entries] == [
             (i.filename, i.compress_size, i.file_size) for i in z.infolist()
@@ -87,10 +91,10 @@ def test_read_firmware_on_real_archives(name: str) -> None:
 
 
 def test_metadata_matches_fwup_m_output() -> None:
-    info = fwfile.read_firmware(SAMPLES / "v2.fw")
+    info = read_firmware(SAMPLES / "v2.fw")
     expected = [line for line in (SAMPLES / "fwup-metadata-v2.txt").read_text().splitlines()
                 if not line.startswith("meta-nickname=")]
-    assert fwfile.format_metadata(info.metadata).splitlines() == expected
+    assert format_metadata(info.metadata).splitlines() == expected
 
 
 @pytest.mark.parametrize(
@@ -101,23 +105,23 @@ def test_metadata_matches_fwup_m_output() -> None:
 )
 def test_bad_samples_raise_clear_errors(name: str, operator_words: str) -> None:
     with pytest.raises(FirmwareError) as err:
-        fwfile.read_firmware(SAMPLES / name)
+        read_firmware(SAMPLES / name)
     assert operator_words in str(err.value) and name in str(err.value)
 
 
 def test_parse_meta_conf_of_a_real_archive() -> None:
     raw = zipfile.ZipFile(SAMPLES / "v2.fw").read("meta.conf").decode()
-    meta = fwfile.parse_meta_conf(raw)
+    meta = parse_meta_conf(raw)
     assert list(meta.tasks) == ["complete", "upgrade.a", "upgrade.b", "upgrade.unvalidated",
                                 "upgrade.unexpected", "upgrade.wrongplatform"]
     upgrade_b = meta.tasks["upgrade.b"]
-    assert upgrade_b.requirements[0] == fwfile.Call("require-uboot-variable", ("uboot-env", "nerves_fw_active", "a"))
-    assert upgrade_b.requirements[-1] == fwfile.Call("require-partition-offset", ("2", "24576"))
-    assert upgrade_b.on_init[0] == fwfile.Call("info", ("Upgrading partition B",))
-    assert upgrade_b.on_resource["rootfs.img"] == (fwfile.Call("raw_write", ("24576",)),)
-    assert fwfile.Call("uboot_setenv", ("uboot-env", "b.nerves_fw_uuid", "${FWUP_META_UUID}")) in upgrade_b.on_finish
+    assert upgrade_b.requirements[0] == Call("require-uboot-variable", ("uboot-env", "nerves_fw_active", "a"))
+    assert upgrade_b.requirements[-1] == Call("require-partition-offset", ("2", "24576"))
+    assert upgrade_b.on_init[0] == Call("info", ("Upgrading partition B",))
+    assert upgrade_b.on_resource["rootfs.img"] == (Call("raw_write", ("24576",)),)
+    assert Call("uboot_setenv", ("uboot-env", "b.nerves_fw_uuid", "${FWUP_META_UUID}")) in upgrade_b.on_finish
     assert meta.tasks["complete"].require_unmounted_destination
-    assert meta.uboot_env["uboot-env"] == fwfile.UBootEnvironment("uboot-env", 256, 16)
+    assert meta.uboot_env["uboot-env"] == UBootEnvironment("uboot-env", 256, 16)
     assert [(p.index, p.block_offset, p.type, p.boot, p.expand) for p in meta.mbrs["mbr"].partitions] == [
         (0, 2048, 0x0C, True, False), (1, 8192, 0x83, False, False),
         (2, 24576, 0x83, False, False), (3, 40960, 0x83, False, True),
@@ -141,7 +145,7 @@ def test_reader_handles_sizes_in_the_local_header(tmp_path: Path, rootfs: Path, 
     text = zipfile.ZipFile(fw).read("meta.conf").decode()
     path = zip_with(tmp_path, [("meta.conf", text.encode()), ("data/rootfs.img", rootfs.read_bytes())], method)
     assert local_headers(path.read_bytes())[0][2] & 0x08 == 0
-    info = fwfile.read_firmware(path)
+    info = read_firmware(path)
     assert info.entries[1].size == rootfs.stat().st_size and info.meta_conf == text.encode()
 
 
@@ -151,22 +155,22 @@ def test_altered_resource_with_a_valid_crc_fails_the_hash(tmp_path: Path, rootfs
     data[1234] ^= 0xFF
     path = zip_with(tmp_path, [("meta.conf", text.encode()), ("data/rootfs.img", bytes(data))])
     with pytest.raises(FirmwareError, match="does not match its blake2b-256"):
-        fwfile.read_firmware(path)
+        read_firmware(path)
     with pytest.raises(FirmwareError):
-        fwfile.extract_resource(path, "rootfs.img", tmp_path / "out.img")
+        extract_resource(path, "rootfs.img", tmp_path / "out.img")
     assert not (tmp_path / "out.img").exists()
     shorter = zip_with(tmp_path, [("meta.conf", text.encode()), ("data/rootfs.img", bytes(data[:-1]))])
     with pytest.raises(FirmwareError, match="meta.conf says"):
-        fwfile.read_firmware(shorter)
+        read_firmware(shorter)
 
 
 def test_a_flipped_byte_in_deflated_data_is_caught(fwup: str, fw: Path) -> None:
     data = bytearray(fw.read_bytes())
-    start = fwfile.read_firmware(fw).entries[-1].data_offset
+    start = read_firmware(fw).entries[-1].data_offset
     data[start + 500] ^= 0x01
     fw.write_bytes(bytes(data))
     with pytest.raises(FirmwareError, match="corrupt firmware archive"):
-        fwfile.read_firmware(fw)
+        read_firmware(fw)
     assert run_fwup(fwup, "-V", "-i", fw).returncode != 0  # and fwup agrees
 
 
@@ -174,10 +178,10 @@ def test_truncation_inside_a_resource(tmp_path: Path, fw: Path) -> None:
     data = fw.read_bytes()
     (tmp_path / "cut.fw").write_bytes(data[: len(data) * 3 // 4])
     with pytest.raises(FirmwareError, match="truncated"):
-        fwfile.read_firmware(tmp_path / "cut.fw")
+        read_firmware(tmp_path / "cut.fw")
     (tmp_path / "empty.fw").write_bytes(b"")
     with pytest.raises(FirmwareError, match="empty"):
-        fwfile.read_firmware(tmp_path / "empty.fw")
+        read_firmware(tmp_path / "empty.fw")
 
 
 # --- keys and signatures -----------------------------------------------------------------------
@@ -185,7 +189,7 @@ def test_truncation_inside_a_resource(tmp_path: Path, fw: Path) -> None:
 
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
-    priv_text, pub_text = fwfile.generate_keypair()
+    priv_text, pub_text = generate_keypair()
     priv, pub = tmp_path / "fwup-key.priv", tmp_path / "fwup-key.pub"
     priv.write_text(priv_text)
     pub.write_text(pub_text)
@@ -197,10 +201,10 @@ def test_key_files_have_fwups_format(keys: tuple[Path, Path]) -> None:
     raw_priv = base64.b64decode(priv.read_bytes(), validate=True)
     raw_pub = base64.b64decode(pub.read_bytes(), validate=True)
     assert len(raw_priv) == 64 and len(raw_pub) == 32 and raw_priv[32:] == raw_pub  # libsodium: seed + public
-    assert fwfile.load_private_key(priv) == raw_priv and fwfile.load_public_key(pub) == raw_pub
+    assert load_private_key(priv) == raw_priv and load_public_key(pub) == raw_pub
     pub.write_text("not a key")
     with pytest.raises(FirmwareError, match="not an fwup public key"):
-        fwfile.load_public_key(pub)
+        load_public_key(pub)
 
 
 def test_archives_signed_by_real_fwup_are_read(fwup: str, tmp_path: Path, rootfs: Path, fw: Path) -> None:
@@ -214,15 +218,15 @@ def test_archives_signed_by_real_fwup_are_read(fwup: str, tmp_path: Path, rootfs
     for path in (signed_after, signed_at_create):
         headers = local_headers(path.read_bytes())
         assert headers[0][0] == "meta.conf.ed25519" and headers[0][2] & 0x08 and headers[0][3] == 0
-        info = fwfile.read_firmware(path, public_keys=[pub])
-        assert info.signature is not None and fwfile.verify_signature(info, fwfile.load_public_key(pub))
+        info = read_firmware(path, public_keys=[pub])
+        assert info.signature is not None and verify_signature(info, load_public_key(pub))
         assert [e.name for e in info.entries][:2] == ["meta.conf.ed25519", "meta.conf"]
-    assert fwfile.read_firmware(signed_after).uuid == fwfile.read_firmware(fw).uuid  # signing keeps the uuid
+    assert read_firmware(signed_after).uuid == read_firmware(fw).uuid  # signing keeps the uuid
 
 
 def test_our_signature_is_accepted_by_real_fwup(fwup: str, tmp_path: Path, fw: Path, keys: tuple[Path, Path]) -> None:
     priv, pub = keys
-    signed = fwfile.sign_firmware(fw, tmp_path / "signed.fw", priv)
+    signed = sign_firmware(fw, tmp_path / "signed.fw", priv)
     check = run_fwup(fwup, "-V", "-p", pub, "-i", signed)
     assert check.returncode == 0 and "good signature" in check.stdout, check.stdout + check.stderr
     assert run_fwup(fwup, "-m", "-i", signed).stdout == run_fwup(fwup, "-m", "-i", fw).stdout  # same uuid, same date
@@ -240,11 +244,11 @@ def test_our_signature_is_accepted_by_real_fwup(fwup: str, tmp_path: Path, fw: P
     assert applied.returncode == 0, applied.stdout + applied.stderr
     # resigning with another key replaces the signature
     other_priv, other_pub = tmp_path / "o.priv", tmp_path / "o.pub"
-    p2, b2 = fwfile.generate_keypair()
+    p2, b2 = generate_keypair()
     other_priv.write_text(p2)
     other_pub.write_text(b2)
-    replaced = fwfile.sign_firmware(signed, tmp_path / "replaced.fw", other_priv)
-    fwfile.read_firmware(replaced, public_keys=[other_pub])
+    replaced = sign_firmware(signed, tmp_path / "replaced.fw", other_priv)
+    read_firmware(replaced, public_keys=[other_pub])
     assert run_fwup(fwup, "-V", "-p", other_pub, "-i", replaced).returncode == 0
 
 
@@ -259,12 +263,12 @@ def _tampered_meta(src: Path, dst: Path) -> Path:
 
 def test_bad_signatures_are_refused_by_both(fwup: str, tmp_path: Path, fw: Path, keys: tuple[Path, Path]) -> None:
     priv, pub = keys
-    signed = fwfile.sign_firmware(fw, tmp_path / "signed.fw", priv)
-    wrong_priv, wrong_pub = fwfile.generate_keypair()
+    signed = sign_firmware(fw, tmp_path / "signed.fw", priv)
+    wrong_priv, wrong_pub = generate_keypair()
     (tmp_path / "wrong.pub").write_text(wrong_pub)
     flipped = tmp_path / "flipped.fw"
     data = bytearray(signed.read_bytes())
-    data[fwfile.read_firmware(signed).entries[-1].data_offset + 300] ^= 0x40
+    data[read_firmware(signed).entries[-1].data_offset + 300] ^= 0x40
     flipped.write_bytes(bytes(data))
     cases = {
         "wrong key": (signed, tmp_path / "wrong.pub", "does not match any trusted public key"),
@@ -274,9 +278,9 @@ def test_bad_signatures_are_refused_by_both(fwup: str, tmp_path: Path, fw: Path,
     }
     for case, (path, key, words) in cases.items():
         with pytest.raises(FirmwareError, match=words):
-            fwfile.read_firmware(path, public_keys=[key])
+            read_firmware(path, public_keys=[key])
         assert run_fwup(fwup, "-V", "-p", key, "-i", path).returncode != 0, case
-    fwfile.read_firmware(signed, public_keys=[tmp_path / "wrong.pub", pub])  # any trusted key will do
+    read_firmware(signed, public_keys=[tmp_path / "wrong.pub", pub])  # any trusted key will do
 
 
 # --- deploy/fwup.conf and the simulator's layout ----------------------------------------------
@@ -304,7 +308,7 @@ def test_writer_extra_fields_and_sizes_in_the_header_read_back(tmp_path: Path) -
     """ZipWriter.add(extra=, sizes_in_header=): Python's zipfile and our stream reader agree, the
     local header holds the CRC and sizes (what fwup takes a delta patch by), and the extra field
     is in both headers, after the timestamp."""
-    from sshfwup.fwfile.zipwrite import ZipWriter
+    from sshfwup.host.zipwrite import ZipWriter
 
     payload = os.urandom(3000) + bytes(5000)
     out = tmp_path / "x.zip"
@@ -324,7 +328,7 @@ def test_writer_extra_fields_and_sizes_in_the_header_read_back(tmp_path: Path) -
     assert data[start : start + 4] == b"PK\x03\x04"
     crc, csize, usize = struct.unpack_from("<III", data, start + 14)
     assert usize == len(payload) and crc == zlib.crc32(payload) and csize > 0
-    stream = fwfile.ZipStream(out.open("rb").read)
+    stream = ZipStream(out.open("rb").read)
     seen = []
     while (entry := stream.next_entry()) is not None:
         seen.append((entry.name, entry.extra_field(0x6673), entry.extra_field(0x1234), entry.size, entry.mtime))

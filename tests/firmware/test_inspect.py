@@ -1,4 +1,4 @@
-"""sshfwup.inspect: the hot-or-reboot verdict, on the device (inspect_slot) and the host (decide)."""
+"""sshfwup.firmware.inspect: the hot-or-reboot verdict, on the device (inspect_slot) and the host (decide)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.inspect import (
+from sshfwup.firmware.inspect import (
     DEFAULT_INTERPRETER,
     Change,
     Verdict,
@@ -23,7 +23,7 @@ from sshfwup.inspect import (
     resource_reasons,
     verify_app_files,
 )
-from sshfwup.manifest import (
+from sshfwup.firmware.manifest import (
     MANIFEST_PATH,
     MARKER_PATH,
     Entry,

@@ -1,4 +1,4 @@
-"""sshfwup.manifest: building, writing, reading the rootfs manifest and the HOT_RELOAD marker."""
+"""sshfwup.firmware.manifest: building, writing, reading the rootfs manifest and the HOT_RELOAD marker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.manifest import (
+from sshfwup.firmware.manifest import (
     FORMAT,
     MANIFEST_PATH,
     MARKER_PATH,
@@ -393,7 +393,7 @@ def test_manifest_dataclass_defaults() -> None:
 
 
 def test_a_fifo_in_place_of_the_manifest_does_not_hang(tmp_path: Path) -> None:
-    from sshfwup.manifest import MANIFEST_PATH, ManifestError, read_rootfs_file
+    from sshfwup.firmware.manifest import MANIFEST_PATH, ManifestError, read_rootfs_file
 
     target = tmp_path / MANIFEST_PATH.lstrip("/")
     target.parent.mkdir(parents=True)

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from conftest import Sim, output
 
-from sshfwup import fwfile
+from sshfwup.firmware.keys import generate_keypair, load_private_key
+from sshfwup.host.sign import sign_firmware
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("signing")
     paths: dict[str, Path] = {}
     for name in ("ours", "theirs"):
-        priv, pub = fwfile.generate_keypair()
+        priv, pub = generate_keypair()
         (out / f"{name}.priv").write_text(priv)
         (out / f"{name}.pub").write_text(pub)
         paths[name] = out / f"{name}.priv"
@@ -27,11 +28,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def sim_config(keys: dict[str, Path]) -> dict[str, Any]:
-    return {"fwup": {"public_keys": [str(keys["ours.pub"])], "success_callback": "sshfwup.update:report_only"}}
+    return {"fwup": {"public_keys": [str(keys["ours.pub"])], "success_callback": "sshfwup.update.update:report_only"}}
 
 
 def signed(firmware: Path, key: Path, out: Path) -> Path:
-    return fwfile.sign_firmware(firmware, out, fwfile.load_private_key(key))
+    return sign_firmware(firmware, out, load_private_key(key))
 
 
 def assert_untouched(sim: Sim) -> None:
@@ -126,7 +127,7 @@ async def test_firmware_signed_by_fwup_with_its_own_key(
 async def test_a_delta_patch_keeps_the_signature(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path) -> None:
     """The patch carries NEW's meta.conf and signature verbatim: a device that requires signed
     firmware applies it; a patch of unsigned firmware is refused like the firmware itself."""
-    from sshfwup.firmware_delta import make_patch
+    from sshfwup.host.firmware_delta import make_patch
 
     unsigned = make_patch(firmware("1.0.0"), firmware("2.0.0"), tmp_path / "unsigned-patch.fw")
     result = sim.upload(unsigned.path)

@@ -26,7 +26,7 @@ from sshfwup.sim.fleet import FleetDevice, SimFleet, ansible_environment, ansibl
 from sshfwup.sim.host import KeyPair
 from sshfwup.sim.rootfs import build_sample_firmware
 
-CALLBACKS = Path(__file__).resolve().parent / "ansible" / "callback_plugins"
+CALLBACKS = Path(__file__).resolve().parents[1] / "ansible" / "callback_plugins"
 UPDATE_TASK = "Update the firmware (hot swap or reboot; waits for validation)"
 HEALTH_TASK = "Health gate (the application answers)"
 REBOOT_TASK = "Reboot into the new firmware (reboot_after=true; a hot swap leaves it pending)"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from printed_warnings import without_warnings_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLLECTION = REPO / "ansible_collections" / "sshfwup" / "device"
 MODULES = sorted((COLLECTION / "plugins" / "modules").glob("*.py"))
 LOCAL_SANITY_TESTS = (

@@ -16,8 +16,8 @@ import anyio
 import pytest
 from conftest import Sim
 
-from sshfwup.client import OutputParser, ParsedLine, RebootWatch, _firmware_version, clean_text, judge_reboot
-from sshfwup.progress_display import BarDisplay, PlainDisplay, make_display
+from sshfwup.host.client import OutputParser, ParsedLine, RebootWatch, _firmware_version, clean_text, judge_reboot
+from sshfwup.host.progress_display import BarDisplay, PlainDisplay, make_display
 
 FAST = {"app": {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}}
 ESCAPE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n

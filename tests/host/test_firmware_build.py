@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import fwfile
-from sshfwup.firmware_build import build_squashfs
-from sshfwup.firmware_image import read_rootfs_view
-from sshfwup.manifest import load_manifest
+from sshfwup.firmware.archive import read_firmware
+from sshfwup.firmware.keys import verify_signature
+from sshfwup.host.firmware_build import build_squashfs
+from sshfwup.host.firmware_image import read_rootfs_view
+from sshfwup.firmware.manifest import load_manifest
 
 
 def sshfwup(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -54,7 +55,7 @@ def test_build_writes_manifest_and_marker_and_a_firmware_fwup_reads(tree: Path, 
     assert "/srv/app/app.py" in manifest.entries and "/srv/app/HOT_RELOAD" not in manifest.entries
     check = subprocess.run([fwup, "-V", "-i", str(out)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    info = fwfile.read_firmware(out)
+    info = read_firmware(out)
     assert info.version == "3.1.0" and info.platform == "sshfwup-sim" and info.signature is None
     assert f"uuid {info.uuid}" in result.stdout
     view = read_rootfs_view(out, info)  # what the device reads from the slot
@@ -91,7 +92,7 @@ def test_signed_build(tree: Path, tmp_path: Path, fwup: str) -> None:
     result = sshfwup("firmware", "build", tree, "-o", out, "--sign", tmp_path / "fwup-key.priv")
     assert result.returncode == 0 and ", signed" in result.stdout, result.stdout + result.stderr
     public = base64.b64decode((tmp_path / "fwup-key.pub").read_text())
-    assert fwfile.verify_signature(fwfile.read_firmware(out), public)
+    assert verify_signature(read_firmware(out), public)
 
 
 @pytest.mark.parametrize(

@@ -25,14 +25,11 @@ from typing import Any, Self
 import asyncssh
 import pytest
 
-from sshfwup import firmware
-from sshfwup.fwfile import (
-    load_private_key,
-    load_public_key,
-    read_firmware,
-)
-from sshfwup.inspect import decide, inspect_slot
-from sshfwup.manifest import (
+from sshfwup.host import firmware
+from sshfwup.firmware.keys import load_private_key, load_public_key
+from sshfwup.firmware.archive import read_firmware
+from sshfwup.firmware.inspect import decide, inspect_slot
+from sshfwup.firmware.manifest import (
     MANIFEST_PATH,
     MARKER_PATH,
     build_manifest,
@@ -318,7 +315,7 @@ def test_diff_refuses_a_broken_archive(builds: Builds, tmp_path: Path, capsys: p
 def test_real_fwup_archives(capsys: pytest.CaptureFixture[str]) -> None:
     """fwup-made archives (tests/data/fwup-1.16): squashfs root filesystems without a manifest;
     v2 carries HOT_RELOAD=true."""
-    samples = Path(__file__).resolve().parent / "data" / "fwup-1.16"
+    samples = Path(__file__).resolve().parents[1] / "data" / "fwup-1.16"
     rc, out, _ = run(capsys, "firmware", "info", samples / "v2.fw", "--json")
     assert rc == 0
     info = json.loads(out)
@@ -751,7 +748,7 @@ def test_running_diff_picks_the_running_firmware(
     assert result["verdict"] == _device_verdict(builds.v1, builds.v3)
     assert stub.commands == ["status --json"]
     # --delta: the patch that would be sent is made from the file the device runs
-    from sshfwup.firmware_delta import make_patch
+    from sshfwup.host.firmware_delta import make_patch
 
     rc, out, err = run(capsys, *_running(stub, key, builds.v3.fw, builds.work), "--delta")
     assert rc == 0, err

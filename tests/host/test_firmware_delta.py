@@ -1,6 +1,6 @@
 """``sshfwup firmware delta`` and the patch an uploader sends (``plan_upload``), on the build machine.
 
-Applying patches with the real fwup on a simulated device is in tests/test_update.py.
+Applying patches with the real fwup on a simulated device is in tests/update/test_update.py.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import firmware_delta, fwfile
-from sshfwup.firmware_build import build_firmware, reference_conf
-from sshfwup.firmware_delta import DeltaError, make_patch, plan_upload, read_head_info
-from sshfwup.fwfile.delta import DeltaSource
+from sshfwup.host import firmware_delta
+from sshfwup.firmware.archive import read_firmware
+from sshfwup.firmware.keys import generate_keypair, load_private_key
+from sshfwup.host.sign import sign_firmware
+from sshfwup.host.firmware_build import build_firmware, reference_conf
+from sshfwup.host.firmware_delta import DeltaError, make_patch, plan_upload, read_head_info
+from sshfwup.firmware.delta_source import DeltaSource
 from sshfwup.sim.rootfs import make_rootfs
 
 
@@ -42,7 +45,7 @@ def test_delta_cli_prints_the_sizes_and_writes_new_with_a_patched_rootfs(firmwar
     assert "delta:  " in result.stdout and f"({delta} bytes)" in result.stdout, result.stdout
     assert f"ratio:  {delta / full:.2%} of the full firmware" in result.stdout, result.stdout
     assert delta < full
-    new, old = fwfile.read_firmware(v2), fwfile.read_firmware(v1)
+    new, old = read_firmware(v2), read_firmware(v1)
     head = read_head_info(out)
     assert head.uuid == new.uuid and head.version == "2.0.0"  # NEW's identity: meta.conf verbatim
     assert head.delta_source == DeltaSource(old.uuid, "1.0.0")
@@ -61,16 +64,16 @@ def test_delta_cli_prints_the_sizes_and_writes_new_with_a_patched_rootfs(firmwar
 
 
 def test_a_signed_new_keeps_its_signature(firmware, tmp_path: Path) -> None:
-    from sshfwup.fwhead import read_head_bytes
+    from sshfwup.update.fwhead import read_head_bytes
 
-    priv, pub = fwfile.generate_keypair()
+    priv, pub = generate_keypair()
     (tmp_path / "k.priv").write_text(priv)
     (tmp_path / "k.pub").write_text(pub)
-    v2s = fwfile.sign_firmware(firmware("2.0.0"), tmp_path / "v2s.fw", fwfile.load_private_key(tmp_path / "k.priv"))
+    v2s = sign_firmware(firmware("2.0.0"), tmp_path / "v2s.fw", load_private_key(tmp_path / "k.priv"))
     patch = make_patch(firmware("1.0.0"), v2s, tmp_path / "p.fw")
     head = read_head_bytes(patch.path.read_bytes(), public_keys=[tmp_path / "k.pub"], final=True)
     assert head is not None and head.signed and head.delta_source == patch.source
-    other_priv, other_pub = fwfile.generate_keypair()
+    other_priv, other_pub = generate_keypair()
     (tmp_path / "other.pub").write_text(other_pub)
     assert read_head_bytes(patch.path.read_bytes(), public_keys=[tmp_path / "other.pub"], final=True) is None
 
@@ -160,7 +163,7 @@ def releases(firmware, tmp_path: Path) -> Path:
 
 def test_plan_picks_the_running_firmware_and_caches_the_patch(firmware, releases: Path, tmp_path: Path) -> None:
     v1, v2 = firmware("1.0.0"), firmware("2.0.0")
-    running = fwfile.read_firmware(v1).uuid
+    running = read_firmware(v1).uuid
     cache = tmp_path / "cache"
     plan = plan_upload(v2, running, releases, cache_dir=cache)
     assert plan.delta and not plan.cached and plan.source == releases / "app-1.0.0.fw"
@@ -188,12 +191,12 @@ def test_plan_falls_back_to_the_full_image_with_a_reason(firmware, releases: Pat
     assert not unknown.delta and unknown.file == v2 and unknown.size == v2.stat().st_size
     assert "no .fw in" in unknown.message and "is the firmware the device runs" in unknown.message
     assert not unknown.delta and "no uuid" in plan_upload(v2, None, releases, cache_dir=cache).message
-    current = plan_upload(v2, fwfile.read_firmware(v2).uuid, releases, cache_dir=cache)
+    current = plan_upload(v2, read_firmware(v2).uuid, releases, cache_dir=cache)
     assert not current.delta and "already runs 2.0.0" in current.message
     with pytest.raises(DeltaError, match="not a directory"):
         plan_upload(v2, None, tmp_path / "nowhere")
     assert not cache.exists()  # no patch was made for any of these
     monkeypatch.setattr(firmware_delta, "WORTH_IT", 0.01)  # a patch must now be < 1 % of the image
-    big = plan_upload(v2, fwfile.read_firmware(v1).uuid, releases, cache_dir=cache)
+    big = plan_upload(v2, read_firmware(v1).uuid, releases, cache_dir=cache)
     assert not big.delta and big.file == v2 and big.source == releases / "app-1.0.0.fw"
     assert "not much smaller than" in big.message

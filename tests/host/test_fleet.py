@@ -1,6 +1,6 @@
-"""sshfwup.fleet without a device: request checks, what counts as installed, refusals, the
+"""sshfwup.host.fleet without a device: request checks, what counts as installed, refusals, the
 prediction from released firmware, and reading the device's own verdict lines. (With devices
-and the real ansible-playbook: tests/test_ansible_rollout.py.)"""
+and the real ansible-playbook: tests/host/test_ansible_rollout.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import FirmwareFactory
-from sshfwup.fleet import (
+from sshfwup.host.fleet import (
     FleetError,
     check_request,
     installed,

@@ -17,7 +17,7 @@ import pytest
 from sshfwup.sim.device import cleanup
 from sshfwup.sim.host import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Run by the copied checkout's own sshfwup: build v1, create the device, boot it, ask the app.
 SCRIPT = """

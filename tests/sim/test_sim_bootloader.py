@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.bootenv import BootEnv, BootEnvError
+from sshfwup.boot.bootenv import BootEnv, BootEnvError
 from sshfwup.sim.bootloader import BootChoice, boot, choose_boot
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 

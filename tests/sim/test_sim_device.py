@@ -269,7 +269,7 @@ def test_read_slot_file_when_powered_off_and_on(device: SimDevice) -> None:
 
 
 def test_slot_bytes_sha256_matches_the_rootfs_image(device: SimDevice, firmware_v1: Path, tmp_path: Path) -> None:
-    from sshfwup.fwfile import extract_resource
+    from sshfwup.firmware.archive import extract_resource
 
     rootfs = tmp_path / "rootfs.img"
     extract_resource(firmware_v1, "rootfs.img", rootfs)
@@ -420,7 +420,7 @@ def test_cli_help_tells_the_default_ports() -> None:
 
 @pytest.mark.parametrize(("change", "hot"), [([], True), (["--change", "system-file"], False)])
 def test_cli_firmware_builds_a_sample_to_upload(tmp_path: Path, change: list[str], hot: bool) -> None:
-    from sshfwup.fwfile import read_firmware
+    from sshfwup.firmware.archive import read_firmware
 
     result = sim_cli("firmware", str(tmp_path / "out" / "v2.fw"), "--version", "2.0.0", *change)
     assert result.returncode == 0, result.stderr

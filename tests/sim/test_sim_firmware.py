@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import fwfile
-from sshfwup.fwfile import FirmwareError
+from sshfwup.firmware.archive import read_firmware
+from sshfwup.firmware.keys import generate_keypair
+from sshfwup.firmware.errors import FirmwareError
 from sshfwup.sim.firmware import build_firmware, build_squashfs
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 
@@ -89,7 +90,7 @@ def test_built_firmware_applies_and_its_slot_mounts(
     staging: Path, tmp_path: Path, loop_mount: Callable[[Path, int, int], Path], fwup: str
 ) -> None:
     fw = build_firmware(staging, tmp_path / "fw" / "v1.fw", version="1.0.0")
-    info = fwfile.read_firmware(fw)
+    info = read_firmware(fw)
     assert info.version == "1.0.0" and info.platform == DEFAULT_LAYOUT.platform
     assert info.meta.meta["author"] == "sshfwup sim"
     assert [e.name for e in info.entries] == ["meta.conf", "data/rootfs.img"]
@@ -110,16 +111,16 @@ def test_same_tree_same_firmware(staging: Path, tmp_path: Path, fwup: str) -> No
     two = build_firmware(staging, tmp_path / "two.fw", version="2.0.0")
     assert one.read_bytes() == two.read_bytes()
     other = build_firmware(staging, tmp_path / "other.fw", version="2.0.0", platform="otherboard")
-    assert fwfile.read_firmware(other).platform == "otherboard"
-    assert fwfile.read_firmware(other).uuid != fwfile.read_firmware(one).uuid
+    assert read_firmware(other).platform == "otherboard"
+    assert read_firmware(other).uuid != read_firmware(one).uuid
 
 
 def test_signed_build(staging: Path, tmp_path: Path, fwup: str) -> None:
-    priv, pub = fwfile.generate_keypair()
+    priv, pub = generate_keypair()
     (tmp_path / "fwup-key.priv").write_text(priv)
     (tmp_path / "fwup-key.pub").write_text(pub)
     fw = build_firmware(staging, tmp_path / "signed.fw", version="1.0.0", signing_key=tmp_path / "fwup-key.priv")
-    info = fwfile.read_firmware(fw, public_keys=[tmp_path / "fwup-key.pub"])
+    info = read_firmware(fw, public_keys=[tmp_path / "fwup-key.pub"])
     assert info.signature is not None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import procs
+from sshfwup.system import procs
 from sshfwup.sim.device import (
     MARKER_ENV,
     OWNER_ENV,
@@ -256,8 +256,8 @@ def test_a_new_pytest_session_removes_and_reports_a_dead_owners_device(tmp_path:
         (runtime / "owner.json").write_text(json.dumps({"pid": ref.pid, "start": ref.start}))
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sshfwup-test", str(runtime / "root")], check=True)
         session = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_procs.py", "-k", "zombie"],
-            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/supervisor/test_procs.py", "-k", "zombie"],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert f"sshfwup: stale simulated device {path} (owner pid {ref.pid} is gone): unmounted {runtime / 'root'}" in (
             session.stdout

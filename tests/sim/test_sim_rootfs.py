@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.manifest import MANIFEST_PATH, MARKER_PATH, load_manifest
+from sshfwup.firmware.manifest import MANIFEST_PATH, MARKER_PATH, load_manifest
 from sshfwup.sim.rootfs import CHANGES, SAMPLE_APP, build_sample_firmware, make_rootfs
 
 

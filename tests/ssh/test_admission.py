@@ -1,13 +1,13 @@
-"""Pre-authentication limits (sshfwup/admission.py) with a fake clock and a fake dice.
+"""Pre-authentication limits (sshfwup/ssh/admission.py) with a fake clock and a fake dice.
 
-The same limits against real sockets and the real OpenSSH client: tests/test_server.py.
+The same limits against real sockets and the real OpenSSH client: tests/ssh/test_server.py.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from sshfwup.admission import Admission, Refused, StartupLimits, Ticket, source_of
+from sshfwup.ssh.admission import Admission, Refused, StartupLimits, Ticket, source_of
 
 
 class World:
@@ -91,7 +91,7 @@ def test_silent_then_stalled_connections_make_room_oldest_first_after_their_grac
 
 
 def test_a_legitimate_client_gets_in_past_fifty_silent_connections() -> None:
-    """The scenario of tests/test_server.py in numbers: 50 silent connections from 50 addresses,
+    """The scenario of tests/ssh/test_server.py in numbers: 50 silent connections from 50 addresses,
     then clients that talk. With sshd's rule alone every one of them would be refused here."""
     w = World(StartupLimits(start=10, rate=30, full=60, per_source=3), dice=0.0)  # every drop happens
     admitted = 0

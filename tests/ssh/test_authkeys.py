@@ -1,6 +1,6 @@
-"""authorized_keys options as sshd reads them (sshfwup/authkeys.py), without a network.
+"""authorized_keys options as sshd reads them (sshfwup/ssh/authkeys.py), without a network.
 
-The same options through real OpenSSH clients: tests/test_server.py (authorized_keys section).
+The same options through real OpenSSH clients: tests/ssh/test_server.py (authorized_keys section).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from sshfwup.authkeys import UPLOAD_ONLY, AuthorizedKeys, SessionRequest, parse_expiry, resolve_session
+from sshfwup.ssh.authkeys import UPLOAD_ONLY, AuthorizedKeys, SessionRequest, parse_expiry, resolve_session
 
 NOW = calendar.timegm((2030, 6, 15, 12, 0, 0, 0, 0, 0))
 

@@ -13,11 +13,11 @@ import anyio
 import pytest
 from conftest import SSH_OPTIONS, Sim, output
 
-from sshfwup.bootenv import BootState
-from sshfwup.commands import LogsRequest, UsageError, parse_logs, render_status, status
+from sshfwup.boot.bootenv import BootState
+from sshfwup.ssh.commands import LogsRequest, UsageError, parse_logs, render_status, status
 from sshfwup.config import Config, ServerConfig
 from sshfwup.device import Device
-from sshfwup.update import Uploader
+from sshfwup.update.update import Uploader
 
 UPLOADER = Uploader("root", "SHA256:abc", "10.0.0.9:40000", "ssh -s fwup")
 ENV = {"nerves_fw_active": "a", "nerves_fw_validated": "1", "a.nerves_fw_version": "1.0.0", "b.nerves_fw_version": "0.9.0"}
@@ -104,7 +104,7 @@ async def test_status_fields_during_an_update(tmp_path: Path) -> None:
 
 
 async def test_the_journal_supplies_the_pipeline_stages(tmp_path: Path) -> None:
-    from sshfwup.journal import Journal
+    from sshfwup.update.journal import Journal
 
     device, _ = make_device(tmp_path)
     device.journal = Journal(tmp_path)
@@ -139,7 +139,7 @@ async def test_status_says_a_reboot_is_coming_and_which_server_answers(tmp_path:
 
 @pytest.fixture
 def sim_config() -> dict[str, Any]:
-    return {"fwup": {"success_callback": "sshfwup.update:report_only"}}
+    return {"fwup": {"success_callback": "sshfwup.update.update:report_only"}}
 
 
 async def test_status_during_a_real_update(sim: Sim, firmware) -> None:
@@ -179,12 +179,12 @@ async def test_logs_show_the_update_and_the_app(sim: Sim, firmware) -> None:
     result = sim.ssh("logs", "-n", "2000")
     assert result.returncode == 0, output(result)
     text = result.stdout.decode()
-    assert "sshfwup.report: fwup: Upgrading partition B" in text
-    assert "sshfwup.report: sshfwup: firmware 2.0.0 installed in slot b" in text
+    assert "sshfwup.update.report: fwup: Upgrading partition B" in text
+    assert "sshfwup.update.report: sshfwup: firmware 2.0.0 installed in slot b" in text
     assert "app 1.0.0[" in text and "serving" in text  # the app's own output, with its version
     three = sim.ssh("logs", "-n", "3").stdout.decode().splitlines()
     # the newest three: this very connection being opened (it came after the first `logs`)
-    assert len(three) == 3 and "sshfwup.server: connection from 127.0.0.1:" in three[0], three
+    assert len(three) == 3 and "sshfwup.ssh.server: connection from 127.0.0.1:" in three[0], three
     assert three[0] not in text
     bad = sim.ssh("logs", "--all")
     assert bad.returncode == 1 and "Error: logs: unknown argument '--all'" in output(bad)

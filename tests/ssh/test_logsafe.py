@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from sshfwup.logsafe import EscapingFilter, escape, install
+from sshfwup.ssh.logsafe import EscapingFilter, escape, install
 
 
 def test_escape_controls_separators_and_bidi() -> None:
@@ -27,13 +27,13 @@ def test_a_forged_line_stays_on_its_line() -> None:
         install(logger)
         install(logger)  # idempotent
         assert sum(isinstance(f, EscapingFilter) for f in handler.filters) == 1
-        client_version = "SSH-2.0-x\nINFO sshfwup.server: accepted key SHA256:forged for root"
+        client_version = "SSH-2.0-x\nINFO sshfwup.ssh.server: accepted key SHA256:forged for root"
         logger.warning("%s: client %s", "127.0.0.1:5", client_version)
         logger.warning("plain %s", "message")
     finally:
         logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert lines == [
-        "WARNING test_logsafe: 127.0.0.1:5: client SSH-2.0-x\\x0aINFO sshfwup.server: accepted key SHA256:forged for root",
+        "WARNING test_logsafe: 127.0.0.1:5: client SSH-2.0-x\\x0aINFO sshfwup.ssh.server: accepted key SHA256:forged for root",
         "WARNING test_logsafe: plain message",
     ]

@@ -23,15 +23,15 @@ import asyncssh
 import pytest
 from conftest import SSH_OPTIONS, KeyPair, Sim, assert_applied, assert_untouched, output, upload, wait_unlocked
 
-import sshfwup.update as update_module
-from sshfwup.lock import DeviceLock, LockHolder
+import sshfwup.update.update as update_module
+from sshfwup.update.lock import DeviceLock, LockHolder
 
 from sshfwup.sim.host import zip_payload
 
 from sshfwup.sim.host import ssh_keygen
 
-APPS = Path(__file__).resolve().parent / "apps"
-REPORT_ONLY = {"fwup": {"success_callback": "sshfwup.update:report_only"}}
+APPS = Path(__file__).resolve().parents[1] / "apps"
+REPORT_ONLY = {"fwup": {"success_callback": "sshfwup.update.update:report_only"}}
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ async def test_upload_client(sim: Sim, firmware) -> None:
         ]
     )  # fmt: skip
     text = output(result)
-    assert "fwup   100%" in text and "Success!" in text, text  # its own display (tests/test_client.py)
+    assert "fwup   100%" in text and "Success!" in text, text  # its own display (tests/host/test_client.py)
     assert_applied(sim, result, bar=False)
     assert "sshfwup: firmware 2.0.0 installed in slot b" in text
 
@@ -506,7 +506,7 @@ async def test_connections_that_run_nothing_are_closed(sim: Sim, firmware) -> No
 
 
 async def test_client_names_cannot_forge_log_lines(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
-    forged = "INFO sshfwup.server: accepted key SHA256:forged"
+    forged = "INFO sshfwup.ssh.server: accepted key SHA256:forged"
     async with _client(sim) as conn:
         sftp = await conn.start_sftp_client()
         try:
@@ -523,8 +523,8 @@ async def test_client_names_cannot_forge_log_lines(sim: Sim, monkeypatch: pytest
             pass
     await anyio.sleep(0.5)
     lines = sim.machine.log_path.read_text().splitlines()
-    assert not any(line.startswith("INFO sshfwup.server: accepted key SHA256:forged") for line in lines)
-    assert any("/x\\x0aINFO sshfwup.server" in line for line in lines), "the name was logged, escaped"
+    assert not any(line.startswith("INFO sshfwup.ssh.server: accepted key SHA256:forged") for line in lines)
+    assert any("/x\\x0aINFO sshfwup.ssh.server" in line for line in lines), "the name was logged, escaped"
 
 
 async def test_too_many_connections(sim: Sim) -> None:

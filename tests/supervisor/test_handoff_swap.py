@@ -1,4 +1,4 @@
-"""Hand-off during real swaps: sshfwup.supervisor with the sample app (counter, /stream) as real
+"""Hand-off during real swaps: sshfwup.supervisor.supervisor with the sample app (counter, /stream) as real
 processes on 127.0.0.1; a client holds streaming connections through the swap and checks that
 the sequence it reads has no gap and no repeat, and says which version sent each line."""
 
@@ -20,9 +20,9 @@ from conftest import Sim, assert_applied, output, upload
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.sim.rootfs import SAMPLE_APP
 from sshfwup.sim.stream_client import StreamClient
-from sshfwup.supervisor import AppSource, Supervisor, SwapFailed
+from sshfwup.supervisor.supervisor import AppSource, Supervisor, SwapFailed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEST_TIMEOUT = 40
 
 

@@ -1,4 +1,4 @@
-"""sshfwup.listeners: reuseport groups steered by a classic BPF program, on real sockets.
+"""sshfwup.supervisor.listeners: reuseport groups steered by a classic BPF program, on real sockets.
 
 Where a connection went is read from the kernel: the accept queue of each listening socket.
 Migration (``net.ipv4.tcp_migrate_req``) is a per-network-namespace setting: those tests run a
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import listeners
+from sshfwup.supervisor import listeners
 from sshfwup.config import SocketSpec
-from sshfwup.listeners import Listener, ListenerError, bind_listeners
+from sshfwup.supervisor.listeners import Listener, ListenerError, bind_listeners
 
 
 @pytest.fixture
@@ -204,7 +204,7 @@ _MIGRATION_SCRIPT = textwrap.dedent(
     """
     import json, socket, sys
     from sshfwup.config import SocketSpec
-    from sshfwup.listeners import bind_listeners
+    from sshfwup.supervisor.listeners import bind_listeners
 
     (listener,) = bind_listeners((SocketSpec("tcp", "127.0.0.1", 0, "web"),))
     old, new = listener.sock, listener.instance_socket()
@@ -453,7 +453,7 @@ def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
     """A kernel without inet_diag: said once, and the queue's length decides (exact when idle)."""
     import anyio
 
-    from sshfwup import sockdiag
+    from sshfwup.supervisor import sockdiag
 
     def unavailable() -> sockdiag.SockDiag:
         raise sockdiag.SockDiagUnavailable(93, "no socket diagnostics (NETLINK_SOCK_DIAG): Protocol not supported")
@@ -482,7 +482,7 @@ def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
                 with anyio.fail_after(5):
                     await done.wait()
 
-    with caplog.at_level(logging.WARNING, logger="sshfwup.listeners"):
+    with caplog.at_level(logging.WARNING, logger="sshfwup.supervisor.listeners"):
         try:
             anyio.run(scenario)
         finally:
@@ -492,7 +492,7 @@ def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
 
 
 def test_socket_diagnostics_tell_a_queued_connection_from_an_accepted_one(tcp: Listener) -> None:
-    from sshfwup import sockdiag
+    from sshfwup.supervisor import sockdiag
 
     (client,) = connect(port_of(tcp))
     with sockdiag.SockDiag() as diag:

@@ -8,7 +8,7 @@ import threading
 import anyio
 import pytest
 
-from sshfwup.logring import LogLine, LogRing, pump_lines
+from sshfwup.supervisor.logring import LogLine, LogRing, pump_lines
 
 
 def texts(lines: list[LogLine]) -> list[str]:

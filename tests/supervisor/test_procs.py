@@ -1,4 +1,4 @@
-"""sshfwup.procs with real processes marked by a variable unique to each test."""
+"""sshfwup.system.procs with real processes marked by a variable unique to each test."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup import procs
+from sshfwup.system import procs
 
 VARIABLE = "SSHFWUP_TEST_PROCS"
 Spawn = Callable[..., subprocess.Popen[bytes]]

@@ -1,4 +1,4 @@
-"""The app's room (sshfwup/room.py + the exec shim in sshfwup/app.py), checked from inside the app.
+"""The app's room (sshfwup/supervisor/room.py + the exec shim in sshfwup/app/__init__.py), checked from inside the app.
 
 A probe app (tests/apps/room_probe.py) reports its ids, capability sets, no_new_privs, cgroup,
 environment and which secrets it can read; the supervisor starts it exactly as on a device.
@@ -21,14 +21,15 @@ from typing import Any
 import pytest
 from conftest import Sim
 
-from sshfwup import procs, room
+from sshfwup.system import procs
+from sshfwup.supervisor import room
 from sshfwup.config import AppConfig
-from sshfwup.room import CAPABILITIES, RoomError, prepare_room, release_cgroup
+from sshfwup.supervisor.room import CAPABILITIES, RoomError, prepare_room, release_cgroup
 from sshfwup.sim.device import app_interpreter, ensure_app_user
 from sshfwup.sim.rootfs import SITE_PACKAGES, install_app_library
-from sshfwup.supervisor import AppNotReady, AppSource, Supervisor
+from sshfwup.supervisor.supervisor import AppNotReady, AppSource, Supervisor
 
-PROBE = Path(__file__).resolve().parent / "apps" / "room_probe.py"
+PROBE = Path(__file__).resolve().parents[1] / "apps" / "room_probe.py"
 APP_USER = AppConfig().user
 CGROUP2 = next(
     (Path(line.split(" - ")[0].split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()

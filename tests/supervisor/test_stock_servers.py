@@ -19,7 +19,7 @@ from apps import stock
 from httpload import Load, get
 
 from sshfwup.sim.loadgen import LoadGenerator
-from sshfwup.supervisor import Supervisor, SwapFailed
+from sshfwup.supervisor.supervisor import Supervisor, SwapFailed
 
 STOCK = ["gunicorn", "uvicorn", "hypercorn"]
 TEST_TIMEOUT = 90

@@ -1,4 +1,4 @@
-"""sshfwup.supervisor with real processes and real sockets on 127.0.0.1.
+"""sshfwup.supervisor.supervisor with real processes and real sockets on 127.0.0.1.
 
 The app under test is tests/apps/http_app.py, installed into one fake root filesystem per
 "firmware version" (root/srv/app/{server.py,VERSION,mode.json}); its mode.json makes a version
@@ -30,7 +30,7 @@ from apps import stock
 from httpload import Load, Response, get
 
 from sshfwup.config import AppConfig, SocketSpec
-from sshfwup.supervisor import (
+from sshfwup.supervisor.supervisor import (
     AppNotReady,
     AppSource,
     Instance,
@@ -41,7 +41,7 @@ from sshfwup.supervisor import (
     marked_processes,
 )
 
-APPS = Path(__file__).parent / "apps"
+APPS = Path(__file__).resolve().parents[1] / "apps"
 TEST_TIMEOUT = 30  # a hang fails the test instead of stalling the suite
 
 
@@ -165,7 +165,7 @@ async def test_app_sees_sockets_at_fd3_with_its_own_listen_pid(tmp_path: Path, m
 
 
 def test_a_stale_unix_socket_is_replaced_but_other_files_are_not(tmp_path: Path) -> None:
-    from sshfwup.supervisor import bind_listeners
+    from sshfwup.supervisor.supervisor import bind_listeners
 
     stale = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
@@ -384,7 +384,7 @@ async def test_a_leftover_that_exits_by_itself_gets_the_drain_time_and_is_waited
 ) -> None:
     v1 = install_app(tmp_path, "a", "1.0.0", leave_behind=0.6)
     v2 = install_app(tmp_path, "b", "2.0.0")
-    caplog.set_level(logging.DEBUG, logger="sshfwup.supervisor")
+    caplog.set_level(logging.DEBUG, logger="sshfwup.supervisor.supervisor")
     async with supervising(app_config(tmp_path, drain_timeout=5.0, observe=0), marker) as sup:
         old = await sup.start(v1)
         result = await sup.swap(v2)
@@ -397,7 +397,7 @@ async def test_a_leftover_that_exits_by_itself_gets_the_drain_time_and_is_waited
     assert result.old_returncode == 0 and result.drain_seconds >= 0.6
     # Logged once at debug level — or not at all when it was gone by the time the sweep looked (the
     # supervisor also waits for the app's output pipe, which the helper held until it exited).
-    about_helper = [r for r in caplog.records if r.name == "sshfwup.supervisor" and f"[{helper}]" in r.getMessage()]
+    about_helper = [r for r in caplog.records if r.name == "sshfwup.supervisor.supervisor" and f"[{helper}]" in r.getMessage()]
     assert len(about_helper) <= 1 and all(r.levelno == logging.DEBUG for r in about_helper)
     assert all(f"1.0.0 (pid {old.pid}) left [{helper}]; they exited within " in r.getMessage() for r in about_helper)
 
@@ -415,7 +415,7 @@ async def test_a_leftover_that_stays_is_killed_at_the_end_of_the_drain_time(
 
     assert result.old_returncode == 0  # the app itself drained; only its helper was killed
     assert 1.0 <= result.drain_seconds < 3.0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "sshfwup.supervisor" and r.levelno >= logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sshfwup.supervisor.supervisor" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and f"killed [{helper}]" in warnings[0]
 
 
@@ -824,7 +824,7 @@ async def test_a_stopped_app_is_not_answered_for(tmp_path: Path, marker: str) ->
 
 
 def test_the_503_answer_is_one_safe_line_with_a_bounded_retry_after() -> None:
-    from sshfwup.unavailable import response_503
+    from sshfwup.supervisor.unavailable import response_503
 
     text = response_503("2.0.0 exited\r\nX-Evil: 1", 0.2).decode()
     head, _, body = text.partition("\r\n\r\n")

@@ -221,7 +221,7 @@ async def test_a_late_end_still_succeeds(sim: Sim, firmware, pause: float, trick
 
 # --- a hung fwup: every wait on it is bounded, the lock is released ---------------------------------
 
-APPS = Path(__file__).resolve().parent / "apps"
+APPS = Path(__file__).resolve().parents[1] / "apps"
 
 
 @pytest.mark.parametrize(("mode", "words"), [("stop-reading", "fwup accepted no data for 2 s"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.fwup import (
+from sshfwup.update.fwup import (
     Failure,
     FrameDecoder,
     FwupError,
@@ -21,7 +21,7 @@ from sshfwup.fwup import (
     parse_metadata,
 )
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "fwup-1.16"  # real fwup 1.16 output, see its README
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "fwup-1.16"  # real fwup 1.16 output, see its README
 
 
 def _decoded_txt(name: str) -> list[tuple[str, int, str]]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sshfwup.holdback import HOLD, Holdback, IncompleteArchive, check_end, check_start
+from sshfwup.update.holdback import HOLD, Holdback, IncompleteArchive, check_end, check_start
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "fwup-1.16"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "fwup-1.16"
 
 
 def fed(chunks: list[bytes], size: int) -> tuple[bytes, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sshfwup.journal import Journal, Record
+from sshfwup.update.journal import Journal, Record
 
 
 def test_the_stage_hook_sees_each_record_once_it_is_on_disk(tmp_path: Path) -> None:
@@ -34,6 +34,6 @@ def test_a_failpoint_file_on_the_device_does_nothing(tmp_path: Path) -> None:
 
 
 def test_no_production_module_reads_a_failpoint() -> None:
-    package = Path(__file__).resolve().parent.parent / "sshfwup"
+    package = Path(__file__).resolve().parents[2] / "sshfwup"
     offenders = [p for p in package.rglob("*.py") if "failpoint" in p.read_text()]
     assert offenders == []

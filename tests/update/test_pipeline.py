@@ -17,7 +17,7 @@ from httpload import Load
 from sshfwup.sim.device import marked_processes
 
 FAST = {"app": {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}}
-SERVE_WITH_FAULT = Path(__file__).resolve().parent / "apps" / "serve_with_fault.py"
+SERVE_WITH_FAULT = Path(__file__).resolve().parents[1] / "apps" / "serve_with_fault.py"
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ async def test_each_reboot_reason_reboots_into_the_new_firmware(sim: Sim, firmwa
 async def test_the_new_firmware_does_not_choose_its_own_inspection(sim: Sim, tmp_path: Path) -> None:
     """The issue's attack: a manifest that excludes /etc and /boot and calls an ELF "not
     native", with a new kernel and an ELF in the app. The device's policy decides: reboot."""
-    from sshfwup.manifest import MANIFEST_PATH
+    from sshfwup.firmware.manifest import MANIFEST_PATH
     from sshfwup.sim.firmware import build_firmware
     from sshfwup.sim.rootfs import make_rootfs
 

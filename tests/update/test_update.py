@@ -17,10 +17,10 @@ import anyio
 import pytest
 from conftest import KeyPair, Sim, assert_applied, assert_untouched, journal, output, upload, wait_unlocked, wait_until
 
-from sshfwup import fwfile
-from sshfwup.firmware_delta import make_patch
-from sshfwup.fwhead import read_head_bytes, version_key
-from sshfwup.inspect import Verdict, with_resources
+from sshfwup.firmware.archive import read_firmware
+from sshfwup.host.firmware_delta import make_patch
+from sshfwup.update.fwhead import read_head_bytes, version_key
+from sshfwup.firmware.inspect import Verdict, with_resources
 from sshfwup.sim.device import SimDevice, cleanup
 from sshfwup.sim.firmware import build_firmware, reference_conf
 from sshfwup.sim.host import free_port
@@ -113,7 +113,7 @@ async def test_a_delta_patch_is_applied_and_hot_swapped(sim: Sim, firmware, patc
     assert_applied(sim, result, "2.0.0")  # fwup decoded the patch against slot a into slot b
     assert "sshfwup: hot reload: 1.0.0 → 2.0.0 in" in text, text
     assert sim.app()["version"] == "2.0.0" and sim.status()["app"]["slot"] == "b"
-    new = fwfile.read_firmware(firmware("2.0.0"))
+    new = read_firmware(firmware("2.0.0"))
     assert sim.env()["b.nerves_fw_uuid"] == new.uuid  # the patch installs NEW itself
     assert sim.device.slot_bytes_sha256("b", new.meta.resources["rootfs.img"].length) == hashlib.sha256(
         zipfile.ZipFile(firmware("2.0.0")).read("data/rootfs.img")).hexdigest()
@@ -121,7 +121,7 @@ async def test_a_delta_patch_is_applied_and_hot_swapped(sim: Sim, firmware, patc
 
 @pytest.mark.parametrize("sim_config", [FAST])
 async def test_a_delta_patch_with_a_reboot_verdict_boots_the_new_firmware(sim: Sim, firmware, patches) -> None:
-    assert sim.status()["running_uuid"] == fwfile.read_firmware(firmware("1.0.0")).uuid
+    assert sim.status()["running_uuid"] == read_firmware(firmware("1.0.0")).uuid
     patch = patches(firmware("1.0.0"), firmware("3.0.0", changes=("system-file",)))
     result = await upload(sim, patch)
     text = output(result)
@@ -129,14 +129,14 @@ async def test_a_delta_patch_with_a_reboot_verdict_boots_the_new_firmware(sim: S
     assert "sshfwup: reboot required: /etc changed" in text and "rebooting into 3.0.0 (slot b)" in text, text
     state = await sim.machine.wait_boot(2, timeout=30)
     assert state.slot == "b" and sim.app()["version"] == "3.0.0"
-    assert sim.status()["running_uuid"] == fwfile.read_firmware(firmware("3.0.0", changes=("system-file",))).uuid
+    assert sim.status()["running_uuid"] == read_firmware(firmware("3.0.0", changes=("system-file",))).uuid
 
 
 async def test_a_patch_for_another_firmware_is_refused_before_fwup_sees_a_byte(sim: Sim, firmware, patches) -> None:
     other = firmware("1.0.0", app_behavior={"note": "another build of 1.0.0"})
     patch = patches(other, firmware("2.0.0"))
     env, b_before = sim.env(), slot_b(sim)
-    running = fwfile.read_firmware(firmware("1.0.0")).uuid
+    running = read_firmware(firmware("1.0.0")).uuid
     for send in (lambda: sim.upload(patch), lambda: sim.scp(patch), lambda: sim.sftp(f"put {patch} /fwup\n")):
         result = await anyio.to_thread.run_sync(send)
         text = output(result)
@@ -145,7 +145,7 @@ async def test_a_patch_for_another_firmware_is_refused_before_fwup_sees_a_byte(s
         record = journal(sim)
         assert record["stage"] == "failed", record
         verdict = record["verdict"]
-        assert f"a delta patch to 2.0.0 for firmware 1.0.0 (uuid {fwfile.read_firmware(other).uuid})" in verdict
+        assert f"a delta patch to 2.0.0 for firmware 1.0.0 (uuid {read_firmware(other).uuid})" in verdict
         assert f"the device runs 1.0.0 (uuid {running}) in slot a" in verdict and "not changed" in verdict
         assert "a delta patch to 2.0.0 for firmware 1.0.0" in text, text  # the uploader is told why
         await anyio.to_thread.run_sync(wait_unlocked, sim)
@@ -167,7 +167,7 @@ async def test_a_corrupted_patch_is_refused_by_fwup_and_changes_nothing(
         # a well-formed patch made from another firmware that claims to be for the running one:
         # the source field is not signed, fwup's check of the decoded bytes is what counts
         data = bytearray(patches(firmware("1.0.0", app_behavior={"note": "other"}), v2).read_bytes())
-        other, running = (uuid.UUID(fwfile.read_firmware(fw).uuid).bytes
+        other, running = (uuid.UUID(read_firmware(fw).uuid).bytes
                           for fw in (firmware("1.0.0", app_behavior={"note": "other"}), v1))  # fmt: skip
         assert data.count(other) == 2  # the local and the central header
         data = bytearray(data.replace(other, running))
@@ -204,9 +204,9 @@ async def test_the_head_is_read_whatever_the_size_of_the_first_chunk(sim: Sim, f
     a receive window): the head must still be read from the upload's first bytes."""
     from sshfwup.config import load_config
     from sshfwup.device import Device
-    from sshfwup.holdback import HOLD
-    from sshfwup.report import Report
-    from sshfwup.update import Update, Uploader, UpdateRefused
+    from sshfwup.update.holdback import HOLD
+    from sshfwup.update.report import Report
+    from sshfwup.update.update import Update, Uploader, UpdateRefused
 
     wrong = patches(firmware("1.0.0", app_behavior={"note": "other"}), firmware("2.0.0", filler=600 * 1024))
     data = wrong.read_bytes()
@@ -291,3 +291,15 @@ def test_with_resources_folds_reasons_into_a_verdict() -> None:
     assert with_resources(hot, None, {"rootfs.img": (1, "a")}) is hot  # only the rootfs: the manifest decides
     reboot = Verdict(False, ("/etc changed",), ())
     assert with_resources(reboot, {}, {"zImage": (1, "x")}).reasons == ("/etc changed", "firmware resource zImage added")
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("sshfwup.pipeline:run", "sshfwup.update.pipeline"), ("sshfwup.update:report_only", "sshfwup.update.update")],
+)
+def test_callbacks_named_before_the_modules_moved_still_load(spec: str, expected: str) -> None:
+    """A configuration written before the package layout (issue 21) names the old modules."""
+    from sshfwup.update.update import load_callback
+
+    fn = load_callback(spec)
+    assert fn.__module__ == expected and fn.__name__ == spec.rpartition(":")[2]
