@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .connection_options import add_connection_arguments
 
 __all__ = ["EXIT_CANNOT_LISTEN", "main", "operator_errors"]
 
@@ -182,23 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)  # fmt: skip
     sub.add_parser("keys", help="generate firmware signing and SSH keys (see `sshfwup keys --help`)", add_help=False)
     return parser
-
-
-def add_connection_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """How to reach a device: the same option names wherever sshfwup connects to one."""
-    p.add_argument("-p", "--port", type=int, default=22, metavar="PORT", help="the device's SSH port (default: 22)")
-    p.add_argument(
-        "-i", "--identity", action="append", default=[], metavar="KEY",
-        help="private key file to log in with; repeatable (default: ssh-agent and ~/.ssh/id_*)",
-    )  # fmt: skip
-    p.add_argument(
-        "--known-hosts", default=None, metavar="FILE",
-        help="known_hosts file with the device's host key (default: ~/.ssh/known_hosts)",
-    )  # fmt: skip
-    p.add_argument(
-        "--insecure-accept-host-key", action="store_true",
-        help="do not check the device's host key (first contact on a trusted network only)",
-    )  # fmt: skip
 
 
 def add_upload_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,10 @@ Facts this module relies on (checked against fwup's source and real fwup 1.16 ou
   meta.conf itself carries one (older archives).
 - Resource hashes are blake2b-256, checked while the data streams.
 
-Writing and signing archives is :mod:`sshfwup.host.sign`.
+Archives are written by fwup (``fwup -c``, signed by ``fwup -S``: :mod:`sshfwup.host.firmware_sign`);
+what ``fwup -m`` prints, the host asks fwup for. On the build machine a resource is read from a
+file on disk with the standard library's :mod:`zipfile`, which seeks straight to it
+(:func:`iter_resource`); the stream reader is what the device needs, before fwup sees a byte.
 """
 
 from __future__ import annotations
@@ -21,16 +24,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .conf import quote_value
 from .errors import ArchiveInputError, FirmwareError
 from .keys import as_public_key, signature_matches
 from .metaconf import MetaConf, parse_meta_conf
-from .zipstream import FirmwareEntry, ZipStream
+from .zipstream import OUT_CHUNK, FirmwareEntry, ZipStream
 
 SIGNATURE_NAME = "meta.conf.ed25519"
 META_CONF_NAME = "meta.conf"
@@ -64,23 +66,6 @@ class FirmwareInfo:
     meta_mtime: int | None = None  # meta.conf's entry timestamp (fwup -m's creation date)
 
     @property
-    def metadata(self) -> dict[str, str]:
-        """``fwup -m``'s fields (without ``meta-``): meta.conf's plus creation-date and uuid.
-
-        fwup 1.16 also prints a ``meta-nickname`` derived from the uuid with a word list;
-        that one is left out.
-        """
-        meta = self.meta.meta
-        out = {k: meta[k] for k in ("product", "description", "version", "author", "platform", "architecture")
-               if k in meta}
-        out |= {k: meta[k] for k in ("vcs-identifier", "misc") if k in meta}
-        out["creation-date"] = self.creation_date
-        if "fwup-version" in meta:
-            out["fwup-version"] = meta["fwup-version"]
-        out["uuid"] = self.uuid
-        return out
-
-    @property
     def version(self) -> str:
         return self.meta.meta.get("version", "")
 
@@ -91,22 +76,6 @@ class FirmwareInfo:
     @property
     def architecture(self) -> str:
         return self.meta.meta.get("architecture", "")
-
-
-# --- what fwup prints about an archive -----------------------------------------------------------
-
-
-def format_metadata(metadata: Mapping[str, str]) -> str:
-    """``fwup -m`` output for metadata keyed without the ``meta-`` prefix."""
-    return "".join(f"meta-{key}={quote_value(value)}\n" for key, value in metadata.items())
-
-
-def format_size(n: int) -> str:
-    """Byte counts the way fwup's progress line shows them (``2.12 KB``, ``176.21 KB``)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -228,16 +197,26 @@ def read_firmware(
 
 
 def iter_resource(path: str | os.PathLike[str], name: str) -> Iterator[bytes]:
-    """Stream one resource's decompressed data; its length and blake2b-256 are checked at the
-    end (a FirmwareError then means the chunks already yielded must not be trusted)."""
-    with Path(path).open("rb") as f:
-        stream = ZipStream(f.read)
-        info = read_head(stream, source=str(path))
-        while (entry := stream.next_entry()) is not None:
-            if entry.name == DATA_PREFIX + name:
-                yield from checked_resource(info, name, stream.read_data(entry))
-                return
-    raise FirmwareError(f"{path}: has no resource {name}")
+    """Stream one resource's decompressed data from a file on disk; its length and blake2b-256
+    are checked at the end (a FirmwareError then means the chunks already yielded must not be
+    trusted). meta.conf is read as fwup reads it, from the front; the resource through the
+    archive's central directory (:mod:`zipfile`), without reading the entries before it."""
+    import zipfile  # host-side only: the device reads streams
+    import zlib
+
+    path = Path(path)
+    with path.open("rb") as f:
+        info = read_head(ZipStream(f.read), source=str(path))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            try:
+                member = archive.getinfo(DATA_PREFIX + name)
+            except KeyError:
+                raise FirmwareError(f"{path}: has no resource {name}") from None
+            with archive.open(member) as data:
+                yield from checked_resource(info, name, iter(lambda: data.read(OUT_CHUNK), b""))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise FirmwareError(f"{path}: corrupt firmware archive: {e}") from None
 
 
 def extract_resource(path: str | os.PathLike[str], name: str, dest: str | os.PathLike[str]) -> Path:

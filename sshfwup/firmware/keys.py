@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import FirmwareError
 
@@ -23,7 +23,17 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
         Ed25519PublicKey,
     )
 
-    from .archive import FirmwareInfo
+
+class SignedMetaConf(Protocol):
+    """What a signature check needs of an archive (:class:`~sshfwup.firmware.archive.FirmwareInfo`
+    has both): described here so that this module needs nothing from the archive reader, which
+    imports it."""
+
+    @property
+    def signature(self) -> bytes | None: ...
+
+    @property
+    def meta_conf(self) -> bytes: ...
 
 
 def _b64_or_raw(data: bytes, size: int) -> bytes | None:
@@ -100,6 +110,7 @@ def as_public_key(key: Any) -> "Ed25519PublicKey":
 
 
 def signature_matches(key: "Ed25519PublicKey", signature: bytes, message: bytes) -> bool:
+    """True if ``signature`` is ``key``'s ed25519 signature over ``message``."""
     from cryptography.exceptions import InvalidSignature
 
     try:
@@ -109,7 +120,7 @@ def signature_matches(key: "Ed25519PublicKey", signature: bytes, message: bytes)
     return True
 
 
-def verify_signature(info: FirmwareInfo, public_key: Any) -> bool:
+def verify_signature(info: SignedMetaConf, public_key: Any) -> bool:
     """True if the archive's meta.conf carries a valid signature by ``public_key``."""
     if info.signature is None:
         return False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import FirmwareError
 
-# the ZIP format (also used by the writer, :mod:`sshfwup.host.zipwrite`)
+# the ZIP format as it reads front to back
 LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 LOCAL_SIG = 0x04034B50
 CENTRAL_SIG = 0x02014B50

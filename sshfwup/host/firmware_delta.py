@@ -23,11 +23,15 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from sshfwup.system.fsutil import atomic_file
 from sshfwup.firmware.archive import (
@@ -35,20 +39,19 @@ from sshfwup.firmware.archive import (
     META_CONF_NAME,
     SIGNATURE_NAME,
     FirmwareInfo,
+    checked_resource,
     extract_resource,
     read_firmware,
     read_head,
 )
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.firmware.zipstream import ZipStream
-from sshfwup.firmware.archive import checked_resource
 from sshfwup.firmware.delta_source import (
     DELTA_SOURCE_ID,
     DeltaSource,
     decode_delta_source,
     encode_delta_source,
 )
-from .zipwrite import ZipWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ __all__ = [
 
 _CHUNK = 1024 * 1024
 _MIN_SOURCE_WINDOW = 64 << 20  # xdelta3's default -B; a larger source gets a window that holds it whole
+_DEFLATE_LEVEL = 6  # zlib's default
 WORTH_IT = 0.9  # a patch at least this large relative to the full image is not worth sending
 
 
@@ -264,29 +268,73 @@ def make_patch(old_fw: Path, new_fw: Path, out: Path, *, resource: str | None = 
     return patch
 
 
+_DOS_EPOCH = 315532800  # 1980-01-01, the earliest time a ZIP header holds
+_EXTENDED_TIMESTAMP_ID = 0x5455  # the "UT" extra field: the mtime fwup reads, in UTC
+
+
+def _zip_entry(name: str, mtime: int | None, extra: Sequence[tuple[int, bytes]] = (), size: int = 0) -> zipfile.ZipInfo:
+    """A deflated entry as fwup writes them: Unix mode 0644 and an extended timestamp (fwup -m's
+    creation date is meta.conf's), then ``extra`` fields (readers skip ids they do not know).
+    ``size``: the data's length when known, so that zipfile writes zip64 sizes where needed."""
+    when = _DOS_EPOCH if mtime is None else max(mtime, _DOS_EPOCH)
+    entry = zipfile.ZipInfo(name, date_time=time.gmtime(when)[:6])
+    entry.compress_type = zipfile.ZIP_DEFLATED
+    entry.external_attr = 0o100644 << 16
+    entry.file_size = size
+    fields = struct.pack("<HHBi", _EXTENDED_TIMESTAMP_ID, 5, 1, when)
+    for field_id, data in extra:
+        fields += struct.pack("<HH", field_id, len(data)) + data
+    if len(fields) > 0xFFFF:
+        raise DeltaError(f"{name}: its ZIP extra fields are {len(fields)} bytes, more than 65535")
+    entry.extra = fields
+    return entry
+
+
+def _copy(chunks: Iterable[bytes], out: BinaryIO) -> None:
+    for chunk in chunks:
+        out.write(chunk)
+
+
 def _write_patch(new_fw: Path, out: Path, name: str, vcdiff: Path, source: DeltaSource) -> None:
     """NEW's entries in NEW's order; ``name``'s data replaced by ``vcdiff``; the source field on
-    the first resource entry."""
+    the first resource entry.
+
+    Written with the standard library's zipfile to a seekable file, which puts every entry's CRC
+    and sizes in its local header (no data descriptors): fwup reads the archive as a stream and
+    takes an entry whose local header gives a size other than meta.conf's for a delta patch.
+    meta.conf and its signature are NEW's bytes verbatim, so NEW's uuid and signature hold."""
     field = encode_delta_source(source)
-    with atomic_file(out, mode=0o644, durable=False) as f, new_fw.open("rb") as inp:
-        stream = ZipStream(inp.read)
-        info = read_head(stream, source=str(new_fw))
-        zw = ZipWriter(f)
+    with new_fw.open("rb") as inp:
+        info = read_head(ZipStream(inp.read), source=str(new_fw))
+    with atomic_file(out, mode=0o644, durable=False) as f, zipfile.ZipFile(new_fw) as src, \
+            zipfile.ZipFile(f, "w", compresslevel=_DEFLATE_LEVEL) as patch:  # fmt: skip
         if info.signature is not None:
-            zw.add(SIGNATURE_NAME, [info.signature], mtime=info.meta_mtime)
-        zw.add(META_CONF_NAME, [info.meta_conf], mtime=info.meta_mtime)
-        first = True
-        while (entry := stream.next_entry()) is not None:
-            resource = entry.name.removeprefix(DATA_PREFIX)
-            extra = [field] if first else []
-            first = False
+            patch.writestr(_zip_entry(SIGNATURE_NAME, info.meta_mtime), info.signature)
+        patch.writestr(_zip_entry(META_CONF_NAME, info.meta_mtime), info.meta_conf)
+        resources = sorted((i for i in src.infolist() if i.filename.startswith(DATA_PREFIX)),
+                           key=lambda i: i.header_offset)  # fmt: skip
+        for index, item in enumerate(resources):
+            resource = item.filename.removeprefix(DATA_PREFIX)
+            extra = [field] if index == 0 else []
             if resource == name:
-                stream.skip(entry)
-                zw.add(entry.name, _file_chunks(vcdiff), mtime=entry.mtime, extra=extra, sizes_in_header=True)
+                entry = _zip_entry(item.filename, _entry_mtime(item), extra, vcdiff.stat().st_size)
+                with patch.open(entry, "w") as dst:
+                    _copy(_file_chunks(vcdiff), dst)
             else:
-                zw.add(entry.name, checked_resource(info, resource, stream.read_data(entry)), mtime=entry.mtime,
-                       extra=extra)  # fmt: skip
-        zw.finish()
+                entry = _zip_entry(item.filename, _entry_mtime(item), extra, item.file_size)
+                with src.open(item) as data, patch.open(entry, "w") as dst:
+                    _copy(checked_resource(info, resource, iter(lambda: data.read(_CHUNK), b"")), dst)
+
+
+def _entry_mtime(item: zipfile.ZipInfo) -> int | None:
+    """An entry's extended timestamp (UTC), if it has one; fwup writes none on resources."""
+    extra = item.extra
+    while len(extra) >= 4:
+        field_id, length = struct.unpack_from("<HH", extra)
+        if field_id == _EXTENDED_TIMESTAMP_ID and length >= 5 and extra[4] & 1:
+            return struct.unpack_from("<i", extra, 5)[0]
+        extra = extra[4 + length :]
+    return None
 
 
 # --- what to send a device ----------------------------------------------------------------------------

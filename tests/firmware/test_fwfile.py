@@ -7,18 +7,17 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
 
-from sshfwup.firmware.archive import extract_resource, firmware_uuid, format_metadata, read_firmware
+from sshfwup.firmware.archive import extract_resource, firmware_uuid, read_firmware
 from sshfwup.firmware.keys import generate_keypair, load_private_key, load_public_key, verify_signature
 from sshfwup.firmware.metaconf import Call, UBootEnvironment, parse_meta_conf
-from sshfwup.firmware.zipstream import ZipStream
-from sshfwup.host.sign import sign_firmware
+from sshfwup.host.firmware_sign import sign_firmware
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.sim.firmware import SQUASHFS_TIME, reference_conf
 from sshfwup.sim.layout import BLOCK_SIZE, Layout
@@ -91,10 +90,15 @@ def test_read_firmware_on_real_archives(name: str) -> None:
 
 
 def test_metadata_matches_fwup_m_output() -> None:
+    """What the stream reader makes of an archive is what ``fwup -m`` prints (the host asks fwup
+    for its metadata; the device reads it from the upload's first bytes)."""
+    from sshfwup.update.fwup import parse_metadata
+
     info = read_firmware(SAMPLES / "v2.fw")
-    expected = [line for line in (SAMPLES / "fwup-metadata-v2.txt").read_text().splitlines()
-                if not line.startswith("meta-nickname=")]
-    assert format_metadata(info.metadata).splitlines() == expected
+    printed = parse_metadata((SAMPLES / "fwup-metadata-v2.txt").read_text())
+    assert printed["uuid"] == info.uuid and printed["creation-date"] == info.creation_date
+    meta_fields = {k: v for k, v in printed.items() if k not in ("uuid", "creation-date", "nickname")}
+    assert meta_fields and meta_fields == {k: info.meta.meta[k] for k in meta_fields}
 
 
 @pytest.mark.parametrize(
@@ -224,17 +228,20 @@ def test_archives_signed_by_real_fwup_are_read(fwup: str, tmp_path: Path, rootfs
     assert read_firmware(signed_after).uuid == read_firmware(fw).uuid  # signing keeps the uuid
 
 
-def test_our_signature_is_accepted_by_real_fwup(fwup: str, tmp_path: Path, fw: Path, keys: tuple[Path, Path]) -> None:
+def test_our_signature_is_accepted_by_real_fwup(
+    fwup: str, tmp_path: Path, fw: Path, rootfs: Path, keys: tuple[Path, Path]
+) -> None:
     priv, pub = keys
     signed = sign_firmware(fw, tmp_path / "signed.fw", priv)
     check = run_fwup(fwup, "-V", "-p", pub, "-i", signed)
     assert check.returncode == 0 and "good signature" in check.stdout, check.stdout + check.stderr
     assert run_fwup(fwup, "-m", "-i", signed).stdout == run_fwup(fwup, "-m", "-i", fw).stdout  # same uuid, same date
-    # entry timestamps survive signing
+    # entry timestamps survive signing; the signature entry is dated as fwup -c -s dates it
     times = {i.filename: i.date_time for i in zipfile.ZipFile(fw).infolist()}
     signed_times = {i.filename: i.date_time for i in zipfile.ZipFile(signed).infolist()}
-    assert signed_times["meta.conf.ed25519"] == times["meta.conf"]
     assert all(signed_times[name] == when for name, when in times.items())
+    signed_at_create = zipfile.ZipFile(fwup_create(fwup, rootfs, tmp_path / "cs.fw", "-s", str(priv)))
+    assert signed_times["meta.conf.ed25519"] == signed_at_create.getinfo("meta.conf.ed25519").date_time
     assert time.strptime("2023", "%Y")[:1] == (signed_times["meta.conf"][0],)  # SOURCE_DATE_EPOCH, not 1980
     # fwup applies it with the key required (-a -p): to a scratch image with the complete task
     image = tmp_path / "disk.img"
@@ -301,40 +308,48 @@ def test_the_sims_conf_is_the_shipped_one() -> None:
     assert reference_conf() == DEPLOY_CONF
 
 
-# --- extra fields and sizes in the local header (delta patches) -----------------------------------
+# --- signing either way ------------------------------------------------------------------------------
+# (ZipWriter's extra fields and sizes in the local header are checked through the delta patch that
+# needs them, which zipfile now writes: tests/host/test_firmware_delta.py)
 
 
-def test_writer_extra_fields_and_sizes_in_the_header_read_back(tmp_path: Path) -> None:
-    """ZipWriter.add(extra=, sizes_in_header=): Python's zipfile and our stream reader agree, the
-    local header holds the CRC and sizes (what fwup takes a delta patch by), and the extra field
-    is in both headers, after the timestamp."""
-    from sshfwup.host.zipwrite import ZipWriter
+@pytest.mark.parametrize("key_source", ["fwup -g", "keys gen"])
+def test_signed_either_way_verifies_everywhere_with_the_same_signature(
+    fwup: str, tmp_path: Path, fw: Path, rootfs: Path, keys: tuple[Path, Path], key_source: str
+) -> None:
+    """One key, one unsigned archive, signed by ``sshfwup firmware sign``, by ``fwup -S`` and by
+    ``fwup -c -s`` (the same meta.conf): each verifies with ``fwup -V -p PUB`` and with
+    ``sshfwup firmware info --public-key PUB``, and each holds the same meta.conf.ed25519 bytes —
+    also the bytes the device's verifier (cryptography's ed25519) computes over meta.conf."""
+    from sshfwup.firmware.keys import as_private_key
+    from sshfwup.host import firmware
 
-    payload = os.urandom(3000) + bytes(5000)
-    out = tmp_path / "x.zip"
-    with out.open("w+b") as f:
-        zw = ZipWriter(f, mtime=SQUASHFS_TIME)
-        zw.add("meta.conf", [b"meta-version=\"1\"\n"])
-        zw.add("data/rootfs.img", [payload[:100], payload[100:]], extra=[(0x6673, b"\x01hello")], sizes_in_header=True)
-        zw.add("data/other", [b"x" * 10], extra=[(0x1234, b"")])
-        zw.finish()
-    data = out.read_bytes()
-    with zipfile.ZipFile(out) as z:
-        assert z.read("data/rootfs.img") == payload and z.testzip() is None
-        assert struct.pack("<HH", 0x6673, 6) + b"\x01hello" in z.getinfo("data/rootfs.img").extra
-    headers = {name: flags for name, _, flags, _ in local_headers(data)}
-    assert headers == {"meta.conf": 0x08, "data/rootfs.img": 0, "data/other": 0x08}
-    start = data.index(b"data/rootfs.img") - 30  # the first occurrence: right after its local header
-    assert data[start : start + 4] == b"PK\x03\x04"
-    crc, csize, usize = struct.unpack_from("<III", data, start + 14)
-    assert usize == len(payload) and crc == zlib.crc32(payload) and csize > 0
-    stream = ZipStream(out.open("rb").read)
-    seen = []
-    while (entry := stream.next_entry()) is not None:
-        seen.append((entry.name, entry.extra_field(0x6673), entry.extra_field(0x1234), entry.size, entry.mtime))
-        stream.skip(entry)
-    assert seen == [
-        ("meta.conf", None, None, None, SQUASHFS_TIME),
-        ("data/rootfs.img", b"\x01hello", None, len(payload), SQUASHFS_TIME),
-        ("data/other", None, b"", None, SQUASHFS_TIME),
-    ]
+    if key_source == "fwup -g":
+        assert run_fwup(fwup, "-g", "-o", tmp_path / "g").returncode == 0
+        priv, pub = tmp_path / "g.priv", tmp_path / "g.pub"
+    else:
+        priv, pub = keys
+    ours = tmp_path / "ours.fw"
+    assert firmware.main(["firmware", "sign", str(fw), "--private-key", str(priv), "-o", str(ours)]) == 0
+    by_fwup_s = tmp_path / "S.fw"
+    assert run_fwup(fwup, "-S", "-s", priv, "-i", fw, "-o", by_fwup_s).returncode == 0
+    by_fwup_cs = fwup_create(fwup, rootfs, tmp_path / "cs.fw", "-s", str(priv))
+    signatures = set()
+    for path in (ours, by_fwup_s, by_fwup_cs):
+        check = run_fwup(fwup, "-V", "-p", pub, "-i", path)
+        assert check.returncode == 0 and "good signature" in check.stdout, (path, check.stdout + check.stderr)
+        info = subprocess.run([sys.executable, "-m", "sshfwup", "firmware", "info", str(path), "--public-key", str(pub)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert info.returncode == 0 and f"signature:     valid ({pub})" in info.stdout, info.stdout + info.stderr
+        with zipfile.ZipFile(path) as z:
+            assert z.read("meta.conf") == zipfile.ZipFile(fw).read("meta.conf")
+            signatures.add(z.read("meta.conf.ed25519"))
+    meta_conf = zipfile.ZipFile(fw).read("meta.conf")
+    assert signatures == {as_private_key(priv).sign(meta_conf)}  # ed25519 is deterministic
+    # and a wrong key is refused by both
+    wrong_priv, wrong_pub = generate_keypair()
+    (tmp_path / "wrong.pub").write_text(wrong_pub)
+    assert run_fwup(fwup, "-V", "-p", tmp_path / "wrong.pub", "-i", ours).returncode != 0
+    refused = subprocess.run([sys.executable, "-m", "sshfwup", "firmware", "info", str(ours),
+                              "--public-key", str(tmp_path / "wrong.pub")], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 1 and "INVALID for every given public key" in refused.stdout

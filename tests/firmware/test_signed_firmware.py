@@ -10,7 +10,7 @@ import pytest
 from conftest import Sim, output
 
 from sshfwup.firmware.keys import generate_keypair, load_private_key
-from sshfwup.host.sign import sign_firmware
+from sshfwup.host.firmware_sign import sign_firmware
 
 
 @pytest.fixture(scope="module")

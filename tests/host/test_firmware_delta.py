@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import zipfile
@@ -18,7 +19,7 @@ import pytest
 from sshfwup.host import firmware_delta
 from sshfwup.firmware.archive import read_firmware
 from sshfwup.firmware.keys import generate_keypair, load_private_key
-from sshfwup.host.sign import sign_firmware
+from sshfwup.host.firmware_sign import sign_firmware
 from sshfwup.host.firmware_build import build_firmware, reference_conf
 from sshfwup.host.firmware_delta import DeltaError, make_patch, plan_upload, read_head_info
 from sshfwup.firmware.delta_source import DeltaSource
@@ -200,3 +201,83 @@ def test_plan_falls_back_to_the_full_image_with_a_reason(firmware, releases: Pat
     big = plan_upload(v2, read_firmware(v1).uuid, releases, cache_dir=cache)
     assert not big.delta and big.file == v2 and big.source == releases / "app-1.0.0.fw"
     assert "not much smaller than" in big.message
+
+
+# --- the patch archive as fwup reads it ---------------------------------------------------------------
+
+
+def local_headers(data: bytes) -> dict[str, tuple[int, int, int, int, bytes]]:
+    """name → (flags, CRC-32, compressed size, size, extra field) of every ZIP local header."""
+    out = {}
+    for m in re.finditer(rb"PK\x03\x04", data):
+        flags, _, _, _, crc, csize, usize, nlen, xlen = struct.unpack_from("<HHHHIIIHH", data, m.start() + 6)
+        name_end = m.start() + 30 + nlen
+        out[data[m.start() + 30 : name_end].decode()] = (flags, crc, csize, usize, data[name_end : name_end + xlen])
+    return out
+
+
+def test_patch_entries_carry_sizes_and_the_source_field_in_their_local_headers(firmware, tmp_path: Path) -> None:
+    """What ZipWriter(extra=, sizes_in_header=) was for, now written by zipfile: every local header
+    holds its CRC and sizes (no data descriptors: fwup takes the patch by its local header size),
+    the delta-source field follows the timestamp in the local and the central header, meta.conf
+    keeps NEW's timestamp, and the device's stream reader and zipfile read the same entries."""
+    from sshfwup.firmware.delta_source import DELTA_SOURCE_ID, encode_delta_source
+    from sshfwup.firmware.zipstream import ZipStream
+
+    v1, v2 = firmware("1.0.0"), firmware("2.0.0")
+    patch = make_patch(v1, v2, tmp_path / "p.fw")
+    data = patch.path.read_bytes()
+    assert b"PK\x07\x08" not in data  # no data descriptors
+    headers = local_headers(data)
+    field_id, field = encode_delta_source(patch.source)
+    source_field = struct.pack("<HH", field_id, len(field)) + field
+    with zipfile.ZipFile(patch.path) as z, zipfile.ZipFile(v2) as n:
+        assert z.testzip() is None
+        for item in z.infolist():
+            flags, crc, csize, usize, extra = headers[item.filename]
+            assert flags & 0x08 == 0 and (crc, csize, usize) == (item.CRC, item.compress_size, item.file_size)
+            assert extra[:4] == struct.pack("<HH", 0x5455, 5)  # the timestamp first
+            assert (source_field in extra) == (item.filename == "data/rootfs.img")
+            assert (source_field in item.extra) == (item.filename == "data/rootfs.img")
+        assert z.getinfo("data/rootfs.img").file_size == len(z.read("data/rootfs.img")) != (
+            read_firmware(v2).meta.resources["rootfs.img"].length)
+        assert z.getinfo("meta.conf").date_time == n.getinfo("meta.conf").date_time
+    stream = ZipStream(patch.path.open("rb").read)
+    seen = []
+    while (entry := stream.next_entry()) is not None:
+        seen.append((entry.name, entry.extra_field(DELTA_SOURCE_ID), entry.size))
+        stream.skip(entry)
+    assert seen == [("meta.conf", None, len(read_firmware(v2).meta_conf)),
+                    ("data/rootfs.img", field, len(zipfile.ZipFile(patch.path).read("data/rootfs.img")))]  # fmt: skip
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fwup_applies_the_patch_like_the_full_firmware(firmware, fwup: str, tmp_path: Path, signed: bool) -> None:
+    """``fwup -V`` accepts the patch, and ``fwup -a -t upgrade`` over a slot holding OLD — from a
+    file and from stdin, as a device gets it — leaves the disk exactly as NEW does; a signed NEW's
+    patch also with the key required (-p)."""
+    from sshfwup.sim.layout import Layout
+
+    v1, v2 = firmware("1.0.0"), firmware("2.0.0")
+    keys: list[str] = []
+    if signed:
+        assert subprocess.run([fwup, "-g", "-o", str(tmp_path / "k")], capture_output=True).returncode == 0
+        v2 = sign_firmware(v2, tmp_path / "v2s.fw", tmp_path / "k.priv")
+        keys = ["-p", str(tmp_path / "k.pub")]
+    patch = make_patch(v1, v2, tmp_path / "p.fw").path
+    check = subprocess.run([fwup, "-V", *keys, "-i", str(patch)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    def upgraded(fw: Path, *, stdin: bool = False) -> bytes:
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(b"")
+        os.truncate(disk, Layout().disk_bytes)
+        subprocess.run([fwup, "-a", "-d", str(disk), "-i", str(v1), "-t", "complete"], capture_output=True, check=True)
+        with fw.open("rb") as f:
+            argv = [fwup, "-a", *keys, "-d", str(disk), "-t", "upgrade"] + ([] if stdin else ["-i", str(fw)])
+            result = subprocess.run(argv, stdin=f if stdin else None, capture_output=True, text=True)
+        assert result.returncode == 0 and "Success!" in result.stdout, result.stdout + result.stderr
+        return disk.read_bytes()
+
+    full = upgraded(v2)
+    assert upgraded(patch) == full and upgraded(patch, stdin=True) == full
