@@ -1,5 +1,6 @@
 """Precheck and success callbacks: what they are given (``UpdateContext``), how ``[fwup]
-precheck_callback`` / ``success_callback`` specs are loaded and called, and ``report_only``.
+precheck_callback`` / ``success_callback`` specs are loaded and called, and the verdict of an
+installed firmware (``report_only`` lives in :mod:`.update`, where configurations name it).
 
 A callback is ``"package.module:function"`` or ``"/path/to/file.py:function"``, sync or async. A
 precheck refuses by returning anything but None/True (or raising); a success callback returns an
@@ -20,7 +21,7 @@ from sshfwup.device import Device
 
 from .fwhead import FirmwareHead
 from .fwup import FwupResult
-from .outcome import Outcome, UpdateError, Uploader
+from .outcome import UpdateError, Uploader
 from .report import Report
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "applied_verdict",
     "call",
     "load_callback",
-    "report_only",
 ]
 
 
@@ -88,8 +88,3 @@ def applied_verdict(ctx: UpdateContext) -> str:
     active = ctx.boot.active
     version = ctx.boot.version(active) if active else None
     return f"firmware {version or '?'} installed in slot {active or '?'}; it runs after the next reboot"
-
-
-async def report_only(ctx: UpdateContext) -> Outcome:
-    """Success callback that reports and does nothing else (the device boots it on next reboot)."""
-    return Outcome(True, applied_verdict(ctx))

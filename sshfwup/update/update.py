@@ -26,7 +26,7 @@ from sshfwup.device import Device
 
 from .admission import judge_head, precheck
 from .after_fwup import confirm_unchanged, succeed
-from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, load_callback, report_only
+from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
 from .fwup import FwupError, FwupProcess, FwupResult, Progress
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
@@ -36,7 +36,7 @@ from .report import Report
 
 log = logging.getLogger(__name__)
 
-# The transports, callbacks and configurations name these here (``sshfwup.update.update:report_only``).
+# The transports and callbacks import these from here; configurations name ``sshfwup.update.update:report_only``.
 __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
@@ -370,3 +370,8 @@ def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
     for key in keys:
         args += ["--public-key-file", str(key)]
     return args
+
+
+async def report_only(ctx: UpdateContext) -> Outcome:
+    """Success callback that reports and does nothing else (the device boots it on next reboot)."""
+    return Outcome(True, applied_verdict(ctx))
