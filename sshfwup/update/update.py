@@ -13,33 +13,34 @@ environment. Once fwup reports success, the update succeeded, whatever the pipe 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import logging
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
+from sshfwup.boot.bootenv import INCOMPLETE, BootEnvError, BootState, other_slot
 from sshfwup.device import Device
+
+from .admission import judge_head, precheck
+from .after_fwup import confirm_unchanged, succeed
+from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
+from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
 from .fwup import FwupError, FwupProcess, FwupResult, Progress
-from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes, version_key
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
-from .installed import forget, record
 from .lock import DeviceBusy
+from .outcome import EXIT_FAILED, EXIT_OK, Outcome, UpdateError, UpdateRefused, Uploader
 from .report import Report
-from sshfwup.boot.slots import SlotError, is_mounted, unmount
 
 log = logging.getLogger(__name__)
 
+# The transports and callbacks import these from here; configurations name ``sshfwup.update.update:report_only``.
 __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
+    "MOVED_CALLBACK_MODULES",
     "Outcome",
     "Update",
     "UpdateContext",
@@ -47,92 +48,10 @@ __all__ = [
     "UpdateRefused",
     "Uploader",
     "load_callback",
+    "report_only",
 ]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
 BRIEF_HOLDER_WAIT = 15.0  # s: the longest an upload waits for the device's own brief work to release the lock
-
-
-class UpdateError(Exception):
-    """The update failed; the message is for the uploader."""
-
-
-class UpdateRefused(UpdateError):
-    """Refused before a byte reached fwup: nothing on the device changed."""
-
-
-@dataclass(frozen=True)
-class Uploader:
-    user: str
-    fingerprint: str
-    peer: str
-    transport: str
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.peer} key {self.fingerprint} via {self.transport}"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    ok: bool
-    verdict: str
-    reboot: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def exit_status(self) -> int:
-        return EXIT_OK if self.ok else EXIT_FAILED
-
-
-@dataclass(frozen=True)
-class UpdateContext:
-    """What a precheck or success callback gets."""
-
-    device: Device
-    uploader: Uploader
-    report: Report
-    boot: BootState  # before the update (precheck) / after fwup (success callback)
-    running_root: str | None
-    fwup: FwupResult | None = None
-    firmware: FirmwareHead | None = None  # what the upload said it is (its meta.conf), if readable
-
-
-Callback = Callable[[UpdateContext], Any]
-
-
-#: Callbacks by the names they had before sshfwup's modules moved into packages (issue 21):
-#: configurations written then keep working.
-MOVED_CALLBACK_MODULES = {"sshfwup.pipeline": "sshfwup.update.pipeline", "sshfwup.update": "sshfwup.update.update"}
-
-
-def load_callback(spec: str) -> Callback:
-    """``"package.module:function"`` or ``"/path/to/file.py:function"`` → the function (sync or async)."""
-    module_name, _, attr = spec.rpartition(":")
-    module_name = MOVED_CALLBACK_MODULES.get(module_name, module_name)
-    try:
-        if module_name.endswith(".py"):
-            # A plain file on the device: no package to install for a one-off hook.
-            loader_spec = importlib.util.spec_from_file_location(f"sshfwup_callback_{abs(hash(module_name))}", module_name)
-            if loader_spec is None or loader_spec.loader is None:
-                raise ImportError(f"cannot load {module_name}")
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, attr)
-    except (ImportError, AttributeError, OSError, SyntaxError) as e:
-        raise UpdateError(f"callback {spec!r} cannot be loaded: {e}") from None
-    if not callable(fn):
-        raise UpdateError(f"callback {spec!r} is not callable")
-    return fn
-
-
-async def call(fn: Callback, ctx: UpdateContext) -> Any:
-    result = fn(ctx)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
 
 
 class Update:
@@ -293,36 +212,23 @@ class Update:
         log.info("upload from %s is %s %s (uuid %s%s)", self.uploader, head.product, head.version, head.uuid, patch)
         self.device.progress.set(to_version=head.version)
         running = self.before.slots[self.root]
-        if (running.version and head.version and version_key(head.version) < version_key(running.version)
-                and running.uuid != head.uuid):  # fmt: skip
-            if not self.device.config.update.allow_downgrade:
-                reason = (f"update refused: {head.version} is older than the running {running.version} (a downgrade); "
-                          f"set [update] allow_downgrade = true on the device to allow it; the device was not changed")
-                self._journal("failed", reason)
-                self.abort(reason)
-                raise UpdateError(reason)
+        judged = judge_head(head, running, self.root, allow_downgrade=self.device.config.update.allow_downgrade)
+        if judged.downgrade:
             self.downgrade = True
             log.warning("downgrade from %s to %s by %s", running.version, head.version, self.uploader)
-        if running.uuid and running.uuid == head.uuid:
-            self._skip = Outcome(True, f"already running {head.version} (uuid {head.uuid}); nothing changed")
+        if judged.unchanged is not None:
+            self._skip = Outcome(True, judged.unchanged)
             self._journal("unchanged", self._skip.verdict, to_slot=self.root, to_version=head.version)
             if self._fwup is not None:
                 self._fwup.kill()  # it has seen nothing
             return
-        source = head.delta_source
-        if source is not None and source.uuid != running.uuid:
-            # fwup would find out only at the end, after rewriting the whole slot from the wrong source
-            runs = f"{running.version or 'a firmware'} (uuid {running.uuid})" if running.uuid else (
-                f"{running.version or 'a firmware'} whose uuid is not recorded ({self.root}.nerves_fw_uuid unset)")
-            reason = (
-                f"this upload is a delta patch to {head.version} for firmware {source}, but the device runs "
-                f"{runs} in slot {self.root}; send the full .fw, or a patch made from the firmware the device runs; "
-                "the device was not changed"
-            )
+        if judged.refusal is not None:
+            reason = str(judged.refusal)
             self._journal("failed", reason)
-            self.device.last_outcome = {"ok": False, "verdict": reason}
+            if isinstance(judged.refusal, UpdateRefused):
+                self.device.last_outcome = {"ok": False, "verdict": reason}
             self.abort(reason)
-            raise UpdateRefused(reason)
+            raise judged.refusal
 
     async def _feed(self, data: bytes | memoryview) -> None:
         assert self._fwup is not None
@@ -391,7 +297,7 @@ class Update:
         await self._relayed.wait()
         self.device.notify_status(f"fwup: {result.reason}")
         if not result.success:
-            outcome = Outcome(False, f"update failed: {result.reason}; {await self._unchanged()}")
+            outcome = Outcome(False, f"update failed: {result.reason}; {await confirm_unchanged(self.device, self.before, self.root)}")
             log.warning("update from %s failed: %s", self.uploader, result.reason)
             self._journal("failed", outcome.verdict)
             return self._conclude(outcome)
@@ -428,51 +334,12 @@ class Update:
     # --- internals -------------------------------------------------------------------------
 
     async def _precheck(self) -> None:
-        dev = self.device
         try:
-            before = await dev.boot_state()
+            before = await self.device.boot_state()
         except BootEnvError as e:
             raise UpdateRefused(f"cannot read the boot environment: {e}") from None
-        root = dev.running_root()
-        self.before, self.root = before, root
-        if root is None:
-            raise UpdateRefused(
-                f"cannot tell which slot is running: nothing from [device] slots is mounted at {dev.config.device.root_mount}"
-            )
-        if before.active is not None and before.active != root:
-            version = before.version(before.active) or "new firmware"
-            raise UpdateRefused(
-                f"a reboot is pending: slot {before.active} ({version}) is installed and boots next, but the device "
-                f"still runs slot {root}; another update now would overwrite the root filesystem in use. "
-                f"Reboot first (ssh <device> reboot), then upload again"
-            )
-        if before.active == root and not before.validated:
-            # The other slot is this firmware's fallback until it validates: never write it now
-            # (fwup's upgrade tasks refuse too, but only after the upload started).
-            raise UpdateRefused(
-                f"the running firmware {before.version(root) or '?'} (slot {root}) is not validated yet, and slot "
-                f"{other_slot(root)} is its fallback; wait until it proves healthy (it validates itself) or run "
-                f"`ssh <device> validate`, then upload again"
-            )
-        # fwup targets the slot that is not active; never let that be a mounted filesystem
-        target = other_slot(before.active or root)
-        stale = dev.config.server.run_dir / "slots" / target
-        if is_mounted(stale):
-            try:
-                await unmount(stale)
-            except SlotError as e:
-                raise UpdateRefused(f"slot {target} is still in use ({e}); reboot the device first") from None
-        spec = dev.config.fwup.precheck_callback
-        if spec:
-            ctx = UpdateContext(dev, self.uploader, self.report, before, root)
-            try:
-                verdict = await call(load_callback(spec), ctx)
-            except UpdateRefused:
-                raise
-            except Exception as e:
-                raise UpdateRefused(f"precheck failed: {e}") from None
-            if verdict not in (None, True):
-                raise UpdateRefused(f"precheck refused the update: {verdict}")
+        self.before, self.root = before, self.device.running_root()
+        await precheck(self.device, self.uploader, self.report, before, self.root)
 
     async def _relay_events(self) -> None:
         assert self._fwup is not None
@@ -493,67 +360,9 @@ class Update:
         log.error("fwup did not exit within %d s after its input ended; killed it", timeout)
         return FwupResult(exit_code=None, success=False, errors=(f"fwup hung: no result {timeout:.0f} s after its input ended; killed",))
 
-    async def _unchanged(self) -> str:
-        """After a failed fwup: the boot env must still name the slot that was active before (a fwup
-        killed inside on-finish may have got further than its exit status says)."""
-        try:
-            now = await self.device.boot_state()
-        except BootEnvError as e:
-            return f"the boot environment cannot be read to confirm nothing changed ({e})"
-        if self.before is not None and now.active == self.before.active:
-            return "the device was not changed"
-        log.error("fwup failed but the boot env now names slot %s; reverting", now.active)
-        return f"fwup had switched the boot env; {await self._revert(INCOMPLETE)}"
-
-    async def _revert(self, state: str = ROLLED_BACK) -> str:
-        """Undo fwup's switch of the boot env: a failed update must leave the old firmware booting,
-        and the slot it wrote is marked (``state``) so that nothing reverts to it later."""
-        if self.root is None:
-            return "the boot env was left as fwup set it"
-        try:
-            await self.device.bootenv.revert_to(self.root, also={slot_state_var(other_slot(self.root)): state})
-            return f"boot env reverted to slot {self.root}"
-        except BootEnvError as e:
-            return f"REVERTING THE BOOT ENV FAILED ({e})"
-
     async def _success(self, result: FwupResult) -> Outcome:
-        dev = self.device
-        spec = dev.config.fwup.success_callback
-        try:
-            after = self.after = await dev.boot_state()
-            if after.active and after.slots[after.active].state == INCOMPLETE:
-                # an fwup.conf that does not unset it in on-finish: the slot is whole now
-                await dev.bootenv.mark_slot(after.active, None)
-                after = self.after = await dev.boot_state()
-        except BootEnvError as e:
-            return Outcome(False, f"fwup finished but the boot environment cannot be read: {e}")
-        if after.active:
-            if self.head is not None:
-                record(dev.config.server.data_dir, after.active, self.head.uuid, self.head.version, self.head.resources)
-            else:
-                forget(dev.config.server.data_dir, after.active)
-        dev.progress.set(stage="applied", to_slot=after.active, to_version=after.version(after.active) if after.active else None)
-        ctx = UpdateContext(dev, self.uploader, self.report, after, self.root, result, self.head)
-        if not spec:
-            return Outcome(True, _applied_verdict(ctx))
-        try:
-            outcome = await call(load_callback(spec), ctx)
-        except Exception as e:
-            if not isinstance(e, UpdateError):
-                log.exception("success callback %s failed", spec)
-            reason = str(e) if isinstance(e, UpdateError) else f"the success callback {spec} failed: {e}"
-            return Outcome(False, f"{reason}; {await self._revert()}")
-        if outcome is None:
-            return Outcome(True, _applied_verdict(ctx))
-        if not isinstance(outcome, Outcome):
-            return Outcome(False, f"the success callback {spec} returned {outcome!r}, not an Outcome; {await self._revert()}")
+        outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result)
         return outcome
-
-
-def _applied_verdict(ctx: UpdateContext) -> str:
-    active = ctx.boot.active
-    version = ctx.boot.version(active) if active else None
-    return f"firmware {version or '?'} installed in slot {active or '?'}; it runs after the next reboot"
 
 
 def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
@@ -565,4 +374,4 @@ def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
 
 async def report_only(ctx: UpdateContext) -> Outcome:
     """Success callback that reports and does nothing else (the device boots it on next reboot)."""
-    return Outcome(True, _applied_verdict(ctx))
+    return Outcome(True, applied_verdict(ctx))

@@ -83,6 +83,7 @@ def test_a_checkout_the_app_user_cannot_read_makes_a_device_whose_app_answers(tm
 def test_without_a_python_the_app_user_can_run_create_stops_at_once_and_says_what_to_install(
     tmp_path: Path, fwup: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from sshfwup.sim import appuser
     from sshfwup.sim import device as sim_device
 
     # A Python that exists but that the app user cannot reach (in a 0700 directory, as a pyenv
@@ -91,8 +92,8 @@ def test_without_a_python_the_app_user_can_run_create_stops_at_once_and_says_wha
     private.mkdir(mode=0o700)
     unreachable = private / "python3"
     unreachable.symlink_to(Path(sys.executable).resolve())
-    monkeypatch.setattr(sim_device, "HOST_INTERPRETERS", ("/nonexistent/bin/python3", str(unreachable)))
-    sim_device._app_interpreter.cache_clear()
+    monkeypatch.setattr(appuser, "HOST_INTERPRETERS", ("/nonexistent/bin/python3", str(unreachable)))
+    appuser._app_interpreter.cache_clear()
     path = tmp_path / "device"
     with pytest.raises(sim_device.SimError) as failure:
         sim_device.SimDevice.create(path, firmware=Path(__file__), fwup=fwup, ssh_port=free_port(), app_port=free_port())

@@ -329,7 +329,7 @@ async def test_a_taken_port_is_one_clear_error_and_no_restart(stub_device: SimDe
             stub_device.ssh_port = port
         else:
             stub_device.app_port = port
-        stub_device._save()
+        stub_device.save()
         started = time.monotonic()
         async with SimMachine.start(stub_device.path, server_command=stub) as machine:
             with pytest.raises(MachineError) as raised:
@@ -363,7 +363,7 @@ async def test_a_server_that_cannot_listen_is_not_restarted(stub_device: SimDevi
 def test_sim_run_in_a_terminal_says_which_port_is_taken(stub_device: SimDevice, tmp_path: Path) -> None:
     with held_port() as (_, port):
         stub_device.ssh_port = port
-        stub_device._save()
+        stub_device.save()
         result = subprocess.run(
             [sys.executable, "-m", "sshfwup", "sim", "run", str(stub_device.path),
              "--server-command", json.dumps([sys.executable, "-c", "import time; time.sleep(300)"])],
