@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.sim.appuser import check_app_interpreter
 from sshfwup.sim.blockdev import run_tool
+from sshfwup.sim.device_parts import DeviceParts
 from sshfwup.sim.errors import ProvisionError, SimError
 from sshfwup.sim.firmware import find_fwup
 from sshfwup.sim.layout import Layout
@@ -20,16 +21,16 @@ from sshfwup.system.fsutil import write_atomically
 from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
 from sshfwup.update.installed import record
 
-if TYPE_CHECKING:
-    from sshfwup.sim.device import SimDevice
 
 log = logging.getLogger(__name__)
 
 __all__ = ["create_device"]
 
+Device = TypeVar("Device", bound=DeviceParts)
+
 
 def create_device(
-    cls: type[SimDevice],
+    cls: Callable[..., Device],
     path: Path,
     *,
     firmware: Path,
@@ -39,7 +40,7 @@ def create_device(
     ssh_port: int,
     app_port: int,
     config_overrides: Mapping[str, Any] | None,
-) -> SimDevice:
+) -> Device:
     """A new device of class ``cls`` at ``path`` (see ``SimDevice.create``)."""
     path = Path(path).resolve()
     firmware = Path(firmware).resolve()
@@ -77,7 +78,7 @@ def create_device(
     return device
 
 
-def _flash(device: SimDevice, firmware: Path, authorized_keys: Sequence[str]) -> None:
+def _flash(device: DeviceParts, firmware: Path, authorized_keys: Sequence[str]) -> None:
     """fwup's ``complete`` task onto the blank disk, then a fresh data filesystem."""
     argv = [device.fwup, "-a", "-d", str(device.disk), "-i", str(firmware), "-t", "complete"]
     proc = subprocess.run(argv, capture_output=True, timeout=120, check=False)

@@ -8,8 +8,9 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sshfwup.sim.device_parts import DeviceParts
 from sshfwup.sim.errors import SimError
 from sshfwup.sim.layout import SLOTS
 from sshfwup.sim.machine_procs import MARKER_ENV
@@ -18,8 +19,6 @@ from sshfwup.sim.rootfs import INTERPRETER, SITE_PACKAGES
 from sshfwup.sim.toml_write import dumps as toml_dumps
 from sshfwup.system.fsutil import write_atomically
 
-if TYPE_CHECKING:
-    from sshfwup.sim.device import SimDevice
 
 __all__ = ["base_config", "deep_merge", "write_checked"]
 
@@ -35,7 +34,7 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def base_config(device: SimDevice) -> dict[str, Any]:
+def base_config(device: DeviceParts) -> dict[str, Any]:
     """The configuration a device's server is started with, before the device's overrides."""
     loops = device.loops()
     slots = {

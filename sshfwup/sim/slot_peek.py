@@ -6,18 +6,16 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sshfwup.sim.blockdev import run_tool, umount
+from sshfwup.sim.device_parts import DeviceParts
 from sshfwup.sim.layout import Layout
 
-if TYPE_CHECKING:
-    from sshfwup.sim.device import SimDevice
 
 __all__ = ["read_slot_file", "slot_bytes_sha256"]
 
 
-def read_slot_file(device: SimDevice, slot: str, path: str) -> bytes:
+def read_slot_file(device: DeviceParts, slot: str, path: str) -> bytes:
     """Read one file from a slot's filesystem (mounted read-only at a temporary directory)."""
     relative = path.lstrip("/")
     if not relative or ".." in Path(relative).parts:

@@ -24,7 +24,7 @@ import anyio
 from sshfwup.boot.bootenv import INCOMPLETE, BootEnvError, BootState, other_slot
 from sshfwup.device import Device
 
-from .admission import judge_head, precheck
+from .precheck import judge_head, precheck
 from .after_fwup import confirm_unchanged, succeed
 from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
