@@ -1,4 +1,4 @@
-"""Helpers for an application run by ``sshfwup serve`` (stdlib only: vendor this one file freely).
+"""Helpers for an application run by ``sshfwup serve`` (stdlib only: vendor the ``sshfwup/app/`` folder freely).
 
 The supervisor owns the application's listening sockets for the device's lifetime and hands them
 to every instance of the app exactly the way systemd socket activation does:
@@ -42,7 +42,7 @@ docs/hot-reload-apps.md has hypercorn and the details.
 plain asyncio::
 
     import asyncio, signal
-    from sshfwup import app          # or the vendored copy of this file
+    from sshfwup import app          # or the vendored copy of this package
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ...

@@ -1,4 +1,4 @@
-"""The errors of everything in :mod:`sshfwup.fwfile`: each is a :class:`FirmwareError`,
+"""The errors of everything in :mod:`sshfwup.firmware`: each is a :class:`FirmwareError`,
 whose message is written for an operator."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A ``.fw`` starts with meta.conf (after an optional signature): product, version,
 firmware's uuid (the hash of meta.conf), and every resource with its size and blake2b hash.
 Reading it before fwup starts writing lets the device answer "already running this firmware"
 without touching a slot. The local header of the first resource entry, right after meta.conf,
-says whether the upload is a delta patch and for which firmware (:mod:`.fwfile.delta`), so a
+says whether the upload is a delta patch and for which firmware (:mod:`sshfwup.firmware.delta_source`), so a
 patch for another firmware is refused before fwup writes a byte. It is advisory: fwup checks
 everything again (signature, decoded hashes), and an upload whose head cannot be read here goes
 to fwup, whose error message is the authority.
