@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "CAPABILITIES",
     "AppConfig",
     "UpdateConfig",
     "Config",
@@ -117,6 +118,20 @@ class DeviceConfig:
     @property
     def slot_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.slots)
+
+
+#: linux/capability.h, by name: the names ``[app] capabilities`` accepts, and the numbers the app's
+#: room (:mod:`sshfwup.supervisor.room`) keeps in its bounding set and raises as ambient.
+CAPABILITIES: dict[str, int] = {
+    f"CAP_{name}": number
+    for number, name in enumerate(
+        "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
+        "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
+        "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
+        "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
+        "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE".split()
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -361,8 +376,6 @@ def _check(config: Config, where: str) -> None:
     app = config.app
     if app.command and not app.app_dir.startswith("/"):
         raise ConfigError(f"{where}: [app] app_dir: must be an absolute path inside the root filesystem")
-    from sshfwup.supervisor.room import CAPABILITIES  # a table of names only: cheap
-
     unknown = [c for c in app.capabilities if c.upper() not in CAPABILITIES]
     if unknown:
         raise ConfigError(f"{where}: [app] capabilities: unknown capability {unknown[0]!r} (e.g. CAP_NET_RAW)")

@@ -30,34 +30,40 @@ a socket leaving and the program being updated cannot send a connection to a wro
 Readiness probes for the steered path connect from a source port of their own, which the program
 sends to the probed instance's socket (:meth:`Listener.probe_route`): a probe through the public
 address then reaches the new version, never the old one, and an app that serves only its one
-socket (uvicorn ``--fd 3``) can be probed without any code of its own.
 
-Each instance also gets a notify socket for its sd_notify messages and, for ``http``/``tcp``
-readiness, a private health listener on 127.0.0.1 that only the supervisor's probes connect to.
+The reuseport program itself is in :mod:`sshfwup.supervisor.reuseport`; the probes that go through
+these sockets, and each instance's private notify and health sockets, in
+:mod:`sshfwup.supervisor.probes` (their names are importable from here too).
 """
 
 from __future__ import annotations
 
-import array
-import errno
 import logging
-import os
-import secrets
 import socket
 import stat
-import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
-
-from . import sockdiag
 from sshfwup.config import SocketSpec
+
+# Defined apart, importable from here as before
+from .probes import (
+    AcceptStalled,
+    ProbeReset,
+    accept_probe,
+    accept_queue_length,
+    http_probe,
+    open_health_socket,
+    open_notify_socket,
+    tcp_probe,
+)
+from .reuseport import Instruction, attach_reuseport_program, migration_enabled, reuseport_program
 
 __all__ = [
     "AcceptStalled",
+    "Instruction",
     "Listener",
     "ListenerError",
     "ProbeReset",
@@ -79,77 +85,10 @@ log = logging.getLogger(__name__)
 
 SocketPath = Literal["shared", "reuseport", "reuseport+migrate"]
 
-_ACCEPT_POLL = 0.01  # how often a probe looks at an accept queue
-_TCPI_UNACKED_OFFSET = 24  # struct tcp_info: 8 one-byte fields, rto, ato, snd_mss, rcv_mss, unacked
-_MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")  # per network namespace, IPv6 too
-# asm-generic value; the few architectures that number it differently (parisc, sparc) are not
-# device targets, and there the kernel refuses the option: the shared path is used.
-_SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
-
-# Classic BPF (linux/filter.h). A reuseport program sees the packet from the TCP payload on;
-# loads at _SKF_NET_OFF + n read byte n of the IP header instead.
-_LD, _LDX, _ALU, _JMP, _RET = 0x00, 0x01, 0x04, 0x05, 0x06
-_H, _B = 0x08, 0x10
-_ABS, _IND, _MSH = 0x20, 0x40, 0xA0
-_RSH, _JA, _JEQ, _K = 0x70, 0x00, 0x10, 0x00
-_SKF_NET_OFF = -0x100000
-_IPPROTO_TCP = 6
-
-Instruction = tuple[int, int, int, int]  # code, jt, jf, k
-
 
 class ListenerError(Exception):
     """A listening socket cannot be set up (address in use, bad name, a file in the way)."""
 
-
-# --- the reuseport program ------------------------------------------------------------------
-
-
-def reuseport_program(target: int, probes: Mapping[int, int] | None = None) -> list[Instruction]:
-    """A program answering ``target`` for every connection, except that a connection from a
-    source port in ``probes`` goes to the index ``probes[port]``.
-
-    The source port is read from the IP header's end: IPv4 (its length from the header) or IPv6
-    (directly followed by TCP; with extension headers, ``target``). A dual-stack IPv6 socket sees
-    IPv4 packets for IPv4 clients, hence the version check.
-    """
-    if not probes:
-        return [(_RET | _K, 0, 0, target)]
-    checks: list[Instruction] = []
-    for port, index in probes.items():
-        checks += [(_JMP | _JEQ | _K, 0, 1, port), (_RET | _K, 0, 0, index)]
-    to_default = 4 + len(checks)  # from instruction 4 to the final "ret target"
-    if to_default > 255:
-        raise ValueError(f"too many probe routes at once: {len(probes)}")
-    return [
-        (_LD | _B | _ABS, 0, 0, _SKF_NET_OFF & 0xFFFFFFFF),  # 0: A = first byte of the IP header
-        (_ALU | _RSH | _K, 0, 0, 4),  # 1: A = IP version
-        (_JMP | _JEQ | _K, 0, 4, 6),  # 2: IPv6 → 3, else IPv4 → 7
-        (_LD | _B | _ABS, 0, 0, (_SKF_NET_OFF + 6) & 0xFFFFFFFF),  # 3: A = IPv6 next header
-        (_JMP | _JEQ | _K, 0, to_default, _IPPROTO_TCP),  # 4: extension headers → default
-        (_LD | _H | _ABS, 0, 0, (_SKF_NET_OFF + 40) & 0xFFFFFFFF),  # 5: A = TCP source port
-        (_JMP | _JA, 0, 0, 2),  # 6: → checks
-        (_LDX | _B | _MSH, 0, 0, _SKF_NET_OFF & 0xFFFFFFFF),  # 7: X = IPv4 header length
-        (_LD | _H | _IND, 0, 0, _SKF_NET_OFF & 0xFFFFFFFF),  # 8: A = TCP source port
-        *checks,
-        (_RET | _K, 0, 0, target),
-    ]
-
-
-def attach_reuseport_program(sock: socket.socket, program: list[Instruction]) -> None:
-    """Attach ``program`` to the reuseport group of ``sock``, replacing the group's program."""
-    code = array.array("B", b"".join(struct.pack("=HBBI", *insn) for insn in program))
-    address, _ = code.buffer_info()
-    fprog = struct.pack("@HP", len(program), address)  # struct sock_fprog, native layout
-    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)  # the kernel copies `code` here
-
-
-def migration_enabled() -> bool:
-    """``net.ipv4.tcp_migrate_req`` is on: a closing listener's queue moves to its group."""
-    try:
-        return _MIGRATE_SYSCTL.read_text().strip() == "1"
-    except OSError:  # Linux < 5.14: no such setting
-        return False
 
 
 # --- listeners ------------------------------------------------------------------------------
@@ -443,206 +382,3 @@ def _remove_stale_unix_socket(path: Path) -> None:
             return
     raise ListenerError(f"cannot listen on unix:{path}: another process is listening there")
 
-
-# --- one instance's private sockets --------------------------------------------------------
-
-
-def open_notify_socket() -> tuple[socket.socket, str]:
-    """A datagram socket for one instance's sd_notify messages, in the abstract namespace."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    name = f"sshfwup-notify-{os.getpid()}-{secrets.token_hex(8)}"
-    sock.bind("\0" + name)
-    return sock, "@" + name
-
-
-def open_health_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    return sock
-
-
-def accept_queue_length(listener: socket.socket) -> int:
-    """Connections waiting to be accepted (Linux reports it in tcpi_unacked for a listener)."""
-    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("=I", info, _TCPI_UNACKED_OFFSET)[0])
-
-
-# --- readiness probes ----------------------------------------------------------------------
-
-
-async def http_probe(port: int, path: str, *, route: tuple[socket.socket, tuple[Any, ...]] | None = None) -> str | None:
-    """``GET path`` on 127.0.0.1:``port`` — or through ``route`` (see :meth:`Listener.probe_route`):
-    None for a 2xx answer, else what was wrong."""
-    path = path if path.startswith("/") else f"/{path}"
-    if route is None:
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        destination: tuple[Any, ...] = ("127.0.0.1", port)
-    else:
-        client, destination = route
-    host = destination[0]
-    authority = f"[{host}]:{destination[1]}" if ":" in host else f"{host}:{destination[1]}"
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: sshfwup-probe\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    try:
-        await _connect(client, destination)
-        while request:
-            await anyio.wait_writable(client)
-            request = request[client.send(request) :]
-        head = b""
-        while b"\r\n" not in head and len(head) < 8192:
-            await anyio.wait_readable(client)
-            try:
-                chunk = client.recv(8192)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                raise anyio.EndOfStream
-            head += chunk
-    finally:
-        if route is None:
-            client.close()
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split()
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return f"not an HTTP response: {status_line[:60]!r}"
-    code = int(parts[1])
-    return None if 200 <= code < 300 else f"HTTP {code}"
-
-
-async def _connect(client: socket.socket, destination: tuple[Any, ...]) -> None:
-    result = client.connect_ex(destination)
-    if result in (errno.EINPROGRESS, errno.EAGAIN):
-        await anyio.wait_writable(client)
-        result = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if result:
-        raise OSError(result, os.strerror(result))
-
-
-class AcceptStalled(Exception):
-    """A probe connection waited while its listener accepted nothing at all for the stall time."""
-
-    def __init__(self, seconds: float, queued: int) -> None:
-        super().__init__(f"a probe connection waited {seconds:g} s while nothing was accepted there ({queued} queued)")
-        self.seconds = seconds
-        self.queued = queued
-
-
-class ProbeReset(OSError):
-    """The probe connection disappeared before any app accepted it (its listener closed)."""
-
-
-_sockdiag_state: list[bool] = []  # [available], once known: the kernel does not change under us
-
-
-def _lookup(listener: socket.socket) -> sockdiag.SockDiag | None:
-    """A socket-diagnostics handle, or None where the kernel offers none (told once)."""
-    if _sockdiag_state and not _sockdiag_state[0]:
-        return None
-    diag: sockdiag.SockDiag | None = None
-    try:
-        diag = sockdiag.SockDiag()
-        if not _sockdiag_state:
-            diag.check(listener)
-            _sockdiag_state[:] = [True]
-        return diag
-    except sockdiag.SockDiagUnavailable as e:
-        if diag is not None:
-            diag.close()
-        _sockdiag_state[:] = [False]
-        log.warning("%s: health checks count accepts from the accept queue's length instead"
-                    " (less exact under load)", e)  # fmt: skip
-        return None
-
-
-async def accept_probe(
-    listener: socket.socket, route: tuple[socket.socket, tuple[Any, ...]], *, stall_timeout: float | None = None
-) -> None:
-    """Connect through ``route`` (see :meth:`Listener.probe_connection`) to ``listener`` and return
-    once an app has accepted that connection; the caller bounds the wait.
-
-    Saturated is not dead: with ``stall_timeout``, raise :class:`AcceptStalled` only once the
-    probe is still waiting and nothing at all was seen accepted from ``listener`` for that long.
-    Progress is the queue's length dropping between two polls; the probe itself is the sure sign
-    (the queue is first in, first out: a listener that keeps accepting reaches it).
-
-    Whether the probe was accepted is asked of the kernel (:mod:`sshfwup.supervisor.sockdiag`: a queued
-    connection has no inode yet). Without socket diagnostics it is inferred from the queue:
-    on loopback the kernel queues the connection before ``connect()`` returns, so ours is at most
-    ``ahead`` places from the head then, where ``ahead`` is the queue's length read right after.
-    It has been accepted once the queue was empty, or once ``ahead`` connections have left —
-    counted as the drops in length between polls: a lower bound, since arrivals hide departures
-    (under a closed-loop load they hide all of them: there it may never prove it).
-    Raises :class:`ProbeReset` if the probe connection is reset before it was accepted.
-    """
-    client, destination = route
-    await _connect(client, destination)
-    ahead = last = accept_queue_length(listener)
-    left = 0
-    progress_at = anyio.current_time()
-    diag = _lookup(listener)
-    try:
-        # the server's end: bound to where the client connected (a wildcard listener's too)
-        ends = (client.getpeername(), client.getsockname())
-        while True:
-            if diag is not None:
-                try:
-                    accepted = _accepted(diag, client, *ends)
-                except ProbeReset:
-                    raise
-                except OSError as e:  # a lookup that fails is no verdict on the app: count instead
-                    log.warning("socket diagnostics failed (%s); counting accepts from the queue's length", e)
-                    accepted = None
-                if accepted:
-                    return
-                if accepted is None:
-                    diag.close()
-                    diag = None
-            if diag is None and (not last or left >= ahead):
-                return
-            now = anyio.current_time()
-            if stall_timeout is not None and now - progress_at >= stall_timeout:
-                raise AcceptStalled(round(now - progress_at, 1), last)
-            await anyio.sleep(_ACCEPT_POLL)
-            length = accept_queue_length(listener)
-            if length < last:
-                left += last - length
-                progress_at = anyio.current_time()
-            last = length
-    finally:
-        if diag is not None:
-            diag.close()
-
-
-def _accepted(
-    diag: sockdiag.SockDiag, client: socket.socket, local: tuple[Any, ...], remote: tuple[Any, ...]
-) -> bool | None:
-    """The server's end of the probe connection is no longer queued: an app holds it (or took
-    it and closed it already). None: the kernel does not find it while the client's end is still
-    open (no verdict: the caller counts instead). Raises ProbeReset when it vanished unaccepted."""
-    end = diag.server_end(local, remote)
-    if end.queued:
-        return False
-    if end.found:
-        return True
-    try:  # gone: closed by an app that accepted it (end of stream, or what it wrote first), or reset
-        client.recv(1, socket.MSG_PEEK)
-        return True
-    except (ConnectionResetError, ConnectionAbortedError) as e:
-        raise ProbeReset(e.errno, "the probe connection was reset before it was accepted") from e
-    except BlockingIOError:
-        log.warning("socket diagnostics do not find the probe connection %s → %s; counting accepts from the"
-                    " queue's length", remote, local)  # fmt: skip
-        return None
-
-
-async def tcp_probe(listener: socket.socket, port: int) -> str | None:
-    """Connect to the private ``listener`` at ``port``: None once the app has accepted it."""
-    async with await anyio.connect_tcp("127.0.0.1", port):
-        # Only probes connect to this private socket; ours leaves the queue when the app accepts it.
-        while accept_queue_length(listener) > 0:
-            await anyio.sleep(0.01)
-    return None

@@ -34,7 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sshfwup.config import AppConfig
+# CAPABILITIES is defined beside the [app] capabilities it checks (config needs no supervisor module);
+# importable from here as before.
+from sshfwup.config import CAPABILITIES, AppConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +52,6 @@ __all__ = [
     "release_cgroup",
 ]
 
-#: linux/capability.h, by name.
-CAPABILITIES: dict[str, int] = {
-    f"CAP_{name}": number
-    for number, name in enumerate(
-        "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
-        "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
-        "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
-        "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
-        "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE".split()
-    )
-}
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # systemd's
 _CGROUP_PREFIX = "app-"
 _RELEASE_WAIT = 0.2  # killed processes leave their cgroup within microseconds; never block long

@@ -185,7 +185,9 @@ def test_unix_sockets_and_steer_false_share_one_socket(tmp_path: Path) -> None:
 
 
 def test_a_kernel_refusing_the_program_gets_a_shared_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(listeners, "_SO_ATTACH_REUSEPORT_CBPF", 0x7FFF)  # an option no kernel knows
+    from sshfwup.supervisor import reuseport
+
+    monkeypatch.setattr(reuseport, "_SO_ATTACH_REUSEPORT_CBPF", 0x7FFF)  # an option no kernel knows
     (listener,) = bind_listeners((SocketSpec("tcp", "127.0.0.1", 0, "web"),))
     try:
         assert listener.path == "shared" and not listener.steered
@@ -453,12 +455,12 @@ def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
     """A kernel without inet_diag: said once, and the queue's length decides (exact when idle)."""
     import anyio
 
-    from sshfwup.supervisor import sockdiag
+    from sshfwup.supervisor import probes, sockdiag
 
     def unavailable() -> sockdiag.SockDiag:
         raise sockdiag.SockDiagUnavailable(93, "no socket diagnostics (NETLINK_SOCK_DIAG): Protocol not supported")
 
-    monkeypatch.setattr(listeners, "_sockdiag_state", [])
+    monkeypatch.setattr(probes, "_sockdiag_state", [])
     monkeypatch.setattr(sockdiag, "SockDiag", unavailable)
     target = tcp.sock
     ahead = connect(port_of(tcp), 2)
@@ -487,7 +489,7 @@ def test_without_socket_diagnostics_a_probe_counts_departures_from_the_queue(
             anyio.run(scenario)
         finally:
             close_all(ahead + accepted)
-    assert listeners._sockdiag_state == [False]
+    assert probes._sockdiag_state == [False]
     assert [r.message for r in caplog.records if "count accepts from the accept queue" in r.message] != []
 
 

@@ -73,7 +73,7 @@ def test_the_caller_and_its_ancestors_are_never_found(spawn: Spawn, entry: str, 
     sibling = spawn(SLEEPER)
     out = tmp_path / "found"
     # A marked parent runs a marked child that looks: neither of them is in the answer.
-    child = f"from sshfwup import procs; open({str(out)!r}, 'w').write(repr(procs.processes_with({entry!r})))"
+    child = f"from sshfwup.system import procs; open({str(out)!r}, 'w').write(repr(procs.processes_with({entry!r})))"
     parent = spawn(f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)")
     assert parent.wait(timeout=10) == 0
     assert out.read_text() == repr([sibling.pid])
