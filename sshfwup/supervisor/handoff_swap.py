@@ -26,7 +26,6 @@ from .instance import Child
 
 if TYPE_CHECKING:  # imported when an app has [app] handoff on
     from . import handoff_relay
-    from .readiness import Readiness
 
 __all__ = ["can_hand_back", "keep", "lost_handoff", "open_channel", "settle", "wait_ready_taking_over"]
 
@@ -50,13 +49,14 @@ def open_channel(config: AppConfig, fds: list[int], env: dict[str, str]) -> hand
 
 
 async def wait_ready_taking_over(
-    readiness: Readiness, config: AppConfig, new: Child, donor: Child | None
+    wait_ready: Callable[[Child], Awaitable[None]], config: AppConfig, new: Child, donor: Child | None
 ) -> handoff_relay.Transfer | None:
-    """:meth:`Readiness.wait_ready`, and meanwhile, once ``new`` asks (WANT), relay ``donor``'s state
+    """``wait_ready(new)`` (:meth:`.readiness.Readiness.wait_ready`: passed in, as readiness
+    imports the launcher, which imports this module), and meanwhile, once ``new`` asks (WANT), relay ``donor``'s state
     and connections to it. None without hand-off, else how it went (kept as ``new.taken``);
     the caller settles with the donor (:func:`settle`). Raises NotReady."""
     if new.handoff is None or donor is None:
-        await readiness.wait_ready(new)
+        await wait_ready(new)
         return None
     from . import handoff_relay
 
@@ -92,7 +92,7 @@ async def wait_ready_taking_over(
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(take)
         try:
-            await readiness.wait_ready(new)
+            await wait_ready(new)
         except NotReady as e:
             failure.append(e)
         if not failure and asked.is_set():  # READY=1 may overtake the TAKE on its way

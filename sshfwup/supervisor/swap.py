@@ -147,7 +147,7 @@ class Swap:
         launched = time.monotonic()
         donor = self._old if self._config.strategy == "overlap" else None
         new = self._new = await self._launcher.launch(self._source, sockets=sockets, restarts=0, failures=0, donor=donor)
-        transfer = await handoff_swap.wait_ready_taking_over(self._readiness, self._config, new, donor)
+        transfer = await handoff_swap.wait_ready_taking_over(self._readiness.wait_ready, self._config, new, donor)
         self._ready_seconds = time.monotonic() - launched
         if transfer is not None:  # first: the old version waits for its verdict, paused
             await handoff_swap.settle(self._old, transfer, self._say)
@@ -280,7 +280,7 @@ class Swap:
                 old.source, sockets=self._steering.serving_sockets(), restarts=old.restarts, failures=0, donor=donor
             )
             self._roster.current = failed = child
-            transfer = await handoff_swap.wait_ready_taking_over(self._readiness, self._config, child, donor)
+            transfer = await handoff_swap.wait_ready_taking_over(self._readiness.wait_ready, self._config, child, donor)
             if transfer is not None and donor is not None:
                 await handoff_swap.settle(donor, transfer, say or self._events.emit_async)
                 lost = (f"; handed back {transfer.summary()}" if transfer.taken else
