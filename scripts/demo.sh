@@ -8,4 +8,4 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
   exec sudo --preserve-env=FWUP_SOURCE,PYTHON,SSHFWUP_VENV,SSHFWUP_LOCK "$0" "$@"
 fi
 ./scripts/bootstrap.sh
-exec "${SSHFWUP_VENV:-.venv}/bin/python" -m sshfwup.host.demo "$@"
+exec "${SSHFWUP_VENV:-.venv}/bin/python" -m sshfwup.demo "$@"

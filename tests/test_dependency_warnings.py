@@ -42,7 +42,7 @@ ENTRY_POINTS = {
     "keys --help": [SSHFWUP, "keys", "--help"],
     "sim --help": [SSHFWUP, "sim", "--help"],
     "python -m sshfwup.sim --help": [sys.executable, "-m", "sshfwup.sim", "--help"],
-    "python -m sshfwup.host.demo --help": [sys.executable, "-m", "sshfwup.host.demo", "--help"],
+    "python -m sshfwup.demo --help": [sys.executable, "-m", "sshfwup.demo", "--help"],
 }
 
 

@@ -3,7 +3,7 @@ load that keeps a live stream open (state and connection hand-off), then a reboo
 update — printing what happens as it happens.
 
     sudo ./scripts/demo.sh            (installs what it needs, then runs this)
-    python -m sshfwup.host.demo [--rate 200] [--workdir .demo]
+    python -m sshfwup.demo [--rate 200] [--workdir .demo]
 
 Everything is real except the board: OpenSSH's ``ssh`` uploads, the server is ``sshfwup serve``,
 slots are squashfs images on loop devices, the boot env is read and written with libubootenv,
@@ -25,7 +25,7 @@ from typing import Any
 
 from sshfwup.dependency_warnings import silence
 
-silence()  # `python -m sshfwup.host.demo` starts here, and the imports below load asyncssh
+silence()  # `python -m sshfwup.demo` starts here, and the imports below load asyncssh
 
 import anyio  # noqa: E402
 
@@ -263,7 +263,7 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sshfwup.host.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sshfwup.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=200, help="requests per second during the hot update")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="where the device and firmware live")
     args = parser.parse_args(argv)
