@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_upload)
 
     sub.add_parser("sim", help="the simulated A/B device (see `sshfwup sim --help`)", add_help=False)
+    sub.add_parser("vm", help="the QEMU device: a real boot, no hardware (see `sshfwup vm --help`)", add_help=False)
     sub.add_parser("firmware", help="build-side tools: manifest, mark, build, delta, info, diff, sign (see `sshfwup firmware --help`)",
                    add_help=False)  # fmt: skip
     sub.add_parser("keys", help="generate firmware signing and SSH keys (see `sshfwup keys --help`)", add_help=False)
@@ -216,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sim.cli import main as sim_main
 
         return sim_main(argv[1:])
+    if argv[:1] == ["vm"]:
+        from .vm.cli import main as vm_main
+
+        return vm_main(argv[1:])
     if argv[:1] in (["firmware"], ["keys"]):
         from sshfwup.host.firmware import main as firmware_main
 

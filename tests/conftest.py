@@ -34,6 +34,7 @@ FWUP_MIN = (1, 16)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--run-vm", action="store_true", help="also run tests marked vm (boots QEMU; tests/vm)")
 
 
 def _fwup() -> tuple[str | None, str]:
@@ -76,6 +77,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.fwup)
         if item.get_closest_marker("slow") and not config.getoption("--run-slow"):
             item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
+        if item.get_closest_marker("vm") and not config.getoption("--run-vm"):
+            item.add_marker(pytest.mark.skip(reason="vm: boots QEMU (minutes, root); run with --run-vm"))
 
 
 # --- fwup ------------------------------------------------------------------------------------

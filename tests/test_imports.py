@@ -22,6 +22,7 @@ SERVE_IMPORTS = "import sshfwup.cli, sshfwup.config, sshfwup.daemon, sshfwup.sup
 # Module name patterns (full names, re.fullmatch) that `serve` must not import.
 DENIED = (
     r"sshfwup\.sim(\..*)?",  # the simulated device and its host helpers
+    r"sshfwup\.vm(\..*)?",  # the QEMU device: image build and QEMU runner, host side
     r"sshfwup\.host(\..*)?",  # the build machine and the operator: upload, fleet, firmware build/sign/diff/delta, demo
     r"sshfwup\.firmware\.(keys|conf|delta_source)",  # signatures, fwup's conf syntax: host-side or first upload only
     r"tqdm(\..*)?",

@@ -1,0 +1,170 @@
+"""The QEMU device's firmware and disk: the cached rootfs configured for the device, packed by
+``sshfwup firmware build``'s code with ``deploy/vm/fwup.conf``, and the disk written by the real
+``fwup -t complete``.
+
+A VM directory (``sshfwup vm build DIR``) holds:
+
+- ``staging/``     the root filesystem the firmware is built from (edit it, ``sshfwup vm firmware``)
+- ``boot.scr``     deploy/vm/boot.cmd compiled by mkimage
+- ``id_ed25519``   the SSH key the device trusts (its public half is in the firmware)
+- ``fw/``          the firmware files built (``<version>.fw``)
+- ``disk.img``     the factory disk (raw, sparse): ``fwup -a -t complete`` of the first firmware
+- ``dpkg-l.txt``   ``dpkg -l`` of the root filesystem (packages float: this records them)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from sshfwup.host.firmware_build import BuildError, Built, build_release
+from sshfwup.vm.errors import VmError
+from sshfwup.vm.rootfs import cached_rootfs, unpack
+from sshfwup.vm.tools import BUILD_TOOLS, require
+
+log = logging.getLogger(__name__)
+
+__all__ = ["APP_USER", "VmDir", "build_vm", "firmware"]
+
+APP_USER = "sshfwup-app"
+FIRST_VERSION = "1.0.0"
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class VmDir:
+    """The files of one VM directory (see the module docstring)."""
+
+    path: Path
+
+    @property
+    def staging(self) -> Path:
+        return self.path / "staging"
+
+    @property
+    def boot_scr(self) -> Path:
+        return self.path / "boot.scr"
+
+    @property
+    def key(self) -> Path:
+        return self.path / "id_ed25519"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.img"
+
+    @property
+    def fw_dir(self) -> Path:
+        return self.path / "fw"
+
+    @property
+    def info(self) -> Path:
+        return self.path / "vm.json"
+
+    def check_built(self) -> None:
+        if not self.disk.is_file() or not self.key.is_file():
+            raise VmError(f"{self.path} holds no built VM: run `sshfwup vm build {self.path}` first")
+
+
+def _run(argv: list[str], *, what: str, timeout: float = 600) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise VmError(f"{what}: no result within {timeout:.0f} s") from None
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
+        raise VmError(f"{what} failed (exit status {result.returncode}):\n{tail}")
+    return result.stdout
+
+
+def _kernel_files(staging: Path) -> tuple[Path, Path]:
+    kernels = sorted((staging / "boot").glob("vmlinuz-*"))
+    initrds = sorted((staging / "boot").glob("initrd.img-*"))
+    if not kernels or not initrds:
+        raise VmError(f"{staging}/boot has no vmlinuz-*/initrd.img-*: the rootfs lacks its kernel")
+    return kernels[-1], initrds[-1]
+
+
+def configure(staging: Path, public_key: str, *, fwup: str) -> None:
+    """Make the unpacked Debian tree the device: fwup, config, mounts, network, app, app user."""
+    deploy = repo_root() / "deploy"
+    shutil.copy2(fwup, staging / "usr/local/bin/fwup")
+    _run(["chroot", str(staging), "/usr/local/bin/fwup", "--version"], what="fwup in the guest")
+    shutil.copy2(deploy / "vm/sshfwup.toml", staging / "etc/sshfwup.toml")
+    shutil.copy2(deploy / "vm/fw_env.config", staging / "etc/fw_env.config")
+    shutil.copy2(deploy / "vm/fstab", staging / "etc/fstab")
+    (staging / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(deploy / "vm/10-qemu.network", staging / "etc/systemd/network/10-qemu.network")
+    (staging / "etc/sshfwup").mkdir(exist_ok=True)
+    (staging / "etc/sshfwup/authorized_keys").write_text(public_key.strip() + "\n")
+    (staging / "etc/hostname").write_text("sshfwup-vm\n")
+    (staging / "etc/machine-id").write_text("")  # systemd makes one in /run at each boot (ro root)
+    (staging / "data").mkdir(exist_ok=True)
+    app = staging / "srv/app"
+    if app.exists():
+        shutil.rmtree(app)
+    shutil.copytree(repo_root() / "sshfwup/sim/sample_app", app, ignore=shutil.ignore_patterns("__pycache__"))
+    (app / "VERSION").write_text(FIRST_VERSION + "\n")
+    have_user = subprocess.run(["chroot", str(staging), "id", APP_USER], capture_output=True, check=False)
+    if have_user.returncode != 0:
+        _run(["chroot", str(staging), "useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+              APP_USER], what=f"adding the app user {APP_USER}")  # fmt: skip
+    # a root login without password on the serial console only (a test VM: `--console` debugging)
+    _run(["chroot", str(staging), "passwd", "-d", "root"], what="opening the console login")
+    _run(["systemctl", f"--root={staging}", "enable", "sshfwup.service", "systemd-networkd.service"],
+         what="enabling sshfwup and systemd-networkd")  # fmt: skip
+
+
+def firmware(vm: VmDir, version: str, *, out: Path | None = None) -> Built:
+    """Build ``fw/<version>.fw`` from ``staging/`` with deploy/vm/fwup.conf: the kernel and
+    initrd of the tree go to the boot partition, the tree itself to the slot."""
+    kernel, initrd = _kernel_files(vm.staging)
+    if not vm.boot_scr.is_file():
+        compile_boot_script(vm)
+    (vm.staging / "srv/app/VERSION").write_text(version + "\n")
+    out = out or vm.fw_dir / f"{version}.fw"
+    try:
+        return build_release(
+            vm.staging, out, version=version, hot=True, conf=repo_root() / "deploy/vm/fwup.conf",
+            kernel="/" + str(kernel.relative_to(vm.staging)),
+            variables={"KERNEL": str(kernel), "INITRD": str(initrd), "BOOT_SCR": str(vm.boot_scr)},
+        )  # fmt: skip
+    except BuildError as e:
+        raise VmError(f"building firmware {version}: {e}") from None
+
+
+def compile_boot_script(vm: VmDir) -> None:
+    _run(["mkimage", "-A", "x86", "-O", "linux", "-T", "script", "-C", "none", "-n", "sshfwup A/B",
+          "-d", str(repo_root() / "deploy/vm/boot.cmd"), str(vm.boot_scr)], what="mkimage of boot.cmd")  # fmt: skip
+
+
+def build_vm(path: Path, *, rebuild_rootfs: bool = False) -> VmDir:
+    """``sshfwup vm build DIR``: rootfs (cached), firmware 1.0.0, and the disk by ``fwup -t complete``."""
+    tools = require(BUILD_TOOLS, what="building the VM")
+    vm = VmDir(Path(path).resolve())
+    vm.path.mkdir(parents=True, exist_ok=True)
+    entry = cached_rootfs(repo_root(), rebuild=rebuild_rootfs)
+    shutil.copy2(entry.dpkg_list, vm.path / "dpkg-l.txt")
+    unpack(entry, vm.staging)
+    if not vm.key.is_file():
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshfwup-vm", "-f", str(vm.key)],
+             what="making the VM's SSH key")  # fmt: skip
+    configure(vm.staging, vm.key.with_suffix(".pub").read_text(), fwup=tools["fwup"])
+    compile_boot_script(vm)
+    built = firmware(vm, FIRST_VERSION)
+    partial = vm.disk.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    _run([tools["fwup"], "-a", "-q", "-d", str(partial), "-i", str(built.path), "-t", "complete"],
+         what="fwup -t complete")  # fmt: skip
+    partial.replace(vm.disk)
+    vm.info.write_text(json.dumps({"rootfs_key": entry.key, "deb": str(entry.deb), "firmware": str(built.path),
+                                   "version": built.version, "uuid": built.uuid}, indent=2) + "\n")  # fmt: skip
+    log.info("VM built in %s: %s (firmware %s)", vm.path, vm.disk, built.version)
+    return vm

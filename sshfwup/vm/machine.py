@@ -1,0 +1,210 @@
+"""``sshfwup vm run``: QEMU boots the VM directory's disk through U-Boot, on a qcow2 overlay.
+
+- ``-bios u-boot.rom`` (Debian's u-boot-qemu, qemu-x86), TCG with one vCPU (no KVM needed);
+- a fresh qcow2 overlay on ``disk.img`` per run (the factory disk is never written), removed at the end;
+- user networking, host ports forwarded on 127.0.0.1 only (SSH → 22, app → 8080);
+- the serial console to ``run/console.log`` (:func:`follow` shows it live);
+- leaving: ACPI power-off over QMP, then SIGTERM, then SIGKILL; QEMU runs under
+  ``setpriv --pdeathsig KILL`` so a killed runner takes it along (:mod:`.leftovers` clears the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+
+from sshfwup.vm.agent import AgentError, guest_poweroff
+from sshfwup.vm.errors import BootTimeout, VmError
+from sshfwup.vm.image import VmDir
+from sshfwup.vm.leftovers import clear_run_dir
+from sshfwup.vm.tools import RUN_TOOLS, require, uboot_rom
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GUEST_APP_PORT", "Running", "VmOptions", "console_tail", "free_port", "run_vm", "wait_ssh"]
+
+GUEST_APP_PORT = 8080
+POWEROFF_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class VmOptions:
+    ssh_port: int = 0  # 0: a free port
+    app_port: int = 0
+    memory_mb: int = 1024
+    boot_timeout: float = 240.0  # power-on → sshfwup answering SSH
+
+
+@dataclass(frozen=True)
+class Running:
+    """A running VM: where to reach it and what it logs."""
+
+    vm: VmDir
+    ssh_port: int
+    app_port: int
+    console: Path
+    agent: Path  # the guest agent's socket (sshfwup.vm.agent)
+    process: Process
+    started: float  # time.monotonic() at power-on
+
+    def ssh_argv(self, *command: str) -> list[str]:
+        """OpenSSH client argv for this VM (its key, no known_hosts)."""
+        return [
+            "ssh", "-p", str(self.ssh_port), "-i", str(self.vm.key), "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=10", "root@127.0.0.1", *command,
+        ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def console_tail(console: Path, lines: int = 25) -> str:
+    try:
+        text = console.read_bytes().decode(errors="replace").replace("\r", "")
+    except OSError:
+        return "(no console output)"
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(no console output)"
+
+
+def _qemu_argv(vm: VmDir, run_dir: Path, opts: VmOptions, ssh_port: int, app_port: int) -> list[str]:
+    tools = require(RUN_TOOLS, what="running the VM")
+    fwd = f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,hostfwd=tcp:127.0.0.1:{app_port}-:{GUEST_APP_PORT}"
+    return [
+        "setpriv", "--pdeathsig", "KILL", "--",
+        tools["qemu-system-x86_64"], "-name", f"sshfwup-vm,process=sshfwup-vm",
+        "-machine", "pc", "-accel", "tcg", "-smp", "1", "-m", str(opts.memory_mb),
+        "-bios", str(uboot_rom()),
+        "-drive", f"file={run_dir / 'overlay.qcow2'},if=virtio,format=qcow2,cache=unsafe",
+        "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0",
+        "-display", "none", "-monitor", "none", "-serial", f"file:{run_dir / 'console.log'}",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        # the guest agent (sshfwup.vm.agent): a virtio-serial port on a unix socket
+        "-chardev", f"socket,id=qga0,path={run_dir / 'qga.sock'},server=on,wait=off",
+        "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-pidfile", str(run_dir / "qemu.pid"),
+    ]  # fmt: skip
+
+
+async def wait_ssh(port: int, deadline: float) -> bool:
+    """True once something answers with an SSH banner on 127.0.0.1:port before ``deadline``
+    (monotonic). QEMU's port forward accepts at once even while the guest is down: the banner is the sign."""
+    while time.monotonic() < deadline:
+        try:
+            with anyio.fail_after(5):
+                async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                    if (await stream.receive(64)).startswith(b"SSH-"):
+                        return True
+        except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+        await anyio.sleep(1)
+    return False
+
+
+async def _qmp(run_dir: Path, command: str) -> None:
+    with anyio.fail_after(5):
+        async with await anyio.connect_unix(str(run_dir / "qmp.sock")) as s:
+            await s.receive()  # greeting
+            for msg in ({"execute": "qmp_capabilities"}, {"execute": command}):
+                await s.send(json.dumps(msg).encode() + b"\n")
+                await s.receive()
+
+
+async def _power_off(process: Process, run_dir: Path) -> None:
+    if process.returncode is None:
+        # the guest agent's clean shutdown; ACPI's power button as the fallback (needs a guest
+        # that handles it: this minimal Debian has no logind button handling)
+        try:
+            await guest_poweroff(run_dir / "qga.sock")
+        except AgentError as e:
+            log.debug("%s; trying ACPI", e)
+            try:
+                await _qmp(run_dir, "system_powerdown")
+            except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as e:
+                log.debug("QMP power-off failed: %s", e)
+        with anyio.move_on_after(POWEROFF_TIMEOUT):
+            await process.wait()
+    if process.returncode is None:
+        log.warning("the VM did not power off within %.0f s: stopping QEMU", POWEROFF_TIMEOUT)
+        process.terminate()
+        with anyio.move_on_after(5):
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
+async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True) -> AsyncIterator[Running]:
+    """Boot ``vm`` on a fresh overlay; yield once SSH answers (``wait``); power off and clean up
+    on exit, however it exits. BootTimeout (with the console's last lines) if it does not boot."""
+    vm.check_built()
+    require(RUN_TOOLS, what="running the VM")
+    uboot_rom()
+    run_dir = vm.path / "run"
+    if clear_run_dir(run_dir):
+        log.info("removed what an earlier run of %s left behind", vm.path)
+    run_dir.mkdir()
+    ssh_port = opts.ssh_port or free_port()
+    app_port = opts.app_port or free_port()
+    try:
+        await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(vm.disk),
+                                 str(run_dir / "overlay.qcow2")])  # fmt: skip
+        argv = _qemu_argv(vm, run_dir, opts, ssh_port, app_port)
+        log.info("starting QEMU: ssh on 127.0.0.1:%d, app on 127.0.0.1:%d", ssh_port, app_port)
+        started = time.monotonic()
+        process = await anyio.open_process(argv, stdin=None, stdout=None, stderr=None)
+        running = Running(vm, ssh_port, app_port, run_dir / "console.log", run_dir / "qga.sock", process, started)
+        try:
+            if wait:
+                async with anyio.create_task_group() as tg:
+                    ok = False
+
+                    async def watch_exit() -> None:
+                        await process.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(watch_exit)
+                    ok = await wait_ssh(ssh_port, started + opts.boot_timeout)
+                    tg.cancel_scope.cancel()
+                if process.returncode is not None:
+                    raise VmError(f"QEMU exited with status {process.returncode} before the VM booted:\n"
+                                  + console_tail(running.console))  # fmt: skip
+                if not ok:
+                    raise BootTimeout(f"the VM did not answer SSH within {opts.boot_timeout:.0f} s; "
+                                      f"last console lines:\n{console_tail(running.console)}")  # fmt: skip
+                log.info("VM up: SSH answers after %.1f s", time.monotonic() - started)
+            yield running
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _power_off(process, run_dir)
+    finally:
+        clear_run_dir(run_dir)
+
+
+async def follow(console: Path, out: "anyio.abc.ByteSendStream | None" = None) -> None:
+    """Copy the console log to stdout as it grows (``--console``), until cancelled."""
+    import sys
+
+    while not console.exists():
+        await anyio.sleep(0.2)
+    with console.open("rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            else:
+                await anyio.sleep(0.2)

@@ -1,0 +1,189 @@
+"""sshfwup on a real boot: U-Boot → boot.scr → Debian kernel → systemd → sshfwup.service.
+
+One VM for the module, tests in order: it boots and answers, runs under systemd as shipped, the
+app sits in its own cgroup, a reboot-required update really reboots into the other slot and
+validates, and a hot update swaps the app with no failed request under load.
+"""
+
+from __future__ import annotations
+
+import http.client
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from anyio.from_thread import BlockingPortal
+
+from sshfwup.vm.agent import Exec, guest_exec, wait_agent
+from sshfwup.vm.image import VmDir, firmware
+from sshfwup.vm.machine import Running, VmOptions, run_vm
+
+pytestmark = pytest.mark.vm
+
+FIGURES: dict[str, float] = {}
+
+
+@dataclass
+class Device:
+    portal: BlockingPortal
+    running: Running
+
+    def sh(self, command: str, timeout: float = 60) -> Exec:
+        return self.portal.call(lambda: guest_exec(self.running.agent, ["/bin/sh", "-c", command], timeout=timeout))
+
+    def ssh(self, *command: str, stdin: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        argv = self.running.ssh_argv(*command)
+        if stdin is not None:
+            argv.insert(-len(command) - 1, "-s")
+            with stdin.open("rb") as f:
+                out = subprocess.run(argv, stdin=f, capture_output=True, timeout=timeout, check=False)
+            return subprocess.CompletedProcess(argv, out.returncode, out.stdout.decode(errors="replace"),
+                                               out.stderr.decode(errors="replace"))  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def get(self, path: str = "/", timeout: float = 5) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.running.app_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def firmwares(vm_dir: Path) -> dict[str, Path]:
+    """1.1.0: a change outside the app (reboot); 1.2.0: then only the app's VERSION (hot)."""
+    vm = VmDir(vm_dir)
+    release = vm.staging / "etc/sshfwup-vm-release"
+    release.write_text("1.1.0\n")
+    reboot = firmware(vm, "1.1.0")
+    assert reboot.hot is True  # the marker allows hot; the manifest decides: /etc changed → reboot
+    hot = firmware(vm, "1.2.0")
+    return {"reboot": reboot.path, "hot": hot.path}
+
+
+@pytest.fixture(scope="module")
+def device(vm_dir: Path, portal: BlockingPortal, firmwares: dict[str, Path]) -> Iterator[Device]:
+    t0 = time.monotonic()
+    cm = run_vm(VmDir(vm_dir), VmOptions(boot_timeout=300))
+    with portal.wrap_async_context_manager(cm) as running:
+        FIGURES["power-on → SSH banner (s)"] = time.monotonic() - t0
+        portal.call(lambda: wait_agent(running.agent, time.monotonic() + 120))
+        yield Device(portal, running)
+    print("\nvm figures:", {k: round(v, 1) for k, v in FIGURES.items()})
+
+
+def test_boots_and_status_answers(device: Device) -> None:
+    result = device.ssh("status")
+    assert result.returncode == 0, result.stderr
+    assert "1.0.0" in result.stdout, result.stdout
+    up = device.sh("cut -d' ' -f1 /proc/uptime")
+    ready = device.sh("systemctl show -p ExecMainStartTimestampMonotonic,ActiveEnterTimestampMonotonic sshfwup")
+    values = dict(line.split("=", 1) for line in ready.stdout.split())
+    FIGURES["kernel start → READY=1 (s)"] = int(values["ActiveEnterTimestampMonotonic"]) / 1e6
+    assert float(up.stdout) > 0
+
+
+def test_sshfwup_runs_under_systemd_as_shipped(device: Device) -> None:
+    show = device.sh("systemctl show -p ActiveState,SubState,Type,NotifyAccess,ExecStart,Delegate sshfwup")
+    props = dict(line.split("=", 1) for line in show.stdout.splitlines() if "=" in line)
+    assert props["ActiveState"] == "active" and props["SubState"] == "running", show.stdout
+    assert props["Type"] == "notify" and props["NotifyAccess"] == "main"
+    assert "/usr/bin/sshfwup" in props["ExecStart"] and props["Delegate"] == "yes"
+    unit = device.sh("cmp /lib/systemd/system/sshfwup.service /lib/systemd/system/sshfwup.service && "
+                     "readlink -f /usr/bin/sshfwup")  # fmt: skip
+    assert unit.stdout.strip() == "/opt/sshfwup/bin/sshfwup"
+
+
+def test_app_runs_as_its_user_in_its_own_cgroup(device: Device) -> None:
+    pid = device.sh("pgrep -u sshfwup-app -f app.py | head -n1").stdout.strip()
+    assert pid, device.sh("ps -eo user,pid,cgroup,cmd").stdout
+    cgroup = device.sh(f"cat /proc/{pid}/cgroup").stdout.strip()
+    path = cgroup.split("::", 1)[1]
+    assert path.startswith("/system.slice/sshfwup.service/") and path != "/system.slice/sshfwup.service/", cgroup
+    status, body = device.get("/")
+    assert status == 200 and '"1.0.0"' in body
+
+
+def test_reboot_update_boots_the_other_slot_and_validates(device: Device, firmwares: dict[str, Path]) -> None:
+    t0 = time.monotonic()
+    result = device.ssh("fwup", stdin=firmwares["reboot"])
+    FIGURES["upload+apply 1.1.0 (s)"] = time.monotonic() - t0
+    assert result.returncode == 0, result.stdout + result.stderr
+    t1 = time.monotonic()
+    deadline = t1 + 300
+    rebooted = False
+    while time.monotonic() < deadline:  # the old boot's uptime goes away, a new one starts
+        try:
+            up = float(device.sh("cut -d' ' -f1 /proc/uptime", timeout=10).stdout or "1e9")
+            if up < time.monotonic() - t1 + 5:
+                rebooted = True
+                break
+        except Exception:  # noqa: BLE001 - the agent is down while it reboots
+            pass
+        time.sleep(2)
+    assert rebooted, "the device did not reboot"
+    while time.monotonic() < deadline:
+        status = device.ssh("status", timeout=30)
+        if status.returncode == 0 and "1.1.0" in status.stdout:
+            break
+        time.sleep(2)
+    FIGURES["reboot round trip: verdict → SSH answers again (s)"] = time.monotonic() - t1
+    env = ""
+    while time.monotonic() < deadline:
+        env = device.sh("fw_printenv nerves_fw_active nerves_fw_validated upgrade_available bootcount").stdout
+        if "nerves_fw_validated=1" in env:
+            break
+        time.sleep(2)
+    FIGURES["verdict → validated (s)"] = time.monotonic() - t1
+    assert "nerves_fw_active=b" in env and "nerves_fw_validated=1" in env and "upgrade_available=0" in env, env
+    assert device.sh("grep -c ' / squashfs' /proc/mounts; grep '^/dev/vda3 / ' /proc/mounts").status == 0
+
+
+@dataclass
+class Load:
+    device: Device
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    versions: set[str] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, body = self.device.get("/", timeout=10)
+                if status == 200:
+                    self.ok += 1
+                    self.versions.add(body.split('"version": "')[1].split('"')[0] if '"version": "' in body else body)
+                else:
+                    self.failed.append(f"HTTP {status}")
+            except OSError as e:
+                self.failed.append(repr(e))
+
+
+def test_hot_update_under_load_fails_no_request(device: Device, firmwares: dict[str, Path]) -> None:
+    load = Load(device)
+    workers = [threading.Thread(target=load.run, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    time.sleep(2)
+    t0 = time.monotonic()
+    result = device.ssh("fwup", stdin=firmwares["hot"])
+    FIGURES["hot update 1.2.0: upload → verdict (s)"] = time.monotonic() - t0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "1.2.0" not in device.get("/")[1]:
+        time.sleep(0.5)
+    time.sleep(2)
+    load.stop.set()
+    for w in workers:
+        w.join(15)
+    FIGURES["hot update: requests served during it"] = load.ok
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load.failed == [], load.failed[:5]
+    assert "1.2.0" in device.get("/")[1]
+    assert {"1.1.0", "1.2.0"} <= load.versions, load.versions
