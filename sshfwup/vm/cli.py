@@ -84,6 +84,13 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
@@ -110,6 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"removed {args.dir}", file=sys.stderr)
     except VmError as e:
         print(f"sshfwup vm: {e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:  # from run's task group: the operator's error, unwrapped
+        errors = group.subgroup(VmError)
+        if errors is None:
+            raise
+        for e in _leaves(errors):
+            print(f"sshfwup vm: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

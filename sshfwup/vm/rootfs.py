@@ -52,7 +52,8 @@ class CachedRootfs:
 def _device_sources(repo: Path) -> list[Path]:
     """sshfwup's sources as the device gets them (the host-side vm package is left out: editing
     it does not change the device)."""
-    return [p for p in (repo / "sshfwup").rglob("*.py") if "vm" not in p.relative_to(repo / "sshfwup").parts[:1]]
+    device = [p for p in (repo / "sshfwup").rglob("*.py") if "vm" not in p.relative_to(repo / "sshfwup").parts[:1]]
+    return [*device, Path(__file__), Path(__file__).with_name("debpkg.py")]  # and this recipe
 
 
 def _key(repo: Path) -> str:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-pytestmark = pytest.mark.vm
 
 
 def _missing() -> str | None:
