@@ -4,13 +4,12 @@
 - a fresh qcow2 overlay on ``disk.img`` per run (the factory disk is never written), removed at the end;
 - user networking, host ports forwarded on 127.0.0.1 only (SSH → 22, app → 8080);
 - the serial console to ``run/console.log`` (:func:`follow` shows it live);
-- leaving: ACPI power-off over QMP, then SIGTERM, then SIGKILL; QEMU runs under
+- leaving: ``systemctl poweroff`` through the guest agent, then SIGTERM, then SIGKILL; QEMU runs under
   ``setpriv --pdeathsig KILL`` so a killed runner takes it along (:mod:`.leftovers` clears the rest).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -90,7 +89,6 @@ def _qemu_argv(vm: VmDir, run_dir: Path, opts: VmOptions, ssh_port: int, app_por
         "-drive", f"file={run_dir / 'overlay.qcow2'},if=virtio,format=qcow2,cache=unsafe",
         "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0",
         "-display", "none", "-monitor", "none", "-serial", f"file:{run_dir / 'console.log'}",
-        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
         # the guest agent (sshfwup.vm.agent): a virtio-serial port on a unix socket
         "-chardev", f"socket,id=qga0,path={run_dir / 'qga.sock'},server=on,wait=off",
         "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -113,31 +111,19 @@ async def wait_ssh(port: int, deadline: float) -> bool:
     return False
 
 
-async def _qmp(run_dir: Path, command: str) -> None:
-    with anyio.fail_after(5):
-        async with await anyio.connect_unix(str(run_dir / "qmp.sock")) as s:
-            await s.receive()  # greeting
-            for msg in ({"execute": "qmp_capabilities"}, {"execute": command}):
-                await s.send(json.dumps(msg).encode() + b"\n")
-                await s.receive()
-
-
-async def _power_off(process: Process, run_dir: Path) -> None:
-    if process.returncode is None:
-        # the guest agent's clean shutdown; ACPI's power button as the fallback (needs a guest
-        # that handles it: this minimal Debian has no logind button handling)
+async def _power_off(process: Process, run_dir: Path, *, graceful: bool) -> None:
+    """``systemctl poweroff`` through the guest agent when the VM is up (``graceful``), waited
+    for; then SIGTERM, then SIGKILL. (ACPI's power button does nothing here: no logind.)"""
+    if process.returncode is None and graceful:
         try:
             await guest_poweroff(run_dir / "qga.sock")
+            with anyio.move_on_after(POWEROFF_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                log.warning("the VM did not power off within %.0f s: stopping QEMU", POWEROFF_TIMEOUT)
         except AgentError as e:
-            log.debug("%s; trying ACPI", e)
-            try:
-                await _qmp(run_dir, "system_powerdown")
-            except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as e:
-                log.debug("QMP power-off failed: %s", e)
-        with anyio.move_on_after(POWEROFF_TIMEOUT):
-            await process.wait()
+            log.warning("%s: stopping QEMU", e)
     if process.returncode is None:
-        log.warning("the VM did not power off within %.0f s: stopping QEMU", POWEROFF_TIMEOUT)
         process.terminate()
         with anyio.move_on_after(5):
             await process.wait()
@@ -165,7 +151,9 @@ async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True)
         argv = _qemu_argv(vm, run_dir, opts, ssh_port, app_port)
         log.info("starting QEMU: ssh on 127.0.0.1:%d, app on 127.0.0.1:%d", ssh_port, app_port)
         started = time.monotonic()
-        process = await anyio.open_process(argv, stdin=None, stdout=None, stderr=None)
+        with (run_dir / "qemu.log").open("wb") as qemu_log:  # QEMU's own messages, shown if it fails
+            process = await anyio.open_process(argv, stdin=None, stdout=qemu_log, stderr=qemu_log)
+        booted = False
         running = Running(vm, ssh_port, app_port, run_dir / "console.log", run_dir / "qga.sock", process, started)
         try:
             if wait:
@@ -181,15 +169,16 @@ async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True)
                     tg.cancel_scope.cancel()
                 if process.returncode is not None:
                     raise VmError(f"QEMU exited with status {process.returncode} before the VM booted:\n"
-                                  + console_tail(running.console))  # fmt: skip
+                                  + console_tail(run_dir / "qemu.log") + "\n" + console_tail(running.console))  # fmt: skip
                 if not ok:
                     raise BootTimeout(f"the VM did not answer SSH within {opts.boot_timeout:.0f} s; "
                                       f"last console lines:\n{console_tail(running.console)}")  # fmt: skip
                 log.info("VM up: SSH answers after %.1f s", time.monotonic() - started)
+            booted = True
             yield running
         finally:
             with anyio.CancelScope(shield=True):
-                await _power_off(process, run_dir)
+                await _power_off(process, run_dir, graceful=booted)
     finally:
         clear_run_dir(run_dir)
 

@@ -68,7 +68,7 @@ def firmwares(vm_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def device(vm_dir: Path, portal: BlockingPortal, firmwares: dict[str, Path]) -> Iterator[Device]:
+def device(vm_dir: Path, portal: BlockingPortal) -> Iterator[Device]:
     t0 = time.monotonic()
     cm = run_vm(VmDir(vm_dir), VmOptions(boot_timeout=300))
     with portal.wrap_async_context_manager(cm) as running:
