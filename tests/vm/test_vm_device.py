@@ -117,17 +117,7 @@ def test_reboot_update_boots_the_other_slot_and_validates(device: Device, firmwa
     assert result.returncode == 0, result.stdout + result.stderr
     t1 = time.monotonic()
     deadline = t1 + 300
-    rebooted = False
-    while time.monotonic() < deadline:  # the old boot's uptime goes away, a new one starts
-        try:
-            up = float(device.sh("cut -d' ' -f1 /proc/uptime", timeout=10).stdout or "1e9")
-            if up < time.monotonic() - t1 + 5:
-                rebooted = True
-                break
-        except Exception:  # noqa: BLE001 - the agent is down while it reboots
-            pass
-        time.sleep(2)
-    assert rebooted, "the device did not reboot"
+    wait_rebooted(device, t1)
     while time.monotonic() < deadline:
         status = device.ssh("status", timeout=30)
         if status.returncode == 0 and "1.1.0" in status.stdout:
@@ -143,6 +133,35 @@ def test_reboot_update_boots_the_other_slot_and_validates(device: Device, firmwa
     FIGURES["verdict → validated (s)"] = time.monotonic() - t1
     assert "nerves_fw_active=b" in env and "nerves_fw_validated=1" in env and "upgrade_available=0" in env, env
     assert device.sh("grep -c ' / squashfs' /proc/mounts; grep '^/dev/vda3 / ' /proc/mounts").status == 0
+
+
+def wait_rebooted(device: Device, since: float, timeout: float = 300) -> None:
+    """Until the guest agent answers from a boot that started after ``since`` (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            up = float(device.sh("cut -d' ' -f1 /proc/uptime", timeout=10).stdout or "1e9")
+            if up < time.monotonic() - since + 5:
+                return
+        except Exception:  # noqa: BLE001 - the agent is down while it reboots
+            pass
+        time.sleep(2)
+    raise AssertionError(f"the device did not reboot within {timeout:.0f} s")
+
+
+def reboot(device: Device) -> float:
+    """``systemctl reboot`` on the device (a watchdog's or an operator's reboot); when it was asked."""
+    t = time.monotonic()
+    try:
+        device.sh("systemctl reboot", timeout=10)
+    except Exception:  # noqa: BLE001 - it may go down before the agent reports the exit
+        pass
+    return t
+
+
+def env(device: Device) -> dict[str, str]:
+    out = device.sh("fw_printenv nerves_fw_active nerves_fw_validated upgrade_available bootcount bootlimit").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 @dataclass
@@ -187,3 +206,41 @@ def test_hot_update_under_load_fails_no_request(device: Device, firmwares: dict[
     assert load.failed == [], load.failed[:5]
     assert "1.2.0" in device.get("/")[1]
     assert {"1.1.0", "1.2.0"} <= load.versions, load.versions
+
+
+def test_unvalidated_firmware_falls_back_after_bootlimit_boots(device: Device, vm_dir: Path) -> None:
+    """boot.scr's contract: a firmware that never validates (here: sshfwup cannot start, its
+    config is broken) is booted bootlimit times, then the other slot is active and validated."""
+    vm = VmDir(vm_dir)
+    wait_rebooted(device, reboot(device))  # run 1.2.0 from its own slot (a), no hot swap pending
+    assert env(device)["nerves_fw_active"] == "a"
+    config = vm.staging / "etc/sshfwup.toml"
+    good = config.read_text()
+    config.write_text("this is [not toml\n")
+    try:
+        broken = firmware(vm, "1.3.0").path
+    finally:
+        config.write_text(good)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and device.ssh("status", timeout=30).returncode != 0:
+        time.sleep(2)  # sshfwup up again after the reboot
+    t = time.monotonic()
+    result = device.ssh("fwup", stdin=broken)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_rebooted(device, t)  # sshfwup reboots into b: trial boot 1
+    seen = [env(device)]
+    limit = int(seen[0]["bootlimit"])
+    for _ in range(limit):
+        wait_rebooted(device, reboot(device))
+        seen.append(env(device))
+    counts = [(e["nerves_fw_active"], e["bootcount"], e["upgrade_available"]) for e in seen]
+    assert counts[:limit] == [("b", str(n), "1") for n in range(1, limit + 1)], counts
+    assert seen[-1]["nerves_fw_active"] == "a" and seen[-1]["nerves_fw_validated"] == "1", seen[-1]
+    assert seen[-1]["upgrade_available"] == "0" and seen[-1]["bootcount"] == "0", seen[-1]
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        status = device.ssh("status", timeout=30)
+        if status.returncode == 0 and "1.2.0" in status.stdout:
+            break
+        time.sleep(2)
+    assert "1.2.0" in device.get("/")[1]
