@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> int:
     from sshfwup.vm.image import VmDir
+    from sshfwup.vm.leftovers import clear_run_dir
     from sshfwup.vm.machine import VmOptions, follow, run_vm
 
     vm = VmDir(args.dir.resolve())
@@ -72,6 +73,7 @@ async def _run(args: argparse.Namespace) -> int:
 
             tg.start_soon(on_signal)
             if args.console:
+                clear_run_dir(vm.path / "run")  # an old run's console is not this one's
                 tg.start_soon(follow, vm.path / "run" / "console.log")
             async with run_vm(vm, opts) as running:
                 print(f"VM up after {time.monotonic() - running.started:.1f} s. Try:\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -152,7 +153,9 @@ async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True)
         log.info("starting QEMU: ssh on 127.0.0.1:%d, app on 127.0.0.1:%d", ssh_port, app_port)
         started = time.monotonic()
         with (run_dir / "qemu.log").open("wb") as qemu_log:  # QEMU's own messages, shown if it fails
-            process = await anyio.open_process(argv, stdin=None, stdout=qemu_log, stderr=qemu_log)
+            # a session of its own: the terminal's Ctrl-C reaches the runner, which powers off cleanly
+            process = await anyio.open_process(argv, stdin=None, stdout=qemu_log, stderr=qemu_log,
+                                               start_new_session=True)  # fmt: skip
         booted = False
         running = Running(vm, ssh_port, app_port, run_dir / "console.log", run_dir / "qga.sock", process, started)
         try:
@@ -183,10 +186,8 @@ async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True)
         clear_run_dir(run_dir)
 
 
-async def follow(console: Path, out: "anyio.abc.ByteSendStream | None" = None) -> None:
+async def follow(console: Path) -> None:
     """Copy the console log to stdout as it grows (``--console``), until cancelled."""
-    import sys
-
     while not console.exists():
         await anyio.sleep(0.2)
     with console.open("rb") as f:
