@@ -30,7 +30,7 @@ from sshfwup.vm.tools import RUN_TOOLS, require, uboot_rom
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GUEST_APP_PORT", "Running", "VmOptions", "console_tail", "free_port", "run_vm", "wait_ssh"]
+__all__ = ["GUEST_APP_PORT", "Running", "VmOptions", "console_tail", "free_port", "power_cut", "run_vm", "wait_ssh"]
 
 GUEST_APP_PORT = 8080
 POWEROFF_TIMEOUT = 30.0
@@ -90,6 +90,7 @@ def _qemu_argv(vm: VmDir, run_dir: Path, opts: VmOptions, ssh_port: int, app_por
         "-drive", f"file={run_dir / 'overlay.qcow2'},if=virtio,format=qcow2,cache=unsafe",
         "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0",
         "-display", "none", "-monitor", "none", "-serial", f"file:{run_dir / 'console.log'}",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",  # power_cut()
         # the guest agent (sshfwup.vm.agent): a virtio-serial port on a unix socket
         "-chardev", f"socket,id=qga0,path={run_dir / 'qga.sock'},server=on,wait=off",
         "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -110,6 +111,22 @@ async def wait_ssh(port: int, deadline: float) -> bool:
             pass
         await anyio.sleep(1)
     return False
+
+
+async def power_cut(running: Running) -> None:
+    """Cut the power and switch it on again: QEMU's ``system_reset`` (what reached the disk stays;
+    the guest's RAM, page cache included, is gone)."""
+    try:
+        with anyio.fail_after(5):
+            async with await anyio.connect_unix(str(running.console.parent / "qmp.sock")) as s:
+                await s.receive()  # the greeting
+                for msg in (b'{"execute": "qmp_capabilities"}', b'{"execute": "system_reset"}'):
+                    await s.send(msg + b"\n")
+                    reply = await s.receive()
+                    if b'"error"' in reply:
+                        raise VmError(f"QMP refused {msg.decode()}: {reply.decode(errors='replace').strip()}")
+    except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as e:
+        raise VmError(f"QMP power cut failed: {e or type(e).__name__}") from None
 
 
 async def _power_off(process: Process, run_dir: Path, *, graceful: bool) -> None:

@@ -20,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 
 from sshfwup.vm.agent import Exec, guest_exec, wait_agent
 from sshfwup.vm.image import VmDir, firmware
-from sshfwup.vm.machine import Running, VmOptions, run_vm
+from sshfwup.vm.machine import Running, VmOptions, power_cut, run_vm
 
 pytestmark = pytest.mark.vm
 
@@ -244,3 +244,43 @@ def test_unvalidated_firmware_falls_back_after_bootlimit_boots(device: Device, v
             break
         time.sleep(2)
     assert "1.2.0" in device.get("/")[1]
+
+
+def test_power_cut_during_an_update_boots_the_old_firmware_and_the_update_retries(device: Device, vm_dir: Path) -> None:
+    """Power cut while fwup writes the other slot: the running firmware boots again, validated,
+    and the same upload then succeeds."""
+    vm = VmDir(vm_dir)
+    (vm.staging / "etc/sshfwup-vm-release").write_text("1.4.0\n")
+    new = firmware(vm, "1.4.0").path
+    before = env(device)
+    running = before["nerves_fw_active"]
+    argv = device.running.ssh_argv("fwup")
+    argv.insert(-2, "-s")
+    with new.open("rb") as f:
+        upload = subprocess.Popen(argv, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(10)  # about a third of the 180 MB
+            assert upload.poll() is None, "the upload ended before the power cut"
+            t = time.monotonic()
+            device.portal.call(lambda: power_cut(device.running))
+        finally:
+            upload.kill()
+            upload.wait(10)
+    wait_rebooted(device, t)
+    after = env(device)
+    assert after["nerves_fw_active"] == running and after["nerves_fw_validated"] == "1", after
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and device.ssh("status", timeout=30).returncode != 0:
+        time.sleep(2)
+    t = time.monotonic()
+    result = device.ssh("fwup", stdin=new)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_rebooted(device, t)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        if "nerves_fw_validated=1" in device.sh("fw_printenv nerves_fw_validated").stdout:
+            break
+        time.sleep(2)
+    final = env(device)
+    assert final["nerves_fw_active"] != running and final["nerves_fw_validated"] == "1", final
+    assert '"1.4.0"' in device.get("/")[1]
