@@ -8,6 +8,7 @@ entry has the ``dpkg -l`` of what it holds beside it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -100,6 +101,29 @@ def cached_rootfs(repo: Path, *, rebuild: bool = False) -> CachedRootfs:
         log.info("rootfs from the cache: %s", entry.tar)
         return entry
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with (CACHE_DIR / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a killed one's remains are stale
+        if entry.tar.is_file() and entry.dpkg_list.is_file() and not rebuild:
+            return entry  # another build made it while we waited
+        _remove_stale_builds()
+        _build(repo, entry)
+    log.info("rootfs cached: %s", entry.tar)
+    return entry
+
+
+def _remove_stale_builds() -> None:
+    """What a killed build left: its mounts (mmdebstrap's /proc, /sys, /dev in the chroot) first,
+    lazily, deepest first — never rmtree through a mounted /proc — then the tree."""
+    for stale in CACHE_DIR.glob("rootfs-build-*"):
+        prefix = str(stale.resolve()) + "/"
+        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        log.warning("removing %s, left by a killed build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build(repo: Path, entry: CachedRootfs) -> None:
     with tempfile.TemporaryDirectory(prefix="rootfs-build-", dir=CACHE_DIR) as tmp:
         target = Path(tmp) / "root"
         _mmdebstrap(target)
@@ -114,8 +138,6 @@ def cached_rootfs(repo: Path, *, rebuild: bool = False) -> CachedRootfs:
                        check=True, timeout=600)  # fmt: skip
         entry.dpkg_list.write_text(listing.stdout)
         os.replace(partial, entry.tar)
-    log.info("rootfs cached: %s", entry.tar)
-    return entry
 
 
 def unpack(entry: CachedRootfs, dest: Path) -> None:
