@@ -5,7 +5,7 @@ Debian machine (Python 3.11's standard library, Perl's modules, zoneinfo, i18n l
 libraries, system Python packages; no random filler, which neither compresses nor deltas like
 real content) — of at least 40 MiB as squashfs, with the sample app in /srv/app and a ~1 MiB
 vendored dependency (rich) in /srv/app/vendor. Every firmware is built with
-``sshfwup.firmware_build`` (as ``sshfwup firmware build``) and every patch with
+``sshfwup.host.firmware_build`` (as ``sshfwup firmware build``) and every patch with
 ``sshfwup firmware delta``'s code. From 1.0.0:
 
 - (a) 1.0.1: one app source file changed (app.py, one line; VERSION says 1.0.1)
@@ -40,8 +40,8 @@ import anyio
 import common
 from common import MB, BenchError, KeyPair, MiB
 
-from sshfwup.firmware_build import build_release
-from sshfwup.firmware_delta import make_patch
+from sshfwup.host.firmware_build import build_release
+from sshfwup.host.firmware_delta import make_patch
 from sshfwup.sim.layout import Layout
 from sshfwup.sim.loadgen import poll_version
 from sshfwup.sim.rootfs import make_rootfs
@@ -270,7 +270,7 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def _rootfs_size(fw: Path) -> int:
-    from sshfwup.fwfile import read_firmware
+    from sshfwup.firmware.archive import read_firmware
 
     return read_firmware(fw).meta.resources["rootfs.img"].length
 

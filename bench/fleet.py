@@ -6,7 +6,7 @@ devices running 1.0.0, each app under its own hey load (``--rate`` req/s per dev
 the rest; a hot swap each, health gate after each device) is timed from start to exit. hey's
 results are split by phase (before / during the roll-out / after) and summed over the fleet.
 
-Baseline, same run: one hot update of one device with ``sshfwup.client.upload`` (no Ansible), the
+Baseline, same run: one hot update of one device with ``sshfwup.host.client.upload`` (no Ansible), the
 median of ``--baseline-rounds``; the roll-out's wall time is printed as a ratio to N × baseline
 (the same devices one after the other, without Ansible).
 
@@ -31,8 +31,8 @@ import anyio
 import common
 from common import BenchError, KeyPair
 
-from sshfwup.client import upload
-from sshfwup.fleet import RecordingDisplay
+from sshfwup.host.client import upload
+from sshfwup.host.fleet import RecordingDisplay
 from sshfwup.sim.fleet import SimFleet, rollout_command
 from sshfwup.sim.loadgen import LoadGenerator, LoadSpec
 

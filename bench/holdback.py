@@ -19,8 +19,8 @@ from pathlib import Path
 
 import anyio
 
-from sshfwup.fwup import FwupProcess
-from sshfwup.holdback import HOLD, Holdback, check_end
+from sshfwup.update.fwup import FwupProcess
+from sshfwup.update.holdback import HOLD, Holdback, check_end
 from sshfwup.sim.firmware import find_fwup
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 from sshfwup.sim.rootfs import build_sample_firmware

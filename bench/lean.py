@@ -50,8 +50,8 @@ IDLE_RSS_TARGET_MIB = 32
 _IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
 # modules whose cumulative import time is printed (when imported at all), besides the top level
 WATCHED = ("asyncio", "ssl", "anyio", "cryptography", "cryptography.x509", "asyncssh", "asyncssh.crypto.pq",
-           "asyncssh.sftp", "asyncssh.agent", "sshfwup.config", "sshfwup.server", "sshfwup.pipeline",
-           "sshfwup.supervisor", "sshfwup.device")  # fmt: skip
+           "asyncssh.sftp", "asyncssh.agent", "sshfwup.config", "sshfwup.ssh.server", "sshfwup.update.pipeline",
+           "sshfwup.supervisor.supervisor", "sshfwup.device")  # fmt: skip
 
 
 @dataclass(frozen=True)

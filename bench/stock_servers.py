@@ -9,7 +9,7 @@ path, and each load mode (a new connection per request, keep-alive): hey runs un
 swap N to its end; ``steady-N``: in between), so "p99 during swaps" is the worst p99 of the 8
 swap phases.
 
-Socket paths (sshfwup.listeners): ``reuseport+migrate`` (net.ipv4.tcp_migrate_req = 1),
+Socket paths (sshfwup.supervisor.listeners): ``reuseport+migrate`` (net.ipv4.tcp_migrate_req = 1),
 ``reuseport`` (= 0) and, for comparison, ``shared`` (one socket for every version — the way
 before issue #15). The setting is per network namespace: the script re-runs itself in a network
 namespace of its own (``unshare --net``, loopback only), so it can set it per run without
@@ -51,7 +51,7 @@ sys.path.insert(0, str(common.REPO / "tests"))  # tests/apps/stock.py: the serve
 from apps import stock  # noqa: E402
 
 from sshfwup.sim.loadgen import LoadError, LoadGenerator, LoadReport  # noqa: E402
-from sshfwup.supervisor import Supervisor, SupervisorError, SwapFailed, SwapResult  # noqa: E402
+from sshfwup.supervisor.supervisor import Supervisor, SupervisorError, SwapFailed, SwapResult  # noqa: E402
 
 MIN_REQUESTS = 50_000
 PATHS = ("reuseport+migrate", "reuseport", "shared")
@@ -107,7 +107,7 @@ class RunResult:
 
 class HealthWaits(logging.Handler):
     """Collects how long the supervisor's health checks (observation windows; the shared path's
-    proof after the drain) waited to be accepted or answered — sshfwup.supervisor.health's debug
+    proof after the drain) waited to be accepted or answered — sshfwup.supervisor.supervisor.health's debug
     records: what [app] stall_timeout has to stay well above under load."""
 
     def __init__(self) -> None:
@@ -139,7 +139,7 @@ async def run_one(work: Path, server: stock.StockServer, path: str, mode: str, a
     failure = ""
     load: LoadGenerator | None = None
     waits = HealthWaits()
-    health_log = logging.getLogger("sshfwup.supervisor.health")
+    health_log = logging.getLogger("sshfwup.supervisor.supervisor.health")
     health_log.addHandler(waits)
     health_log.setLevel(logging.DEBUG)
     health_log.propagate = False  # collected here, not printed

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .connection_options import add_connection_arguments
 
 __all__ = ["EXIT_CANNOT_LISTEN", "main", "operator_errors"]
 
@@ -73,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
     from .daemon import run_daemon
-    from .logring import RingFormatter
+    from sshfwup.supervisor.logring import RingFormatter
 
     for handler in logging.getLogger().handlers:  # the app's output lines show its version too
         handler.setFormatter(RingFormatter())
@@ -98,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _cannot_listen(error: BaseException) -> bool:
     """Did serve stop because a port it must listen on is taken (or not allowed)?"""
-    from .ports import ListenError
+    from sshfwup.system.ports import ListenError
 
     if isinstance(error, BaseExceptionGroup):
         return any(_cannot_listen(e) for e in error.exceptions)
@@ -126,11 +127,11 @@ def operator_errors(error: BaseException) -> list[str] | None:
     """The messages of an error (or exception group) made only of problems an operator can fix
     from the message alone — a wrong setting, a port in use — or None for anything else (a bug,
     whose traceback is worth having)."""
-    from .bootenv import BootEnvError
+    from sshfwup.boot.bootenv import BootEnvError
     from .daemon import DaemonError
-    from .slots import SlotError
-    from .ports import ListenError
-    from .supervisor import SupervisorError
+    from sshfwup.boot.slots import SlotError
+    from sshfwup.system.ports import ListenError
+    from sshfwup.supervisor.supervisor import SupervisorError
 
     expected = (DaemonError, SupervisorError, BootEnvError, SlotError, ListenError, OSError)
     leaves: list[BaseException] = []
@@ -147,7 +148,7 @@ def operator_errors(error: BaseException) -> list[str] | None:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from .client import upload_main
+    from sshfwup.host.client import upload_main
 
     return upload_main(args)
 
@@ -184,23 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_connection_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """How to reach a device: the same option names wherever sshfwup connects to one."""
-    p.add_argument("-p", "--port", type=int, default=22, metavar="PORT", help="the device's SSH port (default: 22)")
-    p.add_argument(
-        "-i", "--identity", action="append", default=[], metavar="KEY",
-        help="private key file to log in with; repeatable (default: ssh-agent and ~/.ssh/id_*)",
-    )  # fmt: skip
-    p.add_argument(
-        "--known-hosts", default=None, metavar="FILE",
-        help="known_hosts file with the device's host key (default: ~/.ssh/known_hosts)",
-    )  # fmt: skip
-    p.add_argument(
-        "--insecure-accept-host-key", action="store_true",
-        help="do not check the device's host key (first contact on a trusted network only)",
-    )  # fmt: skip
-
-
 def add_upload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("host", metavar="[USER@]HOST", help="the device (user: any name the device accepts, e.g. root)")
     p.add_argument("file", metavar="FILE.fw", help="the firmware file")
@@ -233,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(argv[1:])
     if argv[:1] in (["firmware"], ["keys"]):
-        from .firmware import main as firmware_main
+        from sshfwup.host.firmware import main as firmware_main
 
         return firmware_main(argv)
 
@@ -244,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    from .logsafe import install
+    from sshfwup.ssh.logsafe import install
 
     install()  # clients choose names and versions that end up in log lines
     return int(args.func(args) or 0)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "CAPABILITIES",
     "AppConfig",
     "UpdateConfig",
     "Config",
@@ -94,7 +95,7 @@ class FwupConfig:
     extra_args: tuple[str, ...] = ()
     public_keys: tuple[Path, ...] = ()
     precheck_callback: str = ""
-    success_callback: str = "sshfwup.pipeline:run"
+    success_callback: str = "sshfwup.update.pipeline:run"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,20 @@ class DeviceConfig:
     @property
     def slot_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.slots)
+
+
+#: linux/capability.h, by name: the names ``[app] capabilities`` accepts, and the numbers the app's
+#: room (:mod:`sshfwup.supervisor.room`) keeps in its bounding set and raises as ambient.
+CAPABILITIES: dict[str, int] = {
+    f"CAP_{name}": number
+    for number, name in enumerate(
+        "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
+        "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
+        "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
+        "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
+        "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE".split()
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -149,14 +164,14 @@ class AppConfig:
     capabilities: tuple[str, ...] = ()  # kept in the bounding set and raised as ambient
     pass_env: tuple[str, ...] = ()  # names of the server's environment variables the app gets
     cgroup: str = "auto"  # "auto", "off", or a cgroup2 directory for the instances' cgroups
-    # State and connection hand-off during a swap (sshfwup.handoff; the app must speak it)
+    # State and connection hand-off during a swap (sshfwup.app.handoff; the app must speak it)
     handoff: bool = False
     handoff_timeout: float = 5.0  # seconds for the transfer, and again for the new version's answer
     handoff_max_state: int = 16 * 1024 * 1024  # bytes
     handoff_max_sockets: int = 256
     # While no version runs (crashed, waiting for its restart; or it does not start), the
     # supervisor answers on the public sockets itself once this many seconds passed without one
-    # (sshfwup.unavailable): "503 Service Unavailable" and the reason on the sockets named in
+    # (sshfwup.supervisor.unavailable): "503 Service Unavailable" and the reason on the sockets named in
     # http_sockets, a reset on the others. Sooner, connections wait in the queue for the restart.
     http_sockets: tuple[str, ...] = ("http",)
     unavailable_after: float = 1.0
@@ -361,8 +376,6 @@ def _check(config: Config, where: str) -> None:
     app = config.app
     if app.command and not app.app_dir.startswith("/"):
         raise ConfigError(f"{where}: [app] app_dir: must be an absolute path inside the root filesystem")
-    from .room import CAPABILITIES  # a table of names only: cheap
-
     unknown = [c for c in app.capabilities if c.upper() not in CAPABILITIES]
     if unknown:
         raise ConfigError(f"{where}: [app] capabilities: unknown capability {unknown[0]!r} (e.g. CAP_NET_RAW)")

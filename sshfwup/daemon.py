@@ -23,16 +23,16 @@ import anyio
 import anyio.abc
 
 from .app import notify
-from .bootenv import ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
+from sshfwup.boot.bootenv import ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .config import Config
 from .device import Device
-from .journal import Journal, Recovery, StageHook, plan_recovery
-from .lock import DeviceBusy
-from .pipeline import slot_mount_point
-from .ports import ListenError, describe_holders, port_holders
-from .server import FirmwareServer
-from .slots import SlotError, is_mounted, mount_slot, mounts, unmount
-from .supervisor import AppNotReady, AppSource, Instance, Supervisor, SupervisorError
+from sshfwup.update.journal import Journal, Recovery, StageHook, plan_recovery
+from sshfwup.update.lock import DeviceBusy
+from sshfwup.update.pipeline import slot_mount_point
+from sshfwup.system.ports import ListenError, describe_holders, port_holders
+from sshfwup.ssh.server import FirmwareServer
+from sshfwup.boot.slots import SlotError, is_mounted, mount_slot, mounts, unmount
+from sshfwup.supervisor.supervisor import AppNotReady, AppSource, Instance, Supervisor, SupervisorError
 
 log = logging.getLogger(__name__)
 

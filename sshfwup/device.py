@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from .bootenv import ROLLED_BACK, BootEnv, BootEnvError, BootState, slot_state_var
+from sshfwup.boot.bootenv import ROLLED_BACK, BootEnv, BootEnvError, BootState, slot_state_var
 from .config import Config
-from .lock import DeviceLock
-from .logring import LogRing
-from .slots import running_root
+from sshfwup.update.lock import DeviceLock
+from sshfwup.supervisor.logring import LogRing
+from sshfwup.boot.slots import running_root
 
 if TYPE_CHECKING:
-    from .journal import Journal
-    from .supervisor import Supervisor
+    from sshfwup.update.journal import Journal
+    from sshfwup.supervisor.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

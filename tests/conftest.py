@@ -358,7 +358,7 @@ def marker() -> Iterator[str]:
     import signal
     import uuid
 
-    from sshfwup.supervisor import marked_processes
+    from sshfwup.supervisor.supervisor import marked_processes
 
     value = f"sshfwup-test-{uuid.uuid4().hex[:12]}"
     yield value

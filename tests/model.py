@@ -1,7 +1,7 @@
 """The update-safety model: a simulated device driven by random sequences of uploads, faults and
 commands, with the invariants that must hold after every step (real fwup, real OpenSSH client).
 
-Used by tests/test_model.py (a fixed, bounded budget in CI) and bench/soak.py (N steps, with the
+Used by tests/sim/test_model.py (a fixed, bounded budget in CI) and bench/soak.py (N steps, with the
 (state, event) pairs covered). Each rule drives the device and then waits until it settles (up,
 ready, no update in progress), so every invariant is checked on a device at rest.
 """

@@ -11,7 +11,7 @@ import pytest
 
 from sshfwup import __version__
 from sshfwup.cli import build_parser
-from sshfwup.firmware import build_parser as build_firmware_parser
+from sshfwup.host.firmware import build_parser as build_firmware_parser
 from sshfwup.sim.cli import build_parser as build_sim_parser
 
 

@@ -14,8 +14,8 @@ from conftest import Sim, assert_applied, journal, output, upload, wait_until
 
 from sshfwup.cli import _use_uvloop, operator_errors
 from sshfwup.daemon import DaemonError
-from sshfwup.lock import DeviceBusy, DeviceLock
-from sshfwup.supervisor import SupervisorError
+from sshfwup.update.lock import DeviceBusy, DeviceLock
+from sshfwup.supervisor.supervisor import SupervisorError
 
 
 async def test_a_reboot_stops_the_app_politely(sim: Sim) -> None:

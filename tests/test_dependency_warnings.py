@@ -65,6 +65,7 @@ def test_ansible_action_plugin_prints_no_warning(tmp_path: Path) -> None:
     result = subprocess.run(
         [ansible_tool("ansible"), "all", "-i", "dev1,", "-m", "sshfwup.device.firmware_facts",
          "-e", "ansible_host=127.0.0.1", "-e", f"ansible_port={closed_port}", "-o"],
+        stdin=subprocess.DEVNULL,  # ansible refuses a non-blocking stdin (a background job's)
         capture_output=True, text=True, env=ansible_environment(tmp_path, clean_env()), timeout=120, check=False,
     )  # fmt: skip
     output = result.stdout + result.stderr
@@ -98,7 +99,7 @@ def test_silenced_from_asyncssh() -> None:
 
 
 def test_same_category_from_elsewhere_still_shows() -> None:
-    assert _shown(CryptographyDeprecationWarning, "sshfwup.client")
+    assert _shown(CryptographyDeprecationWarning, "sshfwup.host.client")
     assert _shown(CryptographyDeprecationWarning, "asyncsshfoo")
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sshfwup.config import AppConfig
-from sshfwup.fwfile import read_firmware
-from sshfwup.manifest import MANIFEST_PATH, MARKER_PATH, load_manifest
+from sshfwup.firmware.archive import read_firmware
+from sshfwup.firmware.manifest import MANIFEST_PATH, MARKER_PATH, load_manifest
 from sshfwup.sim.layout import DEFAULT_LAYOUT
 from sshfwup.sim.rootfs import make_rootfs
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import SSH_OPTIONS, KeyPair
 
-from sshfwup.bootenv import BootEnv
+from sshfwup.boot.bootenv import BootEnv
 from sshfwup.config import parse_config
 from sshfwup.sim.host import free_port
 from sshfwup.sim.rootfs import make_rootfs

@@ -17,17 +17,13 @@ import pytest
 
 # What `sshfwup serve` loads before it serves anything: the console script's module, then
 # cli._serve's own imports (see sshfwup/cli.py).
-SERVE_IMPORTS = "import sshfwup.cli, sshfwup.config, sshfwup.daemon, sshfwup.logring"
+SERVE_IMPORTS = "import sshfwup.cli, sshfwup.config, sshfwup.daemon, sshfwup.supervisor.logring"
 
 # Module name patterns (full names, re.fullmatch) that `serve` must not import.
 DENIED = (
     r"sshfwup\.sim(\..*)?",  # the simulated device and its host helpers
-    r"sshfwup\.client",  # `sshfwup upload`
-    r"sshfwup\.progress_display",
-    r"sshfwup\.demo",
-    r"sshfwup\.fleet",  # the Ansible collection's controller side
-    r"sshfwup\.firmware(_build|_delta|_image|_keys|_remote)?",  # host side: build, sign, diff, delta
-    r"sshfwup\.fwfile\.(build|zipwrite|keys|delta|conf)",  # building and signing .fw files
+    r"sshfwup\.host(\..*)?",  # the build machine and the operator: upload, fleet, firmware build/sign/diff/delta, demo
+    r"sshfwup\.firmware\.(keys|conf|delta_source)",  # signatures, fwup's conf syntax: host-side or first upload only
     r"tqdm(\..*)?",
     r"hypothesis(\..*)?",
     r"pytest(\..*)?|_pytest(\..*)?",
@@ -69,8 +65,8 @@ def test_serve_imports_nothing_host_side() -> None:
 @pytest.mark.parametrize(
     "statement, expected",
     [
-        ("import sshfwup.firmware_build", "sshfwup.firmware_build"),
-        ("import sshfwup.client", "sshfwup.progress_display"),
+        ("import sshfwup.host.firmware_build", "sshfwup.host.firmware_build"),
+        ("import sshfwup.host.client", "sshfwup.host.progress_display"),
         ("import sshfwup.sim.device", "sshfwup.sim.device"),
     ],
 )

@@ -1,7 +1,7 @@
 """The simulated U-Boot: which slot boots, and what the boot script writes back to the env.
 
 ``choose_boot`` is the boot script's decision as a pure function of the environment, so every
-branch is testable without a disk. ``boot`` joins it with :class:`sshfwup.bootenv.BootEnv` (the
+branch is testable without a disk. ``boot`` joins it with :class:`sshfwup.boot.bootenv.BootEnv` (the
 same libubootenv adapter the server uses) the way U-Boot does at power-on: read, decide, save.
 
 The rules (Nerves-style A/B with a boot counter):
@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sshfwup.bootenv import BootEnv, BootEnvError, other_slot
+from sshfwup.boot.bootenv import BootEnv, BootEnvError, other_slot
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import anyio
 
 from sshfwup import __version__
-from sshfwup.fwfile import FirmwareError
-from sshfwup.manifest import ManifestError
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.firmware.manifest import ManifestError
 from sshfwup.sim.bootloader import BootEnvError
 from sshfwup.sim.device import SimDevice, SimError, cleanup
 from sshfwup.sim.machine import (

@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BLOCK_SIZE = 512
+SLOTS = ("a", "b")
+ROLES = ("a", "b", "app")  # the partitions: each gets its own loop device
 
-__all__ = ["BLOCK_SIZE", "DEFAULT_LAYOUT", "Layout"]
+__all__ = ["BLOCK_SIZE", "DEFAULT_LAYOUT", "ROLES", "SLOTS", "Layout"]
 
 
 @dataclass(frozen=True)

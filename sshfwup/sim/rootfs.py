@@ -53,7 +53,7 @@ __all__ = [
 SAMPLE_APP = Path(__file__).with_name("sample_app") / "app.py"
 #: What an app imports of sshfwup (``from sshfwup.app import ...``): these files need only the
 #: standard library, so a firmware vendors them as they are.
-APP_LIBRARY = ("__init__.py", "app.py", "handoff.py")
+APP_LIBRARY = ("__init__.py", "app/__init__.py", "app/handoff.py")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 #: Where the firmware's Python finds them (Debian's directory for distribution packages).
 SITE_PACKAGES = "/usr/lib/python3/dist-packages"
@@ -146,6 +146,7 @@ def install_app_library(root: Path) -> Path:
     package.mkdir(parents=True, exist_ok=True)
     for name in APP_LIBRARY:
         target = package / name
+        target.parent.mkdir(exist_ok=True)
         target.write_bytes((_PACKAGE_DIR / name).read_bytes())
         os.chmod(target, 0o644)
     return package
@@ -184,7 +185,7 @@ def make_rootfs(
     ``filler`` the size of an incompressible system file that is the same in every version
     (a bigger firmware for tests that need one).
     """
-    from sshfwup.manifest import build_manifest, write_manifest, write_marker
+    from sshfwup.firmware.manifest import build_manifest, write_manifest, write_marker
 
     changed = set(changes)
     unknown = changed - set(CHANGES)

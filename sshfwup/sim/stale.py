@@ -1,7 +1,7 @@
 """Find and remove what killed runs left of their simulated devices.
 
 A device belongs to the process recorded in its runtime directory (``R/owner.json``, written
-before anything is attached or mounted; see ``device.claim``), and everything running under its
+before anything is attached or mounted; see ``owner.claim``), and everything running under its
 machine carries that owner in ``SSHFWUP_SIM_OWNER``. The owner is a pid *and* its start time,
 so a reused pid is not mistaken for it. A device is **stale** when its owner is gone: then its
 processes are killed, its mounts unmounted (deepest first) and its loop devices detached. A
@@ -23,24 +23,12 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sshfwup import procs
-from sshfwup.sim.device import (
-    DEVICE_JSON,
-    MACHINE_LOCK,
-    MARKER_ENV,
-    OWNER_ENV,
-    OWNER_FILE,
-    RUNTIME_BASE,
-    LoopDevice,
-    SimError,
-    _mounts_under,
-    _remove_runtime_dir,
-    _run,
-    _unmount_under,
-    lock_holders,
-    owner_of,
-    runtime_dir,
-)
+from sshfwup.system import procs
+from sshfwup.sim.blockdev import LoopDevice, mounts_under, run_tool, unmount_under
+from sshfwup.sim.device import DEVICE_JSON
+from sshfwup.sim.errors import SimError
+from sshfwup.sim.machine_procs import MACHINE_LOCK, MARKER_ENV, lock_holders
+from sshfwup.sim.owner import OWNER_ENV, OWNER_FILE, RUNTIME_BASE, owner_of, remove_runtime_dir, runtime_dir
 
 __all__ = ["Leftovers", "StaleReport", "find_leftovers", "remove_stale"]
 
@@ -120,7 +108,7 @@ def _sim_loops() -> dict[Path, list[LoopDevice]]:
     device counts only if its backing file is *this* file (device and inode match what we see at
     that path). A backing file that was deleted cannot be checked that way: it counts only if our
     own ``/run`` holds the device's owner record."""
-    text = _run(
+    text = run_tool(
         ["losetup", "-J", "-l", "-O", "NAME,OFFSET,SIZELIMIT,RO,BACK-FILE,BACK-INO,BACK-MAJ:MIN"],
         what="listing loop devices",
     )
@@ -201,8 +189,8 @@ def find_leftovers() -> list[Leftovers]:
         assert leftovers.device_dir is not None
         if (leftovers.device_dir / MACHINE_LOCK).exists():
             leftovers.machine_pids |= {p for p in lock_holders(leftovers.device_dir / MACHINE_LOCK) if procs.alive(p)}
-        leftovers.mount_points |= {m.mount_point for m in _mounts_under(leftovers.device_dir)}
-        leftovers.mount_points |= {m.mount_point for m in _mounts_under(runtime_dir(leftovers.device_dir))}
+        leftovers.mount_points |= {m.mount_point for m in mounts_under(leftovers.device_dir)}
+        leftovers.mount_points |= {m.mount_point for m in mounts_under(runtime_dir(leftovers.device_dir))}
     return [*devices.values(), *orphans.values()]
 
 
@@ -236,18 +224,18 @@ def _remove(leftovers: Leftovers) -> tuple[list[str], list[str]]:
     device_dir = leftovers.device_dir
     runtime = runtime_dir(device_dir)
     try:
-        _unmount_under(device_dir, runtime, unmounted=lambda point: removed.append(f"unmounted {point}"))
+        unmount_under(device_dir, runtime, unmounted=lambda point: removed.append(f"unmounted {point}"))
     except SimError as e:
         problems.append(str(e))
     for loop in _sim_loops().get(device_dir, []):
         try:
-            _run(["losetup", "-d", loop.name], what=f"detaching {loop.name}")
+            run_tool(["losetup", "-d", loop.name], what=f"detaching {loop.name}")
             removed.append(f"detached {loop.name} ({loop.back_file} at offset {loop.offset})")
         except SimError as e:
             problems.append(str(e))
     if runtime.is_dir() and not problems:
         try:
-            _remove_runtime_dir(device_dir)
+            remove_runtime_dir(device_dir)
             removed.append(f"removed {runtime}")
         except SimError as e:
             problems.append(str(e))
@@ -276,7 +264,7 @@ def remove_stale(*, dry_run: bool = False) -> StaleReport:
             # powered itself off after its owner died, or a device its creator left unpowered.
             if not dry_run and leftovers.device_dir is not None:
                 try:
-                    _remove_runtime_dir(leftovers.device_dir)
+                    remove_runtime_dir(leftovers.device_dir)
                 except SimError as e:
                     log.debug("keeping %s: %s", leftovers.runtime_dir, e)
             continue

@@ -1,4 +1,4 @@
-"""A test app that reports the room it runs in (tests/test_room.py), then serves until SIGTERM.
+"""A test app that reports the room it runs in (tests/supervisor/test_room.py), then serves until SIGTERM.
 
 Writes ``$PROBE_REPORT`` (JSON): ids, groups, capability sets, no_new_privs, cgroup, its
 environment, which secret files it could read, whether it could open a raw socket, what euid a setuid-root program got; and the pid

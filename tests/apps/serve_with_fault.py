@@ -24,8 +24,8 @@ import anyio
 
 from sshfwup.config import load_config
 from sshfwup.daemon import run_daemon
-from sshfwup.journal import Record
-from sshfwup.logsafe import install
+from sshfwup.update.journal import Record
+from sshfwup.ssh.logsafe import install
 
 log = logging.getLogger("serve_with_fault")
 

@@ -1,4 +1,4 @@
-"""Stock servers under the supervisor, for tests/test_stock_servers.py and bench/stock_servers.py.
+"""Stock servers under the supervisor, for tests/supervisor/test_stock_servers.py and bench/stock_servers.py.
 
 Two "firmware versions" of a tiny app (``asgi_app.py``, ``wsgi_app.py``, or the sample app),
 each in a fake root filesystem of its own (``ROOT/srv/app``), run by gunicorn, uvicorn,
@@ -18,10 +18,10 @@ from typing import Any
 
 import anyio
 
-from sshfwup import listeners
+from sshfwup.supervisor import listeners
 from sshfwup.config import AppConfig, SocketSpec
 from sshfwup.sim.loadgen import LoadSpec
-from sshfwup.supervisor import AppSource
+from sshfwup.supervisor.supervisor import AppSource
 
 VENV_BIN = Path(sys.executable).parent
 APPS = Path(__file__).resolve().parent

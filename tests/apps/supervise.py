@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 
 from sshfwup.config import AppConfig
-from sshfwup.supervisor import AppSource, Supervisor
+from sshfwup.supervisor.supervisor import AppSource, Supervisor
 
 
 async def main(marker: str, root: str) -> None:

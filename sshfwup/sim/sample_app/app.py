@@ -11,7 +11,7 @@ during a hot swap. Endpoints:
 - ``GET /stream?interval=S`` → a never-ending ``text/plain`` stream, one line ``"<seq> <version>\n"``
   every S seconds (default 0.05), seq counting from 0: a long-lived connection
 
-With ``[app] handoff = true`` (:mod:`sshfwup.handoff`) the counter and the streams move to the
+With ``[app] handoff = true`` (:mod:`sshfwup.app.handoff`) the counter and the streams move to the
 new version during a swap: the old version, asked, pauses (its event loop blocks in
 ``handoff.send``), hands over ``{"count", "streams": [{"next", "pending"}...]}`` as state
 version 1 with the stream connections, and once the new version is ready closes its copies;

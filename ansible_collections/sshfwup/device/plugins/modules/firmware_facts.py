@@ -46,7 +46,7 @@ EXAMPLES = r"""
 
 - name: Show it
   ansible.builtin.debug:
-    msg: "{{ inventory_hostname }} runs {{ sshfwup.slots[sshfwup.running_root].version }}"
+    msg: "{{ inventory_hostname }} runs {{ sshfwup.boot.slots[sshfwup.running_root].version }}"
 """
 
 RETURN = r"""

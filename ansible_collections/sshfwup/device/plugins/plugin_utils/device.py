@@ -20,7 +20,7 @@ try:
     from sshfwup.dependency_warnings import silence
 
     silence()  # dependencies' warnings (at asyncssh's import) would print in the play's output
-    from sshfwup import fleet
+    from sshfwup.host import fleet
 except ImportError as e:  # the controller's Python lacks sshfwup
     fleet = None
     FLEET_IMPORT_ERROR: str | None = str(e)
@@ -52,7 +52,7 @@ def _truth(value: Any) -> bool:
 
 
 def device_address(args: dict[str, Any], task_vars: dict[str, Any], templar: Any) -> Any:
-    """sshfwup.fleet.DeviceAddress from the task arguments, else the inventory's variables."""
+    """sshfwup.host.fleet.DeviceAddress from the task arguments, else the inventory's variables."""
     module = require_fleet()
     host = args.get("host") or _var(task_vars, templar, "ansible_host", "inventory_hostname")
     port = args.get("port") or _var(task_vars, templar, "ansible_port", "ansible_ssh_port") or 22

@@ -1,0 +1,103 @@
+"""Making a new simulated device the way a factory would: a blank (sparse) disk image and the
+U-Boot env's place in it, fwup's ``complete`` task, an empty data filesystem holding sshfwup's
+authorized keys and the record of the firmware it flashed."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sshfwup.firmware.errors import FirmwareError
+from sshfwup.sim.appuser import check_app_interpreter
+from sshfwup.sim.blockdev import run_tool
+from sshfwup.sim.device_parts import DeviceParts
+from sshfwup.sim.errors import ProvisionError, SimError
+from sshfwup.sim.firmware import find_fwup
+from sshfwup.sim.layout import Layout
+from sshfwup.system.fsutil import write_atomically
+from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
+from sshfwup.update.installed import record
+
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_device"]
+
+Device = TypeVar("Device", bound=DeviceParts)
+
+
+def create_device(
+    cls: Callable[..., Device],
+    path: Path,
+    *,
+    firmware: Path,
+    layout: Layout,
+    fwup: str | None,
+    authorized_keys: Sequence[str],
+    ssh_port: int,
+    app_port: int,
+    config_overrides: Mapping[str, Any] | None,
+) -> Device:
+    """A new device of class ``cls`` at ``path`` (see ``SimDevice.create``)."""
+    path = Path(path).resolve()
+    firmware = Path(firmware).resolve()
+    if not firmware.is_file():
+        raise ProvisionError(f"firmware file {firmware} not found")
+    device = cls(path, layout=layout, fwup="", ssh_port=ssh_port, app_port=app_port)
+    if device.disk.exists() or device.device_json.exists():
+        raise SimError(f"{path} already holds a simulated device (destroy it first)")
+    overrides = dict(config_overrides or {})
+    # Before anything is made: a device whose app cannot start fails only in its machine log.
+    check_app_interpreter(overrides)
+    try:
+        fwup = find_fwup(fwup)
+    except FirmwareError as e:
+        raise ProvisionError(str(e)) from None
+    for sub in ("", "data"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    device = cls(
+        path,
+        layout=layout,
+        fwup=fwup,
+        ssh_port=ssh_port,
+        app_port=app_port,
+        config_overrides=config_overrides,
+    )
+    with open(device.disk, "wb") as f:
+        f.truncate(layout.disk_bytes)  # sparse
+    env_offset, env_size = layout.uboot_env_span
+    write_atomically(device.fw_env_config, f"{device.disk} 0x{env_offset:x} 0x{env_size:x}\n")
+    device.save()
+    _flash(device, firmware, authorized_keys)
+    device.write_config()
+    device.prepare_app_user()
+    log.info("created simulated device %s from %s", path, firmware.name)
+    return device
+
+
+def _flash(device: DeviceParts, firmware: Path, authorized_keys: Sequence[str]) -> None:
+    """fwup's ``complete`` task onto the blank disk, then a fresh data filesystem."""
+    argv = [device.fwup, "-a", "-d", str(device.disk), "-i", str(firmware), "-t", "complete"]
+    proc = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        raise ProvisionError(f"fwup -t complete failed (exit status {proc.returncode}): {output}")
+    try:
+        device.attach()
+        app_loop = device.loops()["app"].name
+        try:
+            run_tool(["mkfs.ext4", "-q", "-F", "-L", "appdata", app_loop], what="formatting the app data partition")
+        except SimError as e:
+            raise ProvisionError(str(e)) from None
+        device.mount_data()
+        head = read_head_bytes(firmware.read_bytes()[:MAX_HEAD], final=True)
+        if head is not None:  # as a factory would: the resources of what it flashed
+            record(device.server_data_dir, "a", head.uuid, head.version, head.resources)
+        keys = device.server_data_dir / "authorized_keys"
+        write_atomically(keys, "".join(line.rstrip("\n") + "\n" for line in authorized_keys), mode=0o600)
+    finally:
+        device.unmount_all()
+        device.detach()

@@ -1,0 +1,285 @@
+"""Device commands over SSH exec: ``status [--json]``, ``logs [-n N] [-f]``, ``reboot``,
+``revert``, ``validate``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncssh
+
+from sshfwup import __version__
+from sshfwup.boot.bootenv import BootEnvError
+from sshfwup.device import Device
+from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Uploader
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NAMES", "LogsRequest", "UsageError", "parse_logs", "render_status", "run", "status"]
+
+NAMES = ("status", "status --json", "logs [-n N] [-f]", "reboot", "revert", "validate")
+DEFAULT_LOG_LINES = 100
+
+
+class UsageError(ValueError):
+    """A device command was given arguments it does not take; the message says what it takes."""
+
+
+async def status(device: Device) -> dict[str, Any]:
+    """Everything an operator asks first, in one dict (also the ``--json`` form)."""
+    root = device.running_root()
+    try:
+        boot = await device.boot_state()
+        env_error = None
+    except BootEnvError as e:
+        boot, env_error = None, str(e)
+    out: dict[str, Any] = {
+        "running_root": root,
+        "active": boot.active if boot else None,
+        "validated": boot.validated if boot else None,
+        "pending_reboot": bool(boot and boot.active and root and boot.active != root),
+        "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid} for s in ("a", "b")} if boot else {},
+        "running_uuid": boot.slots[root].uuid if boot and root in boot.slots else None,  # what a delta patch needs
+        "boot_env_error": env_error,
+        "app": None,
+        "last_update": device.last_outcome,
+        "update_in_progress": device.lock.busy(),
+        "update": None,
+        "rebooting": device.reboot_requested.reason if device.reboot_requested else None,
+        "server": {
+            "version": __version__,
+            "pid": os.getpid(),
+            "instance": device.instance,
+            "uptime": round(time.time() - device.started, 1),
+        },
+    }
+    progress = device.update_progress()
+    if progress is not None:
+        out["update"] = progress.to_json()
+    sup = device.supervisor
+    out["app_down"] = None
+    out["app_last_exit"] = None
+    if sup is not None and sup.current is not None:
+        inst = sup.current
+        out["app"] = {
+            "pid": inst.pid,
+            "version": inst.source.version,
+            "slot": inst.source.slot,
+            "root": str(inst.source.root),
+            "uptime": round(time.monotonic() - inst.started_at, 1),
+            "restarts": getattr(inst, "restarts", 0),
+            # "exited": crashed, waiting for its restart (app_down says why)
+            "state": "exited" if inst.returncode is not None else "running" if inst.ready_at else "starting",
+        }
+    if sup is not None:
+        now = time.monotonic()
+        if sup.outage is not None:
+            out["app_down"] = {
+                "reason": sup.outage.reason,
+                "for": round(now - sup.outage.since, 1),
+                "next_attempt_in": round(max(0.0, sup.outage.next_attempt - now), 1)
+                if sup.outage.next_attempt is not None else None,
+            }  # fmt: skip
+        if sup.last_exit is not None:
+            out["app_last_exit"] = sup.last_exit.to_json()
+    if device.journal is not None:
+        out["journal"] = device.journal.summary()
+        out["journal_error"] = device.journal.error
+    return out
+
+
+def render_status(s: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = [("running root", f"slot {s['running_root'] or '?'}")]
+    if s.get("boot_env_error"):
+        rows.append(("boot env", f"unreadable: {s['boot_env_error']}"))
+    else:
+        rows.append(("next boot", f"slot {s['active'] or '?'}" + ("" if s["validated"] else " (not validated)")))
+        for slot, info in s["slots"].items():
+            rows.append((f"slot {slot}", info["version"] or "(empty)"))
+    if s.get("journal_error"):
+        rows.append(("journal", f"NOT WRITTEN ({s['journal_error']}): updates work, crash recovery relies on the boot env"))
+    if s["pending_reboot"]:
+        rows.append(("pending reboot", f"yes: slot {s['active']} runs after the next reboot (ssh <device> reboot)"))
+    app = s.get("app")
+    down = s.get("app_down")
+    if app and app.get("state", "running") != "exited":
+        text = f"{app['version']} from slot {app['slot']}, pid {app['pid']}, up {app['uptime']:.0f} s"
+        text += f", {app['restarts']} restarts" if app.get("restarts") else ""
+        rows.append(("app", text + (" (starting)" if app.get("state") == "starting" else "")))
+    elif down:
+        text = f"NOT RUNNING for {down['for']:.0f} s: {down['reason']}"
+        if down.get("next_attempt_in") is not None:
+            text += f"; next start in {down['next_attempt_in']:.0f} s"
+        rows.append(("app", text))
+    else:
+        rows.append(("app", "not running"))
+    rows += _exit_rows(s.get("app_last_exit"), output=not app or app.get("state") == "exited" or bool(down))
+    last = s.get("last_update")
+    if last:
+        rows.append(("last update", f"{'ok' if last.get('ok') else 'FAILED'}: {last.get('verdict')}"))
+    update = s.get("update")
+    if update:
+        rows += _update_rows(update)
+    elif s.get("update_in_progress"):
+        rows.append(("update", "in progress (the update lock is held outside this server)"))
+    if s.get("rebooting"):
+        rows.append(("rebooting", s["rebooting"]))
+    return "".join(f"{label + ':' if label else '':<16}{value}\n" for label, value in rows)
+
+
+def _exit_rows(last: dict[str, Any] | None, *, output: bool) -> list[tuple[str, str]]:
+    """``last app exit:`` (how and when), and while no version runs its last lines of output."""
+    if not last:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+    ago = max(0, round(time.time() - last["at"]))
+    rows = [("last app exit", f"{last['reason']} (pid {last['pid']}), {when} ({ago} s ago)")]
+    if output:
+        lines = last.get("output") or ["(no output)"]
+        rows += [("app output" if i == 0 else "", line) for i, line in enumerate(lines[-10:])]
+    return rows
+
+
+def _update_rows(u: dict[str, Any]) -> list[tuple[str, str]]:
+    """``update:`` rows: stage, who and how, then versions, bytes and fwup's percentage."""
+    head = f"{u['stage']} ({u['transport']} from {u['uploader']}, {u['elapsed']:.0f} s)"
+    target = u["to_version"] or "?"
+    if u.get("to_slot"):
+        target += f" (slot {u['to_slot']})"
+    source = (u["from_version"] or "?") + (f" (slot {u['from_slot']})" if u.get("from_slot") else "")
+    detail = f"{source} → {target}; {_megabytes(u['received'])} received"
+    if u.get("percent") is not None:
+        detail += f"; fwup {u['percent']}%"
+    return [("update", head), ("", detail)]
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader, command: str | None = None) -> int:
+    """Run ``command`` (default: what the client asked; the server passes a key's forced command)."""
+    command = process.command if command is None else command
+    try:
+        argv = shlex.split(command or "")
+    except ValueError:
+        argv = []
+    name = argv[0] if argv else ""
+
+    def say(text: str) -> None:
+        process.stdout.write(text.encode("utf-8"))
+
+    def fail(text: str) -> int:
+        process.stderr.write(f"Error: {text}\n".encode("utf-8"))
+        return EXIT_FAILED
+
+    if name == "status" and argv[1:] in ([], ["--json"]):
+        s = await status(device)
+        say(json.dumps(s, indent=2, sort_keys=True) + "\n" if argv[1:] == ["--json"] else render_status(s))
+        return EXIT_OK
+    if name == "logs":
+        try:
+            request = parse_logs(argv[1:], limit=device.logs.max_lines)
+        except UsageError as e:
+            return fail(str(e))
+        return await _logs(process, device, request, who)
+    if name == "reboot" and len(argv) == 1:
+        log.warning("reboot requested by %s", who)
+        say("rebooting\n")
+        device.request_reboot(f"requested by {who}")
+        return EXIT_OK
+    if name in ("revert", "validate") and len(argv) == 1:
+        if device.lock.busy():
+            return fail("an update is in progress; try again when it has finished")
+        from sshfwup.update import pipeline
+
+        try:
+            text = await (pipeline.revert(device, who) if name == "revert" else pipeline.validate(device, who))
+        except pipeline.PipelineError as e:
+            return fail(str(e))
+        say(text + "\n")
+        return EXIT_OK
+    log.warning("refused command %r from %s", command, who)
+    return fail(f"command not allowed: {command!r}; allowed: {', '.join(NAMES)}, and uploads (scp -t)")
+
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogsRequest:
+    """``logs [-n N] [-f]``: the last ``lines`` lines, then (``follow``) new ones as they come."""
+
+    lines: int = DEFAULT_LOG_LINES
+    follow: bool = False
+
+
+def parse_logs(args: list[str], *, limit: int) -> LogsRequest:
+    """``-n N`` / ``-nN`` / ``--lines N`` (0..limit), ``-f`` / ``--follow``, in any order."""
+    usage = f"usage: logs [-n N] [-f]  (N from 0 to {limit}, default {min(DEFAULT_LOG_LINES, limit)})"
+    lines, follow = min(DEFAULT_LOG_LINES, limit), False
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-f", "--follow"):
+            follow = True
+            continue
+        if arg in ("-n", "--lines"):
+            if not rest:
+                raise UsageError(f"logs: {arg} needs a number; {usage}")
+            value = rest.pop(0)
+        elif arg.startswith("-n") and len(arg) > 2:
+            value = arg[2:]
+        else:
+            raise UsageError(f"logs: unknown argument {arg!r}; {usage}")
+        if not value.isdigit() or int(value) > limit:
+            raise UsageError(f"logs: -n takes a number from 0 to {limit}, not {value!r}; {usage}")
+        lines = int(value)
+    return LogsRequest(lines, follow)
+
+
+async def _logs(process: asyncssh.SSHServerProcess, device: Device, request: LogsRequest, who: Uploader) -> int:
+    ring = device.logs
+    last = ring.last_seq  # the position the tail ends at: following starts right after it
+    tail = [line for line in ring.tail(request.lines) if line.seq <= last]
+    await _send(process, "".join(line.text + "\n" for line in tail))
+    if not request.follow:
+        return EXIT_OK
+
+    async def follow() -> None:
+        async for item in ring.follow(last):
+            if isinstance(item, int):
+                text = f"-- {item} line{'s' if item != 1 else ''} skipped: this connection fell behind the log --\n"
+            else:
+                text = item.text + "\n"
+            await _send(process, text)
+
+    # Until the client leaves (Ctrl-C closes the channel); stdin's EOF (ssh -n) is not leaving.
+    log.info("%s follows the log", who)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_when_closed, process.channel, tg.cancel_scope)
+        try:
+            await follow()
+        except (OSError, asyncssh.Error, BrokenPipeError):
+            pass  # the channel went away while we wrote
+        tg.cancel_scope.cancel()
+    log.info("%s stopped following the log", who)
+    return EXIT_OK
+
+
+async def _cancel_when_closed(channel: asyncssh.SSHServerChannel, scope: anyio.CancelScope) -> None:
+    await channel.wait_closed()
+    scope.cancel()
+
+
+async def _send(process: asyncssh.SSHServerProcess, text: str) -> None:
+    if text:
+        process.stdout.write(text.encode("utf-8", errors="replace"))
+        await process.stdout.drain()  # the client's window: a slow reader slows this follower only

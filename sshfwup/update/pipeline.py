@@ -1,0 +1,269 @@
+"""The default success callback: mount → inspect → hot swap or reboot, with rollback.
+
+fwup has written the inactive slot and switched the boot env. From here the device either runs the
+new application version from the new slot without a reboot (hot), or reboots into the new
+firmware — and whatever goes wrong, the old version keeps serving and the boot env names firmware
+that is known to work. Every stage is journaled before it starts (see :mod:`sshfwup.update.journal`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+
+from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_slot, slot_state_var
+from sshfwup.device import Device
+from sshfwup.firmware.inspect import Policy, Verdict, inspect_slot, with_resources
+from .installed import recorded_resources
+from .lock import DeviceBusy
+from sshfwup.boot.slots import SlotError, mount_slot, unmount
+from sshfwup.supervisor.supervisor import AppSource, SwapFailed
+from .update import Outcome, UpdateContext, Uploader
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PipelineError", "listen_drops", "revert", "run", "validate"]
+
+
+class PipelineError(Exception):
+    """An operator command (revert, validate) cannot be done now; the message says why."""
+
+
+def listen_drops() -> int:
+    """Connections the kernel dropped or refused at a full listen queue (system-wide counters).
+
+    The supervisor never closes a listener, so the only way a connection can be refused during a
+    swap is a listen-queue overflow; these counters see exactly that.
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], (int(v) for v in values.split()[1:])))
+            return table.get("ListenDrops", 0) + table.get("ListenOverflows", 0)
+    return 0
+
+
+def slot_mount_point(device: Device, slot: str) -> Path:
+    return device.config.server.run_dir / "slots" / slot
+
+
+async def run(ctx: UpdateContext) -> Outcome:
+    device, report, cfg = ctx.device, ctx.report, ctx.device.config
+    t_ok = time.monotonic()
+    old = ctx.running_root
+    new = ctx.boot.active
+    if old is None or new is None or new == old:
+        return Outcome(False, f"fwup finished but the boot env names slot {new}, the running slot; nothing to do")
+    old_version = ctx.boot.version(old) or "?"
+    new_version = ctx.boot.version(new) or "?"
+    journal = device.journal
+    if journal is not None:
+        journal.advance("applied", to_slot=new, to_version=new_version)
+
+    # 1. mount the new slot read-only
+    mount_point = slot_mount_point(device, new)
+    t = time.monotonic()
+    try:
+        await mount_slot(cfg.device.slot_device(new), mount_point, fstype=cfg.device.rootfs_type)
+    except SlotError as e:
+        return await _abandon(ctx, old, new, f"the new firmware in slot {new} cannot be mounted: {e}")
+    await report.line(f"sshfwup: mounted slot {new} read-only ({time.monotonic() - t:.2f} s)")
+    if journal is not None:
+        journal.advance("mounted")
+
+    # 2. inspect: marker + manifest diff (hashes the app files: off the event loop)
+    t = time.monotonic()
+    verdict: Verdict = await anyio.to_thread.run_sync(
+        lambda: inspect_slot(cfg.device.root_mount, mount_point, Policy.from_config(cfg))
+    )
+    verdict = replace(verdict, old_version=old_version, new_version=new_version)
+    if ctx.firmware is not None:
+        # Everything the .fw installs counts: a kernel or boot file beside the root filesystem too.
+        installed = recorded_resources(cfg.server.data_dir, old, ctx.boot.slots[old].uuid)
+        verdict = with_resources(verdict, installed, {n: (size, h) for n, size, h in ctx.firmware.resources})
+    if verdict.hot and device.supervisor is None:
+        verdict = replace(verdict, hot=False, reasons=("no application is supervised ([app] command is empty)",))
+    elif verdict.hot and device.supervisor.current is None:
+        # The booted firmware's app never started (the daemon keeps retrying it): there is no
+        # version to swap from, and the new one is proved at boot like any firmware.
+        down = device.supervisor.outage
+        why = f"the app is not running ({down.reason})" if down else "the app is not running"
+        verdict = replace(verdict, hot=False, reasons=(f"{why}: nothing to swap; the new firmware starts at boot",))
+    changed = sum(1 for c in verdict.changes)
+    await report.line(
+        f"sshfwup: inspected {old_version} → {new_version}: {verdict.summary()}"
+        f" ({changed} changed file{'s' if changed != 1 else ''}, {time.monotonic() - t:.2f} s)"
+    )
+    if journal is not None:
+        journal.advance("inspected", verdict=verdict.summary(), reasons=verdict.reasons)
+
+    # 3a. reboot
+    if not verdict.hot:
+        await _unmount_quietly(mount_point)
+        text = f"{verdict.summary()}; rebooting into {new_version} (slot {new})"
+        if journal is not None:
+            journal.advance("reboot", verdict=text)
+        device.notify_status(f"rebooting into {new_version}")
+        return Outcome(True, text, reboot=True, details={"verdict": verdict.to_json()})
+
+    # 3b. hot swap
+    assert device.supervisor is not None
+    if journal is not None:
+        journal.advance("swapping")
+    drops_before = listen_drops()
+    device.notify_status(f"swapping the app to {new_version}")
+    try:
+        result = await device.supervisor.swap(
+            AppSource(mount_point, new, new_version), report=lambda line: report.line(f"sshfwup: {line}")
+        )
+    except SwapFailed as e:
+        return await _roll_back(ctx, old, new, old_version, new_version, str(e))
+    drops = max(0, listen_drops() - drops_before)
+    total = time.monotonic() - t_ok
+    serving = getattr(result, "ready_at", None)
+    handoff = getattr(result, "handoff", "")
+    handed = f"; {handoff}" if handoff else ""  # "handed over 3 connections, 1.2 KiB of state"
+    text = (
+        f"hot reload: {old_version} → {new_version} in {total:.1f} s, {drops} connections refused{handed}; "
+        f"slot {new} boots next (reboot pending, not yet validated)"
+    )
+    if journal is not None:
+        journal.advance(
+            "hot", app_slot=new, app_root=str(mount_point), app_version=new_version, verdict=text
+        )
+    device.notify_status(f"running {new_version} (hot); reboot pending")
+    details = {"verdict": verdict.to_json(), "seconds": round(total, 3), "refused": drops}
+    if serving is not None:
+        details["ok_to_serving"] = round(serving - t_ok, 3)
+    return Outcome(True, text, details=details)
+
+
+async def _roll_back(ctx: UpdateContext, old: str, new: str, old_version: str, new_version: str, reason: str) -> Outcome:
+    device = ctx.device
+    await _unmount_quietly(slot_mount_point(device, new))
+    reverted = await device.give_up_slot(old, new, new_version)
+    text = f"hot reload failed: {reason}; rolled back: {old_version} keeps serving; {reverted}"
+    if device.journal is not None:
+        device.journal.advance("rolled-back", app_slot=old, app_version=old_version, verdict=text)
+    device.notify_status(f"running {old_version}; update rolled back")
+    return Outcome(False, text)
+
+
+async def _abandon(ctx: UpdateContext, old: str, new: str, reason: str) -> Outcome:
+    """Something broke before the swap: the old version never stopped; keep the old firmware."""
+    device = ctx.device
+    await _unmount_quietly(slot_mount_point(device, new))
+    try:
+        await device.bootenv.revert_to(old, also={slot_state_var(new): ROLLED_BACK})
+        tail = f"boot env reverted to slot {old}"
+    except BootEnvError as e:
+        tail = f"REVERTING THE BOOT ENV FAILED ({e})"
+    text = f"update failed: {reason}; {tail}"
+    if device.journal is not None:
+        device.journal.advance("rolled-back", verdict=text)
+    return Outcome(False, text)
+
+
+async def _unmount_quietly(mount_point: Path) -> None:
+    # The old app was just stopped or the new one killed: give the kernel a moment to drop refs.
+    for attempt in range(20):
+        try:
+            await unmount(mount_point)
+            return
+        except SlotError as e:
+            if attempt == 19:
+                log.error("%s stays mounted: %s", mount_point, e)
+                return
+            await anyio.sleep(0.1)
+
+
+# --- operator commands ------------------------------------------------------------------------
+
+
+async def validate(device: Device, who: Uploader) -> str:
+    """Mark the running firmware good (what the server does itself after a healthy boot)."""
+    root = device.running_root()
+    boot = await device.boot_state()
+    if root is None or boot.active != root:
+        raise PipelineError(
+            f"slot {boot.active} has not booted yet (the device runs slot {root}); reboot first, then validate"
+        )
+    version = boot.version(root) or "?"
+    if boot.validated:
+        return f"firmware {version} in slot {root} is already validated"
+    with _locked(device, f"validate by {who}"):
+        await device.bootenv.validate()
+    if device.journal is not None and device.journal.current is not None:
+        device.journal.advance("validated")
+    log.info("firmware %s validated by %s", version, who)
+    return f"validated firmware {version} in slot {root}"
+
+
+async def revert(device: Device, who: Uploader) -> str:
+    """Go back to the previous firmware.
+
+    After a hot swap (reboot pending) that means: the running root's firmware boots next again and
+    the app swaps back to it — no reboot. Otherwise the other slot boots next; reboot to run it.
+    """
+    root = device.running_root()
+    if root is None:
+        raise PipelineError("cannot tell which slot is running")
+    boot = await device.boot_state()
+    with _locked(device, f"revert by {who}"):
+        if boot.active is not None and boot.active != root:
+            version = boot.version(root) or "?"
+            await device.bootenv.revert_to(root)
+            sup = device.supervisor
+            if sup is not None and sup.current is not None and sup.current.source.slot != root:
+                try:
+                    await sup.swap(AppSource(device.config.device.root_mount, root, version))
+                except SwapFailed as e:
+                    raise PipelineError(f"boot env reverted to slot {root}, but the app could not swap back: {e}") from None
+                await _unmount_quietly(slot_mount_point(device, boot.active))
+            if device.journal is not None and device.journal.current is not None:
+                device.journal.advance("reverted", app_slot=root, app_version=version, verdict=f"reverted by {who}")
+            log.warning("reverted to %s in slot %s by %s", version, root, who)
+            return f"reverted: slot {root} ({version}) runs and boots next; no reboot needed"
+        other = other_slot(root)
+        info = boot.slots[other]
+        if not info.version:
+            raise PipelineError(f"slot {other} holds no firmware to revert to")
+        if info.state == INCOMPLETE:
+            raise PipelineError(
+                f"slot {other} is incomplete (an upload to it was interrupted or failed): nothing to revert to; "
+                f"slot {root} keeps booting"
+            )
+        if info.state == ROLLED_BACK:
+            raise PipelineError(
+                f"slot {other} holds {info.version}, which failed and was rolled back: refusing to revert to it; "
+                f"slot {root} keeps booting"
+            )
+        # Not proven on this boot: it boots unvalidated and must pass the same boot validation,
+        # or the bootloader falls back to slot {root}.
+        await device.bootenv.revert_to(other, proven=False)
+        if device.journal is not None and device.journal.current is not None:
+            device.journal.advance("reverted", verdict=f"reverted to slot {other} by {who}")
+        log.warning("boot env reverted to slot %s by %s", other, who)
+        return (f"slot {other} ({info.version}) boots next, unvalidated until it proves healthy (else the device "
+                f"falls back to slot {root}); reboot to run it (ssh <device> reboot)")
+
+
+class _locked:
+    def __init__(self, device: Device, who: str) -> None:
+        self.device, self.who = device, who
+
+    def __enter__(self) -> None:
+        try:
+            self.device.lock.acquire(self.who)
+        except DeviceBusy as e:
+            raise PipelineError(str(e)) from None
+
+    def __exit__(self, *exc: object) -> None:
+        self.device.lock.release()
