@@ -91,6 +91,3 @@ class BootContract(ABC):
         """Record ``slot``'s state (INCOMPLETE, ROLLED_BACK, or None: whole): sshfwup's own mark,
         the same under every contract (no bootloader reads it)."""
         await self.env.write({slot_state_var(slot): state})
-
-    def describe(self) -> str:
-        return f"boot contract {self.name} (environment {self.env.config})"
