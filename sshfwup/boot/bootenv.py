@@ -88,7 +88,13 @@ class BootState:
         validated = env.get("nerves_fw_validated") == "1"
         if "nerves_fw_validated" not in env and "upgrade_available" in env:
             validated = env.get("upgrade_available") == "0"
-        slots = {
+        return cls(active if active in ("a", "b") else None, validated, cls.slot_infos(env), dict(env))
+
+    @staticmethod
+    def slot_infos(env: Mapping[str, str]) -> dict[str, SlotInfo]:
+        """What ``<slot>.nerves_fw_*`` (fwup's metadata) and sshfwup's marks say of each slot:
+        the same under every boot contract."""
+        return {
             s: SlotInfo(
                 s,
                 env.get(f"{s}.nerves_fw_version") or None,
@@ -99,12 +105,6 @@ class BootState:
             )
             for s in ("a", "b")
         }
-        return cls(active if active in ("a", "b") else None, validated, slots, dict(env))
-
-    @staticmethod
-    def slot_infos(env: Mapping[str, str]) -> dict[str, SlotInfo]:
-        """What ``<slot>.nerves_fw_*`` (fwup's metadata) and sshfwup's marks say of each slot."""
-        return dict(BootState.from_env(env).slots)
 
     def version(self, slot: str) -> str | None:
         return self.slots[slot].version

@@ -31,6 +31,8 @@ def contract_of(sim: Sim) -> str:
 async def test_hot_update_reboot_and_validation(sim: Sim, firmware) -> None:
     s = sim.status()
     assert s["boot_contract"] == contract_of(sim) and s["boot_warnings"] == [] and s["trial_boot"] is False
+    if contract_of(sim) == "uboot-nerves":
+        assert sim.env()["nerves_fw_autovalidate"] == "0"  # the factory env sshfwup needs
     assert (await upload(sim, firmware("2.0.0"))).returncode == 0  # hot: the app swapped, reboot pending
     assert sim.app()["version"] == "2.0.0"
     s = sim.status()
