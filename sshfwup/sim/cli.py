@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 
 from sshfwup import __version__
+from sshfwup.boot.backends import CONTRACTS, DEFAULT_CONTRACT
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.firmware.manifest import ManifestError
 from sshfwup.sim.bootloader import BootEnvError
@@ -77,7 +78,7 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
     )
     create.add_argument("--fwup", metavar="PATH", help="the fwup executable (default: fwup on PATH)")
     create.add_argument(
-        "--contract", choices=("uboot-bootcount", "uboot-nerves"), default="uboot-bootcount",
+        "--contract", choices=CONTRACTS, default=DEFAULT_CONTRACT,
         help="the boot contract its U-Boot speaks and its server's [boot] contract: uboot-bootcount "
         "(upgrade_available/bootcount/bootlimit fallback) or uboot-nerves (a Nerves system's script: "
         "one trial boot via nerves_fw_booted; factory env nerves_fw_autovalidate=0) (default: %(default)s)",
@@ -136,7 +137,7 @@ def _create(args: argparse.Namespace) -> int:
         if not 0 < port < 65536:
             raise SimError(f"port must be 1..65535, got {port}")
     # The default contract writes nothing, so a default device's files stay as they were.
-    overrides = {"boot": {"contract": args.contract}} if args.contract != "uboot-bootcount" else None
+    overrides = {"boot": {"contract": args.contract}} if args.contract != DEFAULT_CONTRACT else None
     if args.firmware is not None:
         device = SimDevice.create(
             args.dir, firmware=args.firmware, fwup=args.fwup, authorized_keys=keys,

@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sshfwup.boot.backends import DEFAULT_CONTRACT
 from sshfwup.boot.bootenv import BootEnv
 from sshfwup.boot.slots import MountInfo, mounts
 from sshfwup.sim import slot_peek
@@ -366,7 +367,7 @@ class SimDevice:
     def contract(self) -> str:
         """The boot contract its bootloader speaks: its server's ``[boot] contract``."""
         boot = self.config_overrides.get("boot")
-        return str(boot.get("contract", "uboot-bootcount")) if isinstance(boot, dict) else "uboot-bootcount"
+        return str(boot.get("contract", DEFAULT_CONTRACT)) if isinstance(boot, dict) else DEFAULT_CONTRACT
 
     def boot_summary(self, *names: str) -> str:
         """The variables that say which slot boots next and whether it validated, then ``names``

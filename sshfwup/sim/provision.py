@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sshfwup.boot.backends import DEFAULT_CONTRACT
 from sshfwup.boot.bootenv import BootEnv, BootEnvError
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.sim.appuser import check_app_interpreter
@@ -90,7 +91,7 @@ def _factory_env_of(overrides: Mapping[str, Any]) -> dict[str, str]:
     """What the system's U-Boot environment carries from the factory beside fwup's ``complete``,
     for the boot contract the configuration names."""
     boot = overrides.get("boot")
-    contract = str(boot.get("contract", "uboot-bootcount")) if isinstance(boot, dict) else "uboot-bootcount"
+    contract = str(boot.get("contract", DEFAULT_CONTRACT)) if isinstance(boot, dict) else DEFAULT_CONTRACT
     if contract not in FACTORY_ENV:
         raise ProvisionError(f"boot contract {contract!r}: the simulator has a bootloader for {', '.join(FACTORY_ENV)}")
     return dict(FACTORY_ENV[contract])
