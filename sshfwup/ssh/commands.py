@@ -102,7 +102,8 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("boot_env_error"):
         rows.append(("boot env", f"unreadable: {s['boot_env_error']}"))
     else:
-        rows.append(("next boot", f"slot {s['active'] or '?'}" + ("" if s["validated"] else " (not validated)")))
+        trial = " (not validated; on trial: the bootloader falls back unless it validates)" if s.get("trial_boot") else ""
+        rows.append(("next boot", f"slot {s['active'] or '?'}" + (trial or ("" if s["validated"] else " (not validated)"))))
         for slot, info in s["slots"].items():
             rows.append((f"slot {slot}", info["version"] or "(empty)"))
         for warning in s.get("boot_warnings") or ():

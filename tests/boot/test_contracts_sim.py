@@ -37,6 +37,7 @@ async def test_hot_update_reboot_and_validation(sim: Sim, firmware) -> None:
     assert sim.app()["version"] == "2.0.0"
     s = sim.status()
     assert s["pending_reboot"] and s["active"] == "b" and s["trial_boot"] is True
+    assert "next boot:      slot b (not validated; on trial: the bootloader falls back" in output(sim.ssh("status"))
     assert sim.ssh("reboot").returncode == 0
     assert (await sim.machine.wait_boot(2, timeout=30)).slot == "b"
     await wait_until(lambda: sim.env()["nerves_fw_validated"] == "1", what="validation after a healthy boot")
