@@ -21,15 +21,18 @@ log = logging.getLogger(__name__)
 __all__ = ["confirm_unchanged", "revert", "succeed"]
 
 
-async def confirm_unchanged(device: Device, before: BootState | None, root: str | None) -> str:
+async def confirm_unchanged(
+    device: Device, before: BootState | None, root: str | None, unchanged: str = "the device was not changed"
+) -> str:
     """After a failed fwup: the boot env must still name the slot that was active before (a fwup
-    killed inside on-finish may have got further than its exit status says)."""
+    killed inside on-finish may have got further than its exit status says). ``unchanged``: what
+    the uploader is told when it does (the caller knows whether fwup may have written its slot)."""
     try:
         now = await device.boot_state()
     except BootEnvError as e:
         return f"the boot environment cannot be read to confirm nothing changed ({e})"
     if before is not None and now.active == before.active:
-        return "the device was not changed"
+        return unchanged
     log.error("fwup failed but the boot env now names slot %s; reverting", now.active)
     return f"fwup had switched the boot env; {await revert(device, root, INCOMPLETE)}"
 

@@ -28,7 +28,7 @@ from .precheck import judge_head, precheck
 from .after_fwup import confirm_unchanged, succeed
 from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
-from .fwup import FwupError, FwupProcess, FwupResult, Progress
+from .fwup import FwupError, FwupProcess, FwupResult, Message, Progress
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .lock import DeviceBusy
 from .outcome import EXIT_FAILED, EXIT_OK, Outcome, UpdateError, UpdateRefused, Uploader
@@ -77,6 +77,7 @@ class Update:
         self._head_bytes = bytearray()  # the upload's first bytes until the head is decided
         self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
         self._target: str | None = None  # the slot fwup writes, once it may have started
+        self._fwup_went_on = False  # fwup reported more than its start (a message, progress > 0)
         self.downgrade = False  # an older version than the running one, allowed by the config
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class Update:
             with anyio.fail_after(idle):
                 await self._fwup.write(data)
         except TimeoutError:
-            reason = f"update failed: fwup accepted no data for {idle:.0f} s and was stopped; the device was not changed"
+            reason = f"update failed: fwup accepted no data for {idle:.0f} s and was stopped; {self._what_changed()}"
             log.error("fwup (pid %d) hung: it read nothing for %.0f s", self._fwup.pid, idle)
             self._journal("failed", reason)
             self.abort(reason)
@@ -251,7 +252,8 @@ class Update:
                 log.warning("fwup finished before the end of the upload from %s (bytes after the archive)", self.uploader)
                 self._applied = result
                 return
-            reason = f"update failed: {result.reason}; the device was not changed"
+            await self._relayed.wait()  # its last events decide whether it may have written
+            reason = f"update failed: {result.reason}; {await self._after_failure(result)}"
             self._journal("failed", reason)
             raise UpdateError(reason) from None
 
@@ -259,7 +261,7 @@ class Update:
         try:
             check(*args)
         except IncompleteArchive as e:
-            reason = f"update failed: {e}; the device was not changed"
+            reason = f"update failed: {e}; {self._what_changed()}"
             self._journal("failed", reason)
             self.abort(str(e))
             raise UpdateError(reason) from None
@@ -297,7 +299,7 @@ class Update:
         await self._relayed.wait()
         self.device.notify_status(f"fwup: {result.reason}")
         if not result.success:
-            outcome = Outcome(False, f"update failed: {result.reason}; {await confirm_unchanged(self.device, self.before, self.root)}")
+            outcome = Outcome(False, f"update failed: {result.reason}; {await self._after_failure(result)}")
             log.warning("update from %s failed: %s", self.uploader, result.reason)
             self._journal("failed", outcome.verdict)
             return self._conclude(outcome)
@@ -341,10 +343,35 @@ class Update:
         self.before, self.root = before, self.device.running_root()
         await precheck(self.device, self.uploader, self.report, before, self.root)
 
+    def _what_changed(self) -> str:
+        """After fwup was stopped or failed without switching: what the uploader is told."""
+        if self._target is None:
+            return "the device was not changed"  # fwup never saw a byte, no mark was written
+        return (f"slot {self._target} may be partly written and stays marked incomplete (nothing boots or "
+                f"reverts to it); slot {self.root} still runs and boots next")  # fmt: skip
+
+    async def _after_failure(self, result: FwupResult) -> str:
+        """fwup failed. A refusal before it wrote (``refused_before_writing``) gets the target
+        slot's mark back as it was, so the boot env is exactly as before the upload (issue 23 item
+        4: no mark without a write); otherwise the mark stays. Returns the words for the uploader,
+        after checking that the boot env still names the slot that was active."""
+        target = self._target
+        if target is not None and self.before is not None and refused_before_writing(result, self._fwup_went_on):
+            previous = self.before.slots[target].state
+            try:
+                await self.device.bootenv.mark_slot(target, previous)
+                self._target = None
+                log.info("fwup refused before writing slot %s: its mark is back to %s", target, previous or "(unset)")
+            except BootEnvError as e:  # the mark stays: the safe direction
+                log.error("cannot restore slot %s's mark after fwup's refusal: %s", target, e)
+        return await confirm_unchanged(self.device, self.before, self.root, self._what_changed())
+
     async def _relay_events(self) -> None:
         assert self._fwup is not None
         try:
             async for event in self._fwup.events():
+                if isinstance(event, Message) or (isinstance(event, Progress) and event.percent > 0):
+                    self._fwup_went_on = True
                 if isinstance(event, Progress):
                     self.device.progress.set(percent=event.percent)
                 await self.report.event(event)
@@ -363,6 +390,26 @@ class Update:
     async def _success(self, result: FwupResult) -> Outcome:
         outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result)
         return outcome
+
+
+def refused_before_writing(result: FwupResult, went_on: bool) -> bool:
+    """Did fwup refuse before it could write a byte? Its --framing output says so (measured with
+    fwup 1.16.0 on deploy/fwup.conf): every refusal is exactly ``PR 0`` then ``ER <text>`` and
+    exit status 1 — another platform ("Expecting platform=... and architecture=...", the
+    upgrade.wrongplatform task's on-init), an unvalidated firmware ("Please validate the running
+    firmware ...", upgrade.unvalidated), an unexpected medium (upgrade.unexpected), no task whose
+    requirements are met ("Couldn't find applicable task ..."), an unsigned archive or a bad
+    signature with --public-key-file ("Expecting signed firmware archive.", "... fails digital
+    signature verification."), not a .fw at all ("Unrecognized archive format"). Nothing of the
+    disk changed in any of them. A task that writes runs its on-init first, which announces it
+    (``info("Upgrading partition B")``: a ``WN``) and trims the slot, then progress past 0 as the
+    resource is written; a failure after that ("ZIP bad CRC", "ZIP decompression failed") comes
+    after a ``WN`` and ``PR`` > 0, with blocks of the slot written. So: fwup exited on its own with
+    status 1 and an error, having reported nothing but 0 % before it. Killed (a cut upload, a
+    hang) is never a refusal. An fwup.conf whose writing tasks do not begin with an ``info()``
+    could write up to 1 % of its units without saying so: the mark is only restored on this
+    signal, and keeping it is the safe side."""
+    return result.exit_code == 1 and bool(result.errors) and not result.messages and not went_on
 
 
 def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
