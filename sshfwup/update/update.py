@@ -156,7 +156,7 @@ class Update:
 
     def _journal_abort(self) -> None:
         if not self._finished:
-            self._journal("failed", f"upload aborted: {self._aborted}; nothing was changed")
+            self._journal("failed", f"upload aborted: {self._aborted}; {self._what_changed()}")
 
     # --- data ------------------------------------------------------------------------------
 
