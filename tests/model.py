@@ -296,9 +296,21 @@ class Snapshot:
             if key not in ignore and self.env.get(key) != after.env.get(key):
                 out.append(f"env {key}: {self.env.get(key)!r} -> {after.env.get(key)!r}")
         out += [f"slot {s} bytes" for s in sorted(self.slots) if self.slots[s] != after.slots.get(s)]
-        if self.app != after.app:
+        if self.app != after.app and "app" not in ignore:
             out.append(f"app (version, pid): {self.app} -> {after.app}")
         return out
+
+    def rolled_back_by_itself(self, after: "Snapshot") -> tuple[str, ...]:
+        """A hot-swapped app that crashed rollback_after_crashes times is swapped back by the
+        device itself, whenever that happens (the env goes back to the running slot, which is
+        validated; the crashed slot is marked rolled-back): the keys that changed, or ()."""
+        running = self.status["running_root"]
+        other = "b" if running == "a" else "a"
+        if (self.status["pending_reboot"] and after.env.get("nerves_fw_active") == running
+                and after.env.get(f"{other}.sshfwup_state") == "rolled-back"
+                and after.env.get("nerves_fw_validated") == "1"):  # fmt: skip
+            return ("nerves_fw_active", *SELF_VALIDATION, f"{other}.sshfwup_state", "app")
+        return ()
 
 
 def snapshot(dev: "ModelDevice") -> Snapshot:
@@ -328,6 +340,8 @@ def check_change(dev: "ModelDevice", event: str, state: str, before: Snapshot, a
             f"\nenv before: {before.env}\nenv after: {after.env}\nlast steps: {dev.log[-8:]}"  # fmt: skip
     # the device validating its own first boot meanwhile (0 -> 1) is not the event's doing
     ignore = SELF_VALIDATION if before.env.get("nerves_fw_validated") != "1" and after.env.get("nerves_fw_validated") == "1" else ()
+    # ... nor is its rollback of a hot-swapped app that kept crashing
+    ignore = before.rolled_back_by_itself(after) or ignore
     changed = before.changes(after, ignore=ignore)
     text = result.text
     if result.code is None:
@@ -495,6 +509,10 @@ def ev_broken_app(kind: str) -> Any:
             dev.wait_reboot(boots)
         if kind == "crash_after" and result.returncode == 0:
             time.sleep(4)  # it crashes after the observation window: the device must notice
+            # a hot swap: it is swapped back after rollback_after_crashes crashes; wait for that
+            deadline = time.monotonic() + 20
+            while "rebooting into" not in text and dev.status()["pending_reboot"] and time.monotonic() < deadline:
+                time.sleep(0.5)
         dev.settle()
         if kind == "never_ready" and result.returncode == 0 and "rebooting into" not in text:
             raise ModelViolation(f"a version that never gets ready was hot-swapped in\n{text}")
