@@ -406,9 +406,10 @@ def refused_before_writing(result: FwupResult, went_on: bool) -> bool:
     resource is written; a failure after that ("ZIP bad CRC", "ZIP decompression failed") comes
     after a ``WN`` and ``PR`` > 0, with blocks of the slot written. So: fwup exited on its own with
     status 1 and an error, having reported nothing but 0 % before it. Killed (a cut upload, a
-    hang) is never a refusal. An fwup.conf whose writing tasks do not begin with an ``info()``
-    could write up to 1 % of its units without saying so: the mark is only restored on this
-    signal, and keeping it is the safe side."""
+    hang) is never a refusal, nor is anything else: then the mark stays (the safe side). The
+    limit: an fwup.conf whose writing task has no ``info()`` first could fail within its first
+    1 % of progress units, after writing, with this same output — keep an ``info()`` first in
+    every task that writes (deploy/fwup.conf does)."""
     return result.exit_code == 1 and bool(result.errors) and not result.messages and not went_on
 
 
