@@ -25,7 +25,7 @@ from sshfwup.boot.bootenv import INCOMPLETE, BootEnvError, BootState, other_slot
 from sshfwup.device import Device
 
 from .precheck import judge_head, precheck
-from .after_fwup import confirm_unchanged, succeed
+from .after_fwup import after_failure, refused_before_writing, succeed, what_changed
 from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
 from .fwup import FwupError, FwupProcess, FwupResult, Message, Progress
@@ -48,6 +48,7 @@ __all__ = [
     "UpdateRefused",
     "Uploader",
     "load_callback",
+    "refused_before_writing",
     "report_only",
 ]
 
@@ -344,27 +345,12 @@ class Update:
         await precheck(self.device, self.uploader, self.report, before, self.root)
 
     def _what_changed(self) -> str:
-        """After fwup was stopped or failed without switching: what the uploader is told."""
-        if self._target is None:
-            return "the device was not changed"  # fwup never saw a byte, no mark was written
-        return (f"slot {self._target} may be partly written and stays marked incomplete (nothing boots or "
-                f"reverts to it); slot {self.root} still runs and boots next")  # fmt: skip
+        return what_changed(self._target, self.root)
 
     async def _after_failure(self, result: FwupResult) -> str:
-        """fwup failed. A refusal before it wrote (``refused_before_writing``) gets the target
-        slot's mark back as it was, so the boot env is exactly as before the upload (issue 23 item
-        4: no mark without a write); otherwise the mark stays. Returns the words for the uploader,
-        after checking that the boot env still names the slot that was active."""
-        target = self._target
-        if target is not None and self.before is not None and refused_before_writing(result, self._fwup_went_on):
-            previous = self.before.slots[target].state
-            try:
-                await self.device.bootenv.mark_slot(target, previous)
-                self._target = None
-                log.info("fwup refused before writing slot %s: its mark is back to %s", target, previous or "(unset)")
-            except BootEnvError as e:  # the mark stays: the safe direction
-                log.error("cannot restore slot %s's mark after fwup's refusal: %s", target, e)
-        return await confirm_unchanged(self.device, self.before, self.root, self._what_changed())
+        self._target, words = await after_failure(self.device, self.before, self.root, self._target, result,
+                                                  went_on=self._fwup_went_on)  # fmt: skip
+        return words
 
     async def _relay_events(self) -> None:
         assert self._fwup is not None
@@ -390,27 +376,6 @@ class Update:
     async def _success(self, result: FwupResult) -> Outcome:
         outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result)
         return outcome
-
-
-def refused_before_writing(result: FwupResult, went_on: bool) -> bool:
-    """Did fwup refuse before it could write a byte? Its --framing output says so (measured with
-    fwup 1.16.0 on deploy/fwup.conf): every refusal is exactly ``PR 0`` then ``ER <text>`` and
-    exit status 1 — another platform ("Expecting platform=... and architecture=...", the
-    upgrade.wrongplatform task's on-init), an unvalidated firmware ("Please validate the running
-    firmware ...", upgrade.unvalidated), an unexpected medium (upgrade.unexpected), no task whose
-    requirements are met ("Couldn't find applicable task ..."), an unsigned archive or a bad
-    signature with --public-key-file ("Expecting signed firmware archive.", "... fails digital
-    signature verification."), not a .fw at all ("Unrecognized archive format"). Nothing of the
-    disk changed in any of them. A task that writes runs its on-init first, which announces it
-    (``info("Upgrading partition B")``: a ``WN``) and trims the slot, then progress past 0 as the
-    resource is written; a failure after that ("ZIP bad CRC", "ZIP decompression failed") comes
-    after a ``WN`` and ``PR`` > 0, with blocks of the slot written. So: fwup exited on its own with
-    status 1 and an error, having reported nothing but 0 % before it. Killed (a cut upload, a
-    hang) is never a refusal, nor is anything else: then the mark stays (the safe side). The
-    limit: an fwup.conf whose writing task has no ``info()`` first could fail within its first
-    1 % of progress units, after writing, with this same output — keep an ``info()`` first in
-    every task that writes (deploy/fwup.conf does)."""
-    return result.exit_code == 1 and bool(result.errors) and not result.messages and not went_on
 
 
 def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
