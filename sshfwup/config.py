@@ -15,6 +15,7 @@ from typing import Any, Literal
 __all__ = [
     "CAPABILITIES",
     "AppConfig",
+    "BootConfig",
     "UpdateConfig",
     "Config",
     "ConfigError",
@@ -195,6 +196,13 @@ class UpdateConfig:
 
 
 @dataclass(frozen=True)
+class BootConfig:
+    # Which bootloader contract the boot environment speaks (sshfwup.boot.backends): what boots
+    # next, what validates, how a revert keeps the bootloader's fallback.
+    contract: str = "uboot-bootcount"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     fwup: FwupConfig = field(default_factory=FwupConfig)
@@ -202,6 +210,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     app: AppConfig = field(default_factory=AppConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
     source: Path | None = None
 
     @property
@@ -218,6 +227,7 @@ _SECTIONS: dict[str, type] = {
     "device": DeviceConfig,
     "app": AppConfig,
     "inspect": InspectConfig,
+    "boot": BootConfig,
 }
 
 
@@ -356,6 +366,13 @@ def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
 
 
 def _check(config: Config, where: str) -> None:
+    from sshfwup.boot.backends import CONTRACTS
+
+    if config.boot.contract not in CONTRACTS:
+        raise ConfigError(
+            f"{where}: [boot] contract: unknown boot contract {config.boot.contract!r} "
+            f"(known: {', '.join(repr(c) for c in CONTRACTS)})"
+        )
     if not 0 < config.server.port < 65536:
         raise ConfigError(f"{where}: [server] port: must be 1..65535, got {config.server.port}")
     if not config.server.authorized_keys:

@@ -157,6 +157,9 @@ async def _recover(device: Device) -> Recovery:
     assert device.journal is not None
     plan = plan_recovery(device.journal.current, running_root=root, active=boot.active if boot else None)
     log.info("start-up: running slot %s, boot env names slot %s; %s", root, boot.active if boot else "?", plan.message)
+    log.info("boot contract: %s", device.bootenv.name)
+    for warning in boot.warnings if boot else ():
+        log.warning("BOOT CONTRACT WARNING: %s", warning)
     # Mounts of new slots left by a crashed run: none is in use (the app died with the server).
     keep = slot_mount_point(device, plan.app_slot) if plan.mount_app_slot else None
     for m in mounts():

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from sshfwup.boot.backends import make_contract
 from sshfwup.boot.bootenv import ROLLED_BACK, BootEnv, BootEnvError, BootState, slot_state_var
+from sshfwup.boot.contract import BootContract
 from .config import Config
 from sshfwup.update.lock import DeviceLock
 from sshfwup.supervisor.logring import LogRing
@@ -137,11 +139,19 @@ class ProgressTracker:
 
 
 class Device:
-    def __init__(self, config: Config, *, bootenv: BootEnv | None = None) -> None:
+    """``bootenv`` is the boot contract (:mod:`sshfwup.boot.contract`): the only way to the boot
+    state. Given a plain :class:`BootEnv` adapter, the device wraps it in ``[boot] contract``'s
+    backend; anything else (a contract, a test's stand-in) is used as it is."""
+
+    def __init__(self, config: Config, *, bootenv: BootEnv | BootContract | None = None) -> None:
         self.config = config
-        self.bootenv = bootenv or BootEnv(
-            config.device.fw_env_config, printenv=config.device.fw_printenv, setenv=config.device.fw_setenv
-        )
+        if bootenv is None or isinstance(bootenv, BootEnv):
+            env = bootenv or BootEnv(
+                config.device.fw_env_config, printenv=config.device.fw_printenv, setenv=config.device.fw_setenv
+            )
+            # An app is supervised: the server validates a first boot only once it proved healthy.
+            bootenv = make_contract(config.boot.contract, env, health_gated=bool(config.app.command))
+        self.bootenv: BootContract = bootenv
         self.lock = DeviceLock(config.server.lock_file)
         self.supervisor: Supervisor | None = None
         self.journal: Journal | None = None

@@ -65,6 +65,7 @@ def test_ansible_action_plugin_prints_no_warning(tmp_path: Path) -> None:
     result = subprocess.run(
         [ansible_tool("ansible"), "all", "-i", "dev1,", "-m", "sshfwup.device.firmware_facts",
          "-e", "ansible_host=127.0.0.1", "-e", f"ansible_port={closed_port}", "-o"],
+        stdin=subprocess.DEVNULL,  # ansible refuses a non-blocking stdin (a background job's)
         capture_output=True, text=True, env=ansible_environment(tmp_path, clean_env()), timeout=120, check=False,
     )  # fmt: skip
     output = result.stdout + result.stderr

@@ -1,9 +1,9 @@
 """The U-Boot environment, read and written with libubootenv's ``fw_printenv``/``fw_setenv``.
 
-Variable meanings follow Nerves systems (and so ``deploy/fwup.conf``): ``nerves_fw_active`` names
-the slot that boots next, ``nerves_fw_validated`` says whether that firmware proved itself,
-``<slot>.nerves_fw_version`` etc. describe each slot. ``upgrade_available``/``bootcount`` drive
-U-Boot's boot-count fallback where the system uses it.
+``<slot>.nerves_fw_version`` etc. (fwup's metadata, Nerves names) describe each slot under every
+contract; ``<slot>.sshfwup_state`` is sshfwup's own mark. What the bootloader's variables mean
+(``nerves_fw_active``, ``nerves_fw_validated``, ``upgrade_available``/``bootcount``, …) is the boot
+contract's business: :mod:`sshfwup.boot.contract` and its backends.
 """
 
 from __future__ import annotations
@@ -75,14 +75,26 @@ class BootState:
     validated: bool
     slots: Mapping[str, SlotInfo]
     raw: Mapping[str, str]
+    # A firmware boots (or will boot) on trial: the bootloader falls back unless it validates.
+    trial: bool = False
+    contract: str = "uboot-bootcount"
+    # What the operator must hear about this contract and environment (status, log, start-up).
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "BootState":
+        """The default contract's reading (``uboot-bootcount``); backends build their own states."""
         active = env.get("nerves_fw_active")
         validated = env.get("nerves_fw_validated") == "1"
         if "nerves_fw_validated" not in env and "upgrade_available" in env:
             validated = env.get("upgrade_available") == "0"
-        slots = {
+        return cls(active if active in ("a", "b") else None, validated, cls.slot_infos(env), dict(env))
+
+    @staticmethod
+    def slot_infos(env: Mapping[str, str]) -> dict[str, SlotInfo]:
+        """What ``<slot>.nerves_fw_*`` (fwup's metadata) and sshfwup's marks say of each slot:
+        the same under every boot contract."""
+        return {
             s: SlotInfo(
                 s,
                 env.get(f"{s}.nerves_fw_version") or None,
@@ -93,7 +105,6 @@ class BootState:
             )
             for s in ("a", "b")
         }
-        return cls(active if active in ("a", "b") else None, validated, slots, dict(env))
 
     def version(self, slot: str) -> str | None:
         return self.slots[slot].version
@@ -102,8 +113,9 @@ class BootState:
 class BootEnv:
     """Adapter over the real tools; the simulator and tests point it at a disk image's config.
 
-    The ``*_sync`` methods serve the simulator's bootloader; the server uses the async ones,
-    which run the same code in a worker thread.
+    It reads and writes variables and knows no meaning: what they mean to the bootloader is a
+    boot contract's (:mod:`sshfwup.boot.contract`). The ``*_sync`` methods serve the simulator's
+    bootloader; the server uses the async ones, which run the same code in a worker thread.
     """
 
     def __init__(
@@ -141,43 +153,8 @@ class BootEnv:
     async def read(self) -> dict[str, str]:
         return await anyio.to_thread.run_sync(self.read_sync)
 
-    async def state(self) -> BootState:
-        return BootState.from_env(await self.read())
-
     async def write(self, values: Mapping[str, str | None]) -> None:
         await anyio.to_thread.run_sync(self.write_sync, values)
-
-    # The two operations nerves_runtime performs, with the same variables.
-
-    async def validate(self) -> None:
-        """Mark the active firmware good so the bootloader stops counting attempts."""
-        env = await self.read()
-        values: dict[str, str | None] = {"nerves_fw_validated": "1"}
-        if "upgrade_available" in env:
-            values["upgrade_available"] = "0"
-        if "bootcount" in env:
-            values["bootcount"] = "0"
-        await self.write(values)
-
-    async def revert_to(self, slot: str, *, proven: bool = True, also: Mapping[str, str | None] | None = None) -> None:
-        """Make ``slot`` the one that boots next, in one environment write with ``also``.
-
-        ``proven``: its firmware already proved itself (it runs now and was validated), so it boots
-        validated. Otherwise it boots unvalidated with a fresh boot count, and the bootloader falls
-        back if it never validates — the fallback is never switched off for an unproven firmware.
-        """
-        env = await self.read()
-        values: dict[str, str | None] = {"nerves_fw_active": slot, "nerves_fw_validated": "1" if proven else "0"}
-        if "upgrade_available" in env or not proven:
-            values["upgrade_available"] = "0" if proven else "1"
-        if "bootcount" in env:
-            values["bootcount"] = "0"
-        values.update(also or {})
-        await self.write(values)
-
-    async def mark_slot(self, slot: str, state: str | None) -> None:
-        """Record ``slot``'s state (INCOMPLETE, ROLLED_BACK, or None: whole)."""
-        await self.write({slot_state_var(slot): state})
 
     def _run(self, argv: list[str], stdin: bytes | None = None) -> str:
         try:

@@ -115,9 +115,9 @@ class Demo:
         return "\n".join(lines)
 
     def env(self, *names: str) -> str:
+        """The boot variables that say which slot boots next and whether it validated, then ``names``."""
         assert self.device is not None
-        env = self.device.env()
-        return ", ".join(f"{n}={env.get(n, '')}" for n in names)
+        return self.device.boot_summary(*names)
 
     async def upload(self, fw: Path) -> tuple[int, float | None]:
         """``cat fw | ssh -s device fwup``, showing the device's output; returns (exit status, time of Success!)."""
@@ -189,7 +189,7 @@ class Demo:
             app = self.app()
             say(f"  device up: slot {machine.state().slot}, SSH on 127.0.0.1:{self.device.ssh_port}")
             say(f"  app: {app['version']} from slot {app['slot']} (pid {app['pid']}) on http://127.0.0.1:{self.device.app_port}/")
-            say(f"  boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'a.nerves_fw_version')}")
+            say(f"  boot env: {self.env('a.nerves_fw_version')}")
 
             step(3, f"Hot update 1.0.0 → 2.0.0 with `ssh -s` while hey sends {self.rate:.0f} req/s to the app"
                     " and a client holds a live stream (GET /stream, a numbered line every 50 ms)")
@@ -218,7 +218,7 @@ class Demo:
                 say(f"  fwup OK → 2.0.0 answering: {result['new'] - ok_at:.2f} s; upload start → 2.0.0: {result['new'] - started:.2f} s")
             app = self.app()
             say(f"  app: {app['version']} from slot {app['slot']} (pid {app['pid']}), boot count {machine.state().boot_count} (no reboot)")
-            say(f"  boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'b.nerves_fw_version')}")
+            say(f"  boot env: {self.env('b.nerves_fw_version')}")
             failed = report.failed
             say(f"  requests: {report.sent} sent, {failed} failed, {report.refused} refused")
             broken = stream.first_break()
@@ -234,13 +234,13 @@ class Demo:
             subprocess.run(self.ssh_argv("root@127.0.0.1", "reboot"), check=False, capture_output=True)
             state = await machine.wait_boot(2, timeout=60)
             await self._wait_validated()
-            say(f"  booted slot {state.slot}; app {self.app()['version']}; boot env: {self.env('nerves_fw_active', 'nerves_fw_validated')}")
+            say(f"  booted slot {state.slot}; app {self.app()['version']}; boot env: {self.env()}")
 
             step(6, "Update to 3.0.0, which changes /etc: the device decides a reboot is required")
             status3, _ = await self.upload(v3)
             state = await machine.wait_boot(3, timeout=60)
             await self._wait_validated()
-            say(f"  booted slot {state.slot}; app {self.app()['version']}; boot env: {self.env('nerves_fw_active', 'nerves_fw_validated', 'a.nerves_fw_version')}")
+            say(f"  booted slot {state.slot}; app {self.app()['version']}; boot env: {self.env('a.nerves_fw_version')}")
 
             step(7, "Device status (ssh device status)")
             out = subprocess.run(self.ssh_argv("root@127.0.0.1", "status"), capture_output=True, text=True)
@@ -256,7 +256,7 @@ class Demo:
     async def _wait_validated(self, timeout: float = 60) -> None:
         assert self.device is not None
         deadline = time.monotonic() + timeout
-        while self.device.env().get("nerves_fw_validated") != "1":
+        while not self.device.boot_validated():
             if time.monotonic() > deadline:
                 raise DemoError(f"the new firmware was not validated within {timeout:g} s.\n{self.why_no_app()}")
             await anyio.sleep(0.2)

@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 
 from sshfwup import __version__
+from sshfwup.boot.backends import CONTRACTS, DEFAULT_CONTRACT
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.firmware.manifest import ManifestError
 from sshfwup.sim.bootloader import BootEnvError
@@ -76,6 +77,12 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
         help="a public key file allowed to upload (repeatable)",
     )
     create.add_argument("--fwup", metavar="PATH", help="the fwup executable (default: fwup on PATH)")
+    create.add_argument(
+        "--contract", choices=CONTRACTS, default=DEFAULT_CONTRACT,
+        help="the boot contract its U-Boot speaks and its server's [boot] contract: uboot-bootcount "
+        "(upgrade_available/bootcount/bootlimit fallback) or uboot-nerves (a Nerves system's script: "
+        "one trial boot via nerves_fw_booted; factory env nerves_fw_autovalidate=0) (default: %(default)s)",
+    )
 
     fw = sub.add_parser(
         "firmware", help="build a sample firmware (.fw) to upload to a simulated device",
@@ -129,10 +136,12 @@ def _create(args: argparse.Namespace) -> int:
     for port in (args.ssh_port, args.app_port):
         if not 0 < port < 65536:
             raise SimError(f"port must be 1..65535, got {port}")
+    # The default contract writes nothing, so a default device's files stay as they were.
+    overrides = {"boot": {"contract": args.contract}} if args.contract != DEFAULT_CONTRACT else None
     if args.firmware is not None:
         device = SimDevice.create(
             args.dir, firmware=args.firmware, fwup=args.fwup, authorized_keys=keys,
-            ssh_port=args.ssh_port, app_port=args.app_port,
+            ssh_port=args.ssh_port, app_port=args.app_port, config_overrides=overrides,
         )
     else:
         from sshfwup.sim.rootfs import build_sample_firmware
@@ -141,7 +150,7 @@ def _create(args: argparse.Namespace) -> int:
             firmware = build_sample_firmware(Path(work), version="1.0.0")
             device = SimDevice.create(
                 args.dir, firmware=firmware, fwup=args.fwup, authorized_keys=keys,
-                ssh_port=args.ssh_port, app_port=args.app_port,
+                ssh_port=args.ssh_port, app_port=args.app_port, config_overrides=overrides,
             )
     print(f"created {device.path} (SSH on 127.0.0.1:{device.ssh_port}, the sample app on 127.0.0.1:{device.app_port})")
     if not keys:

@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sshfwup.boot.backends import DEFAULT_CONTRACT
 from sshfwup.boot.bootenv import BootEnv
 from sshfwup.boot.slots import MountInfo, mounts
 from sshfwup.sim import slot_peek
@@ -361,6 +362,21 @@ class SimDevice:
     def set_env(self, **variables: str | None) -> None:
         """Set (None: delete) U-Boot variables, in one write."""
         self.boot_env().write_sync(variables)
+
+    @property
+    def contract(self) -> str:
+        """The boot contract its bootloader speaks: its server's ``[boot] contract``."""
+        boot = self.config_overrides.get("boot")
+        return str(boot.get("contract", DEFAULT_CONTRACT)) if isinstance(boot, dict) else DEFAULT_CONTRACT
+
+    def boot_summary(self, *names: str) -> str:
+        """The variables that say which slot boots next and whether it validated, then ``names``
+        (both simulated contracts keep Nerves' names for these two)."""
+        env = self.env()
+        return ", ".join(f"{n}={env.get(n, '')}" for n in ("nerves_fw_active", "nerves_fw_validated", *names))
+
+    def boot_validated(self) -> bool:
+        return self.env().get("nerves_fw_validated") == "1"
 
     def read_slot_file(self, slot: str, path: str) -> bytes:
         """Read one file from a slot's filesystem (mounted read-only at a temporary directory)."""

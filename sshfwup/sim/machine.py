@@ -144,7 +144,7 @@ class Machine:
     # --- boot and shutdown (blocking work runs in a worker thread)
 
     def _boot_sync(self) -> tuple[str, str]:
-        choice = boot(BootEnv(self.device.fw_env_config))
+        choice = boot(BootEnv(self.device.fw_env_config), self.device.contract)
         self.device.attach()
         self.device.mount_data()
         self.device.mount_root(choice.slot)

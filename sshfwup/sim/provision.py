@@ -10,9 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sshfwup.boot.backends import DEFAULT_CONTRACT
+from sshfwup.boot.bootenv import BootEnv, BootEnvError
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.sim.appuser import check_app_interpreter
 from sshfwup.sim.blockdev import run_tool
+from sshfwup.sim.bootloader import FACTORY_ENV
 from sshfwup.sim.device_parts import DeviceParts
 from sshfwup.sim.errors import ProvisionError, SimError
 from sshfwup.sim.firmware import find_fwup
@@ -52,6 +55,7 @@ def create_device(
     overrides = dict(config_overrides or {})
     # Before anything is made: a device whose app cannot start fails only in its machine log.
     check_app_interpreter(overrides)
+    factory_env = _factory_env_of(overrides)
     try:
         fwup = find_fwup(fwup)
     except FirmwareError as e:
@@ -72,10 +76,25 @@ def create_device(
     write_atomically(device.fw_env_config, f"{device.disk} 0x{env_offset:x} 0x{env_size:x}\n")
     device.save()
     _flash(device, firmware, authorized_keys)
+    if factory_env:
+        try:
+            BootEnv(device.fw_env_config).write_sync(factory_env)
+        except BootEnvError as e:
+            raise ProvisionError(f"cannot write the factory boot environment: {e}") from None
     device.write_config()
     device.prepare_app_user()
     log.info("created simulated device %s from %s", path, firmware.name)
     return device
+
+
+def _factory_env_of(overrides: Mapping[str, Any]) -> dict[str, str]:
+    """What the system's U-Boot environment carries from the factory beside fwup's ``complete``,
+    for the boot contract the configuration names."""
+    boot = overrides.get("boot")
+    contract = str(boot.get("contract", DEFAULT_CONTRACT)) if isinstance(boot, dict) else DEFAULT_CONTRACT
+    if contract not in FACTORY_ENV:
+        raise ProvisionError(f"boot contract {contract!r}: the simulator has a bootloader for {', '.join(FACTORY_ENV)}")
+    return dict(FACTORY_ENV[contract])
 
 
 def _flash(device: DeviceParts, firmware: Path, authorized_keys: Sequence[str]) -> None:

@@ -43,6 +43,9 @@ async def status(device: Device) -> dict[str, Any]:
         "running_root": root,
         "active": boot.active if boot else None,
         "validated": boot.validated if boot else None,
+        "boot_contract": boot.contract if boot else None,
+        "trial_boot": boot.trial if boot else None,  # the bootloader falls back unless it validates
+        "boot_warnings": list(boot.warnings) if boot else [],
         "pending_reboot": bool(boot and boot.active and root and boot.active != root),
         "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid} for s in ("a", "b")} if boot else {},
         "running_uuid": boot.slots[root].uuid if boot and root in boot.slots else None,  # what a delta patch needs
@@ -99,9 +102,12 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("boot_env_error"):
         rows.append(("boot env", f"unreadable: {s['boot_env_error']}"))
     else:
-        rows.append(("next boot", f"slot {s['active'] or '?'}" + ("" if s["validated"] else " (not validated)")))
+        trial = " (not validated; on trial: the bootloader falls back unless it validates)" if s.get("trial_boot") else ""
+        rows.append(("next boot", f"slot {s['active'] or '?'}" + (trial or ("" if s["validated"] else " (not validated)"))))
         for slot, info in s["slots"].items():
             rows.append((f"slot {slot}", info["version"] or "(empty)"))
+        for warning in s.get("boot_warnings") or ():
+            rows.append(("WARNING", warning))
     if s.get("journal_error"):
         rows.append(("journal", f"NOT WRITTEN ({s['journal_error']}): updates work, crash recovery relies on the boot env"))
     if s["pending_reboot"]:

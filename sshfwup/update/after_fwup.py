@@ -18,20 +18,72 @@ from .report import Report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["confirm_unchanged", "revert", "succeed"]
+__all__ = ["after_failure", "confirm_unchanged", "refused_before_writing", "revert", "succeed", "what_changed"]
 
 
-async def confirm_unchanged(device: Device, before: BootState | None, root: str | None) -> str:
+async def confirm_unchanged(
+    device: Device, before: BootState | None, root: str | None, unchanged: str = "the device was not changed"
+) -> str:
     """After a failed fwup: the boot env must still name the slot that was active before (a fwup
-    killed inside on-finish may have got further than its exit status says)."""
+    killed inside on-finish may have got further than its exit status says). ``unchanged``: what
+    the uploader is told when it does (the caller knows whether fwup may have written its slot)."""
     try:
         now = await device.boot_state()
     except BootEnvError as e:
         return f"the boot environment cannot be read to confirm nothing changed ({e})"
     if before is not None and now.active == before.active:
-        return "the device was not changed"
+        return unchanged
     log.error("fwup failed but the boot env now names slot %s; reverting", now.active)
     return f"fwup had switched the boot env; {await revert(device, root, INCOMPLETE)}"
+
+
+def refused_before_writing(result: FwupResult, went_on: bool) -> bool:
+    """Did fwup refuse before it could write a byte? Its --framing output says so (measured with
+    fwup 1.16.0 on deploy/fwup.conf): every refusal is exactly ``PR 0`` then ``ER <text>`` and
+    exit status 1 — another platform ("Expecting platform=... and architecture=...", the
+    upgrade.wrongplatform task's on-init), an unvalidated firmware ("Please validate the running
+    firmware ...", upgrade.unvalidated), an unexpected medium (upgrade.unexpected), no task whose
+    requirements are met ("Couldn't find applicable task ..."), an unsigned archive or a bad
+    signature with --public-key-file ("Expecting signed firmware archive.", "... fails digital
+    signature verification."), not a .fw at all ("Unrecognized archive format"). Nothing of the
+    disk changed in any of them. A task that writes runs its on-init first, which announces it
+    (``info("Upgrading partition B")``: a ``WN``) and trims the slot, then progress past 0 as the
+    resource is written; a failure after that ("ZIP bad CRC", "ZIP decompression failed") comes
+    after a ``WN`` and ``PR`` > 0, with blocks of the slot written. So: fwup exited on its own with
+    status 1 and an error, having reported nothing but 0 % before it. Killed (a cut upload, a
+    hang) is never a refusal, nor is anything else: then the mark stays (the safe side). The
+    limit: an fwup.conf whose writing task has no ``info()`` first could fail within its first
+    1 % of progress units, after writing, with this same output — keep an ``info()`` first in
+    every task that writes (deploy/fwup.conf does)."""
+    return result.exit_code == 1 and bool(result.errors) and not result.messages and not went_on
+
+
+def what_changed(target: str | None, root: str | None) -> str:
+    """After fwup was stopped or failed without switching: what the uploader is told. ``target``:
+    the slot marked incomplete for fwup (None: fwup never saw a byte, or its mark is back)."""
+    if target is None:
+        return "the device was not changed"
+    return (f"slot {target} may be partly written and stays marked incomplete (nothing boots or "
+            f"reverts to it); slot {root} still runs and boots next")  # fmt: skip
+
+
+async def after_failure(
+    device: Device, before: BootState | None, root: str | None, target: str | None, result: FwupResult, *, went_on: bool
+) -> tuple[str | None, str]:
+    """fwup failed. A refusal before it wrote (``refused_before_writing``) gets the target slot's
+    mark back as it was, so the boot env is exactly as before the upload (issue 23 item 4: no mark
+    without a write); otherwise the mark stays. Returns the slot still marked for this upload
+    (None: none) and the words for the uploader, once the boot env is confirmed to name the slot
+    that was active."""
+    if target is not None and before is not None and refused_before_writing(result, went_on):
+        previous = before.slots[target].state
+        try:
+            await device.bootenv.mark_slot(target, previous)
+            log.info("fwup refused before writing slot %s: its mark is back to %s", target, previous or "(unset)")
+            target = None
+        except BootEnvError as e:  # the mark stays: the safe direction
+            log.error("cannot restore slot %s's mark after fwup's refusal: %s", target, e)
+    return target, await confirm_unchanged(device, before, root, what_changed(target, root))
 
 
 async def revert(device: Device, root: str | None, state: str = ROLLED_BACK) -> str:

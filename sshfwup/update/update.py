@@ -25,10 +25,10 @@ from sshfwup.boot.bootenv import INCOMPLETE, BootEnvError, BootState, other_slot
 from sshfwup.device import Device
 
 from .precheck import judge_head, precheck
-from .after_fwup import confirm_unchanged, succeed
+from .after_fwup import after_failure, refused_before_writing, succeed, what_changed
 from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
-from .fwup import FwupError, FwupProcess, FwupResult, Progress
+from .fwup import FwupError, FwupProcess, FwupResult, Message, Progress
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
 from .lock import DeviceBusy
 from .outcome import EXIT_FAILED, EXIT_OK, Outcome, UpdateError, UpdateRefused, Uploader
@@ -48,6 +48,7 @@ __all__ = [
     "UpdateRefused",
     "Uploader",
     "load_callback",
+    "refused_before_writing",
     "report_only",
 ]
 
@@ -77,6 +78,7 @@ class Update:
         self._head_bytes = bytearray()  # the upload's first bytes until the head is decided
         self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
         self._target: str | None = None  # the slot fwup writes, once it may have started
+        self._fwup_went_on = False  # fwup reported more than its start (a message, progress > 0)
         self.downgrade = False  # an older version than the running one, allowed by the config
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class Update:
 
     def _journal_abort(self) -> None:
         if not self._finished:
-            self._journal("failed", f"upload aborted: {self._aborted}; nothing was changed")
+            self._journal("failed", f"upload aborted: {self._aborted}; {self._what_changed()}")
 
     # --- data ------------------------------------------------------------------------------
 
@@ -239,7 +241,7 @@ class Update:
             with anyio.fail_after(idle):
                 await self._fwup.write(data)
         except TimeoutError:
-            reason = f"update failed: fwup accepted no data for {idle:.0f} s and was stopped; the device was not changed"
+            reason = f"update failed: fwup accepted no data for {idle:.0f} s and was stopped; {self._what_changed()}"
             log.error("fwup (pid %d) hung: it read nothing for %.0f s", self._fwup.pid, idle)
             self._journal("failed", reason)
             self.abort(reason)
@@ -251,7 +253,8 @@ class Update:
                 log.warning("fwup finished before the end of the upload from %s (bytes after the archive)", self.uploader)
                 self._applied = result
                 return
-            reason = f"update failed: {result.reason}; the device was not changed"
+            await self._relayed.wait()  # its last events decide whether it may have written
+            reason = f"update failed: {result.reason}; {await self._after_failure(result)}"
             self._journal("failed", reason)
             raise UpdateError(reason) from None
 
@@ -259,7 +262,7 @@ class Update:
         try:
             check(*args)
         except IncompleteArchive as e:
-            reason = f"update failed: {e}; the device was not changed"
+            reason = f"update failed: {e}; {self._what_changed()}"
             self._journal("failed", reason)
             self.abort(str(e))
             raise UpdateError(reason) from None
@@ -297,7 +300,7 @@ class Update:
         await self._relayed.wait()
         self.device.notify_status(f"fwup: {result.reason}")
         if not result.success:
-            outcome = Outcome(False, f"update failed: {result.reason}; {await confirm_unchanged(self.device, self.before, self.root)}")
+            outcome = Outcome(False, f"update failed: {result.reason}; {await self._after_failure(result)}")
             log.warning("update from %s failed: %s", self.uploader, result.reason)
             self._journal("failed", outcome.verdict)
             return self._conclude(outcome)
@@ -341,10 +344,20 @@ class Update:
         self.before, self.root = before, self.device.running_root()
         await precheck(self.device, self.uploader, self.report, before, self.root)
 
+    def _what_changed(self) -> str:
+        return what_changed(self._target, self.root)
+
+    async def _after_failure(self, result: FwupResult) -> str:
+        self._target, words = await after_failure(self.device, self.before, self.root, self._target, result,
+                                                  went_on=self._fwup_went_on)  # fmt: skip
+        return words
+
     async def _relay_events(self) -> None:
         assert self._fwup is not None
         try:
             async for event in self._fwup.events():
+                if isinstance(event, Message) or (isinstance(event, Progress) and event.percent > 0):
+                    self._fwup_went_on = True
                 if isinstance(event, Progress):
                     self.device.progress.set(percent=event.percent)
                 await self.report.event(event)

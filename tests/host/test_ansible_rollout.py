@@ -67,7 +67,7 @@ def playbook(workdir: Path, inventory: str, firmware: Path | str, *args: str, ti
         argv, env = rollout_command(workdir, inv, firmware, *args, env=callback)
     except FileNotFoundError as e:
         pytest.fail(str(e))
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     if not record.exists():
         pytest.fail(f"ansible-playbook recorded nothing (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return Run(result.returncode, json.loads(record.read_text()), result.stdout, result.stderr)
@@ -137,7 +137,8 @@ def test_firmware_facts_is_the_devices_status(fleet: SimFleet, tmp_path: Path) -
     result = subprocess.run(
         [ansible_tool("ansible"), "devices", "-i", str(inv), "-m", "sshfwup.device.firmware_facts",
          "-a", f"known_hosts={fleet.known_hosts}", "-o"],
-        capture_output=True, text=True, env=ansible_environment(tmp_path), timeout=120, check=False,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=ansible_environment(tmp_path), timeout=120,
+        check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("dev1", "dev2"):

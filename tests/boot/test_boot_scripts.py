@@ -1,0 +1,120 @@
+"""deploy/uboot/*/boot.cmd, run by a minimal U-Boot shell (tests/boot/uboot_shell.py) against a
+real environment block, decide and write exactly what the simulator's bootloader does — so the
+simulator's contract is the scripts' and the QEMU device's. No setexpr anywhere."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from uboot_shell import UBoot
+
+from sshfwup.boot.bootenv import BootEnv
+from sshfwup.sim.bootloader import boot
+from sshfwup.sim.layout import DEFAULT_LAYOUT
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "uboot"
+SCRIPTS = {"uboot-bootcount": DEPLOY / "bootcount" / "boot.cmd", "uboot-nerves": DEPLOY / "nerves" / "boot.cmd"}
+BOARD = {"bootdelay": "2", "sshfwup_boot_a": "echo a", "sshfwup_boot_b": "echo b", "kernel_addr_r": "0x1000000"}
+SLOTS = {"a.nerves_fw_version": "1.0.0", "b.nerves_fw_version": "2.0.0", "b.sshfwup_state": "rolled-back"}
+
+
+def env_image(tmp_path: Path, values: Mapping[str, str]) -> tuple[Path, BootEnv]:
+    image = tmp_path / "disk.img"
+    offset, size = DEFAULT_LAYOUT.uboot_env_span
+    assert (offset, size) == (0x800 * 512, 0x100 * 512)  # what the scripts' board section says
+    with open(image, "wb") as f:
+        f.truncate(offset + size)
+    config = tmp_path / "fw_env.config"
+    config.write_text(f"{image} 0x{offset:x} 0x{size:x}\n")
+    defaults = tmp_path / "defaults.env"
+    defaults.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    subprocess.run(["fw_setenv", "-c", str(config), "-f", str(defaults)], check=True, capture_output=True)
+    return image, BootEnv(config)
+
+
+def script_and_sim(tmp_path: Path, contract: str, values: Mapping[str, str]) -> tuple[tuple[str, dict], tuple[str, dict]]:
+    """(slot, env after) by the script, and by the simulator, from the same environment."""
+    (tmp_path / "script").mkdir(parents=True)
+    image, env = env_image(tmp_path / "script", values)
+    uboot = UBoot(image, env=dict(BOARD))
+    uboot.source(SCRIPTS[contract].read_text())
+    assert uboot.booted is not None, uboot.output
+    by_script = (uboot.booted.removeprefix("sshfwup_boot_"), env.read_sync())
+    assert all(uboot.env.get(k) == v for k, v in BOARD.items())  # the board's environment came back
+    (tmp_path / "sim").mkdir(parents=True)
+    _, sim_env = env_image(tmp_path / "sim", values)
+    choice = boot(sim_env, contract)
+    return by_script, (choice.slot, sim_env.read_sync())
+
+
+BOOTCOUNT_BASE = {"nerves_fw_active": "a", "nerves_fw_validated": "1", "nerves_fw_booted": "0",
+                  "upgrade_available": "0", "bootcount": "0", "bootlimit": "3", **SLOTS}  # fmt: skip
+BOOTCOUNT_CASES = [
+    {},
+    {"nerves_fw_booted": "1"},
+    *({"nerves_fw_active": "b", "nerves_fw_validated": "0", "upgrade_available": "1", "bootcount": str(n)} for n in range(5)),
+    {"nerves_fw_active": "b", "nerves_fw_validated": "0", "upgrade_available": "1", "bootlimit": "1"},
+    {"nerves_fw_active": "b", "nerves_fw_validated": "0", "upgrade_available": "1", "bootcount": "1", "bootlimit": "1"},
+    {"nerves_fw_active": "a", "upgrade_available": "1", "bootcount": "9", "bootlimit": "9"},
+    {"nerves_fw_active": "b", "upgrade_available": "1", "bootcount": "x", "bootlimit": "y"},
+    {"nerves_fw_active": "b", "upgrade_available": "1", "bootcount": "-1"},
+    {"nerves_fw_active": "b", "upgrade_available": "1", "bootlimit": "0"},
+    {"nerves_fw_active": "b", "nerves_fw_validated": "0", "upgrade_available": None, "bootcount": None},
+    {"nerves_fw_active": "b", "nerves_fw_validated": "1", "upgrade_available": None},
+    {"nerves_fw_active": "c"},
+    {"nerves_fw_active": None, "upgrade_available": "1", "bootcount": "3"},
+]
+NERVES_CASES = [
+    {"nerves_fw_active": active, "nerves_fw_booted": booted, "nerves_fw_validated": validated, "nerves_fw_autovalidate": auto}
+    for active, booted, validated, auto in itertools.product(("a", "b", "x"), ("0", "1", None), ("0", "1"), ("0", "1", None))
+]
+
+
+def _env(base: Mapping[str, str], case: Mapping[str, str | None]) -> dict[str, str]:
+    merged = {**base, **case}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+@pytest.mark.parametrize("case", BOOTCOUNT_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "validated")
+def test_bootcount_script_is_the_simulators_decision(tmp_path: Path, case: dict) -> None:
+    by_script, by_sim = script_and_sim(tmp_path, "uboot-bootcount", _env(BOOTCOUNT_BASE, case))
+    assert by_script == by_sim
+
+
+def test_nerves_script_is_the_simulators_decision(tmp_path: Path) -> None:
+    for n, case in enumerate(NERVES_CASES):
+        by_script, by_sim = script_and_sim(tmp_path / str(n), "uboot-nerves", _env(SLOTS, case))
+        assert by_script == by_sim, case
+
+
+def test_a_trial_runs_out_by_script_alone(tmp_path: Path) -> None:
+    """Boot after boot on one disk: bootlimit 3 trial boots of b, then a, as proven."""
+    image, env = env_image(tmp_path, {**BOOTCOUNT_BASE, "nerves_fw_active": "b", "nerves_fw_validated": "0",
+                                      "upgrade_available": "1"})  # fmt: skip
+    slots = []
+    for _ in range(5):
+        uboot = UBoot(image, env=dict(BOARD))
+        uboot.source(SCRIPTS["uboot-bootcount"].read_text())
+        slots.append(uboot.booted)
+    assert slots == ["sshfwup_boot_b"] * 3 + ["sshfwup_boot_a"] * 2
+    after = env.read_sync()
+    assert (after["nerves_fw_active"], after["nerves_fw_validated"], after["bootcount"]) == ("a", "1", "0")
+    assert "bootdelay" not in after  # the board's own environment never reaches the disk's
+
+
+@pytest.mark.parametrize("contract", sorted(SCRIPTS))
+def test_scripts_use_no_setexpr_and_compile(contract: str, tmp_path: Path) -> None:
+    text = SCRIPTS[contract].read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "setexpr" not in code and "saveenv" not in code
+    if shutil.which("mkimage") is None:
+        pytest.skip("mkimage (u-boot-tools) is not installed")
+    out = tmp_path / "boot.scr"
+    subprocess.run(["mkimage", "-A", "arm", "-O", "linux", "-T", "script", "-C", "none", "-d", str(SCRIPTS[contract]), str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    assert out.stat().st_size > len(text)

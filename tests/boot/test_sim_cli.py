@@ -1,0 +1,59 @@
+"""``sshfwup sim create --contract``: the device's bootloader and its server speak the same contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sshfwup.sim import cli
+from sshfwup.sim.bootloader import FACTORY_ENV, choose_boot, choose_for, choose_nerves
+
+
+class Created:
+    path = Path("/nonexistent")
+    ssh_port = 2222
+    app_port = 8080
+    server_data_dir = Path("/nonexistent/data")
+
+
+@pytest.mark.parametrize(("argv", "overrides"), [
+    ([], None),
+    (["--contract", "uboot-bootcount"], None),
+    (["--contract", "uboot-nerves"], {"boot": {"contract": "uboot-nerves"}}),
+])  # fmt: skip
+def test_create_passes_the_contract_to_the_device(
+    argv: list[str], overrides: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def create(path: Path, **kwargs: Any) -> Created:
+        seen.update(kwargs)
+        return Created()
+
+    monkeypatch.setattr(cli.SimDevice, "create", create)
+    fw = tmp_path / "x.fw"
+    fw.write_bytes(b"")
+    assert cli.main(["create", str(tmp_path / "d"), "--firmware", str(fw), *argv]) == 0
+    assert seen["config_overrides"] == overrides
+
+
+def test_create_refuses_an_unknown_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["create", "d", "--contract", "grub"])
+    assert "invalid choice: 'grub'" in capsys.readouterr().err
+
+
+def test_each_contract_has_a_bootloader_and_a_factory_env() -> None:
+    assert choose_for("uboot-bootcount") is choose_boot and choose_for("uboot-nerves") is choose_nerves
+    assert FACTORY_ENV["uboot-nerves"] == {"nerves_fw_autovalidate": "0"}
+    with pytest.raises(ValueError, match="no bootloader for boot contract 'tryboot'"):
+        choose_for("tryboot")
+
+
+def test_create_help_documents_the_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["create", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--contract {uboot-bootcount,uboot-nerves}" in text and "nerves_fw_autovalidate=0" in text
