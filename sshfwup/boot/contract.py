@@ -55,9 +55,16 @@ class BootContract(ABC):
 
     # --- changing -----------------------------------------------------------------------------
 
-    @abstractmethod
     def validate_values(self, env: Mapping[str, str]) -> dict[str, str | None]:
-        """The variables to write so the firmware that boots next counts as proven."""
+        """The variables to write so the firmware that boots next counts as proven: validated,
+        and a boot counter, where the environment has one, disarmed (the same under both U-Boot
+        contracts; a backend whose bootloader reads other keys overrides this)."""
+        values: dict[str, str | None] = {"nerves_fw_validated": "1"}
+        if "upgrade_available" in env:
+            values["upgrade_available"] = "0"
+        if "bootcount" in env:
+            values["bootcount"] = "0"
+        return values
 
     @abstractmethod
     def revert_values(self, env: Mapping[str, str], slot: str, *, proven: bool) -> dict[str, str | None]:

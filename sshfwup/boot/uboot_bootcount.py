@@ -39,14 +39,6 @@ class UBootBootcount(BootContract):
             trial = env.get("nerves_fw_validated") == "0"
         return replace(state, trial=trial, contract=self.name)
 
-    def validate_values(self, env: Mapping[str, str]) -> dict[str, str | None]:
-        values: dict[str, str | None] = {"nerves_fw_validated": "1"}
-        if "upgrade_available" in env:
-            values["upgrade_available"] = "0"
-        if "bootcount" in env:
-            values["bootcount"] = "0"
-        return values
-
     def revert_values(self, env: Mapping[str, str], slot: str, *, proven: bool) -> dict[str, str | None]:
         values: dict[str, str | None] = {"nerves_fw_active": slot, "nerves_fw_validated": "1" if proven else "0"}
         # An unproven firmware needs the counter armed, present or not: it is what falls back.

@@ -70,14 +70,6 @@ class UBootNerves(BootContract):
             warnings=warnings,
         )
 
-    def validate_values(self, env: Mapping[str, str]) -> dict[str, str | None]:
-        values: dict[str, str | None] = {"nerves_fw_validated": "1"}
-        if "upgrade_available" in env:
-            values["upgrade_available"] = "0"
-        if "bootcount" in env:
-            values["bootcount"] = "0"
-        return values
-
     def revert_values(self, env: Mapping[str, str], slot: str, *, proven: bool) -> dict[str, str | None]:
         values: dict[str, str | None] = {"nerves_fw_active": slot}
         if proven:
