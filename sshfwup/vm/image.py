@@ -5,7 +5,9 @@
 A VM directory (``sshfwup vm build DIR``) holds:
 
 - ``staging/``     the root filesystem the firmware is built from (edit it, ``sshfwup vm firmware``)
-- ``boot.scr``     deploy/vm/boot.cmd compiled by mkimage
+- ``boot.cmd``     deploy/vm/board.cmd followed by the shipped uboot-bootcount script
+                   (``deploy/uboot/<contract>/boot.cmd``), unchanged
+- ``boot.scr``     boot.cmd compiled by mkimage
 - ``id_ed25519``   the SSH key the device trusts (its public half is in the firmware)
 - ``fw/``          the firmware files built (``<version>.fw``)
 - ``disk.img``     the factory disk (raw, sparse): ``fwup -a -t complete`` of the first firmware
@@ -140,9 +142,25 @@ def firmware(vm: VmDir, version: str, *, out: Path | None = None) -> Built:
         raise VmError(f"building firmware {version}: {e}") from None
 
 
+CONTRACT = "uboot-bootcount"
+BOARD_SCRIPT = "deploy/vm/board.cmd"
+# the script shipped for boards of the contract (deploy/uboot/<contract without "uboot-">/boot.cmd)
+SHIPPED_SCRIPT = f"deploy/uboot/{CONTRACT.removeprefix('uboot-')}/boot.cmd"
+
+
+def boot_script_source() -> str:
+    """The QEMU device's boot script: its board part (the commands that boot a slot), then the
+    script shipped for the contract, exactly as boards get it."""
+    root = repo_root()
+    board, shipped = (root / BOARD_SCRIPT).read_text(), (root / SHIPPED_SCRIPT).read_text()
+    return f"{board.rstrip()}\n\n# --- {SHIPPED_SCRIPT} ---\n{shipped}"
+
+
 def compile_boot_script(vm: VmDir) -> None:
+    source = vm.path / "boot.cmd"
+    source.write_text(boot_script_source())
     _run(["mkimage", "-A", "x86", "-O", "linux", "-T", "script", "-C", "none", "-n", "sshfwup A/B",
-          "-d", str(repo_root() / "deploy/vm/boot.cmd"), str(vm.boot_scr)], what="mkimage of boot.cmd")  # fmt: skip
+          "-d", str(source), str(vm.boot_scr)], what="mkimage of boot.cmd")  # fmt: skip
 
 
 def build_vm(path: Path, *, rebuild_rootfs: bool = False) -> VmDir:

@@ -118,3 +118,25 @@ def test_scripts_use_no_setexpr_and_compile(contract: str, tmp_path: Path) -> No
     subprocess.run(["mkimage", "-A", "arm", "-O", "linux", "-T", "script", "-C", "none", "-d", str(SCRIPTS[contract]), str(out)],
                    check=True, capture_output=True)  # fmt: skip
     assert out.stat().st_size > len(text)
+
+
+def test_the_qemu_device_runs_the_shipped_script_after_its_board_part(tmp_path: Path) -> None:
+    """`sshfwup vm build`'s boot script: deploy/vm/board.cmd, then deploy/uboot/bootcount/boot.cmd
+    unchanged. The board part's commands (in U-Boot's own environment) survive the script's swap to
+    the disk's environment and back, with ${filesize} kept for the run (single quotes)."""
+    from sshfwup.vm.image import boot_script_source
+
+    source = boot_script_source()
+    assert source.endswith(SCRIPTS["uboot-bootcount"].read_text())
+    image, env = env_image(tmp_path, {**BOOTCOUNT_BASE, "nerves_fw_active": "b", "nerves_fw_validated": "0",
+                                      "upgrade_available": "1"})  # fmt: skip
+    uboot = UBoot(image, env={"bootdelay": "2", "scriptaddr": "0x7000000"})
+    uboot.source(source)
+    assert uboot.booted == "sshfwup_boot_b", uboot.output
+    after = env.read_sync()
+    assert (after["nerves_fw_active"], after["bootcount"]) == ("b", "1")
+    assert not any(k.startswith("sshfwup_boot_") for k in after)  # the board's commands stay U-Boot's
+    command = uboot.env["sshfwup_boot_b"]
+    assert "root=/dev/vda3 " in command and "load virtio 0:1 0x10000000 initrd.b;" in command
+    assert command.endswith("zboot 0x3000000 0 0x10000000 ${filesize}")
+    assert "root=/dev/vda2 " in uboot.env["sshfwup_boot_a"] and "vmlinuz.a;" in uboot.env["sshfwup_boot_a"]

@@ -1,19 +1,24 @@
 """Just enough of U-Boot's hush shell to run deploy/uboot/*/boot.cmd against a disk image.
 
 What the scripts may use, and nothing more (a script that needs more fails here first): local
-variables (``name=value``), ``${name}`` (locals, then the environment), ``if/elif/else/fi``
+variables (``name=value``), ``${name}`` (the environment, then locals), ``if/elif/else/fi``
 with ``&&``/``||``, ``test`` (= != -z -n -gt -ge -lt -le -eq -ne), ``setenv``, ``echo``, ``run``,
 ``env export -t ADDR`` / ``env export -c -s SIZE ADDR``, ``env import [-d] -c ADDR SIZE`` /
 ``env import -t ADDR SIZE``, and ``<iface> dev N`` / ``<iface> read|write ADDR BLK CNT`` on the
-image. ``setexpr`` is deliberately absent (Debian's qemu-x86 U-Boot has none). The environment
+image; quoting as hush has it ("..." expands, '...' keeps ``${name}`` for a later ``run``).
+``setexpr`` is deliberately absent (Debian's qemu-x86 U-Boot has none). The environment
 block is U-Boot's: CRC32 (little-endian) of the data, then ``name=value\\0`` pairs — what
 fw_printenv reads, so a test can check the script's writes with libubootenv.
+
+As real U-Boot (2023.01, cli_hush.c) has it: local variables are the shell's own, not the
+environment's, so ``env import -d`` (which replaces the whole environment) keeps them; a
+``${name}`` is looked up in the environment first (``lookup_param``: env_get, then the local
+variable), so a script's local must not share a name with an environment variable.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,14 +111,34 @@ class UBoot:
         return result
 
     def _expand(self, word: str) -> str:
-        return re.sub(r"\$\{(\w+)\}", lambda m: self.locals.get(m.group(1), self.env.get(m.group(1), "")), word)
+        return re.sub(r"\$\{(\w+)\}", lambda m: self.env.get(m.group(1), self.locals.get(m.group(1), "")), word)
 
     def _words(self, text: str) -> list[str]:
-        lexer = shlex.shlex(text, posix=True, punctuation_chars=False)
-        lexer.whitespace_split = True
-        lexer.commenters = ""
-        # shlex drops the quotes: keep "" as an empty argument, and expand inside quotes too
-        return [self._expand(w) for w in lexer]
+        """Words as hush splits them: "..." expands ${name}, '...' keeps it, "" is an argument."""
+        words: list[str] = []
+        current: str | None = None
+        i = 0
+        while i < len(text):
+            c = text[i]
+            if c in "\"'":
+                end = text.index(c, i + 1)
+                inner = text[i + 1 : end]
+                current = (current or "") + (self._expand(inner) if c == '"' else inner)
+                i = end + 1
+            elif c.isspace():
+                if current is not None:
+                    words.append(current)
+                    current = None
+                i += 1
+            else:
+                end = i
+                while end < len(text) and not text[end].isspace() and text[end] not in "\"'":
+                    end += 1
+                current = (current or "") + self._expand(text[i:end])
+                i = end
+        if current is not None:
+            words.append(current)
+        return words
 
     def _command(self, text: str) -> bool:
         m = re.fullmatch(r"(\w+)=(\S*)", text)
@@ -190,11 +215,11 @@ class UBoot:
 
 
 def _split(line: str, sep: str) -> list[str]:
-    parts, current, quoted = [], "", False
+    parts, current, quote = [], "", ""
     for c in line:
-        if c == '"':
-            quoted = not quoted
-        if c == sep and not quoted:
+        if c in "\"'" and (not quote or quote == c):
+            quote = "" if quote else c
+        if c == sep and not quote:
             parts.append(current)
             current = ""
         else:
