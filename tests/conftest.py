@@ -104,6 +104,22 @@ def _keygen(path: Path) -> KeyPair:
 
 
 @pytest.fixture(scope="session")
+def firmware_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two fwup signing key pairs: ``ours`` and ``theirs`` (private key paths), ``ours.pub`` and
+    ``theirs.pub`` (public)."""
+    from sshfwup.firmware.keys import generate_keypair
+
+    out = tmp_path_factory.mktemp("signing")
+    paths: dict[str, Path] = {}
+    for name in ("ours", "theirs"):
+        priv, pub = generate_keypair()
+        (out / f"{name}.priv").write_text(priv)
+        (out / f"{name}.pub").write_text(pub)
+        paths[name], paths[f"{name}.pub"] = out / f"{name}.priv", out / f"{name}.pub"
+    return paths
+
+
+@pytest.fixture(scope="session")
 def client_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
     return _keygen(tmp_path_factory.mktemp("keys") / "uploader")
 

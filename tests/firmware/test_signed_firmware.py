@@ -9,26 +9,13 @@ from typing import Any
 import pytest
 from conftest import Sim, output
 
-from sshfwup.firmware.keys import generate_keypair, load_private_key
+from sshfwup.firmware.keys import load_private_key
 from sshfwup.host.firmware_sign import sign_firmware
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("signing")
-    paths: dict[str, Path] = {}
-    for name in ("ours", "theirs"):
-        priv, pub = generate_keypair()
-        (out / f"{name}.priv").write_text(priv)
-        (out / f"{name}.pub").write_text(pub)
-        paths[name] = out / f"{name}.priv"
-        paths[f"{name}.pub"] = out / f"{name}.pub"
-    return paths
-
-
 @pytest.fixture
-def sim_config(keys: dict[str, Path]) -> dict[str, Any]:
-    return {"fwup": {"public_keys": [str(keys["ours.pub"])], "success_callback": "sshfwup.update.update:report_only"}}
+def sim_config(firmware_keys: dict[str, Path]) -> dict[str, Any]:
+    return {"fwup": {"public_keys": [str(firmware_keys["ours.pub"])], "success_callback": "sshfwup.update.update:report_only"}}
 
 
 def signed(firmware: Path, key: Path, out: Path) -> Path:
@@ -41,8 +28,8 @@ def assert_untouched(sim: Sim) -> None:
     assert not env.get("b.nerves_fw_version")
 
 
-async def test_signed_firmware_is_accepted(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path) -> None:
-    result = sim.upload(signed(firmware("2.0.0"), keys["ours"], tmp_path / "v2.signed.fw"))
+async def test_signed_firmware_is_accepted(sim: Sim, firmware, firmware_keys: dict[str, Path], tmp_path: Path) -> None:
+    result = sim.upload(signed(firmware("2.0.0"), firmware_keys["ours"], tmp_path / "v2.signed.fw"))
     assert result.returncode == 0, output(result)
     assert sim.env()["b.nerves_fw_version"] == "2.0.0"
 
@@ -65,17 +52,17 @@ def swapped_payload(signed_fw: Path, other_fw: Path, out: Path, *, same_size: bo
 
 
 @pytest.mark.parametrize("case", ["unsigned", "other-key", "flipped-payload", "swapped-payload", "swapped-same-size"])
-async def test_refusals(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path, case: str) -> None:
+async def test_refusals(sim: Sim, firmware, firmware_keys: dict[str, Path], tmp_path: Path, case: str) -> None:
     if case == "unsigned":
         data = firmware("2.0.0").read_bytes()
     elif case == "other-key":
-        data = signed(firmware("2.0.0"), keys["theirs"], tmp_path / "x.fw").read_bytes()
+        data = signed(firmware("2.0.0"), firmware_keys["theirs"], tmp_path / "x.fw").read_bytes()
     elif case == "flipped-payload":
-        good = bytearray(signed(firmware("2.0.0"), keys["ours"], tmp_path / "x.fw").read_bytes())
+        good = bytearray(signed(firmware("2.0.0"), firmware_keys["ours"], tmp_path / "x.fw").read_bytes())
         good[len(good) - 4096] ^= 0x01  # inside rootfs.img
         data = bytes(good)
     else:
-        ours = signed(firmware("2.0.0"), keys["ours"], tmp_path / "x.fw")
+        ours = signed(firmware("2.0.0"), firmware_keys["ours"], tmp_path / "x.fw")
         other = firmware("2.0.0", changes=("kernel",))
         data = swapped_payload(ours, other, tmp_path / "evil.fw", same_size=case == "swapped-same-size").read_bytes()
     result = sim.upload(data)
@@ -129,7 +116,7 @@ async def test_firmware_signed_by_fwup_with_its_own_key(
     assert sim.env()["b.nerves_fw_version"] == "2.0.0"
 
 
-async def test_a_delta_patch_keeps_the_signature(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path) -> None:
+async def test_a_delta_patch_keeps_the_signature(sim: Sim, firmware, firmware_keys: dict[str, Path], tmp_path: Path) -> None:
     """The patch carries NEW's meta.conf and signature verbatim: a device that requires signed
     firmware applies it; a patch of unsigned firmware is refused like the firmware itself."""
     from sshfwup.host.firmware_delta import make_patch
@@ -138,7 +125,7 @@ async def test_a_delta_patch_keeps_the_signature(sim: Sim, firmware, keys: dict[
     result = sim.upload(unsigned.path)
     assert result.returncode == 1 and "Expecting signed firmware archive" in output(result), output(result)
     assert_untouched(sim)
-    v2 = signed(firmware("2.0.0"), keys["ours"], tmp_path / "v2.signed.fw")
+    v2 = signed(firmware("2.0.0"), firmware_keys["ours"], tmp_path / "v2.signed.fw")
     patch = make_patch(firmware("1.0.0"), v2, tmp_path / "patch.fw")
     result = sim.upload(patch.path)
     assert result.returncode == 0, output(result)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import Sim, output, upload
 
-from sshfwup.firmware.keys import generate_keypair, load_private_key
+from sshfwup.firmware.keys import load_private_key
 from sshfwup.host.firmware_sign import sign_firmware
 
 
@@ -39,18 +39,6 @@ async def other_slot_whole(sim: Sim, firmware) -> None:
     assert env["b.nerves_fw_version"] == "2.0.0" and "b.sshfwup_state" not in env, env
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("signing")
-    paths: dict[str, Path] = {}
-    for name in ("ours", "theirs"):
-        priv, pub = generate_keypair()
-        (out / f"{name}.priv").write_text(priv)
-        (out / f"{name}.pub").write_text(pub)
-        paths[name], paths[f"{name}.pub"] = out / f"{name}.priv", out / f"{name}.pub"
-    return paths
-
-
 # case -> (what the device is told first, what fwup or sshfwup says)
 CASES: dict[str, tuple[dict[str, Any], str]] = {
     "wrong-platform": ({}, "Expecting platform=otherboard and architecture=x86_64"),
@@ -63,21 +51,21 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-async def test_a_refused_upload_changes_nothing(sim: Sim, firmware, keys: dict[str, Path], tmp_path: Path,
+async def test_a_refused_upload_changes_nothing(sim: Sim, firmware, firmware_keys: dict[str, Path], tmp_path: Path,
                                                 case: str) -> None:  # fmt: skip
     await other_slot_whole(sim, firmware)
     config, says = CASES[case]
     if config:
         fwup = dict(config["fwup"])
         if "public_keys" in fwup:
-            fwup["public_keys"] = [str(keys["ours.pub"])]
+            fwup["public_keys"] = [str(firmware_keys["ours.pub"])]
         await sim.restart_server(fwup=fwup)
     if case == "unvalidated":
         sim.device.set_env(nerves_fw_validated="0")  # as after a first boot, before validation
     data = {
         "wrong-platform": lambda: firmware("3.0.0", platform="otherboard").read_bytes(),
         "other-key": lambda: sign_firmware(firmware("3.0.0"), tmp_path / "theirs.fw",
-                                           load_private_key(keys["theirs"])).read_bytes(),  # fmt: skip
+                                           load_private_key(firmware_keys["theirs"])).read_bytes(),  # fmt: skip
     }.get(case, lambda: firmware("3.0.0").read_bytes())()
     block, slot_b, slot_a = env_block(sim), slot_sha256(sim, "b"), slot_sha256(sim, "a")
     app = sim.status()["app"]
