@@ -56,4 +56,5 @@ def test_create_help_documents_the_contract(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         cli.main(["create", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--contract {uboot-bootcount,uboot-nerves}" in text and "nerves_fw_autovalidate=0" in text
+    assert "--contract {uboot-bootcount,uboot-nerves,fwup-ops}" in text and "nerves_fw_autovalidate=0" in text
+    assert "--layout NAME|DIR" in text and "--fwup-conf FILE" in text and "--ops-conf FILE" in text
