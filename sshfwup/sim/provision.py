@@ -69,6 +69,9 @@ def create_device(
         (path / sub).mkdir(parents=True, exist_ok=True)
     if _contract_of(overrides) == "fwup-ops":
         overrides = _with_ops(overrides, path, device.disk, fwup, ops_conf)
+    elif ops_conf is not None:
+        raise ProvisionError(f"an ops archive ({ops_conf}) is for the fwup-ops contract; this device's is "
+                             f"{_contract_of(overrides)}")  # fmt: skip
     device = cls(
         path,
         layout=layout,

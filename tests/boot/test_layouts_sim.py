@@ -14,7 +14,9 @@ from conftest import Sim, output, upload, wait_until
 
 from sshfwup.firmware.keys import load_private_key
 from sshfwup.host.firmware_sign import sign_firmware
+from sshfwup.boot.fwup_ops import FWUP_DEFAULT_REBOOT_PARAM_PATHS
 from sshfwup.sim.layouts import ExampleLayout, build_ops_archive, find_layout
+from sshfwup.sim.tryboot import REBOOT_PARAM
 
 LAYOUTS = ["bootcount", "nerves-bbb-like", "tryboot-like"]
 FAST = {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}
@@ -55,6 +57,11 @@ def fw(firmware: Any, layout: ExampleLayout, version: str, **kwargs: Any) -> Pat
     return firmware(version, conf=layout.fwup_conf, **kwargs)
 
 
+def host_reboot_params() -> dict[str, Any]:
+    """The host's own reboot parameter files (fwup's defaults): a simulated device never writes them."""
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) if p.exists() else None for p in FWUP_DEFAULT_REBOOT_PARAM_PATHS}
+
+
 def boots_next(sim: Sim) -> tuple[str, bool]:
     s = sim.status()
     return s["active"], s["validated"]
@@ -84,11 +91,15 @@ def disk_outside_env_and_data(sim: Sim) -> bytes:
 @layouts("bootcount")
 async def test_hot_update_revert_and_trial_of_a_revert(sim: Sim, firmware, layout: ExampleLayout) -> None:
     assert sim.status()["boot_contract"] == layout.boot["contract"]
+    host = host_reboot_params()
     # hot update: the app swaps, the new slot boots next on trial
     result = await upload(sim, fw(firmware, layout, "2.0.0"))
     assert result.returncode == 0 and "hot reload" in output(result), output(result)
     s = sim.status()
     assert s["pending_reboot"] and s["active"] == "b" and s["trial_boot"] and not s["validated"], s
+    if layout.boot["contract"] == "fwup-ops":  # reboot_param() wrote inside the device, not the host's /run
+        assert (sim.device.path / REBOOT_PARAM).read_text() == "0 tryboot"
+    assert host_reboot_params() == host
     # proven revert: the running slot boots next again, no reboot
     result = sim.ssh("revert")
     assert result.returncode == 0 and "no reboot needed" in output(result), output(result)
@@ -109,6 +120,9 @@ async def test_hot_update_revert_and_trial_of_a_revert(sim: Sim, firmware, layou
     await wait_until(lambda: boots_next(sim) == ("a", True), what="1.0.0 validated after its trial")
     assert sim.ssh("reboot").returncode == 0
     assert (await sim.machine.wait_boot(5, timeout=30)).slot == "a"
+    if layout.boot["contract"] == "fwup-ops":
+        assert "nerves_fw_active" not in sim.env()  # nothing wrote a key this system does not have
+    assert host_reboot_params() == host
 
 
 @layouts()
