@@ -88,7 +88,7 @@ def disk_outside_env_and_data(sim: Sim) -> bytes:
         return head + f.read(sim.device.layout.app_span[0] - env_offset - env_size)
 
 
-@layouts("bootcount")
+@layouts("bootcount", "nerves-bbb-like")
 async def test_hot_update_revert_and_trial_of_a_revert(sim: Sim, firmware, layout: ExampleLayout) -> None:
     assert sim.status()["boot_contract"] == layout.boot["contract"]
     host = host_reboot_params()
