@@ -190,3 +190,16 @@ async def test_every_refusal_changes_nothing(sim: Sim, firmware, firmware_keys: 
             sim.device.set_env(nerves_fw_validated="1")
     result = sim.ssh("revert")  # the whole firmware in slot b is still there to go back to
     assert result.returncode == 0 and "slot b (2.0.0) boots next" in output(result), output(result)
+
+
+@pytest.mark.parametrize("layout", ["tryboot-like"], indirect=True)
+async def test_a_power_cut_loses_a_pending_tryboot(sim: Sim, firmware, layout: ExampleLayout) -> None:
+    """The tryboot flag lives in RAM (the reboot parameter under /run): only a reboot hands it to
+    the firmware. After a power cut the default slot boots and the update is no longer pending."""
+    assert (await upload(sim, fw(firmware, layout, "2.0.0"))).returncode == 0
+    assert boots_next(sim) == ("b", False)
+    sim.machine.power_cut()
+    assert (await sim.machine.wait_boot(2, timeout=30)).slot == "a"
+    assert not (sim.device.path / REBOOT_PARAM).exists()
+    s = sim.status()
+    assert s["active"] == "a" and not s["pending_reboot"] and not s["trial_boot"], s
