@@ -196,7 +196,8 @@ class FwupOps(BootContract):
     async def revert_to(self, slot: str, *, proven: bool = True, also: Mapping[str, str | None] | None = None) -> None:
         running = self._require_running(f"revert to slot {slot}")
         if slot == running:
-            # the running firmware is the one to keep: it boots by default, no trial is pending
+            # the running firmware is the one to keep (it runs, so proven or not it needs no
+            # trial): it boots by default and no tryboot stays pending
             await self._run(self.settings.validate_task, slot=slot, what=f"keep slot {slot} booting")
         elif proven:
             await self._run(self.settings.revert_task, slot=slot, what=f"revert to slot {slot}")

@@ -12,6 +12,8 @@ its own unprivileged user and must reach them; ``D`` may sit below a private dir
     R/run/            the server's run dir (lock, the pipeline's slot mounts)
     D/sshfwup.toml    the server's configuration
     D/machine.json    the simulated machine's state (written by machine.py)
+    D/ops.fw          fwup-ops devices: the system's ops archive (sim/layouts.py builds it)
+    D/reboot-param    fwup-ops devices: fwup's reboot_param() ("0 tryboot"); a restart uses it up
     R/owner.json      who owns the device (pid + start time; see OWNER_ENV and sim/stale.py)
 
 This kernel sandbox creates no partition nodes (loopNpM), so each partition is its own loop
