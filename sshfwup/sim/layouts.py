@@ -53,7 +53,7 @@ def find_layout(spec: str | Path) -> ExampleLayout:
     if not path.is_dir():
         named = EXAMPLES / str(spec)
         if os.sep in str(spec) or not named.is_dir():
-            known = ", ".join(sorted(p.name for p in EXAMPLES.glob("*/fwup.conf") for p in [p.parent])) or "none"
+            known = ", ".join(sorted(conf.parent.name for conf in EXAMPLES.glob("*/fwup.conf"))) or "none"
             raise ProvisionError(f"layout {spec!r}: no such directory, nor a layout in {EXAMPLES} (known: {known})")
         path = named
     path = path.resolve()
