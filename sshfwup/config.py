@@ -200,6 +200,18 @@ class BootConfig:
     # Which bootloader contract the boot environment speaks (sshfwup.boot.backends): what boots
     # next, what validates, how a revert keeps the bootloader's fallback.
     contract: str = "uboot-bootcount"
+    # contract = "fwup-ops" (sshfwup.boot.fwup_ops): the system's ops archive and its tasks. In a
+    # task name {slot} is the slot the change is about and {running} the running slot; "" for
+    # status_task/tryboot_task/prevent_revert_task: the system has no such task.
+    ops_archive: Path = Path("/usr/share/fwup/ops.fw")
+    ops_device: str = ""  # "" = [fwup] devpath
+    reboot_param_path: str = ""  # "" = fwup's default (/run/systemd/reboot-param, /run/reboot-param)
+    status_task: str = "status"
+    validate_task: str = "validate"
+    revert_task: str = "revert"
+    tryboot_task: str = "tryboot"
+    prevent_revert_task: str = "prevent-revert"
+    ops_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -365,6 +377,36 @@ def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
     raise TypeError(f"unsupported option type {t}")  # pragma: no cover - programming error
 
 
+_OPS_KEYS = ("ops_archive", "ops_device", "reboot_param_path", "status_task", "validate_task", "revert_task",
+             "tryboot_task", "prevent_revert_task", "ops_timeout")
+
+
+def _check_boot(config: Config, where: str) -> None:
+    """``[boot]``: the ops settings only with ``fwup-ops``, and sound there."""
+    from sshfwup.boot.fwup_ops import task_name_problem
+
+    boot, default = config.boot, BootConfig()
+    if boot.contract != "fwup-ops":
+        changed = [key for key in _OPS_KEYS if getattr(boot, key) != getattr(default, key)]
+        if changed:
+            raise ConfigError(f'{where}: [boot] {changed[0]}: only used with contract = "fwup-ops" '
+                              f"(this configuration says {boot.contract!r})")  # fmt: skip
+        return
+    for key in ("ops_device", "reboot_param_path"):
+        value = getattr(boot, key)
+        if value and not value.startswith("/"):
+            raise ConfigError(f"{where}: [boot] {key}: must be an absolute path, got {value!r}")
+    for key in ("validate_task", "revert_task"):
+        if not getattr(boot, key):
+            raise ConfigError(f"{where}: [boot] {key}: the fwup-ops contract needs this task of the ops archive")
+    for key in ("status_task", "validate_task", "revert_task", "tryboot_task", "prevent_revert_task"):
+        problem = task_name_problem(getattr(boot, key))
+        if problem:
+            raise ConfigError(f"{where}: [boot] {key}: {problem}")
+    if boot.ops_timeout <= 0:
+        raise ConfigError(f"{where}: [boot] ops_timeout: must be more than 0 seconds")
+
+
 def _check(config: Config, where: str) -> None:
     from sshfwup.boot.backends import CONTRACTS
 
@@ -373,6 +415,7 @@ def _check(config: Config, where: str) -> None:
             f"{where}: [boot] contract: unknown boot contract {config.boot.contract!r} "
             f"(known: {', '.join(repr(c) for c in CONTRACTS)})"
         )
+    _check_boot(config, where)
     if not 0 < config.server.port < 65536:
         raise ConfigError(f"{where}: [server] port: must be 1..65535, got {config.server.port}")
     if not config.server.authorized_keys:

@@ -150,7 +150,7 @@ class Device:
                 config.device.fw_env_config, printenv=config.device.fw_printenv, setenv=config.device.fw_setenv
             )
             # An app is supervised: the server validates a first boot only once it proved healthy.
-            bootenv = make_contract(config.boot.contract, env, health_gated=bool(config.app.command))
+            bootenv = make_contract(config.boot.contract, env, health_gated=bool(config.app.command), config=config)
         self.bootenv: BootContract = bootenv
         self.lock = DeviceLock(config.server.lock_file)
         self.supervisor: Supervisor | None = None

@@ -5,8 +5,9 @@ changes the answer (the update path, ``revert``, ``validate``, boot validation, 
 through a :class:`BootContract`. Which variables mean what depends on the bootloader's script,
 so each contract is its own backend, one file each (the way RAUC keeps one backend per
 bootloader): :mod:`sshfwup.boot.uboot_bootcount` (U-Boot's ``upgrade_available``/``bootcount``/
-``bootlimit``, the default) and :mod:`sshfwup.boot.uboot_nerves` (a Nerves system's U-Boot script:
-``nerves_fw_booted``/``nerves_fw_autovalidate``). ``[boot] contract`` in the configuration picks one.
+``bootlimit``, the default), :mod:`sshfwup.boot.uboot_nerves` (a Nerves system's U-Boot script:
+``nerves_fw_booted``/``nerves_fw_autovalidate``) and :mod:`sshfwup.boot.fwup_ops` (the system's
+own ops archive, e.g. a Raspberry Pi's tryboot). ``[boot] contract`` in the configuration picks one.
 
 The backends share the environment adapter (:class:`sshfwup.boot.bootenv.BootEnv`) and sshfwup's
 own slot marks (``<slot>.sshfwup_state``), which mean the same under every contract.
@@ -93,6 +94,11 @@ class BootContract(ABC):
     async def prevent(self, slot: str, state: str) -> None:
         """Never boot ``slot`` again on sshfwup's account: mark it (ROLLED_BACK or INCOMPLETE)."""
         await self.mark_slot(slot, state)
+
+    def fwup_args(self) -> tuple[str, ...]:
+        """What the update's fwup needs beyond ``[fwup] extra_args`` for this contract (where
+        ``reboot_param()`` writes, for one): none for the U-Boot contracts."""
+        return ()
 
     async def mark_slot(self, slot: str, state: str | None) -> None:
         """Record ``slot``'s state (INCOMPLETE, ROLLED_BACK, or None: whole): sshfwup's own mark,

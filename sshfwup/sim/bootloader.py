@@ -160,7 +160,12 @@ _DECISIONS = {"uboot-bootcount": choose_boot, "uboot-nerves": choose_nerves}
 
 #: What each contract's U-Boot environment carries from the factory beyond fwup's ``complete``
 #: task (a Nerves system's default env; health-gated validation needs autovalidate off).
-FACTORY_ENV: dict[str, dict[str, str]] = {"uboot-bootcount": {}, "uboot-nerves": {"nerves_fw_autovalidate": "0"}}
+FACTORY_ENV: dict[str, dict[str, str]] = {
+    "uboot-bootcount": {},
+    "uboot-nerves": {"nerves_fw_autovalidate": "0"},
+    # no boot variables: the Pi-like firmware reads autoboot.txt (sim/tryboot.py)
+    "fwup-ops": {},
+}
 
 
 def choose_for(contract: str) -> Callable[[Mapping[str, str]], BootChoice]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -21,6 +23,7 @@ from sshfwup.firmware.errors import FirmwareError
 from sshfwup.firmware.manifest import ManifestError
 from sshfwup.sim.bootloader import BootEnvError
 from sshfwup.sim.device import SimDevice, SimError, cleanup
+from sshfwup.sim.layouts import ExampleLayout, find_layout
 from sshfwup.sim.machine import (
     MachineError,
     MachineState,
@@ -39,6 +42,8 @@ Simulated A/B devices for sshfwup: a disk image with a U-Boot environment, two r
 filesystem slots and a data partition, mounted through loop devices (needs root).
 
   sshfwup sim create DIR                 make a device (factory-flashed with a sample v1)
+  sshfwup sim create DIR --layout NAME   ... with a layout of deploy/examples: bootcount,
+                                         nerves-bbb-like, tryboot-like (Pi-like, fwup-ops)
   sshfwup sim firmware OUT.fw --version V   build a sample firmware to upload (--change: reboot)
   sshfwup sim run DIR                    power it on in the foreground (Ctrl-C powers off)
   sshfwup sim reboot DIR                 reboot the running machine
@@ -78,11 +83,15 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
     )
     create.add_argument("--fwup", metavar="PATH", help="the fwup executable (default: fwup on PATH)")
     create.add_argument(
-        "--contract", choices=CONTRACTS, default=DEFAULT_CONTRACT,
-        help="the boot contract its U-Boot speaks and its server's [boot] contract: uboot-bootcount "
-        "(upgrade_available/bootcount/bootlimit fallback) or uboot-nerves (a Nerves system's script: "
-        "one trial boot via nerves_fw_booted; factory env nerves_fw_autovalidate=0) (default: %(default)s)",
+        "--contract", choices=CONTRACTS, default=None,
+        help="the boot contract its bootloader speaks and its server's [boot] contract: uboot-bootcount "
+        "(upgrade_available/bootcount/bootlimit fallback), uboot-nerves (a Nerves system's script: "
+        "one trial boot via nerves_fw_booted; factory env nerves_fw_autovalidate=0) or fwup-ops (a "
+        "Raspberry-Pi-like firmware: autoboot.txt and a one-shot tryboot, changed by the system's ops "
+        "archive; layout tryboot-like unless --layout says) (default: the layout's, else "
+        f"{DEFAULT_CONTRACT})",
     )
+    _layout_options(create, ops=True)
 
     fw = sub.add_parser(
         "firmware", help="build a sample firmware (.fw) to upload to a simulated device",
@@ -91,6 +100,7 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
     )  # fmt: skip
     fw.add_argument("output", type=Path, metavar="OUT.fw", help="the firmware file to write")
     fw.add_argument("--version", dest="fw_version", required=True, metavar="VERSION", help="its version, e.g. 2.0.0")
+    _layout_options(fw, ops=False)
     fw.add_argument(
         "--change", action="append", default=[], choices=sorted(CHANGES), metavar="WHAT",
         help=f"also change this outside the app, so that the device reboots; repeatable ({', '.join(sorted(CHANGES))})",
@@ -126,6 +136,45 @@ def build_parser(prog: str = "sshfwup sim") -> argparse.ArgumentParser:
     return parser
 
 
+def _layout_options(parser: argparse.ArgumentParser, *, ops: bool) -> None:
+    parser.add_argument(
+        "--layout", metavar="NAME|DIR",
+        help="a disk layout: a directory with fwup.conf (and ops.conf, sshfwup.toml), or the name of one "
+        "in deploy/examples (bootcount, nerves-bbb-like, tryboot-like)",
+    )  # fmt: skip
+    parser.add_argument("--fwup-conf", type=Path, metavar="FILE", help="build the firmware with this fwup.conf "
+                        "(default: the layout's, else the simulator's)")  # fmt: skip
+    if ops:
+        parser.add_argument("--ops-conf", type=Path, metavar="FILE", help="the system's ops archive, as a fwup "
+                            "conf to build (fwup-ops; default: the layout's ops.conf)")  # fmt: skip
+
+
+def _example(args: argparse.Namespace) -> ExampleLayout:
+    """The layout the options name (fwup-ops alone means tryboot-like); --fwup-conf/--ops-conf win."""
+    contract = getattr(args, "contract", None)
+    if args.layout is not None:
+        example = find_layout(args.layout)
+    elif contract == "fwup-ops" and args.fwup_conf is None:
+        example = find_layout("tryboot-like")
+    else:
+        example = ExampleLayout("", None)
+    if args.fwup_conf is not None:
+        example = dataclasses.replace(example, fwup_conf=args.fwup_conf.resolve())
+    if getattr(args, "ops_conf", None) is not None:
+        example = dataclasses.replace(example, ops_conf=args.ops_conf.resolve())
+    layout_contract = example.boot.get("contract")
+    if contract is not None and layout_contract is not None and contract != layout_contract:
+        raise SimError(f"--contract {contract}, but layout {example.name}'s sshfwup.toml says contract = "
+                       f"{layout_contract!r}")  # fmt: skip
+    return example
+
+
+def _overrides(example: ExampleLayout, contract: str | None) -> dict[str, Any] | None:
+    boot = {**example.boot, "contract": contract or example.boot.get("contract", DEFAULT_CONTRACT)}
+    # The default contract writes nothing, so a default device's files stay as they were.
+    return {"boot": boot} if boot != {"contract": DEFAULT_CONTRACT} else None
+
+
 def _create(args: argparse.Namespace) -> int:
     keys: list[str] = []
     for key_file in args.authorized_key:
@@ -136,22 +185,18 @@ def _create(args: argparse.Namespace) -> int:
     for port in (args.ssh_port, args.app_port):
         if not 0 < port < 65536:
             raise SimError(f"port must be 1..65535, got {port}")
-    # The default contract writes nothing, so a default device's files stay as they were.
-    overrides = {"boot": {"contract": args.contract}} if args.contract != DEFAULT_CONTRACT else None
+    example = _example(args)
+    overrides = _overrides(example, args.contract)
+    made = {"fwup": args.fwup, "authorized_keys": keys, "ssh_port": args.ssh_port, "app_port": args.app_port,
+            "config_overrides": overrides, "ops_conf": example.ops_conf}  # fmt: skip
     if args.firmware is not None:
-        device = SimDevice.create(
-            args.dir, firmware=args.firmware, fwup=args.fwup, authorized_keys=keys,
-            ssh_port=args.ssh_port, app_port=args.app_port, config_overrides=overrides,
-        )
+        device = SimDevice.create(args.dir, firmware=args.firmware, **made)
     else:
         from sshfwup.sim.rootfs import build_sample_firmware
 
         with tempfile.TemporaryDirectory(prefix="sshfwup-sim-fw-") as work:
-            firmware = build_sample_firmware(Path(work), version="1.0.0")
-            device = SimDevice.create(
-                args.dir, firmware=firmware, fwup=args.fwup, authorized_keys=keys,
-                ssh_port=args.ssh_port, app_port=args.app_port, config_overrides=overrides,
-            )
+            firmware = build_sample_firmware(Path(work), version="1.0.0", conf=example.fwup_conf)
+            device = SimDevice.create(args.dir, firmware=firmware, **made)
     print(f"created {device.path} (SSH on 127.0.0.1:{device.ssh_port}, the sample app on 127.0.0.1:{device.app_port})")
     if not keys:
         print(f"note: no key may log in yet: pass --authorized-key FILE.pub, or add public keys to "
@@ -179,7 +224,8 @@ def _firmware(args: argparse.Namespace) -> int:
     if out.suffix != ".fw":
         raise SimError(f"{args.output}: the firmware file name must end in .fw")
     with tempfile.TemporaryDirectory(prefix="sshfwup-sim-fw-") as work:
-        built = build_sample_firmware(Path(work), version=args.fw_version, name="firmware", changes=tuple(args.change))
+        built = build_sample_firmware(Path(work), version=args.fw_version, name="firmware", changes=tuple(args.change),
+                                      conf=_example(args).fwup_conf)  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(built, out)
     kind = f"reboot ({', '.join(args.change)} changed)" if args.change else "hot reload (app only)"

@@ -12,6 +12,8 @@ its own unprivileged user and must reach them; ``D`` may sit below a private dir
     R/run/            the server's run dir (lock, the pipeline's slot mounts)
     D/sshfwup.toml    the server's configuration
     D/machine.json    the simulated machine's state (written by machine.py)
+    D/ops.fw          fwup-ops devices: the system's ops archive (sim/layouts.py builds it)
+    D/reboot-param    fwup-ops devices: fwup's reboot_param() ("0 tryboot"); a restart uses it up
     R/owner.json      who owns the device (pid + start time; see OWNER_ENV and sim/stale.py)
 
 This kernel sandbox creates no partition nodes (loopNpM), so each partition is its own loop
@@ -50,7 +52,7 @@ from sshfwup.sim import slot_peek
 from sshfwup.sim.appuser import app_interpreter, ensure_app_user
 from sshfwup.sim.blockdev import LoopDevice, loop_devices, run_tool, unmount_under
 from sshfwup.sim.errors import ProvisionError, SimError
-from sshfwup.sim.layout import DEFAULT_LAYOUT, ROLES, SLOTS, Layout
+from sshfwup.sim.layout import ROLES, SLOTS, Layout
 from sshfwup.sim.machine_procs import (
     MACHINE_LOCK,
     MARKER_ENV,
@@ -168,14 +170,17 @@ class SimDevice:
         path: Path,
         *,
         firmware: Path,
-        layout: Layout = DEFAULT_LAYOUT,
+        layout: Layout | None = None,
         fwup: str | None = None,
         authorized_keys: Sequence[str] = (),
         ssh_port: int,
         app_port: int,
         config_overrides: Mapping[str, Any] | None = None,
+        ops_conf: Path | None = None,
     ) -> SimDevice:
-        """Make a new device like a factory would: blank disk, fwup ``complete``, empty data fs."""
+        """Make a new device like a factory would: blank disk, fwup ``complete``, empty data fs.
+        ``layout`` None: the disk the firmware's fwup.conf describes; ``ops_conf``: the system's
+        ops archive to build (the fwup-ops contract)."""
         return create_device(
             cls,
             path,
@@ -186,6 +191,7 @@ class SimDevice:
             ssh_port=ssh_port,
             app_port=app_port,
             config_overrides=config_overrides,
+            ops_conf=ops_conf,
         )
 
     @classmethod

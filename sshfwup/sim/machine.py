@@ -59,6 +59,7 @@ from sshfwup.sim.device import (
 from sshfwup.sim.machine_control import SimMachine, power_cut_machine, power_off_machine, reboot_machine
 from sshfwup.sim.machine_state import MachineError, MachineState, write_state
 from sshfwup.sim.sdnotify import NotifySocket
+from sshfwup.sim.tryboot import REBOOT_PARAM, boot_tryboot
 from sshfwup.system.ports import port_problem
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,10 @@ class Machine:
     # --- boot and shutdown (blocking work runs in a worker thread)
 
     def _boot_sync(self) -> tuple[str, str]:
-        choice = boot(BootEnv(self.device.fw_env_config), self.device.contract)
+        if self.device.contract == "fwup-ops":  # a Pi-like firmware: autoboot.txt and the tryboot flag
+            choice = boot_tryboot(self.device.disk, self.device.layout, self.device.path / REBOOT_PARAM)
+        else:
+            choice = boot(BootEnv(self.device.fw_env_config), self.device.contract)
         self.device.attach()
         self.device.mount_data()
         self.device.mount_root(choice.slot)
@@ -338,6 +342,8 @@ class Machine:
                 request = POWER_OFF  # whatever else was asked first: booting again cannot help
             self._update(state="stopping" if request == POWER_OFF else "rebooting", ready=False)
             await self._stop_everything(graceful=request != POWER_CUT)
+            if request == POWER_CUT:  # the reboot parameter lives in RAM (/run): a power cut loses it
+                (self.device.path / REBOOT_PARAM).unlink(missing_ok=True)
             self._update(server_pid=None)
             if request == POWER_OFF:
                 return

@@ -19,7 +19,8 @@ from sshfwup.sim.bootloader import FACTORY_ENV
 from sshfwup.sim.device_parts import DeviceParts
 from sshfwup.sim.errors import ProvisionError, SimError
 from sshfwup.sim.firmware import find_fwup
-from sshfwup.sim.layout import Layout
+from sshfwup.sim.layout import DEFAULT_LAYOUT, Layout
+from sshfwup.sim.layouts import OPS_ARCHIVE, build_ops_archive, layout_of_firmware, ops_overrides
 from sshfwup.system.fsutil import write_atomically
 from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
 from sshfwup.update.installed import record
@@ -37,18 +38,22 @@ def create_device(
     path: Path,
     *,
     firmware: Path,
-    layout: Layout,
+    layout: Layout | None,
     fwup: str | None,
     authorized_keys: Sequence[str],
     ssh_port: int,
     app_port: int,
     config_overrides: Mapping[str, Any] | None,
+    ops_conf: Path | None = None,
 ) -> Device:
-    """A new device of class ``cls`` at ``path`` (see ``SimDevice.create``)."""
+    """A new device of class ``cls`` at ``path`` (see ``SimDevice.create``). ``layout`` None: the
+    disk the firmware's own fwup.conf describes (sim/layouts.py), or the default one."""
     path = Path(path).resolve()
     firmware = Path(firmware).resolve()
     if not firmware.is_file():
         raise ProvisionError(f"firmware file {firmware} not found")
+    if layout is None:
+        layout = _layout_of(firmware)
     device = cls(path, layout=layout, fwup="", ssh_port=ssh_port, app_port=app_port)
     if device.disk.exists() or device.device_json.exists():
         raise SimError(f"{path} already holds a simulated device (destroy it first)")
@@ -62,13 +67,18 @@ def create_device(
         raise ProvisionError(str(e)) from None
     for sub in ("", "data"):
         (path / sub).mkdir(parents=True, exist_ok=True)
+    if _contract_of(overrides) == "fwup-ops":
+        overrides = _with_ops(overrides, path, device.disk, fwup, ops_conf)
+    elif ops_conf is not None:
+        raise ProvisionError(f"an ops archive ({ops_conf}) is for the fwup-ops contract; this device's is "
+                             f"{_contract_of(overrides)}")  # fmt: skip
     device = cls(
         path,
         layout=layout,
         fwup=fwup,
         ssh_port=ssh_port,
         app_port=app_port,
-        config_overrides=config_overrides,
+        config_overrides=overrides or None,
     )
     with open(device.disk, "wb") as f:
         f.truncate(layout.disk_bytes)  # sparse
@@ -87,11 +97,39 @@ def create_device(
     return device
 
 
+def _contract_of(overrides: Mapping[str, Any]) -> str:
+    boot = overrides.get("boot")
+    return str(boot.get("contract", DEFAULT_CONTRACT)) if isinstance(boot, dict) else DEFAULT_CONTRACT
+
+
+def _layout_of(firmware: Path) -> Layout:
+    """The disk the firmware's fwup.conf writes; the default disk for a firmware that does not say."""
+    try:
+        return layout_of_firmware(firmware)
+    except ProvisionError as e:
+        log.debug("%s; using the default disk layout", e)
+        return DEFAULT_LAYOUT
+
+
+def _with_ops(overrides: dict[str, Any], path: Path, disk: Path, fwup: str, ops_conf: Path | None) -> dict[str, Any]:
+    """A fwup-ops device's ``[boot]``: the ops archive (built from ``ops_conf``, or the one the
+    overrides name), its disk, the reboot parameter in the device directory."""
+    boot = dict(overrides.get("boot") or {})
+    if ops_conf is not None:
+        boot["ops_archive"] = str(build_ops_archive(fwup, Path(ops_conf), path / OPS_ARCHIVE))
+    archive = boot.get("ops_archive")
+    if not archive or not Path(archive).is_file():
+        raise ProvisionError(
+            "the fwup-ops contract needs the system's ops archive: give --ops-conf FILE or --layout with an "
+            "ops.conf" + (f" ({archive} does not exist)" if archive else "")
+        )
+    return {**overrides, "boot": ops_overrides(path, disk, boot)}
+
+
 def _factory_env_of(overrides: Mapping[str, Any]) -> dict[str, str]:
     """What the system's U-Boot environment carries from the factory beside fwup's ``complete``,
     for the boot contract the configuration names."""
-    boot = overrides.get("boot")
-    contract = str(boot.get("contract", DEFAULT_CONTRACT)) if isinstance(boot, dict) else DEFAULT_CONTRACT
+    contract = _contract_of(overrides)
     if contract not in FACTORY_ENV:
         raise ProvisionError(f"boot contract {contract!r}: the simulator has a bootloader for {', '.join(FACTORY_ENV)}")
     return dict(FACTORY_ENV[contract])

@@ -225,13 +225,18 @@ def build_sample_firmware(
     version: str,
     name: str | None = None,
     platform: str | None = None,
+    conf: Path | None = None,
     **rootfs_kwargs: Any,
 ) -> Path:
-    """``make_rootfs`` + ``build_firmware``: ``workdir/<name>.fw`` (name defaults to the version)."""
+    """``make_rootfs`` + ``build_firmware``: ``workdir/<name>.fw`` (name defaults to the version).
+    ``conf``: a layout's fwup.conf (deploy/examples/*/fwup.conf) instead of the simulator's."""
     from sshfwup.sim.firmware import build_firmware
+    from sshfwup.sim.layouts import placeholder_variables
 
     name = name or version
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     staging = make_rootfs(workdir / f"{name}.rootfs", version=version, **rootfs_kwargs)
-    return build_firmware(staging, workdir / f"{name}.fw", version=version, platform=platform)
+    variables = placeholder_variables(Path(conf), workdir / f"{name}.files") if conf is not None else None
+    return build_firmware(staging, workdir / f"{name}.fw", version=version, platform=platform, conf=conf,
+                          variables=variables)  # fmt: skip

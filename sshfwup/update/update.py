@@ -119,7 +119,8 @@ class Update:
                 fwup=cfg.fwup.path,
                 devpath=cfg.fwup.devpath,
                 task=cfg.fwup.task,
-                extra_args=[*cfg.fwup.extra_args, *_public_key_args(cfg.fwup.public_keys)],
+                extra_args=[*cfg.fwup.extra_args, *self.device.bootenv.fwup_args(),
+                            *_public_key_args(cfg.fwup.public_keys)],  # fmt: skip
                 env=dict(cfg.fwup.env),
             )
             try:

@@ -12,6 +12,7 @@ import pytest
 import sshfwup
 from sshfwup.boot.backends import CONTRACTS, UnknownContract, make_contract
 from sshfwup.boot.bootenv import BootEnv
+from sshfwup.boot.fwup_ops import FwupOps
 from sshfwup.boot.uboot_bootcount import UBootBootcount
 from sshfwup.boot.uboot_nerves import UBootNerves
 from sshfwup.config import Config, ConfigError, parse_config
@@ -19,7 +20,7 @@ from sshfwup.device import Device
 
 PACKAGE = Path(sshfwup.__file__).parent
 ALLOWED = ("boot", "sim")  # the seam's backends, and the simulated bootloader
-BOOT_KEYS = sorted({*UBootBootcount.boot_keys, *UBootNerves.boot_keys})
+BOOT_KEYS = sorted({*UBootBootcount.boot_keys, *UBootNerves.boot_keys, *FwupOps.boot_keys})
 # A key as a whole name: "uboot-bootcount" (a contract's name) is not the variable bootcount.
 KEY = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, BOOT_KEYS)) + r")(?![\w-])")
 

@@ -56,4 +56,44 @@ def test_create_help_documents_the_contract(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         cli.main(["create", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--contract {uboot-bootcount,uboot-nerves}" in text and "nerves_fw_autovalidate=0" in text
+    assert "--contract {uboot-bootcount,uboot-nerves,fwup-ops}" in text and "nerves_fw_autovalidate=0" in text
+    assert "--layout NAME|DIR" in text and "--fwup-conf FILE" in text and "--ops-conf FILE" in text
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy/examples"
+
+
+@pytest.mark.parametrize("argv", [["--layout", "tryboot-like"], ["--contract", "fwup-ops"],
+                                  ["--layout", str(EXAMPLES / "tryboot-like"), "--contract", "fwup-ops"]])  # fmt: skip
+def test_a_layout_brings_its_boot_section_and_ops_archive(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def create(path: Path, **kwargs: Any) -> Created:
+        seen.update(kwargs)
+        return Created()
+
+    monkeypatch.setattr(cli.SimDevice, "create", create)
+    fw = tmp_path / "x.fw"
+    fw.write_bytes(b"")
+    assert cli.main(["create", str(tmp_path / "d"), "--firmware", str(fw), *argv]) == 0
+    boot = seen["config_overrides"]["boot"]
+    assert boot["contract"] == "fwup-ops" and boot["validate_task"] == "validate.{slot}"
+    assert "ops_archive" not in boot  # a device path: the simulator sets its own
+    assert seen["ops_conf"] == EXAMPLES / "tryboot-like" / "ops.conf"
+
+
+def test_a_contract_the_layout_does_not_speak_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fw = tmp_path / "x.fw"
+    fw.write_bytes(b"")
+    argv = ["create", str(tmp_path / "d"), "--firmware", str(fw), "--layout", "tryboot-like", "--contract", "uboot-nerves"]
+    assert cli.main(argv) != 0
+    assert "layout tryboot-like's sshfwup.toml says contract = 'fwup-ops'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_unknown_layout_names_the_known_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["create", str(tmp_path / "d"), "--layout", "rpi9"]) != 0
+    err = capsys.readouterr().err
+    assert "layout 'rpi9'" in err and "tryboot-like" in err and "nerves-bbb-like" in err
