@@ -26,7 +26,7 @@ from .app import notify
 from sshfwup.boot.bootenv import ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .config import Config
 from .device import Device
-from sshfwup.update.journal import Journal, Recovery, StageHook, plan_recovery
+from sshfwup.update.journal import FAILED_STAGES, Journal, Recovery, StageHook, plan_recovery
 from sshfwup.update.lock import DeviceBusy
 from sshfwup.update.pipeline import slot_mount_point
 from sshfwup.system.ports import ListenError, describe_holders, port_holders
@@ -171,11 +171,16 @@ async def _recover(device: Device) -> Recovery:
                 log.error("stale mount %s cannot be removed: %s", p, e)
     if plan.revert_to is not None:
         await device.bootenv.revert_to(plan.revert_to)
+    if plan.give_up is not None:
+        try:
+            await device.bootenv.prevent(plan.give_up, ROLLED_BACK)
+        except BootEnvError as e:
+            log.error("cannot mark slot %s rolled back: %s", plan.give_up, e)
     if plan.stage is not None and device.journal.current is not None:
         device.journal.advance(plan.stage, verdict=plan.message)
     if device.journal.current is not None:
         rec = device.journal.current
-        device.last_outcome = {"ok": rec.stage not in ("failed", "rolled-back", "interrupted"), "verdict": rec.verdict}
+        device.last_outcome = {"ok": rec.stage not in FAILED_STAGES, "verdict": rec.verdict}
     return plan
 
 

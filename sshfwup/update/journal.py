@@ -21,7 +21,7 @@ from sshfwup.system.fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Journal", "Recovery", "Record", "Stage", "StageHook", "plan_recovery"]
+__all__ = ["FAILED_STAGES", "Journal", "Recovery", "Record", "Stage", "StageHook", "plan_recovery"]
 
 Stage = Literal[
     "receiving",  # fwup is writing the inactive slot
@@ -40,9 +40,14 @@ Stage = Literal[
     "rolled-back",  # the new version failed; the old one serves; boot env reverted (if configured)
     "interrupted",  # a crash stopped an update midway; recovery restored the old firmware
     "reverted",  # an operator reverted to the previous firmware
+    "fell-back",  # the bootloader went back to the old firmware: the new one never validated
 ]
 
 ACTIVE_STAGES = ("receiving", "applied", "mounted", "inspected", "swapping", "observing")
+#: stages after which the new firmware was to boot next (a trial until it validates)
+TRIAL_STAGES = ("hot", "reboot", "installed", "booted")
+#: stages that say the update did not take
+FAILED_STAGES = ("failed", "rolled-back", "interrupted", "fell-back")
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class Recovery:
     mount_app_slot: bool  # that slot is not the running root: mount it read-only first
     revert_to: str | None = None  # write the boot env back to this slot first
     reboot: bool = False  # a requested reboot never happened: do it now
+    give_up: str | None = None  # mark this slot rolled back: its firmware never validated
     stage: Stage | None = None  # new journal stage to record
     message: str = ""
 
@@ -183,6 +189,18 @@ def plan_recovery(rec: Record | None, *, running_root: str, active: str | None) 
         return Recovery(
             R, False, revert_to=revert, stage="interrupted",
             message=f"update {rec.id} was interrupted at stage '{rec.stage}'; {what}; {rec.from_version or 'the old version'} keeps running",
+        )
+    if rec.stage in TRIAL_STAGES and rec.to_slot is not None and R != rec.to_slot and R == rec.from_slot and A == R:
+        # The new firmware was to boot on trial, yet the old one runs and the boot env names it:
+        # the bootloader gave up on the new one after its trial boots (its kernel or init failed,
+        # or it never validated). Nothing of sshfwup ran there to say so; say it here.
+        return Recovery(
+            R, False, stage="fell-back", give_up=rec.to_slot,
+            message=(
+                f"the bootloader fell back to slot {R} ({rec.from_version or 'the old firmware'}): "
+                f"{rec.to_version or 'the new firmware'} in slot {rec.to_slot} did not validate within its trial "
+                f"boots (it did not boot, or its app never proved healthy); slot {rec.to_slot} is marked rolled back"
+            ),
         )
     if rec.stage == "hot":
         if A == rec.to_slot and R == rec.from_slot and rec.app_slot == rec.to_slot:
