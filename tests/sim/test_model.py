@@ -17,6 +17,7 @@ runs long.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import random
 import time
@@ -31,6 +32,8 @@ from model import (
     CONFIG, CONTRACTS, DEFAULT_CONTRACT, ModelDevice, StateSpace, Walker, coverage_table, fire, make_key, new_workdir,
     remove_workdir, space,
 )  # fmt: skip
+
+from sshfwup.sim.bootloader import choose_for
 
 STEPS = int(os.environ.get("SSHFWUP_MODEL_STEPS", "8"))
 EXAMPLES = int(os.environ.get("SSHFWUP_MODEL_EXAMPLES", "5"))
@@ -169,6 +172,42 @@ def _report(walker: Walker, what: str, wanted: tuple[tuple[str, str], ...], miss
     print("\n".join(coverage_table(walker.space, walker.covered, wanted)))
     for state, event, message in walker.failures:
         print(f"\nFAILED: {state} x {event}: {message}")
+
+
+def _envs() -> list[dict[str, str]]:
+    """Boot environments over every value the two U-Boot contracts read (absent: not set)."""
+    values = {
+        "nerves_fw_active": ("a", "b"), "nerves_fw_validated": ("0", "1"), "nerves_fw_booted": ("0", "1", None),
+        "nerves_fw_autovalidate": ("0", "1", None), "upgrade_available": ("0", "1", None),
+        "bootcount": ("0", "2", "3", None),
+    }  # fmt: skip
+    out = []
+    for combo in itertools.product(*values.values()):
+        env = {k: v for k, v in zip(values, combo, strict=True) if v is not None}
+        env.update({f"{s}.nerves_fw_version": "1.0.0" for s in ("a", "b")})
+        out.append(env)
+    return out
+
+
+@pytest.mark.parametrize("contract_name", list(CONTRACTS))
+def test_contract_forecast_is_what_the_simulated_bootloader_does(contract_name: str) -> None:
+    """The model's reading of a contract (tests/safety_model/contracts.py) and the simulator's
+    bootloader agree: booting again and again with nothing validating runs exactly the slots of the
+    model's forecast, the last one for good. (A wrong expectation on either side fails here in
+    milliseconds, before any device walk.)"""
+    view, choose = CONTRACTS[contract_name].view, choose_for(contract_name)
+    wrong = []
+    for env in _envs():
+        forecast = view(env).forecast
+        booted, now = [], dict(env)
+        for _ in range(len(forecast) + 2):
+            choice = choose(now)
+            booted.append(choice.slot)
+            now.update(choice.updates)
+        wanted = [*forecast, forecast[-1], forecast[-1]]
+        if booted != wanted:
+            wrong.append(f"{env}: the bootloader boots {booted}, the model forecasts {wanted}")
+    assert not wrong, f"{len(wrong)} environments disagree, e.g.\n" + "\n".join(wrong[:5])
 
 
 @pytest.mark.model
