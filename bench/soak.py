@@ -74,7 +74,7 @@ def soak_contract(name: str, args: argparse.Namespace, steps: int, seed: int) ->
     total = time.monotonic() - started
     lines = [f"\n{name}: {sum(covered.values())} events in {total:.0f} s (walk {walk_events} events in "
              f"{walk_time:.0f} s, {random_steps} random steps, seed {seed})"]  # fmt: skip
-    lines += model.coverage_table(contract_space, covered, wanted or contract_space.pairs)
+    lines += model.coverage_table(contract_space, covered, wanted)
     missed = [p for p in wanted if not covered.get(p)]
     surprises = [p for p in covered if contract_space.impossible(*p)]
     lines += [f"NOT REACHED ({name}): {s} x {e}" for s, e in missed]

@@ -78,6 +78,8 @@ def check_change(dev: ModelDevice, event: str, state: str, before: Snapshot, aft
     ignore = self_validation(dev, before, after)
     # ... nor is its rollback of a hot-swapped app that kept crashing
     ignore = rolled_back_by_itself(dev, before, after) or ignore
+    if before.app[0] in dev.firmwares.crashing:
+        ignore = (*ignore, "app")  # a crashing app's restarts are not the event's doing
     changed = before.changes(after, ignore=ignore)
     text = result.text
     if result.code is None:

@@ -47,12 +47,17 @@ class Firmwares:
     root: Path
     counter: int = 0
     by_version: dict[str, Path] = field(default_factory=dict)
+    # versions whose app crashes a while after each start: if one outlives its observation window
+    # and is validated, the supervisor restarts it again and again, whatever event runs
+    crashing: set[str] = field(default_factory=set)
 
     def make(self, **kwargs: Any) -> tuple[str, Path]:
         self.counter += 1
         version = f"1.{self.counter}.0"
         path = build_sample_firmware(self.root / version, version=version, **kwargs)
         self.by_version[version] = path
+        if "crash_after" in (kwargs.get("app_behavior") or {}):
+            self.crashing.add(version)
         return version, path
 
 
@@ -157,6 +162,23 @@ class ModelDevice:
             if time.monotonic() > deadline:
                 raise ModelViolation(f"a reboot was announced but did not happen (state {s})")
             time.sleep(0.05)
+        self.settle(timeout=timeout)
+
+    def wait_verdict(self, boot: int, timeout: float = 30) -> None:
+        """After boot ``boot`` ran new firmware: until the device decided on it — validated it, or
+        fell back and booted again — then until it settles. (Its fallback reboot comes after the
+        app's ready timeout: an event fired before it would meet a device going down.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.state()
+            if s is not None and s.boot_count > boot:
+                break
+            if s is not None and s.state == "up" and self.spec.view(self.env()).validated:
+                break
+            if time.monotonic() > deadline:
+                raise ModelViolation(f"no verdict on the firmware of boot {boot} within {timeout:.0f} s: neither "
+                                     f"validated nor fallen back (state {s}, env {self.env()})")  # fmt: skip
+            time.sleep(0.1)
         self.settle(timeout=timeout)
 
     def close(self) -> None:

@@ -134,6 +134,8 @@ def ev_broken_app(kind: str) -> Any:
         text = _out(result)
         if result.returncode == 0 and "rebooting into" in text:
             dev.wait_reboot(boots)
+            if kind == "never_ready":
+                dev.wait_verdict(boots + 1)  # its app never gets ready: the device falls back, rebooting
         if kind == "crash_after" and result.returncode == 0:
             time.sleep(4)  # it crashes after the observation window: the device must notice
             # a hot swap: it is swapped back after rollback_after_crashes crashes; wait for that

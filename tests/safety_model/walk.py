@@ -36,7 +36,7 @@ class Walker:
         self.events += 1
         state = self.dev.abstract_state()
         try:
-            fire(self.dev, event)
+            state = fire(self.dev, event)  # the state it was fired in (read again: it may have moved on)
             self.dev.check()
         except ModelViolation as e:
             self.failures.append((state, event, str(e)))
@@ -70,8 +70,9 @@ class Walker:
                 if mine:
                     pair = mine[0]
                     self.say(f"  {here:<38} {pair[1]}")
-                    self._fire(pair[1])
-                    todo.remove(pair)
+                    # the device may have validated itself since: the pair is done only if fired in its state
+                    if self._fire(pair[1]) == pair[0]:
+                        todo.remove(pair)
                     continue
                 routes = [(self.space.path_to(here, s), s) for s in {p[0] for p in todo}]
                 routes = [(r, s) for r, s in routes if r is not None and failed_paths[(here, s)] < 2]
@@ -84,8 +85,7 @@ class Walker:
                 failed_paths[(here, goal)] += 1
                 for event in route:
                     self.say(f"  {self.dev.abstract_state():<38} {event} (towards {goal})")
-                    pair = (self.dev.abstract_state(), event)
-                    self._fire(event)
+                    pair = (self._fire(event), event)
                     if pair in todo:
                         todo.remove(pair)
                     if self.dev.abstract_state() == goal:
