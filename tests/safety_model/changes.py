@@ -48,7 +48,7 @@ def _marks() -> set[str]:
 
 def self_validation(dev: ModelDevice, before: Snapshot, after: Snapshot) -> tuple[str, ...]:
     """The keys the device's own validation of a first boot wrote meanwhile (0 -> 1), or ()."""
-    if before.env.get("nerves_fw_validated") != "1" and after.env.get("nerves_fw_validated") == "1":
+    if not dev.spec.view(before.env).validated and dev.spec.view(after.env).validated:
         return tuple(sorted(dev.spec.validate_keys))
     return ()
 

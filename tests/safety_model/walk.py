@@ -82,7 +82,6 @@ class Walker:
                     self._fresh()
                     continue
                 route, goal = min(routes, key=lambda rs: len(rs[0]))
-                failed_paths[(here, goal)] += 1
                 for event in route:
                     self.say(f"  {self.dev.abstract_state():<38} {event} (towards {goal})")
                     pair = (self._fire(event), event)
@@ -90,6 +89,8 @@ class Walker:
                         todo.remove(pair)
                     if self.dev.abstract_state() == goal:
                         break
+                else:  # the route did not lead there (a surprise on the way): twice, and it is given up
+                    failed_paths[(here, goal)] += 1
         finally:
             if self.dev is not None:
                 self.dev.events.clear()
