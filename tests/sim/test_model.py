@@ -1,18 +1,25 @@
-"""The update-safety model (tests/model.py) on a simulated device with the real fwup, in two parts:
+"""The update-safety model (tests/model/) on a simulated device with the real fwup, in two parts:
 
 - a planned walk (``model.Walker``) that reaches (abstract state, event) pairs on purpose: in CI
-  every refusal pair (``model.REFUSAL_PAIRS``: every event that is refused, from every state where
-  it can be), in bench/soak.py every pair the model defines (``model.PAIRS``);
-- a Hypothesis stateful test on top: random sequences of uploads (hot, reboot, bad, cut, slow,
-  broken apps, the same firmware), power cuts at random moments, reboots, validate and revert.
+  every refusal pair of the default boot contract (every event that is refused, from every state
+  where it can be), and for each other contract its own pairs (``ContractSpec.specific``) plus a
+  sample of the rest chosen by a printed seed (``SSHFWUP_MODEL_SEED`` replays it; by default the
+  day's number, so the sample rotates); bench/soak.py walks every pair of every contract;
+- a Hypothesis stateful test on top, on the default contract: random sequences of uploads (hot,
+  reboot, bad, cut, slow, broken apps, the same firmware), power cuts at random moments, reboots,
+  validate and revert.
 
 After every event the invariants of a device at rest hold, and the event changed only what it
-may change (``model.check_change``). CI runs a fixed, derandomized budget; bench/soak.py runs long.
+may change under its contract (``model.check_change``). CI runs a fixed budget; bench/soak.py
+runs long.
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import os
+import random
 import time
 from collections import Counter
 from typing import Any
@@ -22,34 +29,51 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from model import (
-    CONFIG, REFUSAL_PAIRS, ModelDevice, Walker, coverage_table, fire, make_key, new_workdir, remove_workdir,
+    CONFIG, CONTRACTS, DEFAULT_CONTRACT, ModelDevice, StateSpace, Walker, coverage_table, fire, make_key, new_workdir,
+    remove_workdir, space,
 )  # fmt: skip
 
-STEPS = int(os.environ.get("SSHFWUP_MODEL_STEPS", "10"))
-EXAMPLES = int(os.environ.get("SSHFWUP_MODEL_EXAMPLES", "10"))
+from sshfwup.sim.bootloader import choose_for
+
+STEPS = int(os.environ.get("SSHFWUP_MODEL_STEPS", "8"))
+EXAMPLES = int(os.environ.get("SSHFWUP_MODEL_EXAMPLES", "5"))
+# How many pairs of each other contract CI walks beside its own (specific) pairs.
+SAMPLE = int(os.environ.get("SSHFWUP_MODEL_SAMPLE", "5"))
 COVERED: Counter[tuple[str, str]] = Counter()  # (abstract state, event) pairs walked, over all runs
 
 # The planned walk's device: the observation window is long enough for an event to start while a
-# first boot is still unvalidated (settled/unvalidated), short enough not to slow hot swaps much.
+# first boot is still unvalidated (settled/unvalidated), short enough not to slow the walk much.
 WALK_CONFIG: dict[str, Any] = {**CONFIG, "app": {**CONFIG["app"], "observe": 1.5}}
 
 
-def new_walk_device() -> ModelDevice:
-    work = new_workdir()
-    dev = ModelDevice(work, make_key(work), config=WALK_CONFIG)
-    return dev
+def sample_seed() -> int:
+    """The seed of CI's sample of the other contracts' pairs: SSHFWUP_MODEL_SEED, else today's number."""
+    return int(os.environ.get("SSHFWUP_MODEL_SEED") or datetime.date.today().toordinal())
 
 
-def close_walk_device(dev: ModelDevice) -> None:
-    try:
-        dev.close()
-    finally:
-        remove_workdir(dev.workdir)
+def sample_pairs(contract_space: StateSpace, seed: int, n: int = SAMPLE) -> tuple[tuple[str, str], ...]:
+    """The contract's own pairs, then ``n`` more of its pairs drawn with ``seed``."""
+    own = contract_space.specific_pairs
+    rest = sorted(p for p in contract_space.pairs if p not in own)
+    return (*own, *random.Random(f"{contract_space.name}:{seed}").sample(rest, min(n, len(rest))))
 
 
-def walk(pairs: tuple[tuple[str, str], ...], *, log: Any = None) -> tuple[Walker, list[tuple[str, str]]]:
-    """Fire every pair in ``pairs`` on simulated devices; the walker and the pairs not reached."""
-    walker = Walker(new_walk_device, close_walk_device, log=log)
+def walk(pairs: tuple[tuple[str, str], ...], contract_name: str = DEFAULT_CONTRACT, *, log: Any = None
+         ) -> tuple[Walker, list[tuple[str, str]]]:  # fmt: skip
+    """Fire every pair in ``pairs`` on simulated devices under ``contract_name``; the walker and the
+    pairs not reached."""
+
+    def new_device() -> ModelDevice:
+        work = new_workdir()
+        return ModelDevice(work, make_key(work), config=WALK_CONFIG, contract_name=contract_name)
+
+    def close_device(dev: ModelDevice) -> None:
+        try:
+            dev.close()
+        finally:
+            remove_workdir(dev.workdir)
+
+    walker = Walker(space(contract_name), new_device, close_device, log=log)
     try:
         missed = walker.walk(pairs)
     finally:
@@ -58,10 +82,12 @@ def walk(pairs: tuple[tuple[str, str], ...], *, log: Any = None) -> tuple[Walker
 
 
 class UpdateSafety(RuleBasedStateMachine):
+    contract_name = DEFAULT_CONTRACT  # bench/soak.py runs a subclass per contract
+
     def __init__(self) -> None:
         super().__init__()
         self.work = new_workdir()
-        self.dev = ModelDevice(self.work, make_key(self.work))
+        self.dev = ModelDevice(self.work, make_key(self.work), contract_name=self.contract_name)
 
     def teardown(self) -> None:
         COVERED.update(self.dev.events)
@@ -119,6 +145,14 @@ class UpdateSafety(RuleBasedStateMachine):
         self.dev.check()
 
 
+def machine_for(contract_name: str) -> type[UpdateSafety]:
+    """The Hypothesis state machine on devices under ``contract_name``."""
+    if contract_name == DEFAULT_CONTRACT:
+        return UpdateSafety
+    name = "UpdateSafety_" + contract_name.replace("-", "_")
+    return type(name, (UpdateSafety,), {"contract_name": contract_name})
+
+
 MODEL_SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
@@ -132,21 +166,82 @@ MODEL_SETTINGS = settings(
 )
 
 
+def _report(walker: Walker, what: str, wanted: tuple[tuple[str, str], ...], missed: list[Any], started: float) -> None:
+    print(f"{what}: {len(wanted) - len(missed)} of {len(wanted)} reached in {walker.events} events on "
+          f"{walker.devices} devices, {time.monotonic() - started:.0f} s")  # fmt: skip
+    print("\n".join(coverage_table(walker.space, walker.covered, wanted)))
+    for state, event, message in walker.failures:
+        print(f"\nFAILED: {state} x {event}: {message}")
+
+
+def _envs() -> list[dict[str, str]]:
+    """Boot environments over every value the two U-Boot contracts read (absent: not set)."""
+    values = {
+        "nerves_fw_active": ("a", "b"), "nerves_fw_validated": ("0", "1"), "nerves_fw_booted": ("0", "1", None),
+        "nerves_fw_autovalidate": ("0", "1", None), "upgrade_available": ("0", "1", None),
+        "bootcount": ("0", "2", "3", None),
+    }  # fmt: skip
+    out = []
+    for combo in itertools.product(*values.values()):
+        env = {k: v for k, v in zip(values, combo, strict=True) if v is not None}
+        env.update({f"{s}.nerves_fw_version": "1.0.0" for s in ("a", "b")})
+        out.append(env)
+    return out
+
+
+@pytest.mark.parametrize("contract_name", list(CONTRACTS))
+def test_contract_forecast_is_what_the_simulated_bootloader_does(contract_name: str) -> None:
+    """The model's reading of a contract (tests/safety_model/contracts.py) and the simulator's
+    bootloader agree: booting again and again with nothing validating runs exactly the slots of the
+    model's forecast, the last one for good. (A wrong expectation on either side fails here in
+    milliseconds, before any device walk.)"""
+    view, choose = CONTRACTS[contract_name].view, choose_for(contract_name)
+    wrong = []
+    for env in _envs():
+        forecast = view(env).forecast
+        booted, now = [], dict(env)
+        for _ in range(len(forecast) + 2):
+            choice = choose(now)
+            booted.append(choice.slot)
+            now.update(choice.updates)
+        wanted = [*forecast, forecast[-1], forecast[-1]]
+        if booted != wanted:
+            wrong.append(f"{env}: the bootloader boots {booted}, the model forecasts {wanted}")
+    assert not wrong, f"{len(wrong)} environments disagree, e.g.\n" + "\n".join(wrong[:5])
+
+
 @pytest.mark.model
 def test_every_refusal_pair_changes_nothing(fwup: str) -> None:
-    """Every event that is refused, from every state where it can be (model.REFUSAL_PAIRS), is
-    reached on purpose; each one changes nothing (no boot env key, no mark, no slot byte)."""
+    """Every event that is refused, from every state where it can be (the default contract's
+    refusal pairs), is reached on purpose; each one changes nothing (no boot env key, no mark, no
+    slot byte)."""
     started = time.monotonic()
-    walker, missed = walk(REFUSAL_PAIRS, log=print)
-    print(f"refusal pairs: {len(REFUSAL_PAIRS) - len(missed)} of {len(REFUSAL_PAIRS)} reached in "
-          f"{walker.events} events on {walker.devices} devices, {time.monotonic() - started:.0f} s")  # fmt: skip
-    print("\n".join(coverage_table(walker.covered, REFUSAL_PAIRS)))
+    wanted = space(DEFAULT_CONTRACT).refusal_pairs
+    walker, missed = walk(wanted, DEFAULT_CONTRACT, log=print)
+    _report(walker, f"{DEFAULT_CONTRACT} refusal pairs", wanted, missed, started)
+    assert not walker.failures, [f"{s} x {e}: {m.splitlines()[0]}" for s, e, m in walker.failures]
     assert not missed, f"refusal pairs not reached: {missed}"
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("contract_name", [c for c in CONTRACTS if c != DEFAULT_CONTRACT])
+def test_other_contract_sample(fwup: str, contract_name: str) -> None:
+    """Another boot contract: its own pairs (where it behaves unlike the default: trial boots, the
+    fallback, an unproven revert) and a seeded sample of the rest, with the contract's checks."""
+    seed = sample_seed()
+    wanted = sample_pairs(space(contract_name), seed)
+    print(f"\n{contract_name}: {len(space(contract_name).specific_pairs)} own pairs + {len(wanted) - len(space(contract_name).specific_pairs)} "
+          f"sampled with seed {seed} (replay: SSHFWUP_MODEL_SEED={seed})")  # fmt: skip
+    started = time.monotonic()
+    walker, missed = walk(wanted, contract_name, log=print)
+    _report(walker, f"{contract_name} sample (seed {seed})", wanted, missed, started)
+    assert not walker.failures, [f"{s} x {e}: {m.splitlines()[0]}" for s, e, m in walker.failures]
+    assert not missed, f"pairs not reached: {missed}"
+
+
+@pytest.mark.model
 def test_update_safety_model(fwup: str) -> None:
-    print(f"\nupdate-safety model: {EXAMPLES} runs x up to {STEPS} steps, derandomized")
+    print(f"\nupdate-safety model ({DEFAULT_CONTRACT}): {EXAMPLES} runs x up to {STEPS} steps, derandomized")
     started = time.monotonic()
     COVERED.clear()
     run_state_machine_as_test(UpdateSafety, settings=MODEL_SETTINGS)
