@@ -163,9 +163,7 @@ class Admission:
             self._refuse(source, f"{same} unauthenticated connections from {source} already (max_startups_per_source)")
         n = len(self._pending)
         if n >= limits.start:
-            victim = next(
-                (t for t in self._pending if now - t.since >= limits.silent_grace and t.silent()), None
-            ) or next((t for t in self._pending if now - t.since >= limits.stall_grace), None)
+            victim = self._victim(self._pending, now)
             if victim is not None:
                 self.leave(victim)
                 self.shed += 1
@@ -181,15 +179,31 @@ class Admission:
         return ticket
 
     def room(self, address: str) -> bool:
-        """Would a waiting connection from ``address`` fit now, without shedding or dice?
-
-        For connections held in the gate's queue: they take a place that is free, never one
-        made by dropping someone else (that is for newcomers, who may be a user behind a flood).
+        """Is there a place for a waiting client from ``address`` (one that has shown it speaks
+        SSH: it sent its version line)? Makes one the way :meth:`arrive` does for a newcomer — by
+        dropping the oldest connection silent past ``silent_grace`` or stalled past
+        ``stall_grace``, from its own source if that is what is full — but never by dice: a
+        queued client is admitted to a free place or waits.
         """
-        source = source_of(address)
-        penalty = self._penalties.get(source, 0.0) - self._clock()
-        same = sum(1 for t in self._pending if t.source == source)
-        return penalty < self.limits.penalty_min and same < self.limits.per_source and self.pending < self.limits.start
+        limits, now, source = self.limits, self._clock(), source_of(address)
+        if self._penalties.get(source, now) - now >= limits.penalty_min:
+            return False
+        mine = [t for t in self._pending if t.source == source]
+        for crowd, limit in ((mine, limits.per_source), (self._pending, limits.start)):
+            if len(crowd) >= limit:
+                victim = self._victim(crowd, now)
+                if victim is None:
+                    return False
+                self.leave(victim)
+                self.shed += 1
+                victim.drop()
+        return True
+
+    def _victim(self, among: list[Ticket], now: float) -> Ticket | None:
+        limits = self.limits
+        return next(
+            (t for t in among if now - t.since >= limits.silent_grace and t.silent()), None
+        ) or next((t for t in among if now - t.since >= limits.stall_grace), None)
 
     def trying(self, ticket: Ticket) -> None:
         """The client asked to log in: whatever happens next, it was not just taking up room."""
