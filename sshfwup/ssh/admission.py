@@ -205,6 +205,13 @@ class Admission:
             (t for t in among if now - t.since >= limits.silent_grace and t.silent()), None
         ) or next((t for t in among if now - t.since >= limits.stall_grace), None)
 
+    def ended_silent(self, address: str) -> None:
+        """A connection that waited in the queue ended without a word from the client (it
+        closed, or stayed silent past ``silent_grace`` while its source's queue was full): it
+        never started the handshake, which is the client's doing — a penalty, as if admitted."""
+        if not self.closing and not _is_exempt(address, self._exempt):
+            self._penalise(source_of(address))
+
     def trying(self, ticket: Ticket) -> None:
         """The client asked to log in: whatever happens next, it was not just taking up room."""
         ticket.tried = True

@@ -207,6 +207,8 @@ class Gate:
             ticket = self._admission.arrive(address, silent=place.silent, drop=place.drop)
         except Refused as e:
             source = e.source
+            if e.queueable and not self._has_room_in_queue(source):
+                self._evict_silent(source)
             if e.queueable and self._has_room_in_queue(source):
                 self._queue.append(_Waiting(sock, address, source, since))
                 self._announce.say(source, "queued", f"queued connections from {source}: {e}")
@@ -217,6 +219,18 @@ class Gate:
             self._refuse(sock, e, "refused")
             return
         self._spawn(self._start(sock, ticket, place, max(1.0, self._login_timeout - (time.monotonic() - since))))
+
+    def _evict_silent(self, source: str) -> None:
+        """The source's queue is full: its oldest entry that has said nothing for
+        ``silent_grace`` goes (closed, no answer), so that a client behind its own address's
+        flood can still get in line."""
+        grace, now = self._admission.limits.silent_grace, time.monotonic()
+        for waiting in self._queue:
+            if waiting.source == source and now - waiting.since >= grace and _peek(waiting.sock) == b"":
+                self._queue.remove(waiting)
+                waiting.sock.close()
+                self._admission.ended_silent(waiting.address)
+                return
 
     def _has_room_in_queue(self, source: str) -> bool:
         if len(self._queue) >= self._queue_total:
@@ -234,9 +248,12 @@ class Gate:
         self._pump_soon = False
         now = time.monotonic()
         for waiting in list(self._queue):
-            if _closed_by_client(waiting.sock):
+            if _peek(waiting.sock) is None:
+                # closed by the client without a word (anything it sent would still be unread
+                # here, ahead of the end): it never started the handshake — its doing
                 self._queue.remove(waiting)
                 waiting.sock.close()
+                self._admission.ended_silent(waiting.address)
             elif now - waiting.since >= self._login_timeout:
                 self._queue.remove(waiting)
                 why = Refused(f"waited {now - waiting.since:.0f} s for room (login_timeout)", source=waiting.source,
@@ -307,13 +324,3 @@ def _waiting_for_our_version(sock: socket.socket) -> bool:
     """
     data = _peek(sock) or b""
     return data.startswith(b"SSH-") and data.endswith(b"\n") and data.count(b"\n") == 1
-
-
-def _closed_by_client(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
