@@ -2,7 +2,8 @@
 
 Both servers get the same limits: sshd ``MaxStartups 10:30:60``, ``PerSourceMaxStartups 3``,
 ``LoginGraceTime 20`` (sshd 9.2 has no ``PerSourcePenalties``; 9.8 does); sshfwup its defaults (``max_startups = "10:30:60"``,
-``max_startups_per_source = 3``, ``login_timeout = 20``). For each attack, held open or kept up
+``max_startups_per_source = 3``, ``login_timeout = 20``; since issue 27 connections over those
+limits wait in a queue, ``startup_queue_per_source = 32``, ``startup_queue = 64``). For each attack, held open or kept up
 while it runs, the real OpenSSH client logs in N times with a valid key (``ssh HOST true`` on sshd,
 ``ssh HOST status`` on sshfwup); the figure is how many logins succeed, and how many of the
 attacker's connections the server kept. Attack traffic comes from other loopback addresses

@@ -131,10 +131,6 @@ class Gate:
         self._pump_soon = False
         self.sockets: list[socket.socket] = []
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def listen(self, host: str, port: int) -> None:
         """Bind ``host:port`` (every address it resolves to) and start accepting. OSError as bind's."""
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
