@@ -6,6 +6,7 @@ Every error names the file and the key, so an operator can fix it without readin
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -77,6 +78,10 @@ class ServerConfig:
     login_timeout: float = 20.0  # sshd's LoginGraceTime: from TCP connect to authenticated
     max_startups: tuple[int, int, int] = (10, 30, 60)  # sshd's MaxStartups start:rate:full
     max_startups_per_source: int = 3  # unauthenticated connections from one address (IPv6: /64)
+    # connections over a start-up limit wait (unanswered) for room instead of being refused:
+    startup_queue_per_source: int = 32  # from one address: a burst of 30 `ssh HOST status` fits
+    startup_queue: int = 64  # in all
+    penalty_exempt: tuple[str, ...] = ()  # networks never penalised (sshd's PerSourcePenaltyExemptList)
     max_connections: int = 8  # authenticated connections
     session_idle_timeout: float = 120.0  # an authenticated connection with nothing running
     max_upload_size: int = 0  # bytes; 0 = unlimited
@@ -302,6 +307,16 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _networks(value: Any) -> tuple[str, ...]:
+    """Addresses or networks (``192.0.2.0/24``, ``2001:db8::/48``), each checked, as written."""
+    for text in _str_list(value):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an address or network (e.g. 192.0.2.0/24, 2001:db8::/48)") from None
+    return _str_list(value)
+
+
 def _str_map(value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise TypeError(f"expected a table of strings, got {value!r}")
@@ -344,6 +359,8 @@ def _convert(name: str, typ: Any, value: Any, base: Path) -> Any:
         return tuple(SocketSpec.parse(s, index=i) for i, s in enumerate(_str_list(value)))
     if name == "max_startups":
         return _max_startups(value)
+    if name == "penalty_exempt":
+        return _networks(value)
     if name == "restart_backoff":
         if not isinstance(value, list) or len(value) != 2:
             raise TypeError(f"expected [first, maximum] seconds, got {value!r}")
@@ -422,8 +439,9 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [server] authorized_keys: at least one file is required")
     if config.server.max_connections < 1:
         raise ConfigError(f"{where}: [server] max_connections: must be at least 1")
-    if config.server.max_startups_per_source < 1:
-        raise ConfigError(f"{where}: [server] max_startups_per_source: must be at least 1")
+    for key in ("max_startups_per_source", "startup_queue_per_source", "startup_queue"):
+        if getattr(config.server, key) < (1 if key == "max_startups_per_source" else 0):
+            raise ConfigError(f"{where}: [server] {key}: must be at least {1 if key == 'max_startups_per_source' else 0}")
     slots = config.device.slot_names
     if sorted(slots) != ["a", "b"]:
         raise ConfigError(f"{where}: [device] slots: must name exactly the slots a and b, got {list(slots)}")

@@ -13,14 +13,22 @@ Before a client has authenticated it costs the device memory and CPU and proves 
   ``stall_grace`` seconds. A real client sends its version line within a round trip and logs
   in within a few; connections that do neither are what an attacker parks to lock others out
   (sshd would refuse the newcomer, i.e. the legitimate user).
-- **penalties** (sshd's ``PerSourcePenalties``, its ``noauth`` kind): a connection that ends
-  without ever trying to log in (silent, stalled, shed, timed out, or refused) adds
-  ``noauth_penalty`` seconds to its source; a source with ``penalty_min`` seconds or more is refused at once until
-  they run out (at most ``penalty_max`` ahead). A flood that keeps renewing its connections
-  from many addresses, so that none ever looks old, blocks itself within seconds; a client
-  that tries a key — even a wrong one — and health checks now and then never get there.
+- **penalties** (sshd's ``PerSourcePenalties``, its ``noauth`` kind): an admitted connection that
+  ends without ever trying to log in (silent, stalled, shed, timed out) adds ``noauth_penalty``
+  seconds to its source; a source with ``penalty_min`` seconds or more is refused at once until
+  it is below that again (at most ``penalty_max`` ahead). A flood that keeps renewing its
+  connections from many addresses, so that none ever looks old, blocks itself within seconds; a
+  client that tries a key — even a wrong one — and health checks now and then never get there.
+  Only what the client did counts: a connection *this* server refused (a limit, a penalty) or
+  closed while shutting down adds nothing, so a refused retry never renews a penalty and a
+  burst the server itself turned away does not lock its address out (issue 27). Sources in
+  ``penalty_exempt`` (sshd's ``PerSourcePenaltyExemptList``) are never penalised.
 - the grace time to authenticate (``login_timeout``) and the number of *authenticated*
   connections (``max_connections``) are enforced by the server (:mod:`sshfwup.ssh.server`).
+
+Refusals carry ``retry_after`` (what the client is told: :mod:`sshfwup.ssh.gate` sends it as an
+SSH disconnect message, which ``ssh`` prints) and ``queueable`` (a start-up limit, not a penalty:
+the gate may hold the connection until there is room, see :meth:`Admission.room`).
 
 Pure bookkeeping with an injectable clock and random source: the caller closes what it is told
 to close.
@@ -29,12 +37,14 @@ to close.
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 import time
 from collections.abc import Callable
+from typing import NoReturn
 from dataclasses import dataclass, field
 
-__all__ = ["Admission", "Refused", "StartupLimits", "Ticket", "source_of"]
+__all__ = ["Admission", "Refused", "StartupLimits", "Ticket", "exempt_networks", "source_of"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,29 @@ class StartupLimits:
     penalty_min: float = 10.0  # a source with at least this much penalty is refused
     penalty_max: float = 60.0
     penalty_sources: int = 4096  # sources remembered at most
+    penalty_exempt: tuple[str, ...] = ()  # networks never penalised (sshd's PerSourcePenaltyExemptList)
 
 
 class Refused(Exception):
-    """A new connection is not admitted; the message says which limit (for the log)."""
+    """A new connection is not admitted; the message says which limit (for the log).
+
+    ``retry_after``: seconds until the source may expect to get in (said to the client);
+    ``queueable``: a start-up limit (room comes when a connection logs in or goes), not a penalty.
+    """
+
+    def __init__(self, message: str, *, source: str, retry_after: float, queueable: bool) -> None:
+        super().__init__(message)
+        self.source = source
+        self.retry_after = retry_after
+        self.queueable = queueable
+
+    def told(self) -> str:
+        """What the client is told (``ssh`` prints it as "Received disconnect ...: <this>")."""
+        wait = max(1, math.ceil(self.retry_after))
+        if self.queueable:
+            return f"too many unauthenticated connections from your address; try again in {wait} s"
+        return (f"your address is penalised (its connections ended without trying to log in); "
+                f"try again in {wait} s")  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -65,6 +94,7 @@ class Ticket:
     drop: Callable[[], None]  # close it now
     admitted: bool = field(default=True)
     tried: bool = field(default=False)  # the client asked to log in (right or wrong)
+    exempt: bool = field(default=False)  # from penalty_exempt: never penalised
 
 
 def source_of(address: str) -> str:
@@ -80,6 +110,21 @@ def source_of(address: str) -> str:
     return str(ip)
 
 
+def exempt_networks(networks: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``penalty_exempt`` as networks (checked by :mod:`sshfwup.config`; ValueError otherwise)."""
+    return tuple(ipaddress.ip_network(text, strict=False) for text in networks)
+
+
+def _is_exempt(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
 class Admission:
     def __init__(
         self,
@@ -93,8 +138,10 @@ class Admission:
         self._chance = chance
         self._pending: list[Ticket] = []  # oldest first
         self._penalties: dict[str, float] = {}  # source -> when its penalty runs out
+        self._exempt = exempt_networks(limits.penalty_exempt)
         self.refused = 0
         self.shed = 0
+        self.closing = False  # shutting down: connections closed now are our doing, not theirs
 
     @property
     def pending(self) -> int:
@@ -106,34 +153,64 @@ class Admission:
         source = source_of(address)
         penalty = self._penalties.get(source, now) - now
         if penalty >= limits.penalty_min:
-            self._refuse(source)
+            self.refused += 1
             raise Refused(
-                f"{source} is penalised for {penalty:.0f} s more: its connections end without trying to log in"
-            )
+                f"{source} is penalised for {penalty:.0f} s more: its connections end without trying to log in",
+                source=source, retry_after=penalty - limits.penalty_min, queueable=False,
+            )  # fmt: skip
         same = sum(1 for t in self._pending if t.source == source)
         if same >= limits.per_source:
-            self._refuse(source)
-            raise Refused(f"{same} unauthenticated connections from {source} already (max_startups_per_source)")
+            self._refuse(source, f"{same} unauthenticated connections from {source} already (max_startups_per_source)")
         n = len(self._pending)
         if n >= limits.start:
-            victim = next(
-                (t for t in self._pending if now - t.since >= limits.silent_grace and t.silent()), None
-            ) or next((t for t in self._pending if now - t.since >= limits.stall_grace), None)
+            victim = self._victim(self._pending, now)
             if victim is not None:
                 self.leave(victim)
                 self.shed += 1
                 victim.drop()
             elif n >= limits.full:
-                self._refuse(source)
-                raise Refused(f"{n} unauthenticated connections (max_startups full = {limits.full})")
+                self._refuse(source, f"{n} unauthenticated connections (max_startups full = {limits.full})")
             else:
                 p = limits.rate + (100 - limits.rate) * (n - limits.start) / max(1, limits.full - limits.start)
                 if self._chance() * 100 < p:
-                    self._refuse(source)
-                    raise Refused(f"{n} unauthenticated connections: dropped with probability {p:.0f}% (max_startups)")
-        ticket = Ticket(source, now, silent, drop)
+                    self._refuse(source, f"{n} unauthenticated connections: dropped with probability {p:.0f}% (max_startups)")
+        ticket = Ticket(source, now, silent, drop, exempt=_is_exempt(address, self._exempt))
         self._pending.append(ticket)
         return ticket
+
+    def room(self, address: str) -> bool:
+        """Is there a place for a waiting client from ``address`` (one that has shown it speaks
+        SSH: it sent its version line)? Makes one the way :meth:`arrive` does for a newcomer — by
+        dropping the oldest connection silent past ``silent_grace`` or stalled past
+        ``stall_grace``, from its own source if that is what is full — but never by dice: a
+        queued client is admitted to a free place or waits.
+        """
+        limits, now, source = self.limits, self._clock(), source_of(address)
+        if self._penalties.get(source, now) - now >= limits.penalty_min:
+            return False
+        mine = [t for t in self._pending if t.source == source]
+        for crowd, limit in ((mine, limits.per_source), (self._pending, limits.start)):
+            if len(crowd) >= limit:
+                victim = self._victim(crowd, now)
+                if victim is None:
+                    return False
+                self.leave(victim)
+                self.shed += 1
+                victim.drop()
+        return True
+
+    def _victim(self, among: list[Ticket], now: float) -> Ticket | None:
+        limits = self.limits
+        return next(
+            (t for t in among if now - t.since >= limits.silent_grace and t.silent()), None
+        ) or next((t for t in among if now - t.since >= limits.stall_grace), None)
+
+    def ended_silent(self, address: str) -> None:
+        """A connection that waited in the queue ended without a word from the client (it
+        closed, or stayed silent past ``silent_grace`` while its source's queue was full): it
+        never started the handshake, which is the client's doing — a penalty, as if admitted."""
+        if not self.closing and not _is_exempt(address, self._exempt):
+            self._penalise(source_of(address))
 
     def trying(self, ticket: Ticket) -> None:
         """The client asked to log in: whatever happens next, it was not just taking up room."""
@@ -146,14 +223,15 @@ class Admission:
 
     def leave(self, ticket: Ticket) -> None:
         """The connection closed (at any point)."""
-        if ticket.admitted and not ticket.tried:
+        if ticket.admitted and not ticket.tried and not ticket.exempt and not self.closing:
             self._penalise(ticket.source)
         self._remove(ticket)
 
-    def _refuse(self, source: str) -> None:
-        # a refused connection did not log in either: a source that keeps knocking stays out
+    def _refuse(self, source: str, why: str) -> NoReturn:
+        # Not a penalty: the server turned it away, the client did nothing wrong (issue 27: a
+        # burst refused by the per-source limit used to lock its own address out).
         self.refused += 1
-        self._penalise(source)
+        raise Refused(why, source=source, retry_after=self.limits.stall_grace, queueable=True)
 
     def _penalise(self, source: str) -> None:
         limits, now = self.limits, self._clock()

@@ -7,8 +7,9 @@ the key's authorized_keys options allow (:mod:`sshfwup.ssh.authkeys`: ``command=
 Refused: passwords, keyboard-interactive, host-based auth, shells, ptys, other exec commands,
 port/agent/X11 forwarding.
 
-Limits (docs/security.md): unauthenticated connections are admitted by :mod:`sshfwup.ssh.admission`
-(sshd's MaxStartups and PerSourceMaxStartups, silent connections shed first) and must log in
+Limits (docs/security.md): unauthenticated connections are admitted, queued or refused with a
+reason by :mod:`sshfwup.ssh.gate` and :mod:`sshfwup.ssh.admission` (sshd's MaxStartups and
+PerSourceMaxStartups, silent connections shed first) and must log in
 within ``login_timeout``; at most ``max_connections`` are authenticated at once; an
 authenticated connection that runs nothing for ``session_idle_timeout`` is closed.
 """
@@ -19,6 +20,7 @@ import errno
 import functools
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +32,9 @@ import anyio.abc
 import asyncssh
 
 from . import commands
-from .admission import Admission, Refused, StartupLimits, Ticket
+from .admission import Admission, StartupLimits, Ticket
 from .authkeys import AuthorizedKeys, SessionRequest, resolve_session
+from .gate import Gate, Place
 from sshfwup.config import Config
 from sshfwup.system.fsutil import write_atomically
 from sshfwup.system.ports import ListenError, describe_holders
@@ -105,12 +108,13 @@ class _Activity:
 class _Connection(asyncssh.SSHServer):
     """Per-connection policy: who may connect and log in, what they may open."""
 
-    def __init__(self, app: "FirmwareServer") -> None:
+    def __init__(self, app: "FirmwareServer", ticket: Ticket, place: Place) -> None:
         self._app = app
         self._conn: asyncssh.SSHServerConnection | None = None
         self._keys: AuthorizedKeys | None = None
         self._peer = "?"
-        self._ticket: Ticket | None = None  # while unauthenticated
+        self._ticket: Ticket | None = ticket  # while unauthenticated (admitted by the gate)
+        self._place = place
         self._logged_in = False
         self._idle_watch = anyio.CancelScope()
         self.activity = _Activity()
@@ -119,16 +123,7 @@ class _Connection(asyncssh.SSHServer):
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        try:
-            self._ticket = self._app.admission.arrive(
-                peer[0] if peer else "?",
-                silent=lambda: conn.get_extra_info("client_version") is None,
-                drop=self._shed,
-            )
-        except Refused as e:
-            log.warning("refused connection from %s: %s", self._peer, e)
-            conn.abort()  # before our version line goes out: the cheapest possible refusal
-            return
+        self._place.conn, self._place.on_drop = conn, self._shed
         log.info("connection from %s", self._peer)
 
     def _shed(self) -> None:
@@ -141,6 +136,7 @@ class _Connection(asyncssh.SSHServer):
         if self._ticket is not None:
             self._app.admission.leave(self._ticket)
             self._ticket = None
+        self._app.gate.freed()
         if self._logged_in:
             self._app.logged_in -= 1
             self._logged_in = False
@@ -171,6 +167,7 @@ class _Connection(asyncssh.SSHServer):
         if self._ticket is not None:
             self._app.admission.authenticated(self._ticket)
             self._ticket = None
+            self._app.gate.freed()
         if self._app.logged_in >= self._app.config.server.max_connections:
             conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections; try again later")
             return
@@ -239,10 +236,14 @@ class FirmwareServer:
     def __init__(self, config: Config, device: Device | None = None) -> None:
         self.config = config
         self.device = device or Device(config)
-        start, rate, full = config.server.max_startups
-        self.admission = Admission(StartupLimits(start, rate, full, config.server.max_startups_per_source))
+        cfg = config.server
+        start, rate, full = cfg.max_startups
+        self.admission = Admission(StartupLimits(start, rate, full, cfg.max_startups_per_source,
+                                                 penalty_exempt=cfg.penalty_exempt))  # fmt: skip
+        self.gate = Gate(self.admission, self._run_connection, login_timeout=cfg.login_timeout,
+                         queue_per_source=cfg.startup_queue_per_source, queue_total=cfg.startup_queue)  # fmt: skip
         self.logged_in = 0  # authenticated connections
-        self._listener: asyncssh.SSHAcceptor | None = None
+        self._options: asyncssh.SSHServerConnectionOptions | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     def read_authorized_keys(self) -> AuthorizedKeys:
@@ -277,7 +278,8 @@ class FirmwareServer:
         self._tg = tg
         host_key = load_or_create_host_key(cfg.host_key)
         try:
-            self._listener = await self._create_server(host_key, tg)
+            self._options = self._connection_options(host_key, tg)
+            await self.gate.listen(cfg.listen, cfg.port)
         except OSError as e:
             # asyncio's message ("error while attempting to bind on address ...") names neither
             # the setting nor who holds the port; an operator needs both.
@@ -287,12 +289,9 @@ class FirmwareServer:
             raise ListenError(f"cannot listen for SSH on {where} ([server] listen, port): {reason}{holder}") from e
         log.info("listening on %s:%d (host key %s)", cfg.listen, self.port, host_key.get_fingerprint())
 
-    async def _create_server(self, host_key: asyncssh.SSHKey, tg: anyio.abc.TaskGroup) -> asyncssh.SSHAcceptor:
+    def _connection_options(self, host_key: asyncssh.SSHKey, tg: anyio.abc.TaskGroup) -> asyncssh.SSHServerConnectionOptions:
         cfg = self.config.server
-        return await asyncssh.create_server(
-            functools.partial(_Connection, self),
-            cfg.listen,
-            cfg.port,
+        return asyncssh.SSHServerConnectionOptions(
             server_host_keys=[host_key],
             process_factory=self._handle,
             sftp_factory=functools.partial(_SFTPSession, device=self.device, tg=tg),
@@ -307,19 +306,25 @@ class FirmwareServer:
             login_timeout=cfg.login_timeout,
             keepalive_interval=15,
             keepalive_count_max=4,
-            reuse_address=True,
         )
+
+    async def _run_connection(self, sock: socket.socket, ticket: Ticket, place: Place, login_timeout: float) -> None:
+        """An admitted connection, as asyncssh's listener would have run it (the gate accepted it)."""
+        try:
+            await asyncssh.run_server(sock, options=self._options, login_timeout=login_timeout,
+                                      server_factory=functools.partial(_Connection, self, ticket, place))  # fmt: skip
+        except (asyncssh.Error, OSError, TimeoutError):
+            pass  # the connection has logged how it ended
+        if place.conn is None:  # it never got as far as asyncssh
+            self.admission.leave(ticket)
+            sock.close()
 
     @property
     def port(self) -> int:
-        assert self._listener is not None
-        return self._listener.sockets[0].getsockname()[1]
+        return self.gate.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            await self._listener.wait_closed()
-            self._listener = None
+        await self.gate.close()
 
     # --- sessions --------------------------------------------------------------------------
 
