@@ -63,11 +63,14 @@ def _build(vm: VmDir, version: str, *, broken_init: bool = False) -> Fw:
 def fws(vm_dir: Path) -> Iterator[dict[str, Future[Fw]]]:
     """Built one after another on a second core while the first tests run."""
     vm = VmDir(vm_dir)
-    with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
         out = {v: pool.submit(_build, vm, v) for v in ("1.0.1", "1.1.0")}
         out["broken"] = pool.submit(_build, vm, "1.3.0", broken_init=True)
         out.update({v: pool.submit(_build, vm, v) for v in ("1.1.1", "1.0.2")})
         yield out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed test does not wait for unused builds
 
 
 @pytest.fixture(scope="module")

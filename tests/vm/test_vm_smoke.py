@@ -61,8 +61,11 @@ def firmwares(smoke_vm: Path) -> Iterator[dict[str, Future[Path]]]:
         (vm.staging / "etc/sshfwup-vm-release").write_text("1.1.0\n")
         return firmware(vm, version).path
 
-    with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
         yield {v: pool.submit(build, v) for v in ("1.1.0", "1.2.0")}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed test does not wait for unused builds
 
 
 @pytest.fixture(scope="module")
