@@ -148,11 +148,18 @@ def test_a_firmware_whose_init_fails_falls_back_after_bootlimit_tries(device: De
     assert (s["running_root"], env["nerves_fw_active"], env["upgrade_available"], env["bootcount"]) == ("a", "a", "0", "0")
     console = device.running.console.read_bytes().decode(errors="replace")
     assert "this init fails on purpose" in console and "did not validate within 3 boots, falling back" in console
+    print(f"status after the init-failure fallback:\n{device.status_text()}")
+
+
+@pytest.mark.xfail(strict=True, reason="sshfwup does not notice a fallback by the bootloader: after it, `status` "
+                   "still says 'last update: ok: ... rebooting into 1.3.0 (slot b)' (needs a start-up check in "
+                   "sshfwup/daemon.py + update/journal.py; see docs/vm.md)")  # fmt: skip
+def test_status_says_the_device_fell_back_and_from_what(device: Device) -> None:
+    s = device.status()
     text = device.status_text()
-    print(f"status after the init-failure fallback:\n{text}")
     last = s.get("last_update") or {}
-    journal = s.get("journal") or {}
-    assert "1.3.0" in f"{last} {journal}", f"status does not name the firmware it fell back from:\n{text}"
+    assert not last.get("ok") and "1.3.0" in str(last.get("verdict")), f"status does not say it fell back from 1.3.0:\n{text}"
+    assert s["slots"]["b"].get("state") or "fell back" in text, text
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ def test_power_cuts_at_random_points_each_boot_a_complete_firmware(
         print(where)
         size = fw.path.stat().st_size
         if cut.phase == "upload":
-            proc = CutUpload(device, fw, int(size * (0.02 + 0.93 * cut.fraction))).run()
+            proc = CutUpload(device, fw.path, int(size * (0.02 + 0.93 * cut.fraction))).run()
             try:
                 device.power_cut()
             finally:
@@ -212,13 +219,14 @@ def test_power_cuts_at_random_points_each_boot_a_complete_firmware(
             # every byte sent, then the cut: within fwup's last seconds (its last writes and
             # the env switch: the device is a few MB behind what was sent), during the hot swap
             # (up to 60 s after the last byte), or in the trial boot (up to 70 s after the verdict)
-            proc = CutUpload(device, fw, size).run()
+            proc = CutUpload(device, fw.path, size).run()
             try:
                 assert proc.stdin is not None
                 proc.stdin.close()
                 if cut.phase == "validation":
-                    out = proc.communicate(timeout=600)[0].decode(errors="replace")
-                    assert proc.returncode == 0, f"{where}: the upload failed:\n{out}"
+                    assert proc.stdout is not None
+                    out = proc.stdout.read().decode(errors="replace")  # until the verdict and EOF
+                    assert proc.wait(60) == 0, f"{where}: the upload failed:\n{out}"
                     time.sleep(cut.fraction * 70)
                 else:
                     try:
