@@ -28,8 +28,10 @@ pytestmark = pytest.mark.vm
 
 RELEASE = "etc/sshfwup-vm-release"
 # family "plain" (no release file: the factory's /etc) and family "rel" (/etc changed): an update
-# inside a family changes only the app (hot), across families it needs a reboot
-FAMILY = {"1.0.1": "plain", "1.0.2": "plain", "1.1.0": "rel", "1.1.1": "rel", "1.0.0": "plain"}
+# inside a family changes only the app (hot), across families it needs a reboot. Versions only go
+# up (sshfwup refuses a downgrade): each cut takes the lowest one above the running firmware.
+FAMILY = {"1.0.0": "plain", "1.0.1": "plain", "1.0.2": "plain", "1.1.0": "rel", "1.1.1": "rel",
+          "1.2.0": "plain", "1.2.1": "plain", "1.4.0": "rel", "1.4.1": "rel", "1.5.0": "plain", "1.6.0": "rel"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def fws(vm_dir: Path) -> Iterator[dict[str, Future[Fw]]]:
     try:
         out = {v: pool.submit(_build, vm, v) for v in ("1.0.1", "1.1.0")}
         out["broken"] = pool.submit(_build, vm, "1.3.0", broken_init=True)
-        out.update({v: pool.submit(_build, vm, v) for v in ("1.1.1", "1.0.2")})
+        out.update({v: pool.submit(_build, vm, v) for v in sorted(FAMILY, key=_key)[2:] if v != "1.1.0"})
         yield out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # a failed test does not wait for unused builds
@@ -187,10 +189,19 @@ def _check_truth(device: Device, where: str) -> dict[str, Any]:
     return s
 
 
+def _key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def _pick_target(s: dict[str, Any], fws: dict[str, Future[Fw]], *, hot: bool) -> Fw:
+    """The lowest version above the running one, of its family (hot) or the other (reboot);
+    any higher one when the family has none left."""
     running = app_version(s) or "1.0.0"
     family = FAMILY.get(running, "rel")
-    choices = [v for v, f in FAMILY.items() if v not in ("1.0.0", running) and (f == family) == hot]
+    higher = [v for v in sorted(FAMILY, key=_key) if _key(v) > _key(running)]
+    if not higher:
+        raise AssertionError(f"no firmware above {running} left: raise FAMILY's versions for more cuts")
+    choices = [v for v in higher if (FAMILY[v] == family) == hot] or higher
     return fws[choices[0]].result(timeout=900)
 
 
