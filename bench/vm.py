@@ -47,7 +47,7 @@ class Rows:
 
     def add(self, name: str, value: str) -> None:
         self.rows.append((name, value))
-        print(f"{name:<48}{value}", flush=True)
+        print(f"{name:<56} {value}", flush=True)
 
     async def step(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         try:
