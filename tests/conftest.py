@@ -8,6 +8,7 @@ apply firmware with it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -35,6 +36,8 @@ FWUP_MIN = (1, 16)
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
     parser.addoption("--run-vm", action="store_true", help="also run tests marked vm (boots QEMU; tests/vm)")
+    parser.addoption("--vm-cuts", type=int, default=int(os.environ.get("SSHFWUP_VM_CUTS") or 10),
+                     help="power cuts at random points in the vm tier (default 10; SSHFWUP_VM_CUTS)")  # fmt: skip
 
 
 def _fwup() -> tuple[str | None, str]:

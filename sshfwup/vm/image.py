@@ -20,10 +20,13 @@ import json
 import logging
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sshfwup.host.firmware_build import BuildError, Built, build_release
+from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
+from sshfwup.update.installed import record
 from sshfwup.vm.errors import VmError
 from sshfwup.vm.rootfs import cached_rootfs, unpack
 from sshfwup.vm.tools import BUILD_TOOLS, require
@@ -163,6 +166,26 @@ def compile_boot_script(vm: VmDir) -> None:
           "-d", str(source), str(vm.boot_scr)], what="mkimage of boot.cmd")  # fmt: skip
 
 
+def _factory_data(disk: Path, fw: Path) -> None:
+    """The data partition as a factory leaves it (as ``sshfwup sim create`` does): ext4 holding
+    sshfwup's record of the flashed firmware's resources (``firmware/a.json``), without which the
+    first update could never be hot — boot.scr, kernel and initrd would count as changed."""
+    with disk.open("rb") as f:
+        mbr = f.read(512)
+    entry = mbr[446 + 16 * 3 : 446 + 16 * 4]  # partition 4: data
+    start, count = int.from_bytes(entry[8:12], "little"), int.from_bytes(entry[12:16], "little")
+    if entry[4] != 0x83 or count == 0:
+        raise VmError(f"{disk}: partition 4 is not the Linux data partition deploy/vm/fwup.conf makes")
+    head = read_head_bytes(fw.read_bytes()[:MAX_HEAD], final=True)
+    if head is None:
+        raise VmError(f"{fw}: no fwup meta.conf at its start")
+    with tempfile.TemporaryDirectory(prefix="sshfwup-vm-data-") as tmp:
+        data_dir = Path(tmp) / "data"
+        record(data_dir / "sshfwup", "a", head.uuid, head.version, head.resources)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "appdata", "-d", str(data_dir), "-E", f"offset={start * 512}",
+              str(disk), f"{count * 512 // 1024}k"], what="mkfs.ext4 of the data partition")  # fmt: skip
+
+
 def build_vm(path: Path, *, rebuild_rootfs: bool = False) -> VmDir:
     """``sshfwup vm build DIR``: rootfs (cached), firmware 1.0.0, and the disk by ``fwup -t complete``."""
     tools = require(BUILD_TOOLS, what="building the VM")
@@ -181,6 +204,7 @@ def build_vm(path: Path, *, rebuild_rootfs: bool = False) -> VmDir:
     partial.unlink(missing_ok=True)
     _run([tools["fwup"], "-a", "-q", "-d", str(partial), "-i", str(built.path), "-t", "complete"],
          what="fwup -t complete")  # fmt: skip
+    _factory_data(partial, built.path)
     partial.replace(vm.disk)
     vm.info.write_text(json.dumps({"rootfs_key": entry.key, "deb": str(entry.deb), "firmware": str(built.path),
                                    "version": built.version, "uuid": built.uuid}, indent=2) + "\n")  # fmt: skip

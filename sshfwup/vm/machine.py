@@ -4,6 +4,9 @@
 - a fresh qcow2 overlay on ``disk.img`` per run (the factory disk is never written), removed at the end;
 - user networking, host ports forwarded on 127.0.0.1 only (SSH → 22, app → 8080);
 - the serial console to ``run/console.log`` (:func:`follow` shows it live);
+- a power cut: QEMU killed (SIGKILL) and started again on the same overlay (:func:`kill_power`);
+  the disk is ``cache=writeback``, so what the guest flushed is in the overlay and what it did not
+  may be lost, as on a real disk;
 - leaving: ``systemctl poweroff`` through the guest agent, then SIGTERM, then SIGKILL; QEMU runs under
   ``setpriv --pdeathsig KILL`` so a killed runner takes it along (:mod:`.leftovers` clears the rest).
 """
@@ -14,7 +17,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,10 @@ from sshfwup.vm.tools import RUN_TOOLS, require, uboot_rom
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GUEST_APP_PORT", "Running", "VmOptions", "console_tail", "free_port", "power_cut", "run_vm", "wait_ssh"]
+__all__ = [
+    "GUEST_APP_PORT", "Running", "VmOptions", "console_tail", "free_port", "kill_power", "power_cut", "run_vm", "wait_booted",
+    "wait_ssh",
+]  # fmt: skip
 
 GUEST_APP_PORT = 8080
 POWEROFF_TIMEOUT = 30.0
@@ -44,9 +50,10 @@ class VmOptions:
     boot_timeout: float = 240.0  # power-on → sshfwup answering SSH
 
 
-@dataclass(frozen=True)
+@dataclass
 class Running:
-    """A running VM: where to reach it and what it logs."""
+    """A running VM: where to reach it and what it logs. Not frozen: a power cut
+    (:func:`kill_power`) replaces the QEMU process and the power-on time."""
 
     vm: VmDir
     ssh_port: int
@@ -55,6 +62,8 @@ class Running:
     agent: Path  # the guest agent's socket (sshfwup.vm.agent)
     process: Process
     started: float  # time.monotonic() at power-on
+    argv: tuple[str, ...] = ()  # QEMU's command line, to power on again after a cut
+    power_cuts: int = 0
 
     def ssh_argv(self, *command: str) -> list[str]:
         """OpenSSH client argv for this VM (its key, no known_hosts)."""
@@ -87,9 +96,15 @@ def _qemu_argv(vm: VmDir, run_dir: Path, opts: VmOptions, ssh_port: int, app_por
         tools["qemu-system-x86_64"], "-name", f"sshfwup-vm,process=sshfwup-vm",
         "-machine", "pc", "-accel", "tcg", "-smp", "1", "-m", str(opts.memory_mb),
         "-bios", str(uboot_rom()),
-        "-drive", f"file={run_dir / 'overlay.qcow2'},if=virtio,format=qcow2,cache=unsafe",
+        # writeback: the guest's flushes reach the overlay (qcow2 metadata included), so a SIGKILL
+        # (kill_power) loses only what the guest had not flushed — a real disk's power cut
+        "-drive", f"file={run_dir / 'overlay.qcow2'},if=virtio,format=qcow2,cache=writeback",
         "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0",
-        "-display", "none", "-monitor", "none", "-serial", f"file:{run_dir / 'console.log'}",
+        # appended to: the console of every power-on of this run stays in one file
+        "-chardev", f"file,id=ser0,path={run_dir / 'console.log'},append=on", "-serial", "chardev:ser0",
+        # no VGA: U-Boot's video init runs the VGA BIOS in real mode, which hung a power-on after a
+        # SIGKILL (kill_power) for minutes under load; the console is the serial port anyway
+        "-vga", "none", "-display", "none", "-monitor", "none",
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",  # power_cut()
         # the guest agent (sshfwup.vm.agent): a virtio-serial port on a unix socket
         "-chardev", f"socket,id=qga0,path={run_dir / 'qga.sock'},server=on,wait=off",
@@ -113,6 +128,15 @@ async def wait_ssh(port: int, deadline: float) -> bool:
     return False
 
 
+async def wait_booted(running: Running, timeout: float) -> float:
+    """Until sshfwup answers SSH on the VM powered on at ``running.started``; the seconds since
+    power-on. BootTimeout with the console's last lines if not within ``timeout`` of power-on."""
+    if not await wait_ssh(running.ssh_port, running.started + timeout):
+        raise BootTimeout(f"the VM did not answer SSH within {timeout:.0f} s of power-on; "
+                          f"last console lines:\n{console_tail(running.console)}")  # fmt: skip
+    return time.monotonic() - running.started
+
+
 async def power_cut(running: Running) -> None:
     """Cut the power and switch it on again: QEMU's ``system_reset`` (what reached the disk stays;
     the guest's RAM, page cache included, is gone)."""
@@ -127,6 +151,25 @@ async def power_cut(running: Running) -> None:
                         raise VmError(f"QMP refused {msg.decode()}: {reply.decode(errors='replace').strip()}")
     except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as e:
         raise VmError(f"QMP power cut failed: {e or type(e).__name__}") from None
+
+
+async def _spawn(argv: Sequence[str], run_dir: Path) -> Process:
+    with (run_dir / "qemu.log").open("ab") as qemu_log:  # QEMU's own messages, shown if it fails
+        # a session of its own: the terminal's Ctrl-C reaches the runner, which powers off cleanly
+        return await anyio.open_process(list(argv), stdin=None, stdout=qemu_log, stderr=qemu_log,
+                                        start_new_session=True)  # fmt: skip
+
+
+async def kill_power(running: Running) -> None:
+    """A power cut: QEMU killed with SIGKILL (the guest's RAM and every write it had not flushed
+    are gone), then powered on again on the same overlay, same ports. Returns once QEMU runs;
+    the guest boots from U-Boot as after any power-on."""
+    running.process.kill()
+    await running.process.wait()
+    running.process = await _spawn(running.argv, running.console.parent)
+    running.started = time.monotonic()
+    running.power_cuts += 1
+    log.info("power cut %d: QEMU killed and started again", running.power_cuts)
 
 
 async def _power_off(process: Process, run_dir: Path, *, graceful: bool) -> None:
@@ -169,12 +212,10 @@ async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True)
         argv = _qemu_argv(vm, run_dir, opts, ssh_port, app_port)
         log.info("starting QEMU: ssh on 127.0.0.1:%d, app on 127.0.0.1:%d", ssh_port, app_port)
         started = time.monotonic()
-        with (run_dir / "qemu.log").open("wb") as qemu_log:  # QEMU's own messages, shown if it fails
-            # a session of its own: the terminal's Ctrl-C reaches the runner, which powers off cleanly
-            process = await anyio.open_process(argv, stdin=None, stdout=qemu_log, stderr=qemu_log,
-                                               start_new_session=True)  # fmt: skip
+        process = await _spawn(argv, run_dir)
         booted = False
-        running = Running(vm, ssh_port, app_port, run_dir / "console.log", run_dir / "qga.sock", process, started)
+        running = Running(vm, ssh_port, app_port, run_dir / "console.log", run_dir / "qga.sock", process, started,
+                          tuple(argv))  # fmt: skip
         try:
             if wait:
                 async with anyio.create_task_group() as tg:
@@ -198,7 +239,7 @@ async def run_vm(vm: VmDir, opts: VmOptions = VmOptions(), *, wait: bool = True)
             yield running
         finally:
             with anyio.CancelScope(shield=True):
-                await _power_off(process, run_dir, graceful=booted)
+                await _power_off(running.process, run_dir, graceful=booted)
     finally:
         clear_run_dir(run_dir)
 

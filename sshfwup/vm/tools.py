@@ -18,6 +18,7 @@ BUILD_TOOLS = {
     "dpkg-deb": "dpkg",
     "fwup": "fwup (./scripts/bootstrap.sh builds it)",
     "chroot": "coreutils",
+    "mkfs.ext4": "e2fsprogs",
 }
 RUN_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",

@@ -140,3 +140,36 @@ def test_the_qemu_device_runs_the_shipped_script_after_its_board_part(tmp_path: 
     assert "root=/dev/vda3 " in command and "load virtio 0:1 0x10000000 initrd.b;" in command
     assert command.endswith("zboot 0x3000000 0 0x10000000 ${filesize}")
     assert "root=/dev/vda2 " in uboot.env["sshfwup_boot_a"] and "vmlinuz.a;" in uboot.env["sshfwup_boot_a"]
+
+
+def _blank(image: Path) -> None:
+    offset, size = DEFAULT_LAYOUT.uboot_env_span
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * size)
+
+
+def _bad_crc(image: Path) -> None:
+    offset, _ = DEFAULT_LAYOUT.uboot_env_span
+    with open(image, "r+b") as f:
+        f.seek(offset + 8)  # inside the first name=value pair: the stored CRC no longer matches
+        byte = f.read(1)
+        f.seek(offset + 8)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage", [_blank, _bad_crc], ids=["blank", "bad-crc"])
+@pytest.mark.parametrize("contract", sorted(SCRIPTS))
+def test_an_env_that_does_not_import_boots_slot_a_and_is_not_overwritten(contract: str, damage, tmp_path: Path) -> None:
+    """`env import -c` fails on a blank area or a bad CRC, and U-Boot's own environment is then
+    all there is: the script must not write that to the disk. It boots slot a and writes nothing."""
+    image, _ = env_image(tmp_path, {**BOOTCOUNT_BASE, "nerves_fw_active": "b", "upgrade_available": "1"})
+    damage(image)
+    before = image.read_bytes()
+    uboot = UBoot(image, env=dict(BOARD))
+    uboot.source(SCRIPTS[contract].read_text())
+    assert uboot.booted == "sshfwup_boot_a", uboot.output
+    assert image.read_bytes() == before, "the script wrote the disk's environment area"
+    assert "## Error: bad CRC, import failed" in uboot.output
+    assert any("no valid environment" in line and "writing nothing" in line for line in uboot.output), uboot.output
+    assert uboot.env == {**BOARD, "filesize": uboot.env["filesize"]}  # the board's environment, untouched

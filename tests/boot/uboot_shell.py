@@ -197,7 +197,9 @@ class UBoot:
             addr, size = int(rest[0], 16), int(rest[1], 16)
             raw = self.memory[addr][:size]
             if zlib.crc32(raw[4:]) & 0xFFFFFFFF != int.from_bytes(raw[:4], "little"):
-                raise ShellError("bad CRC in the environment block")
+                # as U-Boot's do_env_import: checked before anything is imported or deleted
+                self.output.append("## Error: bad CRC, import failed")
+                return False
             if "-d" in flags:
                 self.env.clear()
             for pair in raw[4:].split(b"\0\0", 1)[0].split(b"\0"):

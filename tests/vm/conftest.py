@@ -1,9 +1,13 @@
-"""The QEMU device tier (``--run-vm``): one VM directory per session (``SSHFWUP_VM_DIR`` to keep
-and reuse one), one booted VM per module, driven through a blocking anyio portal."""
+"""The QEMU device's tests: the CI smoke (``test_vm_smoke.py``, marker ``vm_smoke``, in the
+default run) and the full tier (``--run-vm``, marker ``vm``). One VM directory per session
+(``SSHFWUP_VM_DIR`` to keep and reuse one), one booted VM per module, driven through a blocking
+anyio portal. ``SSHFWUP_VM_SEED`` replays the random power-cut points of a run (its seed is
+printed)."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,40 +15,45 @@ from pathlib import Path
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from vmkit import build_vm_dir, missing_tools  # noqa: E402
+
+SEED_ENV = "SSHFWUP_VM_SEED"
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (mmdebstrap, chroot)"
-    from sshfwup.vm.errors import ToolMissing
-    from sshfwup.vm.tools import BUILD_TOOLS, RUN_TOOLS, require, uboot_rom
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm_smoke: the QEMU device's CI smoke (tests/vm/test_vm_smoke.py; root, ~6 min)")
 
+
+@pytest.fixture(scope="session")
+def vm_seed(request: pytest.FixtureRequest) -> int:
+    """The seed of this run's random power-cut points (``SSHFWUP_VM_SEED`` replays one), printed."""
+    text = os.environ.get(SEED_ENV)
     try:
-        require({**BUILD_TOOLS, **RUN_TOOLS}, what="the vm tier")
-        uboot_rom()
-    except ToolMissing as e:
-        return str(e)
-    return None
+        seed = int(text) if text else random.SystemRandom().randrange(2**32)
+    except ValueError:
+        pytest.fail(f"{SEED_ENV}={text!r} is not an integer seed")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    line = f"vm power-cut seed: {seed} (replay: {SEED_ENV}={seed})"
+    if reporter is not None:
+        reporter.write_line(line)
+    print(line)
+    return seed
 
 
 @pytest.fixture(scope="session")
 def vm_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A built VM directory (the rootfs comes from /var/cache/sshfwup-vm when cached)."""
+    """The full tier's built VM directory (the rootfs comes from /var/cache/sshfwup-vm when cached)."""
     if not request.config.getoption("--run-vm"):
         pytest.skip("vm: boots QEMU (minutes, root); run with --run-vm")
-    reason = _missing()
+    if os.geteuid() != 0:
+        pytest.skip("vm: needs root (mmdebstrap, chroot)")
+    reason = missing_tools()
     if reason:
-        pytest.skip(reason)
-    from sshfwup.vm.image import VmDir, build_vm
-
-    keep = os.environ.get("SSHFWUP_VM_DIR")
-    path = Path(keep) if keep else tmp_path_factory.mktemp("vm")
-    vm = VmDir(path.resolve())
-    if not (keep and vm.disk.is_file()):
-        build_vm(vm.path)
-    yield vm.path
-    if not keep:
-        shutil.rmtree(vm.path, ignore_errors=True)
+        pytest.fail(reason)
+    path, kept, _ = build_vm_dir(tmp_path_factory)
+    yield path
+    if not kept:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,52 +7,23 @@ validates, and a hot update swaps the app with no failed request under load.
 
 from __future__ import annotations
 
-import http.client
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from anyio.from_thread import BlockingPortal
 
-from sshfwup.vm.agent import Exec, guest_exec, wait_agent
+from vmkit import Device, Load, reboot, wait_rebooted  # type: ignore[import-not-found]
+
+from sshfwup.vm.agent import wait_agent
 from sshfwup.vm.image import VmDir, firmware
-from sshfwup.vm.machine import Running, VmOptions, power_cut, run_vm
+from sshfwup.vm.machine import VmOptions, power_cut, run_vm
 
 pytestmark = pytest.mark.vm
 
 FIGURES: dict[str, float] = {}
-
-
-@dataclass
-class Device:
-    portal: BlockingPortal
-    running: Running
-
-    def sh(self, command: str, timeout: float = 60) -> Exec:
-        return self.portal.call(lambda: guest_exec(self.running.agent, ["/bin/sh", "-c", command], timeout=timeout))
-
-    def ssh(self, *command: str, stdin: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        argv = self.running.ssh_argv(*command)
-        if stdin is not None:
-            argv.insert(-len(command) - 1, "-s")
-            with stdin.open("rb") as f:
-                out = subprocess.run(argv, stdin=f, capture_output=True, timeout=timeout, check=False)
-            return subprocess.CompletedProcess(argv, out.returncode, out.stdout.decode(errors="replace"),
-                                               out.stderr.decode(errors="replace"))  # fmt: skip
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-
-    def get(self, path: str = "/", timeout: float = 5) -> tuple[int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.running.app_port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode()
-        finally:
-            conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -135,72 +106,16 @@ def test_reboot_update_boots_the_other_slot_and_validates(device: Device, firmwa
     assert device.sh("grep -c ' / squashfs' /proc/mounts; grep '^/dev/vda3 / ' /proc/mounts").status == 0
 
 
-def wait_rebooted(device: Device, since: float, timeout: float = 300) -> None:
-    """Until the guest agent answers from a boot that started after ``since`` (monotonic)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            up = float(device.sh("cut -d' ' -f1 /proc/uptime", timeout=10).stdout or "1e9")
-            if up < time.monotonic() - since + 5:
-                return
-        except Exception:  # noqa: BLE001 - the agent is down while it reboots
-            pass
-        time.sleep(2)
-    raise AssertionError(f"the device did not reboot within {timeout:.0f} s")
-
-
-def reboot(device: Device) -> float:
-    """``systemctl reboot`` on the device (a watchdog's or an operator's reboot); when it was asked."""
-    t = time.monotonic()
-    try:
-        device.sh("systemctl reboot", timeout=10)
-    except Exception:  # noqa: BLE001 - it may go down before the agent reports the exit
-        pass
-    return t
-
-
-def env(device: Device) -> dict[str, str]:
-    out = device.sh("fw_printenv nerves_fw_active nerves_fw_validated upgrade_available bootcount bootlimit").stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-@dataclass
-class Load:
-    device: Device
-    ok: int = 0
-    failed: list[str] = field(default_factory=list)
-    versions: set[str] = field(default_factory=set)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                status, body = self.device.get("/", timeout=10)
-                if status == 200:
-                    self.ok += 1
-                    self.versions.add(body.split('"version": "')[1].split('"')[0] if '"version": "' in body else body)
-                else:
-                    self.failed.append(f"HTTP {status}")
-            except OSError as e:
-                self.failed.append(repr(e))
-
-
 def test_hot_update_under_load_fails_no_request(device: Device, firmwares: dict[str, Path]) -> None:
-    load = Load(device)
-    workers = [threading.Thread(target=load.run, daemon=True) for _ in range(2)]
-    for w in workers:
-        w.start()
-    time.sleep(2)
-    t0 = time.monotonic()
-    result = device.ssh("fwup", stdin=firmwares["hot"])
-    FIGURES["hot update 1.2.0: upload → verdict (s)"] = time.monotonic() - t0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "1.2.0" not in device.get("/")[1]:
-        time.sleep(0.5)
-    time.sleep(2)
-    load.stop.set()
-    for w in workers:
-        w.join(15)
+    with Load(device) as load:
+        time.sleep(2)
+        t0 = time.monotonic()
+        result = device.ssh("fwup", stdin=firmwares["hot"])
+        FIGURES["hot update 1.2.0: upload → verdict (s)"] = time.monotonic() - t0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "1.2.0" not in device.get("/")[1]:
+            time.sleep(0.5)
+        time.sleep(2)
     FIGURES["hot update: requests served during it"] = load.ok
     assert result.returncode == 0, result.stdout + result.stderr
     assert load.failed == [], load.failed[:5]
@@ -213,7 +128,7 @@ def test_unvalidated_firmware_falls_back_after_bootlimit_boots(device: Device, v
     config is broken) is booted bootlimit times, then the other slot is active and validated."""
     vm = VmDir(vm_dir)
     wait_rebooted(device, reboot(device))  # run 1.2.0 from its own slot (a), no hot swap pending
-    assert env(device)["nerves_fw_active"] == "a"
+    assert device.env()["nerves_fw_active"] == "a"
     config = vm.staging / "etc/sshfwup.toml"
     good = config.read_text()
     config.write_text("this is [not toml\n")
@@ -228,11 +143,11 @@ def test_unvalidated_firmware_falls_back_after_bootlimit_boots(device: Device, v
     result = device.ssh("fwup", stdin=broken)
     assert result.returncode == 0, result.stdout + result.stderr
     wait_rebooted(device, t)  # sshfwup reboots into b: trial boot 1
-    seen = [env(device)]
+    seen = [device.env()]
     limit = int(seen[0]["bootlimit"])
     for _ in range(limit):
         wait_rebooted(device, reboot(device))
-        seen.append(env(device))
+        seen.append(device.env())
     counts = [(e["nerves_fw_active"], e["bootcount"], e["upgrade_available"]) for e in seen]
     assert counts[:limit] == [("b", str(n), "1") for n in range(1, limit + 1)], counts
     assert seen[-1]["nerves_fw_active"] == "a" and seen[-1]["nerves_fw_validated"] == "1", seen[-1]
@@ -252,7 +167,7 @@ def test_power_cut_during_an_update_boots_the_old_firmware_and_the_update_retrie
     vm = VmDir(vm_dir)
     (vm.staging / "etc/sshfwup-vm-release").write_text("1.4.0\n")
     new = firmware(vm, "1.4.0").path
-    before = env(device)
+    before = device.env()
     running = before["nerves_fw_active"]
     argv = device.running.ssh_argv("fwup")
     argv.insert(-2, "-s")
@@ -267,7 +182,7 @@ def test_power_cut_during_an_update_boots_the_old_firmware_and_the_update_retrie
             upload.kill()
             upload.wait(10)
     wait_rebooted(device, t)
-    after = env(device)
+    after = device.env()
     assert after["nerves_fw_active"] == running and after["nerves_fw_validated"] == "1", after
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and device.ssh("status", timeout=30).returncode != 0:
@@ -281,6 +196,6 @@ def test_power_cut_during_an_update_boots_the_old_firmware_and_the_update_retrie
         if "nerves_fw_validated=1" in device.sh("fw_printenv nerves_fw_validated").stdout:
             break
         time.sleep(2)
-    final = env(device)
+    final = device.env()
     assert final["nerves_fw_active"] != running and final["nerves_fw_validated"] == "1", final
     assert '"1.4.0"' in device.get("/")[1]

@@ -21,6 +21,7 @@
 #   nerves_fw_active, nerves_fw_validated=1, upgrade_available=0, bootcount=0
 #                         once bootcount would pass bootlimit: the other slot boots, as proven
 #   nerves_fw_booted=1    on every boot
+# A disk environment that does not import (blank, or a bad CRC): slot a boots, nothing is written.
 #
 # --- the board (edit these): where the environment is, and how to boot a slot --------------
 disk_if=virtio
@@ -39,71 +40,77 @@ env export -t ${board_addr}
 board_size=${filesize}
 ${disk_if} dev ${disk_dev}
 ${disk_if} read ${env_addr} ${env_blk} ${env_cnt}
-env import -d -c ${env_addr} ${env_size}
 save=0
-
-if test "${nerves_fw_active}" != "a" && test "${nerves_fw_active}" != "b"; then
-    echo "sshfwup: nerves_fw_active is not a slot, booting slot a"
-    setenv nerves_fw_active a
-    save=1
-fi
-
-trial=0
-if test "${upgrade_available}" = "1"; then
-    trial=1
-elif test -z "${upgrade_available}" && test "${nerves_fw_validated}" = "0"; then
-    trial=1
-fi
-
-if test "${trial}" = "1"; then
-    # bootcount + 1, by lookup (no setexpr); anything unexpected counts as 0
-    next=1
-    if test "${bootcount}" = "1"; then next=2; fi
-    if test "${bootcount}" = "2"; then next=3; fi
-    if test "${bootcount}" = "3"; then next=4; fi
-    if test "${bootcount}" = "4"; then next=5; fi
-    if test "${bootcount}" = "5"; then next=6; fi
-    if test "${bootcount}" = "6"; then next=7; fi
-    if test "${bootcount}" = "7"; then next=8; fi
-    if test "${bootcount}" = "8"; then next=9; fi
-    if test "${bootcount}" = "9"; then next=10; fi
-    limit=3
-    if test "${bootlimit}" = "0"; then limit=0; fi
-    if test "${bootlimit}" = "1"; then limit=1; fi
-    if test "${bootlimit}" = "2"; then limit=2; fi
-    if test "${bootlimit}" = "4"; then limit=4; fi
-    if test "${bootlimit}" = "5"; then limit=5; fi
-    if test "${bootlimit}" = "6"; then limit=6; fi
-    if test "${bootlimit}" = "7"; then limit=7; fi
-    if test "${bootlimit}" = "8"; then limit=8; fi
-    if test "${bootlimit}" = "9"; then limit=9; fi
-    if test ${next} -gt ${limit}; then
-        echo "sshfwup: slot ${nerves_fw_active} did not validate within ${limit} boots, falling back"
-        if test "${nerves_fw_active}" = "a"; then
-            setenv nerves_fw_active b
-        else
-            setenv nerves_fw_active a
-        fi
-        setenv nerves_fw_validated 1
-        setenv upgrade_available 0
-        setenv bootcount 0
-    else
-        echo "sshfwup: trial boot ${next} of ${limit} of slot ${nerves_fw_active}"
-        setenv bootcount ${next}
+slot=a
+# A blank or damaged area (bad CRC) is not imported: U-Boot's own environment would then be the
+# one the script works on and writes to the disk. Boot slot a (the slot `fwup -t complete` writes)
+# and write nothing: the area stays as it is for Linux's tools to report.
+if env import -d -c ${env_addr} ${env_size}; then
+    if test "${nerves_fw_active}" != "a" && test "${nerves_fw_active}" != "b"; then
+        echo "sshfwup: nerves_fw_active is not a slot, booting slot a"
+        setenv nerves_fw_active a
+        save=1
     fi
-    save=1
-fi
 
-if test "${nerves_fw_booted}" != "1"; then
-    setenv nerves_fw_booted 1
-    save=1
-fi
+    trial=0
+    if test "${upgrade_available}" = "1"; then
+        trial=1
+    elif test -z "${upgrade_available}" && test "${nerves_fw_validated}" = "0"; then
+        trial=1
+    fi
 
-if test "${save}" = "1"; then
-    env export -c -s ${env_size} ${env_addr}
-    ${disk_if} write ${env_addr} ${env_blk} ${env_cnt}
+    if test "${trial}" = "1"; then
+        # bootcount + 1, by lookup (no setexpr); anything unexpected counts as 0
+        next=1
+        if test "${bootcount}" = "1"; then next=2; fi
+        if test "${bootcount}" = "2"; then next=3; fi
+        if test "${bootcount}" = "3"; then next=4; fi
+        if test "${bootcount}" = "4"; then next=5; fi
+        if test "${bootcount}" = "5"; then next=6; fi
+        if test "${bootcount}" = "6"; then next=7; fi
+        if test "${bootcount}" = "7"; then next=8; fi
+        if test "${bootcount}" = "8"; then next=9; fi
+        if test "${bootcount}" = "9"; then next=10; fi
+        limit=3
+        if test "${bootlimit}" = "0"; then limit=0; fi
+        if test "${bootlimit}" = "1"; then limit=1; fi
+        if test "${bootlimit}" = "2"; then limit=2; fi
+        if test "${bootlimit}" = "4"; then limit=4; fi
+        if test "${bootlimit}" = "5"; then limit=5; fi
+        if test "${bootlimit}" = "6"; then limit=6; fi
+        if test "${bootlimit}" = "7"; then limit=7; fi
+        if test "${bootlimit}" = "8"; then limit=8; fi
+        if test "${bootlimit}" = "9"; then limit=9; fi
+        if test ${next} -gt ${limit}; then
+            echo "sshfwup: slot ${nerves_fw_active} did not validate within ${limit} boots, falling back"
+            if test "${nerves_fw_active}" = "a"; then
+                setenv nerves_fw_active b
+            else
+                setenv nerves_fw_active a
+            fi
+            setenv nerves_fw_validated 1
+            setenv upgrade_available 0
+            setenv bootcount 0
+        else
+            echo "sshfwup: trial boot ${next} of ${limit} of slot ${nerves_fw_active}"
+            setenv bootcount ${next}
+        fi
+        save=1
+    fi
+
+    if test "${nerves_fw_booted}" != "1"; then
+        setenv nerves_fw_booted 1
+        save=1
+    fi
+
+    if test "${save}" = "1"; then
+        env export -c -s ${env_size} ${env_addr}
+        ${disk_if} write ${env_addr} ${env_blk} ${env_cnt}
+    fi
+    slot=${nerves_fw_active}
+else
+    echo "sshfwup: no valid environment at block ${env_blk} (blank or bad CRC): booting slot a, writing nothing"
 fi
-slot=${nerves_fw_active}
 
 # --- the board's environment back, and boot -------------------------------------------------
 env import -t ${board_addr} ${board_size}

@@ -21,6 +21,7 @@
 # and writes, only when something changes:
 #   first boot:             nerves_fw_booted=1 (and nerves_fw_validated=1 if autovalidate=1)
 #   failed trial:           nerves_fw_active=<the other slot>, nerves_fw_validated=1
+# A disk environment that does not import (blank, or a bad CRC): slot a boots, nothing is written.
 #
 # --- the board (edit these): where the environment is, how to boot a slot ------------------
 disk_if=mmc
@@ -39,21 +40,24 @@ env export -t ${board_addr}
 board_size=${filesize}
 ${disk_if} dev ${disk_dev}
 ${disk_if} read ${env_addr} ${env_blk} ${env_cnt}
-env import -d -c ${env_addr} ${env_size}
 save=0
-
-if test "${nerves_fw_booted}" = "1"; then
-    if test "${nerves_fw_validated}" = "0"; then
-        if test "${nerves_fw_active}" = "a"; then
-            echo "sshfwup: slot a never validated, reverting to slot b"
-            setenv nerves_fw_active b
-        else
-            echo "sshfwup: slot b never validated, reverting to slot a"
-            setenv nerves_fw_active a
+slot=a
+# A blank or damaged area (bad CRC) is not imported: U-Boot's own environment would then be the
+# one the script works on and writes to the disk. Boot slot a (the slot `fwup -t complete` writes)
+# and write nothing: the area stays as it is for Linux's tools to report.
+if env import -d -c ${env_addr} ${env_size}; then
+    if test "${nerves_fw_booted}" = "1"; then
+        if test "${nerves_fw_validated}" = "0"; then
+            if test "${nerves_fw_active}" = "a"; then
+                echo "sshfwup: slot a never validated, reverting to slot b"
+                setenv nerves_fw_active b
+            else
+                echo "sshfwup: slot b never validated, reverting to slot a"
+                setenv nerves_fw_active a
+            fi
+            setenv nerves_fw_validated 1
+            save=1
         fi
-        setenv nerves_fw_validated 1
-        save=1
-    fi
 else
     setenv nerves_fw_booted 1
     if test "${nerves_fw_autovalidate}" = "1"; then
@@ -69,6 +73,10 @@ fi
 slot=b
 if test "${nerves_fw_active}" = "a"; then
     slot=a
+fi
+
+else
+    echo "sshfwup: no valid environment at block ${env_blk} (blank or bad CRC): booting slot a, writing nothing"
 fi
 
 # --- the board's environment back, and boot -------------------------------------------------
