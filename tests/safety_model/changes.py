@@ -73,7 +73,7 @@ def check_change(dev: ModelDevice, event: str, state: str, before: Snapshot, aft
     if event == "reboot" or (event == "power-cut" and not state.startswith("settled/validated")):
         # (a power cut during an upload that was refused before it wrote: the env is the one
         # before the event, so the boot is the contract's to predict as after a reboot)
-        check_reboot(dev, before, after, where)
+        check_reboot(dev, before, after, where, power_cut=event == "power-cut")
     # the device validating its own first boot meanwhile is not the event's doing
     ignore = self_validation(dev, before, after)
     # ... nor is its rollback of a hot-swapped app that kept crashing
@@ -162,22 +162,24 @@ def check_revert(dev: ModelDevice, before: Snapshot, after: Snapshot, result: Re
                              f"contract wants slot {there} on trial, then slot {running} if it never validates{where}")  # fmt: skip
 
 
-def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str) -> None:
-    """A reboot boots the slot the contract's forecast names (read from the env before it; if the
-    device validated its first boot before it went down, from the env after that), writes only the
-    bootloader's variables, sshfwup's start-up recovery and marks, and no slot's bytes."""
+def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str, *, power_cut: bool = False) -> None:
+    """A reboot boots the slot the contract's forecast names (read from the env before it — after a
+    power cut, from what of it survives; if the device validated its first boot before it went
+    down, from the env after that), writes only the bootloader's variables, sshfwup's start-up
+    recovery and marks, and no slot's bytes."""
     spec = dev.spec
     booted = after.status["running_root"]
-    expected = spec.view(before.env).next_boot
+    found = spec.power_lost(before.env) if power_cut else dict(before.env)
+    expected = spec.view(found).next_boot
     console = dev.console()[before.console_at:]
     validated_at = console.find(_SELF_VALIDATED)
     boot_line = _BOOT_LINE.search(console)
     if validated_at >= 0 and (boot_line is None or validated_at < boot_line.start()):
-        expected = spec.view(spec.validated(before.env)).next_boot
+        expected = spec.view(spec.validated(found)).next_boot
     # (a second boot, the device's own start-up recovery, is not this prediction's business)
     if after.boots == before.boots + 1 and booted != expected:
         raise ModelViolation(f"the {spec.name} bootloader booted slot {booted}; from the env before the reboot the "
-                             f"contract boots slot {expected} (forecast {spec.view(before.env).forecast}){where}")  # fmt: skip
+                             f"contract boots slot {expected} (forecast {spec.view(found).forecast}){where}")  # fmt: skip
     _only(before.changed_keys(after) - _marks(), spec.boot_keys | spec.validate_keys | spec.revert_keys, "a reboot",
           where)  # fmt: skip
     written = [s for s in sorted(before.slots) if before.slots[s] != after.slots.get(s)]

@@ -45,6 +45,7 @@ class Firmwares:
     """Firmware built on demand with real fwup, one new version per request."""
 
     root: Path
+    conf: Path | None = None  # the contract's fwup.conf (None: the simulator's)
     counter: int = 0
     by_version: dict[str, Path] = field(default_factory=dict)
     # versions whose app crashes a while after each start: if one outlives its observation window
@@ -54,7 +55,7 @@ class Firmwares:
     def make(self, **kwargs: Any) -> tuple[str, Path]:
         self.counter += 1
         version = f"1.{self.counter}.0"
-        path = build_sample_firmware(self.root / version, version=version, **kwargs)
+        path = build_sample_firmware(self.root / version, version=version, conf=self.conf, **kwargs)
         self.by_version[version] = path
         if "crash_after" in (kwargs.get("app_behavior") or {}):
             self.crashing.add(version)
@@ -75,13 +76,13 @@ class ModelDevice:
         self.workdir = workdir
         self.key = key
         self.spec: ContractSpec = contract(contract_name)
-        self.firmwares = Firmwares(workdir / "firmware")
+        self.firmwares = Firmwares(workdir / "firmware", conf=self.spec.fwup_conf())
         v1, fw1 = self.firmwares.make()
         self.path = workdir / "device"
         overrides = {**(config or CONFIG), **self.spec.config()}
         self.device = SimDevice.create(
             self.path, firmware=fw1, authorized_keys=[key.public_line], ssh_port=free_port(), app_port=free_port(),
-            config_overrides=overrides,
+            config_overrides=overrides, ops_conf=self.spec.ops_conf(),
         )  # fmt: skip
         self.machine = SimMachine.start(self.path)
         self.boots = 0
