@@ -42,6 +42,13 @@ class Result:
     text: str = ""
 
 
+def validated_before_boot(console: str) -> bool:
+    """The device validated its running firmware on its own before it (next) went down."""
+    validated_at = console.find(_SELF_VALIDATED)
+    boot_line = _BOOT_LINE.search(console)
+    return validated_at >= 0 and (boot_line is None or validated_at < boot_line.start())
+
+
 def _marks() -> set[str]:
     return {f"{s}.{MARK}" for s in SLOTS}
 
@@ -70,12 +77,18 @@ def check_change(dev: ModelDevice, event: str, state: str, before: Snapshot, aft
     where = f"\ncontract: {dev.spec.name}\nevent: {event} in state {state}\nexit status: {result.code}\n" \
             f"output: {result.text.strip()[-600:]}\nenv before: {before.env}\nenv after: {after.env}\n" \
             f"last steps: {dev.log[-8:]}"  # fmt: skip
-    if event == "reboot" or (event == "power-cut" and not state.startswith("settled/validated")):
-        # (a power cut during an upload that was refused before it wrote: the env is the one
-        # before the event, so the boot is the contract's to predict as after a reboot)
-        check_reboot(dev, before, after, where, power_cut=event == "power-cut")
     # the device validating its own first boot meanwhile is not the event's doing
     ignore = self_validation(dev, before, after)
+    validated_meanwhile = bool(ignore) or validated_before_boot(dev.console()[before.console_at:])
+    if event == "reboot" or (event == "power-cut" and not state.startswith("settled/validated")
+                             and not validated_meanwhile):  # fmt: skip
+        # (a power cut during an upload that was refused before it wrote: the env is the one
+        # before the event, so the boot is the contract's to predict as after a reboot. If the
+        # device validated itself before the upload came — its log says so — the upload ran and
+        # the cut met it anywhere: as in settled/validated, only the invariants at rest judge
+        # that boot. Under fwup-ops the upload's own nerves_fw_validated=0 hides that validation
+        # from the record, hence the log.)
+        check_reboot(dev, before, after, where, power_cut=event == "power-cut")
     # ... nor is its rollback of a hot-swapped app that kept crashing
     ignore = rolled_back_by_itself(dev, before, after) or ignore
     if before.app[0] in dev.firmwares.crashing:
@@ -171,10 +184,7 @@ def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str
     booted = after.status["running_root"]
     found = spec.power_lost(before.env) if power_cut else dict(before.env)
     expected = spec.view(found).next_boot
-    console = dev.console()[before.console_at:]
-    validated_at = console.find(_SELF_VALIDATED)
-    boot_line = _BOOT_LINE.search(console)
-    if validated_at >= 0 and (boot_line is None or validated_at < boot_line.start()):
+    if validated_before_boot(dev.console()[before.console_at:]):
         expected = spec.view(spec.validated(found)).next_boot
     # (a second boot, the device's own start-up recovery, is not this prediction's business)
     if after.boots == before.boots + 1 and booted != expected:

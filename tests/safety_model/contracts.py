@@ -299,6 +299,25 @@ FWUP_OPS = ContractSpec(
     power_lost=lambda record: {k: v for k, v in record.items() if k != REBOOT_PARAM},
     boot_record=_tryboot_record,
     layout="tryboot-like",
+    # The same ten states are impossible as under the U-Boot contracts, for tryboot's reasons. No
+    # event is impossible in a reachable state: the model's events are uploads, power cuts,
+    # reboots, validate and revert, none of them a bootloader variable of its own (no bootcount).
+    impossible={
+        **{(f"settled/unvalidated/other-{o}", "*"): (
+            "an unvalidated firmware runs only as a tryboot trial: fwup's upgrade.X needs "
+            "nerves_fw_validated=1 and sshfwup writes no slot while unvalidated, so the default slot it "
+            "came from stays whole; after a fallback to the default sshfwup's start-up validates it")
+           for o in ("empty", "incomplete", "rolled-back")},
+        **{(f"pending/validated/other-{o}", "*"): (
+            "pending with validated=1 is only a proven revert.X waiting for the restart, and sshfwup's revert "
+            "is proven only towards the running slot (validate.X): from a trial it tries the other slot "
+            "(tryboot.X sets nerves_fw_validated=0)")
+           for o in ("empty", "whole", "incomplete", "rolled-back")},
+        **{(f"pending/unvalidated/other-{o}", "*"): (
+            "pending means a 'tryboot' parameter for the slot that is not running, written only by fwup's "
+            "upgrade (which just made that slot whole) or tryboot.X (which refuses a slot without its metadata)")
+           for o in ("empty", "incomplete", "rolled-back")},
+    },
     specific=(
         ("pending/unvalidated/other-whole", "reboot"),  # the restart uses up "tryboot": the new slot once
         ("pending/unvalidated/other-whole", "power-cut"),
