@@ -228,12 +228,19 @@ class ModelDevice:
                 time.sleep(0.5)
 
     def _check_once(self) -> None:
+        from .space import space  # (space imports the events, which import this module)
+
         env = self.env()
         s = self.state()
         st = self.status()
         view = self.spec.view(env)
         where = f"\ncontract: {self.spec.name}\nenv: {env}\nmachine: {s}\nstatus: {st}\nlast steps: {self.log[-8:]}"
         running = s.slot
+        # the device is in a state the model's space calls reachable (its reason says why not)
+        why = space(self.spec.name).impossible(self.abstract_state(), "*")
+        if why:
+            raise ModelViolation(f"the device is in {self.abstract_state()}, a state the model calls impossible: "
+                                 f"{why}{where}")  # fmt: skip
         # the running root was never written
         if self.running_hash is not None and self.running_hash[0] == running:
             now = self.device.slot_bytes_sha256(running, 1 << 20)
