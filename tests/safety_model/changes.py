@@ -195,3 +195,11 @@ def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str
     written = [s for s in sorted(before.slots) if before.slots[s] != after.slots.get(s)]
     if written:
         raise ModelViolation(f"a reboot changed the bytes of slot {', '.join(written)}{where}")
+    # Once up, the firmware runs validated or on trial, never neither: nothing would fall back
+    # from it, and every upload is refused. (Checked on the record the moment the device is
+    # ready, before any first-boot validation could mend it: fwup-ops' fallback after a power
+    # cut lost the one-shot tryboot ran "not validated" until then.)
+    view = spec.view(after.env)
+    if not view.validated and not view.trial:
+        raise ModelViolation(f"after the boot slot {booted} runs neither validated nor on trial (the {spec.name} "
+                             f"record reads validated={view.validated}, trial={view.trial}){where}")  # fmt: skip
