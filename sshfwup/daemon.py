@@ -174,13 +174,6 @@ async def _recover(device: Device) -> Recovery:
     if plan.give_up is not None:
         try:
             await device.bootenv.prevent(plan.give_up, ROLLED_BACK)
-            # The firmware fallen back to was validated before the update (nothing installs from
-            # an unvalidated one), but under fwup-ops the upload's nerves_fw_validated=0 outlives a
-            # trial that never came (a power cut loses the one-shot tryboot): without this the
-            # device runs its proven firmware "not validated" and refuses every upload.
-            fallen_back = await device.bootenv.state()
-            if fallen_back.active == device.running_root() and not fallen_back.validated:
-                await device.bootenv.validate()
         except BootEnvError as e:
             log.error("cannot mark slot %s rolled back: %s", plan.give_up, e)
     if plan.stage is not None and device.journal.current is not None:

@@ -200,6 +200,6 @@ def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str
     # ready, before any first-boot validation could mend it: fwup-ops' fallback after a power
     # cut lost the one-shot tryboot ran "not validated" until then.)
     view = spec.view(after.env)
-    if not view.validated and not view.trial:
+    if spec.fallback_validated and not view.validated and not view.trial:
         raise ModelViolation(f"after the boot slot {booted} runs neither validated nor on trial (the {spec.name} "
                              f"record reads validated={view.validated}, trial={view.trial}){where}")  # fmt: skip

@@ -121,6 +121,8 @@ class ContractSpec:
     boot_keys: frozenset[str]
     validated: Callable[[Mapping[str, str]], dict[str, str]] = _uboot_validated
     power_lost: Callable[[Mapping[str, str]], dict[str, str]] = dict
+    # the firmware a fallback boots runs validated at once (False: it proves itself again first)
+    fallback_validated: bool = True
     warns: Callable[[Mapping[str, str]], bool] = lambda env: False
     factory: Mapping[str, str] = field(default_factory=dict)
     boot_record: Callable[[Any], dict[str, str]] = _uboot_env
@@ -299,6 +301,10 @@ FWUP_OPS = ContractSpec(
     power_lost=lambda record: {k: v for k, v in record.items() if k != REBOOT_PARAM},
     boot_record=_tryboot_record,
     layout="tryboot-like",
+    # nothing writes the fallback: the upload's nerves_fw_validated=0 stays, and the default slot
+    # proves itself again in its observation window (tests/boot/test_layouts_sim.py relies on it;
+    # reported in bench/README.md: uploads are refused meanwhile and the verdict turns to "ok")
+    fallback_validated=False,
     # The same ten states are impossible as under the U-Boot contracts, for tryboot's reasons. No
     # event is impossible in a reachable state: the model's events are uploads, power cuts,
     # reboots, validate and revert, none of them a bootloader variable of its own (no bootcount).
@@ -306,7 +312,8 @@ FWUP_OPS = ContractSpec(
         **{(f"settled/unvalidated/other-{o}", "*"): (
             "an unvalidated firmware runs only as a tryboot trial: fwup's upgrade.X needs "
             "nerves_fw_validated=1 and sshfwup writes no slot while unvalidated, so the default slot it "
-            "came from stays whole; after a fallback to the default sshfwup's start-up validates it")
+            "came from stays whole; after a fallback the default runs unvalidated beside the rolled-back slot "
+            "only until its first-boot validation (the observation window), which the walk does not plan into")
            for o in ("empty", "incomplete", "rolled-back")},
         **{(f"pending/validated/other-{o}", "*"): (
             "pending with validated=1 is only a proven revert.X waiting for the restart, and sshfwup's revert "
