@@ -42,6 +42,13 @@ class Result:
     text: str = ""
 
 
+def validated_before_boot(console: str) -> bool:
+    """The device validated its running firmware on its own before it (next) went down."""
+    validated_at = console.find(_SELF_VALIDATED)
+    boot_line = _BOOT_LINE.search(console)
+    return validated_at >= 0 and (boot_line is None or validated_at < boot_line.start())
+
+
 def _marks() -> set[str]:
     return {f"{s}.{MARK}" for s in SLOTS}
 
@@ -70,12 +77,18 @@ def check_change(dev: ModelDevice, event: str, state: str, before: Snapshot, aft
     where = f"\ncontract: {dev.spec.name}\nevent: {event} in state {state}\nexit status: {result.code}\n" \
             f"output: {result.text.strip()[-600:]}\nenv before: {before.env}\nenv after: {after.env}\n" \
             f"last steps: {dev.log[-8:]}"  # fmt: skip
-    if event == "reboot" or (event == "power-cut" and not state.startswith("settled/validated")):
-        # (a power cut during an upload that was refused before it wrote: the env is the one
-        # before the event, so the boot is the contract's to predict as after a reboot)
-        check_reboot(dev, before, after, where)
     # the device validating its own first boot meanwhile is not the event's doing
     ignore = self_validation(dev, before, after)
+    validated_meanwhile = bool(ignore) or validated_before_boot(dev.console()[before.console_at:])
+    if event == "reboot" or (event == "power-cut" and not state.startswith("settled/validated")
+                             and not validated_meanwhile):  # fmt: skip
+        # (a power cut during an upload that was refused before it wrote: the env is the one
+        # before the event, so the boot is the contract's to predict as after a reboot. If the
+        # device validated itself before the upload came — its log says so — the upload ran and
+        # the cut met it anywhere: as in settled/validated, only the invariants at rest judge
+        # that boot. Under fwup-ops the upload's own nerves_fw_validated=0 hides that validation
+        # from the record, hence the log.)
+        check_reboot(dev, before, after, where, power_cut=event == "power-cut")
     # ... nor is its rollback of a hot-swapped app that kept crashing
     ignore = rolled_back_by_itself(dev, before, after) or ignore
     if before.app[0] in dev.firmwares.crashing:
@@ -162,24 +175,31 @@ def check_revert(dev: ModelDevice, before: Snapshot, after: Snapshot, result: Re
                              f"contract wants slot {there} on trial, then slot {running} if it never validates{where}")  # fmt: skip
 
 
-def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str) -> None:
-    """A reboot boots the slot the contract's forecast names (read from the env before it; if the
-    device validated its first boot before it went down, from the env after that), writes only the
-    bootloader's variables, sshfwup's start-up recovery and marks, and no slot's bytes."""
+def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str, *, power_cut: bool = False) -> None:
+    """A reboot boots the slot the contract's forecast names (read from the env before it — after a
+    power cut, from what of it survives; if the device validated its first boot before it went
+    down, from the env after that), writes only the bootloader's variables, sshfwup's start-up
+    recovery and marks, and no slot's bytes."""
     spec = dev.spec
     booted = after.status["running_root"]
-    expected = spec.view(before.env).next_boot
-    console = dev.console()[before.console_at:]
-    validated_at = console.find(_SELF_VALIDATED)
-    boot_line = _BOOT_LINE.search(console)
-    if validated_at >= 0 and (boot_line is None or validated_at < boot_line.start()):
-        expected = spec.view(spec.validated(before.env)).next_boot
+    found = spec.power_lost(before.env) if power_cut else dict(before.env)
+    expected = spec.view(found).next_boot
+    if validated_before_boot(dev.console()[before.console_at:]):
+        expected = spec.view(spec.validated(found)).next_boot
     # (a second boot, the device's own start-up recovery, is not this prediction's business)
     if after.boots == before.boots + 1 and booted != expected:
         raise ModelViolation(f"the {spec.name} bootloader booted slot {booted}; from the env before the reboot the "
-                             f"contract boots slot {expected} (forecast {spec.view(before.env).forecast}){where}")  # fmt: skip
+                             f"contract boots slot {expected} (forecast {spec.view(found).forecast}){where}")  # fmt: skip
     _only(before.changed_keys(after) - _marks(), spec.boot_keys | spec.validate_keys | spec.revert_keys, "a reboot",
           where)  # fmt: skip
     written = [s for s in sorted(before.slots) if before.slots[s] != after.slots.get(s)]
     if written:
         raise ModelViolation(f"a reboot changed the bytes of slot {', '.join(written)}{where}")
+    # Once up, the firmware runs validated or on trial, never neither: nothing would fall back
+    # from it, and every upload is refused. (Checked on the record the moment the device is
+    # ready, before any first-boot validation could mend it: fwup-ops' fallback after a power
+    # cut lost the one-shot tryboot ran "not validated" until then.)
+    view = spec.view(after.env)
+    if spec.fallback_validated and not view.validated and not view.trial:
+        raise ModelViolation(f"after the boot slot {booted} runs neither validated nor on trial (the {spec.name} "
+                             f"record reads validated={view.validated}, trial={view.trial}){where}")  # fmt: skip

@@ -45,6 +45,7 @@ class Firmwares:
     """Firmware built on demand with real fwup, one new version per request."""
 
     root: Path
+    conf: Path | None = None  # the contract's fwup.conf (None: the simulator's)
     counter: int = 0
     by_version: dict[str, Path] = field(default_factory=dict)
     # versions whose app crashes a while after each start: if one outlives its observation window
@@ -54,7 +55,7 @@ class Firmwares:
     def make(self, **kwargs: Any) -> tuple[str, Path]:
         self.counter += 1
         version = f"1.{self.counter}.0"
-        path = build_sample_firmware(self.root / version, version=version, **kwargs)
+        path = build_sample_firmware(self.root / version, version=version, conf=self.conf, **kwargs)
         self.by_version[version] = path
         if "crash_after" in (kwargs.get("app_behavior") or {}):
             self.crashing.add(version)
@@ -75,13 +76,13 @@ class ModelDevice:
         self.workdir = workdir
         self.key = key
         self.spec: ContractSpec = contract(contract_name)
-        self.firmwares = Firmwares(workdir / "firmware")
+        self.firmwares = Firmwares(workdir / "firmware", conf=self.spec.fwup_conf())
         v1, fw1 = self.firmwares.make()
         self.path = workdir / "device"
         overrides = {**(config or CONFIG), **self.spec.config()}
         self.device = SimDevice.create(
             self.path, firmware=fw1, authorized_keys=[key.public_line], ssh_port=free_port(), app_port=free_port(),
-            config_overrides=overrides,
+            config_overrides=overrides, ops_conf=self.spec.ops_conf(),
         )  # fmt: skip
         self.machine = SimMachine.start(self.path)
         self.boots = 0
@@ -227,12 +228,19 @@ class ModelDevice:
                 time.sleep(0.5)
 
     def _check_once(self) -> None:
+        from .space import space  # (space imports the events, which import this module)
+
         env = self.env()
         s = self.state()
         st = self.status()
         view = self.spec.view(env)
         where = f"\ncontract: {self.spec.name}\nenv: {env}\nmachine: {s}\nstatus: {st}\nlast steps: {self.log[-8:]}"
         running = s.slot
+        # the device is in a state the model's space calls reachable (its reason says why not)
+        why = space(self.spec.name).impossible(self.abstract_state(), "*")
+        if why and self.spec.fallback_validated:  # (fwup-ops: the fallback proves itself again first)
+            raise ModelViolation(f"the device is in {self.abstract_state()}, a state the model calls impossible: "
+                                 f"{why}{where}")  # fmt: skip
         # the running root was never written
         if self.running_hash is not None and self.running_hash[0] == running:
             now = self.device.slot_bytes_sha256(running, 1 << 20)

@@ -2,9 +2,10 @@
 
 - a planned walk (``model.Walker``) that reaches (abstract state, event) pairs on purpose: in CI
   every refusal pair of the default boot contract (every event that is refused, from every state
-  where it can be), and for each other contract its own pairs (``ContractSpec.specific``) plus a
-  sample of the rest chosen by a printed seed (``SSHFWUP_MODEL_SEED`` replays it; by default the
-  day's number, so the sample rotates); bench/soak.py walks every pair of every contract;
+  where it can be), and for each other contract (uboot-nerves; fwup-ops on the tryboot-like
+  layout) its own pairs (``ContractSpec.specific``) plus a sample of the rest chosen by a printed
+  seed (``SSHFWUP_MODEL_SEED`` replays it; by default the day's number, so the sample rotates);
+  bench/soak.py walks every pair of every contract;
 - a Hypothesis stateful test on top, on the default contract: random sequences of uploads (hot,
   reboot, bad, cut, slow, broken apps, the same firmware), power cuts at random moments, reboots,
   validate and revert.
@@ -33,12 +34,17 @@ from model import (
     remove_workdir, space,
 )  # fmt: skip
 
-from sshfwup.sim.bootloader import choose_for
+from safety_model.contracts import AUTOBOOT_ALL, AUTOBOOT_TRYBOOT, REBOOT_PARAM, RUNNING
 
+from sshfwup.sim.bootloader import choose_for
+from sshfwup.sim.tryboot import choose_tryboot
+
+# The budget: the file stays within 4 minutes on a loaded 2-core machine with three contracts'
+# walks (fwup-ops' own pairs cost one Hypothesis run and two sampled pairs per contract).
 STEPS = int(os.environ.get("SSHFWUP_MODEL_STEPS", "8"))
-EXAMPLES = int(os.environ.get("SSHFWUP_MODEL_EXAMPLES", "5"))
+EXAMPLES = int(os.environ.get("SSHFWUP_MODEL_EXAMPLES", "3"))
 # How many pairs of each other contract CI walks beside its own (specific) pairs.
-SAMPLE = int(os.environ.get("SSHFWUP_MODEL_SAMPLE", "5"))
+SAMPLE = int(os.environ.get("SSHFWUP_MODEL_SAMPLE", "3"))
 COVERED: Counter[tuple[str, str]] = Counter()  # (abstract state, event) pairs walked, over all runs
 
 # The planned walk's device: the observation window is long enough for an event to start while a
@@ -189,7 +195,7 @@ def _envs() -> list[dict[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("contract_name", list(CONTRACTS))
+@pytest.mark.parametrize("contract_name", [name for name, spec in CONTRACTS.items() if spec.layout is None])
 def test_contract_forecast_is_what_the_simulated_bootloader_does(contract_name: str) -> None:
     """The model's reading of a contract (tests/safety_model/contracts.py) and the simulator's
     bootloader agree: booting again and again with nothing validating runs exactly the slots of the
@@ -208,6 +214,37 @@ def test_contract_forecast_is_what_the_simulated_bootloader_does(contract_name: 
         if booted != wanted:
             wrong.append(f"{env}: the bootloader boots {booted}, the model forecasts {wanted}")
     assert not wrong, f"{len(wrong)} environments disagree, e.g.\n" + "\n".join(wrong[:5])
+
+
+def _autoboot(default: str, tryboot: str | None) -> str:
+    """autoboot.txt as the tryboot layout's files write it (p2: slot a, p3: slot b)."""
+    part = {"a": 2, "b": 3}
+    text = f"[all]\ntryboot_a_b={'1' if tryboot else '0'}\nboot_partition={part[default]}\n"
+    return text + (f"[tryboot]\nboot_partition={part[tryboot]}\n" if tryboot else "")
+
+
+def test_fwup_ops_forecast_is_what_the_simulated_pi_firmware_does() -> None:
+    """The model's reading of fwup-ops (autoboot.txt, the one-shot reboot parameter, the mounted
+    root, nerves_fw_validated) and the simulator's Pi-like firmware (sshfwup/sim/tryboot.py) agree:
+    restarting again and again with nothing validating runs the forecast's slots, the last for good
+    (the parameter is used up by the first restart)."""
+    view = CONTRACTS["fwup-ops"].view
+    wrong = []
+    for default, tryboot, param, running, validated in itertools.product(
+        ("a", "b"), ("a", "b", None), ("", "0", "0 tryboot"), ("a", "b"), ("0", "1")
+    ):
+        record = {AUTOBOOT_ALL: default, RUNNING: running, "nerves_fw_validated": validated}
+        record.update({AUTOBOOT_TRYBOOT: tryboot} if tryboot else {})
+        record.update({REBOOT_PARAM: param} if param else {})
+        forecast = view(record).forecast
+        booted, now = [], param
+        for _ in range(len(forecast) + 2):
+            booted.append(choose_tryboot(_autoboot(default, tryboot), now, {2: "a", 3: "b"}).slot)
+            now = ""
+        wanted = [*forecast, forecast[-1], forecast[-1]]
+        if booted != wanted:
+            wrong.append(f"{record}: the firmware boots {booted}, the model forecasts {wanted}")
+    assert not wrong, f"{len(wrong)} records disagree, e.g.\n" + "\n".join(wrong[:5])
 
 
 @pytest.mark.model
