@@ -280,7 +280,16 @@ async def _validate_after_boot(device: Device, app_ok: bool) -> None:
             # bootloader's fallback is switched off (the lock may have been waited for).
             problem = await sup.check_health()
         if problem is None and now is not None:
+            # Said before the write, so a power cut between the two leaves a trace of the attempt.
+            log.info("validating firmware %s in slot %s: its app is healthy", version, root)
             await device.bootenv.validate()
+            rec = device.journal.current if device.journal is not None else None
+            if rec is not None and rec.stage == "fell-back" and rec.from_slot == root:
+                # The old firmware proving itself again after a fallback: the last update still
+                # did not take, and status must keep saying so.
+                log.info("firmware %s in slot %s validated again after the fallback", version, root)
+                device.notify_status(f"firmware {version} validated")
+                return
             if device.journal is not None and device.journal.current is not None:
                 device.journal.advance("validated", verdict=f"firmware {version} validated after a healthy boot")
             device.last_outcome = {"ok": True, "verdict": f"firmware {version} validated after a healthy boot"}

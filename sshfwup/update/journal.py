@@ -191,15 +191,16 @@ def plan_recovery(rec: Record | None, *, running_root: str, active: str | None) 
             message=f"update {rec.id} was interrupted at stage '{rec.stage}'; {what}; {rec.from_version or 'the old version'} keeps running",
         )
     if rec.stage in TRIAL_STAGES and rec.to_slot is not None and R != rec.to_slot and R == rec.from_slot and A == R:
-        # The new firmware was to boot on trial, yet the old one runs and the boot env names it:
-        # the bootloader gave up on the new one after its trial boots (its kernel or init failed,
-        # or it never validated). Nothing of sshfwup ran there to say so; say it here.
+        # The new firmware was to boot on trial, yet the old one runs and boots next: the
+        # bootloader gave up on the new one after its trial boots (its kernel or init failed, or
+        # it never validated), or a one-shot trial (tryboot) was lost to a power cut. Nothing of
+        # sshfwup ran there to say so; say it here, and never offer that slot as a proven revert.
         return Recovery(
             R, False, stage="fell-back", give_up=rec.to_slot,
             message=(
                 f"the bootloader fell back to slot {R} ({rec.from_version or 'the old firmware'}): "
-                f"{rec.to_version or 'the new firmware'} in slot {rec.to_slot} did not validate within its trial "
-                f"boots (it did not boot, or its app never proved healthy); slot {rec.to_slot} is marked rolled back"
+                f"{rec.to_version or 'the new firmware'} in slot {rec.to_slot} never validated (its trial boots "
+                f"failed, or a power cut lost a one-shot trial); slot {rec.to_slot} is marked rolled back"
             ),
         )
     if rec.stage == "hot":

@@ -203,3 +203,7 @@ async def test_a_power_cut_loses_a_pending_tryboot(sim: Sim, firmware, layout: E
     assert not (sim.device.path / REBOOT_PARAM).exists()
     s = sim.status()
     assert s["active"] == "a" and not s["pending_reboot"] and not s["trial_boot"], s
+    # the old firmware proves itself again, and status keeps saying the update did not take
+    await wait_until(lambda: sim.status()["validated"], timeout=60, what="slot a validated again")
+    last = sim.status()["last_update"]
+    assert last["ok"] is False and "fell back to slot a" in last["verdict"] and "2.0.0 in slot b" in last["verdict"], last

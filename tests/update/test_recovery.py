@@ -22,7 +22,7 @@ def record(stage: str) -> Record:
 def test_the_old_slot_running_and_named_after_a_trial_is_a_fallback(stage: str) -> None:
     plan = plan_recovery(record(stage), running_root="a", active="a")
     assert (plan.stage, plan.give_up, plan.app_slot, plan.revert_to, plan.reboot) == ("fell-back", "b", "a", None, False)
-    assert "fell back to slot a (1.0.0)" in plan.message and "3.0.0 in slot b" in plan.message
+    assert "fell back to slot a (1.0.0)" in plan.message and "3.0.0 in slot b never validated" in plan.message
 
 
 @pytest.mark.parametrize(
