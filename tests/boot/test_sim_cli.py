@@ -18,14 +18,8 @@ class Created:
     server_data_dir = Path("/nonexistent/data")
 
 
-@pytest.mark.parametrize(("argv", "overrides"), [
-    ([], None),
-    (["--contract", "uboot-bootcount"], None),
-    (["--contract", "uboot-nerves"], {"boot": {"contract": "uboot-nerves"}}),
-])  # fmt: skip
-def test_create_passes_the_contract_to_the_device(
-    argv: list[str], overrides: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def created_with(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """What `sshfwup sim create ... ARGV` hands SimDevice.create (which is not run)."""
     seen: dict[str, Any] = {}
 
     def create(path: Path, **kwargs: Any) -> Created:
@@ -36,6 +30,18 @@ def test_create_passes_the_contract_to_the_device(
     fw = tmp_path / "x.fw"
     fw.write_bytes(b"")
     assert cli.main(["create", str(tmp_path / "d"), "--firmware", str(fw), *argv]) == 0
+    return seen
+
+
+@pytest.mark.parametrize(("argv", "overrides"), [
+    ([], None),
+    (["--contract", "uboot-bootcount"], None),
+    (["--contract", "uboot-nerves"], {"boot": {"contract": "uboot-nerves"}}),
+])  # fmt: skip
+def test_create_passes_the_contract_to_the_device(
+    argv: list[str], overrides: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen = created_with(argv, monkeypatch, tmp_path)
     assert seen["config_overrides"] == overrides
 
 
@@ -68,16 +74,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "deploy/examples"
 def test_a_layout_brings_its_boot_section_and_ops_archive(
     argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    seen: dict[str, Any] = {}
-
-    def create(path: Path, **kwargs: Any) -> Created:
-        seen.update(kwargs)
-        return Created()
-
-    monkeypatch.setattr(cli.SimDevice, "create", create)
-    fw = tmp_path / "x.fw"
-    fw.write_bytes(b"")
-    assert cli.main(["create", str(tmp_path / "d"), "--firmware", str(fw), *argv]) == 0
+    seen = created_with(argv, monkeypatch, tmp_path)
     boot = seen["config_overrides"]["boot"]
     assert boot["contract"] == "fwup-ops" and boot["validate_task"] == "validate.{slot}"
     assert "ops_archive" not in boot  # a device path: the simulator sets its own
