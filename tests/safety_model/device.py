@@ -196,11 +196,17 @@ class ModelDevice:
 
     # --- the abstract state, for coverage -------------------------------------------------------
 
-    def abstract_state(self) -> str:
-        env = self.env()
+    def abstract_state(self, snap: Snapshot | None = None) -> str:
+        """The state as the model names it: now, or as ``snap`` saw it (an event is judged
+        against the snapshot it starts from, so its state must be read from that same snapshot:
+        the device may validate its first boot between two reads)."""
+        if snap is not None:
+            env, running = snap.env, snap.status.get("running_root")
+        else:
+            env = self.env()
+            s = self.state()
+            running = s.slot if s else None
         view = self.spec.view(env)
-        s = self.state()
-        running = s.slot if s else None
         there = other(running) if running in SLOTS else "a"
         whole = "whole" if env.get(f"{there}.nerves_fw_version") else "empty"
         parts = ["pending" if view.active != running else "settled",

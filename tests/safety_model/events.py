@@ -225,9 +225,9 @@ EVENTS = tuple(RUNNERS)
 def fire(dev: ModelDevice, event: str, param: Any = None) -> str:
     """One event: recorded against the abstract state it starts in, then checked for what it
     changed. Returns the state it started in. (The invariants at rest: ``dev.check()``.)"""
-    state = dev.abstract_state()
-    dev.record(event, state)
     before = snapshot(dev)
+    state = dev.abstract_state(before)
+    dev.record(event, state)
     result = RUNNERS[event](dev, param)
     check_change(dev, event, state, before, snapshot(dev), result)
     return state
