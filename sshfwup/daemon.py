@@ -15,8 +15,8 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -27,6 +27,7 @@ from sshfwup.boot.bootenv import ROLLED_BACK, BootEnvError, BootState, other_slo
 from .config import Config
 from .device import Device
 from sshfwup.update.journal import FAILED_STAGES, Journal, Recovery, StageHook, plan_recovery
+from sshfwup.update import door
 from sshfwup.update.lock import DeviceBusy
 from sshfwup.update.pipeline import slot_mount_point
 from sshfwup.system.ports import ListenError, describe_holders, port_holders
@@ -358,23 +359,11 @@ async def _roll_back_crash_loop(device: Device, crashed: Instance, crashes: int)
         return None
 
 
-@asynccontextmanager
-async def _update_lock(device: Device, who: str, timeout: float = 600) -> AsyncIterator[None]:
-    """The device's update lock, waited for (an upload or an operator command may hold it).
-    Held briefly (the device's own work): an upload arriving meanwhile waits instead of failing."""
-    deadline = anyio.current_time() + timeout
-    while True:
-        try:
-            device.lock.acquire(who, brief=True)
-            break
-        except DeviceBusy:
-            if anyio.current_time() > deadline:
-                raise
-            await anyio.sleep(0.5)
-    try:
-        yield
-    finally:
-        device.lock.release()
+def _update_lock(device: Device, who: str, timeout: float = 600) -> AbstractAsyncContextManager[None]:
+    """The device's own work through the one door (door.py): it waits for any holder (an upload
+    or an operator command) up to ``timeout``, and is held as brief: an upload arriving meanwhile
+    waits instead of failing."""
+    return door.state_change(device, who, own_work=True, wait=timeout)
 
 
 async def _watchdog() -> None:

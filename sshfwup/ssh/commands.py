@@ -17,13 +17,41 @@ import asyncssh
 from sshfwup import __version__
 from sshfwup.boot.bootenv import BootEnvError
 from sshfwup.device import Device
+from sshfwup.update import door
+from sshfwup.update.lock import DeviceBusy
 from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Uploader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NAMES", "LogsRequest", "UsageError", "parse_logs", "render_status", "run", "status"]
+__all__ = ["COMMANDS", "NAMES", "Command", "LogsRequest", "UsageError", "parse_logs", "render_status", "run", "status"]
 
-NAMES = ("status", "status --json", "logs [-n N] [-f]", "reboot", "revert", "validate")
+
+@dataclass(frozen=True)
+class Command:
+    """A device command. ``changes_state``: it changes what the device runs or boots, so it goes
+    through the one door (sshfwup/update/door.py); tests/update/test_door.py holds every such
+    command to that, and every other one to changing nothing."""
+
+    name: str
+    usage: str
+    changes_state: bool
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("status", "status [--json]", changes_state=False),
+        Command("logs", "logs [-n N] [-f]", changes_state=False),
+        Command("reboot", "reboot [--force]", changes_state=True),
+        Command("revert", "revert", changes_state=True),
+        Command("validate", "validate", changes_state=True),
+    )
+}
+NAMES = tuple(c.usage for c in COMMANDS.values())
+FORCED_REBOOT_CUTS = (
+    "`reboot --force` reboots now: an update in progress is cut as by a power cut (the device boots "
+    "what its boot state names at that moment)"
+)
 DEFAULT_LOG_LINES = 100
 
 
@@ -195,14 +223,21 @@ async def run(process: asyncssh.SSHServerProcess, device: Device, who: Uploader,
         except UsageError as e:
             return fail(str(e))
         return await _logs(process, device, request, who)
-    if name == "reboot" and len(argv) == 1:
-        log.warning("reboot requested by %s", who)
+    if name == "reboot" and argv[1:] in ([], ["--force"]):
+        if argv[1:] == ["--force"]:
+            holder = door.force_reboot_past(device, str(who))
+            say(f"rebooting (forced past {holder.describe()})\n" if holder else "rebooting\n")
+            device.request_reboot(f"forced by {who}")
+            return EXIT_OK
+        try:
+            async with door.state_change(device, f"a reboot requested by {who}"):
+                log.warning("reboot requested by %s", who)
+                device.request_reboot(f"requested by {who}")
+        except DeviceBusy as e:
+            return fail(f"not rebooting: {e}; {FORCED_REBOOT_CUTS}")
         say("rebooting\n")
-        device.request_reboot(f"requested by {who}")
         return EXIT_OK
     if name in ("revert", "validate") and len(argv) == 1:
-        if device.lock.busy():
-            return fail("an update is in progress; try again when it has finished")
         from sshfwup.update import pipeline
 
         try:

@@ -471,7 +471,7 @@ def _uploader(process: asyncssh.SSHServerProcess) -> Uploader:
         transport = f"ssh -s {process.subsystem if process.subsystem in ('fwup', 'sftp') else '(other)'}"
     else:  # the command comes from the client: name it only when it is one of ours
         word = (process.command or "shell").split(" ")[0]
-        transport = word if word in ("shell", "scp", *(n.split()[0] for n in commands.NAMES)) else "exec"
+        transport = word if word in ("shell", "scp", *commands.COMMANDS) else "exec"
     return Uploader(
         user=process.get_extra_info("username") or "?",
         fingerprint=conn.get_extra_info("sshfwup_fingerprint", "?") if conn else "?",

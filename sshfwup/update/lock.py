@@ -34,12 +34,14 @@ class LockHolder:
 
 
 class DeviceBusy(Exception):
-    """Another update holds the device lock."""
+    """Another change of the device's state (an upload, a command, the device's own work) holds
+    the device lock."""
 
     def __init__(self, holder: LockHolder | None) -> None:
         self.holder = holder
-        by = f" by {holder.describe()}" if holder else ""
-        super().__init__(f"another firmware update is in progress{by}; try again when it has finished")
+        # an updater outside sshfwup (flock by hand) writes no holder record
+        by = holder.describe() if holder else "an updater outside sshfwup"
+        super().__init__(f"the device is busy: {by} holds the update lock; try again when it has finished")
 
 
 class DeviceLock:

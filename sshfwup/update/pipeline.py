@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, other_sl
 from sshfwup.device import Device
 from sshfwup.firmware.inspect import Policy, Verdict, inspect_slot, with_resources
 from .installed import recorded_resources
+from . import door
 from .lock import DeviceBusy
 from sshfwup.boot.slots import SlotError, mount_slot, unmount
 from sshfwup.supervisor.supervisor import AppSource, SwapFailed
@@ -189,16 +192,17 @@ async def _unmount_quietly(mount_point: Path) -> None:
 
 async def validate(device: Device, who: Uploader) -> str:
     """Mark the running firmware good (what the server does itself after a healthy boot)."""
-    root = device.running_root()
-    boot = await device.boot_state()
-    if root is None or boot.active != root:
-        raise PipelineError(
-            f"slot {boot.active} has not booted yet (the device runs slot {root}); reboot first, then validate"
-        )
-    version = boot.version(root) or "?"
-    if boot.validated:
-        return f"firmware {version} in slot {root} is already validated"
-    with _locked(device, f"validate by {who}"):
+    async with _through_the_door(device, f"validate requested by {who}"):
+        # read under the lock: a change that held it may have just rewritten the boot env
+        root = device.running_root()
+        boot = await device.boot_state()
+        if root is None or boot.active != root:
+            raise PipelineError(
+                f"slot {boot.active} has not booted yet (the device runs slot {root}); reboot first, then validate"
+            )
+        version = boot.version(root) or "?"
+        if boot.validated:
+            return f"firmware {version} in slot {root} is already validated"
         await device.bootenv.validate()
     if device.journal is not None and device.journal.current is not None:
         device.journal.advance("validated")
@@ -215,8 +219,8 @@ async def revert(device: Device, who: Uploader) -> str:
     root = device.running_root()
     if root is None:
         raise PipelineError("cannot tell which slot is running")
-    boot = await device.boot_state()
-    with _locked(device, f"revert by {who}"):
+    async with _through_the_door(device, f"revert requested by {who}"):
+        boot = await device.boot_state()  # under the lock: see validate
         if boot.active is not None and boot.active != root:
             version = boot.version(root) or "?"
             await device.bootenv.revert_to(root)
@@ -255,15 +259,14 @@ async def revert(device: Device, who: Uploader) -> str:
                 f"falls back to slot {root}); reboot to run it (ssh <device> reboot)")
 
 
-class _locked:
-    def __init__(self, device: Device, who: str) -> None:
-        self.device, self.who = device, who
-
-    def __enter__(self) -> None:
-        try:
-            self.device.lock.acquire(self.who)
-        except DeviceBusy as e:
-            raise PipelineError(str(e)) from None
-
-    def __exit__(self, *exc: object) -> None:
-        self.device.lock.release()
+@asynccontextmanager
+async def _through_the_door(device: Device, who: str) -> AsyncIterator[None]:
+    """An operator's command through the device's one door (door.py); busy: a PipelineError."""
+    try:
+        await door.acquire(device, who)
+    except DeviceBusy as e:
+        raise PipelineError(str(e)) from None
+    try:
+        yield
+    finally:
+        device.lock.release()

@@ -30,6 +30,7 @@ from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, l
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
 from .fwup import FwupError, FwupProcess, FwupResult, Message, Progress
 from .holdback import Holdback, IncompleteArchive, check_end, check_start
+from . import door
 from .lock import DeviceBusy
 from .outcome import EXIT_FAILED, EXIT_OK, Outcome, UpdateError, UpdateRefused, Uploader
 from .report import Report
@@ -51,9 +52,6 @@ __all__ = [
     "refused_before_writing",
     "report_only",
 ]
-
-BRIEF_HOLDER_WAIT = 15.0  # s: the longest an upload waits for the device's own brief work to release the lock
-
 
 class Update:
     def __init__(self, device: Device, uploader: Uploader, report: Report) -> None:
@@ -84,20 +82,13 @@ class Update:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def _take_lock(self) -> None:
-        """One update at a time: refused at once while another update holds the lock, but the
-        device's own brief work under it (boot validation right after a boot) is waited for —
-        an uploader must not be told "another update is in progress" by the device itself."""
-        deadline = anyio.current_time() + BRIEF_HOLDER_WAIT
-        while True:
-            try:
-                self.device.lock.acquire(str(self.uploader))
-                return
-            except DeviceBusy as e:
-                if e.holder is None or not e.holder.brief or anyio.current_time() > deadline:
-                    log.warning("refused upload from %s: %s", self.uploader, e)
-                    raise UpdateRefused(str(e)) from None
-                log.info("upload from %s waits for %s", self.uploader, e.holder.who)
-            await anyio.sleep(0.1)
+        """One change of state at a time, through the device's one door (door.py): refused at
+        once while another holds the lock or a reboot is on its way; the device's own brief work
+        (boot validation right after a boot) is waited for."""
+        try:
+            await door.acquire(self.device, f"an upload from {self.uploader}")
+        except DeviceBusy as e:
+            raise UpdateRefused(str(e)) from None
 
     async def __aenter__(self) -> "Update":
         cfg = self.device.config

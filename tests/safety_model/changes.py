@@ -24,7 +24,7 @@ NOT_CHANGED = ("the device was not changed", "nothing changed", "nothing was cha
 REFUSALS = (
     *ALLOWED_REFUSALS, "Expecting platform=", "Unrecognized archive format", "Please validate the running firmware",
     "Couldn't find applicable task", "Expecting signed firmware", "fails digital signature", "is older than the running",
-    "another update is in progress",
+    "the device is busy:",
 )  # fmt: skip
 _UPLOADING = ("bad-upload", "cut-upload", "slow-tail", "hot-upload", "reboot-upload")
 # The server's line when it validated a first boot on its own (sshfwup/daemon.py), and the

@@ -24,6 +24,7 @@ import pytest
 from conftest import SSH_OPTIONS, KeyPair, Sim, assert_applied, assert_untouched, output, upload, wait_unlocked
 
 import sshfwup.update.update as update_module
+from sshfwup.update import door
 from sshfwup.update.lock import DeviceLock, LockHolder
 
 from sshfwup.sim.host import zip_payload
@@ -146,7 +147,7 @@ async def test_second_upload_is_refused_while_the_first_runs(sim: Sim, firmware)
         await anyio.sleep(0.5)  # the first holds the lock now
         second = await anyio.to_thread.run_sync(lambda: sim.upload(v2))
         assert second.returncode == 1
-        assert "another firmware update is in progress" in output(second), output(second)
+        assert "the device is busy: an upload from " in output(second), output(second)
         # the lock is a real flock: an outside updater sees it too
         flock = subprocess.run(["flock", "-n", str(sim.device.run_dir / "update.lock"), "true"])
         assert flock.returncode == 1
@@ -164,7 +165,7 @@ async def test_an_outside_flock_holder_blocks_uploads(sim: Sim, firmware) -> Non
     try:
         await anyio.sleep(0.3)
         result = sim.upload(firmware("2.0.0"))
-        assert result.returncode == 1 and "another firmware update is in progress" in output(result)
+        assert result.returncode == 1 and "busy: an updater outside sshfwup holds" in output(result)
     finally:
         holder.kill()
         holder.wait()
@@ -194,15 +195,16 @@ async def _append(results: list[Any], awaitable: Any) -> None:
 
 
 async def test_a_brief_holder_is_waited_for_within_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(update_module, "BRIEF_HOLDER_WAIT", 0.5)
+    monkeypatch.setattr(door, "BRIEF_HOLDER_WAIT", 0.5)
     held = DeviceLock(tmp_path / "update.lock")
     held.acquire("boot validation of 1.0.0", brief=True)
     assert DeviceLock(tmp_path / "update.lock").holder() == LockHolder(os.getpid(), "boot validation of 1.0.0",
                                                                         held.holder().since, True)  # fmt: skip
     upload_ = update_module.Update.__new__(update_module.Update)
-    upload_.device, upload_.uploader = SimpleNamespace(lock=DeviceLock(tmp_path / "update.lock")), "root@test"
+    upload_.device = SimpleNamespace(lock=DeviceLock(tmp_path / "update.lock"), reboot_requested=None)
+    upload_.uploader = "root@test"
     started = time.monotonic()
-    with pytest.raises(update_module.UpdateRefused, match="in progress by boot validation of 1.0.0"), anyio.fail_after(10):
+    with pytest.raises(update_module.UpdateRefused, match="busy: boot validation of 1.0.0 "), anyio.fail_after(10):
         await upload_._take_lock()
     assert 0.5 <= time.monotonic() - started < 5
     held.release()
