@@ -339,6 +339,10 @@ class Snapshot:
 
 
 def snapshot(dev: ModelDevice) -> Snapshot:
+    # The console's mark first: a line the device logs while the rest is read (its own validation
+    # of a first boot, say) is then after the mark, where the checks look for it — never lost
+    # between an env read that missed the write and a mark taken after the line.
+    console_at, boots = len(dev.console()), dev.state().boot_count
     st = dev.status()
     span = dev.device.layout.slot_span("a")[1]
     app = st.get("app") or {}
@@ -348,6 +352,6 @@ def snapshot(dev: ModelDevice) -> Snapshot:
         slots={s: dev.device.slot_bytes_sha256(s, span) for s in ("a", "b")},
         app=(app.get("version"), app.get("pid")),
         status={k: st.get(k) for k in keep},
-        console_at=len(dev.console()),
-        boots=dev.state().boot_count,
+        console_at=console_at,
+        boots=boots,
     )
