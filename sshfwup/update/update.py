@@ -228,8 +228,6 @@ class Update:
         if judged.refusal is not None:
             reason = str(judged.refusal)
             self._journal("failed", reason)
-            if isinstance(judged.refusal, UpdateRefused):
-                self.device.last_outcome = {"ok": False, "verdict": reason}
             self.abort(reason)
             raise judged.refusal
 
@@ -329,6 +327,10 @@ class Update:
     def _journal(self, stage: str, verdict: str, **fields: Any) -> None:
         from .journal import ACTIVE_STAGES
 
+        if stage == "failed":
+            # `ssh DEVICE status` names the reason of every failed update, however early it failed:
+            # it is where users of clients that hide the device's message look (README, Clients).
+            self.device.last_outcome = {"ok": False, "verdict": verdict}
         journal = self.device.journal
         if journal is not None and journal.current is not None and journal.current.stage in ACTIVE_STAGES:
             if journal.current.to_slot:
