@@ -29,6 +29,7 @@ DENIED = (
     r"hypothesis(\..*)?",
     r"pytest(\..*)?|_pytest(\..*)?",
     r"ansible(\..*)?|ansible_collections(\..*)?",
+    r"paramiko(\..*)?|invoke(\..*)?|nacl(\..*)?|bcrypt(\..*)?",  # tests/ssh/test_clients.py's client
     r"uvloop(\..*)?",  # optional: only when configured, never at import
     r"multiprocessing(\..*)?|concurrent\.futures\.process",
     r"http\.server|xmlrpc(\..*)?|unittest(\..*)?|doctest|pdb|pydoc",
