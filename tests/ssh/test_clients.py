@@ -21,12 +21,16 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 from conftest import SSH_OPTIONS, KeyPair, Sim, long_lived, output
 
 from sshfwup.sim.fleet import SimFleet
+
+if TYPE_CHECKING:  # imported where used: a missing paramiko fails its tests (require), not collection
+    import paramiko
 
 ROOT = Path(__file__).resolve().parents[2]
 GARBAGE_REASON = "this is not a .fw file"
@@ -141,7 +145,7 @@ def sshfwup_upload(device: Device, fw: Path) -> Attempt:
 # --- paramiko: in this process, as the scripts built on it call it ------------------------------
 
 
-def _paramiko_transport(device: Device):  # noqa: ANN202 - paramiko is a test dependency only
+def _paramiko_transport(device: Device) -> paramiko.Transport:
     import base64
 
     import paramiko
