@@ -208,7 +208,7 @@ CLIENTS = (
            True),  # fmt: skip
     Client("paramiko-put-noconfirm", "SFTPClient.put(local, '/fwup', confirm=False)", "SFTP", "python",
            _paramiko_put(False), False, False,
-           "paramiko's pipelined put discards the status of its writes and of the close"),  # fmt: skip
+           "paramiko's close discards the device's error status"),  # fmt: skip
     Client("paramiko-subsystem", "Channel.invoke_subsystem('fwup')", "fwup subsystem", "python",
            paramiko_subsystem, True, True),  # fmt: skip
     Client("asyncssh-sshfwup-upload", "sshfwup upload DEVICE app.fw", "fwup subsystem", "python", sshfwup_upload,
