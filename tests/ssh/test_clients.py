@@ -255,7 +255,7 @@ def running_version(device: Device) -> str:
         return json.loads(r.read())["version"]
 
 
-def wait_running(device: Device, version: str, timeout: float = 20) -> None:
+def wait_running(device: Device, version: str, client_said: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -263,7 +263,8 @@ def wait_running(device: Device, version: str, timeout: float = 20) -> None:
                 return
         except OSError:
             pass
-        assert time.monotonic() < deadline, f"the app did not come up as {version}"
+        # dbclient exits 0 after "Disconnect received": the device is what tells
+        assert time.monotonic() < deadline, f"the app did not come up as {version}; the client said:\n{client_said}"
         time.sleep(0.1)
 
 
@@ -283,7 +284,7 @@ def test_good_firmware_is_applied_and_runs(device: Device, firmware, client: Cli
     fw = firmware(version)
     attempt = client.run(device, fw)
     assert attempt.ok, f"{client.name} reported a failure:\n{attempt.text}"
-    wait_running(device, version)
+    wait_running(device, version, attempt.text)
     status = device.sim.status()
     assert status["last_update"]["ok"], status
     assert version in status["last_update"]["verdict"], status
