@@ -27,9 +27,11 @@ apt_get() {
 # Debian packages: the real tools sshfwup drives (OpenSSH clients and, for the benchmarks, sshd;
 # libubootenv's fw_printenv/fw_setenv; mksquashfs; mkfs.ext4; losetup/mount), load generators,
 # systemd-analyze for checking the unit file, and what building fwup needs; for the QEMU device
-# (sshfwup vm, tests/vm): QEMU, Debian's U-Boot for it, mkimage, mmdebstrap, FAT tools, dpkg-deb.
+# (sshfwup vm, tests/vm): QEMU, Debian's U-Boot for it, mkimage, mmdebstrap, FAT tools, dpkg-deb;
+# the other SSH clients users update devices with (tests/ssh/test_clients.py): PuTTY's plink and
+# pscp, Dropbear's dbclient.
 packages=(
-  openssh-client openssh-server libubootenv-tool squashfs-tools e2fsprogs util-linux mount
+  openssh-client openssh-server putty-tools dropbear-bin libubootenv-tool squashfs-tools e2fsprogs util-linux mount
   wrk hey systemd shellcheck python3-venv ca-certificates xdelta3
   build-essential pkg-config libconfuse-dev libarchive-dev zlib1g-dev curl iproute2 procps
   qemu-system-x86 qemu-utils u-boot-qemu u-boot-tools mmdebstrap mtools dosfstools dpkg-dev

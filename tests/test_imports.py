@@ -29,6 +29,8 @@ DENIED = (
     r"hypothesis(\..*)?",
     r"pytest(\..*)?|_pytest(\..*)?",
     r"ansible(\..*)?|ansible_collections(\..*)?",
+    # tests/ssh/test_clients.py's client and its dependencies (not bcrypt: asyncssh imports it when present)
+    r"paramiko(\..*)?|invoke(\..*)?|nacl(\..*)?",
     r"uvloop(\..*)?",  # optional: only when configured, never at import
     r"multiprocessing(\..*)?|concurrent\.futures\.process",
     r"http\.server|xmlrpc(\..*)?|unittest(\..*)?|doctest|pdb|pydoc",

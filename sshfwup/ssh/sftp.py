@@ -2,8 +2,15 @@
 
 Uploading to ``/fwup`` (or any ``NAME.fw`` at the top level) streams the bytes into an update.
 OpenSSH 9 ``scp`` (SFTP mode) does stat → open(WRITE|CREAT) → sequential writes → fsetstat → close;
-``sftp put`` does realpath → stat → open(WRITE|CREAT|TRUNC) → writes → close. Every other
-operation is refused, and nothing here touches the server's real filesystem.
+``sftp put`` does realpath → stat → open(WRITE|CREAT|TRUNC) → writes → close; paramiko's ``put``
+stats the path after the close and compares the size (``confirm=True``). Every other operation is
+refused, and nothing here touches the server's real filesystem.
+
+How a failed update reaches the client: the write (when the update stopped mid-upload) or the
+close fails with the device's reason, which also goes to stderr; and ``stat`` after the close tells
+the truth — the size written when the update was applied, "no such file" with the device's reason
+when it was not. paramiko's ``put`` ignores failed writes and closes (docs/clients.md): only its
+``confirm`` stat shows a refusal.
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ def parse_target(path: bytes | str) -> UploadTarget | None:
 
 def _root_attrs() -> SFTPAttrs:
     return SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY, permissions=statmod.S_IFDIR | 0o755, size=0)
+
+
+def _file_attrs(size: int) -> SFTPAttrs:
+    return SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, permissions=statmod.S_IFREG | 0o200, size=size)
 
 
 class _UploadBridge:
@@ -127,6 +138,10 @@ class _UploadBridge:
             raise SFTPFailure(self.error or "the update stopped") from None
         self.offset += len(data)
 
+    @property
+    def applied(self) -> bool:
+        return self.outcome is not None and self.outcome.ok
+
     async def finish(self) -> Outcome:
         self._complete = True
         await self._send.aclose()
@@ -148,6 +163,7 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
         self._device = device
         self._tg = tg
         self._upload: _UploadBridge | None = None
+        self._upload_target: UploadTarget | None = None
         self._status = EXIT_OK
         conn = chan.get_extra_info("connection")
         self._uploader = Uploader(
@@ -177,7 +193,7 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
             self._status = EXIT_FAILED
             await report.error(str(e))
             raise SFTPFailure(str(e)) from None
-        self._upload = bridge
+        self._upload, self._upload_target = bridge, target
         log.info("sftp upload to %s started by %s", target, self._uploader)
         return bridge
 
@@ -188,7 +204,11 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
             await bridge.abort()
             self._status = EXIT_FAILED
             raise SFTPFailure(f"non-sequential write at offset {offset} (expected {bridge.offset}); upload aborted")
-        await bridge.write(data)
+        try:
+            await bridge.write(data)
+        except SFTPFailure:
+            self._status = EXIT_FAILED
+            raise
         return len(data)
 
     async def close(self, file_obj: object) -> None:
@@ -212,8 +232,7 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
         self._bridge(file_obj)  # scp sets size/mode after writing: harmless, ignored
 
     def fstat(self, file_obj: object) -> SFTPAttrs:
-        bridge = self._bridge(file_obj)
-        return SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, permissions=statmod.S_IFREG | 0o200, size=bridge.offset)
+        return _file_attrs(self._bridge(file_obj).offset)
 
     def fsync(self, file_obj: object) -> None:
         self._bridge(file_obj)
@@ -231,7 +250,15 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
         target = parse_target(path)
         if target is None:
             return _root_attrs()
-        raise SFTPNoSuchFile(f"{target} does not exist until you upload it")
+        bridge = self._upload
+        if bridge is None or target != self._upload_target:
+            raise SFTPNoSuchFile(f"{target} does not exist until you upload it")
+        if bridge.outcome is None and bridge.error is None:  # still uploading: what has arrived
+            return _file_attrs(bridge.offset)
+        if bridge.applied:  # paramiko's put(confirm=True) compares this size with what it sent
+            return _file_attrs(bridge.offset)
+        reason = bridge.outcome.verdict if bridge.outcome is not None else bridge.error
+        raise SFTPNoSuchFile(f"{target} was not installed: {reason}")
 
     lstat = stat
 

@@ -76,6 +76,7 @@ class Update:
         self._head_bytes = bytearray()  # the upload's first bytes until the head is decided
         self._skip: Outcome | None = None  # nothing to do (already running it): discard the rest
         self._target: str | None = None  # the slot fwup writes, once it may have started
+        self._failure_told = False  # status's last update names this update's (first) failure
         self._fwup_went_on = False  # fwup reported more than its start (a message, progress > 0)
         self.downgrade = False  # an older version than the running one, allowed by the config
 
@@ -219,8 +220,6 @@ class Update:
         if judged.refusal is not None:
             reason = str(judged.refusal)
             self._journal("failed", reason)
-            if isinstance(judged.refusal, UpdateRefused):
-                self.device.last_outcome = {"ok": False, "verdict": reason}
             self.abort(reason)
             raise judged.refusal
 
@@ -320,6 +319,12 @@ class Update:
     def _journal(self, stage: str, verdict: str, **fields: Any) -> None:
         from .journal import ACTIVE_STAGES
 
+        if stage == "failed" and not self._failure_told:
+            # `ssh DEVICE status` names the reason of every failed update, however early it failed:
+            # it is where users of clients that hide the device's message look (README, Clients).
+            # The first failure is the cause; an abort that follows it only repeats it.
+            self.device.last_outcome = {"ok": False, "verdict": verdict}
+            self._failure_told = True
         journal = self.device.journal
         if journal is not None and journal.current is not None and journal.current.stage in ACTIVE_STAGES:
             if journal.current.to_slot:
