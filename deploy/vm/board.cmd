@@ -1,10 +1,13 @@
 # The QEMU device's board part of its boot script (U-Boot hush). `sshfwup vm build` puts it in
-# front of the shipped deploy/uboot/bootcount/boot.cmd, unchanged, and compiles the two:
+# front of the script shipped for the boot contract (sshfwup/vm/contracts.py), unchanged, and
+# compiles the two; for the default uboot-bootcount:
 #   cat deploy/vm/board.cmd deploy/uboot/bootcount/boot.cmd > boot.cmd
 #   mkimage -A x86 -O linux -T script -C none -n "sshfwup A/B" -d boot.cmd boot.scr
+# (uboot-nerves and fwup-ops: deploy/vm/board.cmd, deploy/vm/board-nerves.cmd, then
+# deploy/uboot/nerves/boot.cmd, whose own board values are a BeagleBone's.)
 # U-Boot's distro boot finds boot.scr on the bootable FAT partition (vda1) and runs it.
 #
-# The shipped script's board variables (disk_if=virtio, disk_dev=0, the env at block 0x800,
+# The bootcount script's board variables (disk_if=virtio, disk_dev=0, the env at block 0x800,
 # 0x100 blocks, 0x20000 bytes; env_addr 0x4000000, board_addr 0x4100000, below U-Boot's
 # scriptaddr 0x7000000 in this VM's 1 GiB) already are this device's: it needs only the two
 # commands that boot a slot. They go into U-Boot's own environment (this build has no stored

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 
+from sshfwup.vm.contracts import CONTRACTS, DEFAULT_CONTRACT
 from sshfwup.vm.errors import VmError
 
 __all__ = ["build_parser", "main"]
@@ -26,7 +27,17 @@ no hardware. Needs root (mmdebstrap, chroot), QEMU and U-Boot: ./scripts/bootstr
   sshfwup vm build DIR            Debian bookworm + sshfwup's .deb, firmware 1.0.0, DIR/disk.img
                                   (written by fwup -t complete); the rootfs is cached in
                                   /var/cache/sshfwup-vm (SSHFWUP_VM_CACHE)
-  sshfwup vm firmware DIR -V 1.1  a new .fw from DIR/staging (edit it first), in DIR/fw/
+      --contract C                the boot contract ([boot] contract; DIR/vm.json records it), with
+                                  U-Boot running the script shipped for it (deploy/uboot/*/boot.cmd):
+                                  uboot-bootcount (default: up to 3 trial boots), uboot-nerves (a
+                                  Nerves system's script: one trial boot) or fwup-ops (the same
+                                  script; every boot-state change is a task of the device's ops
+                                  archive, deploy/vm/ops.conf → /usr/share/fwup/ops.fw). The Pi's
+                                  tryboot needs the Pi's firmware: the simulator proves that
+                                  (sshfwup sim create --layout tryboot-like); the VM proves
+                                  fwup-ops over U-Boot, as Nerves' U-Boot boards use it
+  sshfwup vm firmware DIR -V 1.1  a new .fw from DIR/staging (edit it first), in DIR/fw/, for
+                                  DIR's boot contract
   sshfwup vm run DIR              boot it (a fresh overlay per run); Ctrl-C powers it off
   sshfwup vm destroy DIR          stop what a run left and remove DIR
 """
@@ -40,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build the image into DIR")
     p.add_argument("dir", type=Path)
     p.add_argument("--rebuild-rootfs", action="store_true", help="ignore the cached root filesystem")
+    p.add_argument("--contract", choices=list(CONTRACTS), default=DEFAULT_CONTRACT,
+                   help=f"the boot contract the device speaks (default {DEFAULT_CONTRACT})")  # fmt: skip
     p = sub.add_parser("firmware", help="build a firmware from DIR/staging")
     p.add_argument("dir", type=Path)
     p.add_argument("-V", "--version", required=True)
@@ -101,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             from sshfwup.vm.image import build_vm
 
-            vm = build_vm(args.dir, rebuild_rootfs=args.rebuild_rootfs)
-            print(f"built {vm.disk}; run it: sshfwup vm run {vm.path}", file=sys.stderr)
+            vm = build_vm(args.dir, contract=args.contract, rebuild_rootfs=args.rebuild_rootfs)
+            print(f"built {vm.disk} (boot contract {args.contract}); run it: sshfwup vm run {vm.path}", file=sys.stderr)
         elif args.command == "firmware":
             from sshfwup.vm.image import VmDir, firmware
 

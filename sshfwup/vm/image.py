@@ -5,13 +5,15 @@
 A VM directory (``sshfwup vm build DIR``) holds:
 
 - ``staging/``     the root filesystem the firmware is built from (edit it, ``sshfwup vm firmware``)
-- ``boot.cmd``     deploy/vm/board.cmd followed by the shipped uboot-bootcount script
-                   (``deploy/uboot/<contract>/boot.cmd``), unchanged
+- ``boot.cmd``     deploy/vm/board.cmd followed by the script shipped for the boot contract
+                   (``deploy/uboot/<script>/boot.cmd``, sshfwup/vm/contracts.py), unchanged
 - ``boot.scr``     boot.cmd compiled by mkimage
 - ``id_ed25519``   the SSH key the device trusts (its public half is in the firmware)
 - ``fw/``          the firmware files built (``<version>.fw``)
 - ``disk.img``     the factory disk (raw, sparse): ``fwup -a -t complete`` of the first firmware
 - ``dpkg-l.txt``   ``dpkg -l`` of the root filesystem (packages float: this records them)
+- ``vm.json``      what was built, with the boot contract (``--contract``), which
+                   ``sshfwup vm firmware`` builds for again
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from sshfwup.host.firmware_build import BuildError, Built, build_release
 from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
 from sshfwup.update.installed import record
+from sshfwup.vm.contracts import DEFAULT_CONTRACT, OPS_ARCHIVE, VmContract, vm_contract
 from sshfwup.vm.errors import VmError
 from sshfwup.vm.rootfs import cached_rootfs, unpack
 from sshfwup.vm.tools import BUILD_TOOLS, require
@@ -73,6 +76,17 @@ class VmDir:
     def info(self) -> Path:
         return self.path / "vm.json"
 
+    @property
+    def contract(self) -> VmContract:
+        """The boot contract the directory was built for (vm.json; older builds: the default)."""
+        try:
+            name = json.loads(self.info.read_text()).get("contract", DEFAULT_CONTRACT)
+        except FileNotFoundError:
+            return vm_contract(DEFAULT_CONTRACT)
+        except (OSError, ValueError, AttributeError) as e:
+            raise VmError(f"{self.info}: unreadable ({e}): rebuild with `sshfwup vm build {self.path}`") from None
+        return vm_contract(str(name))
+
     def check_built(self) -> None:
         if not self.disk.is_file() or not self.key.is_file():
             raise VmError(f"{self.path} holds no built VM: run `sshfwup vm build {self.path}` first")
@@ -97,12 +111,32 @@ def _kernel_files(staging: Path) -> tuple[Path, Path]:
     return kernels[-1], initrds[-1]
 
 
-def configure(staging: Path, public_key: str, *, fwup: str) -> None:
-    """Make the unpacked Debian tree the device: fwup, config, mounts, network, app, app user."""
+def sshfwup_toml(contract: VmContract) -> str:
+    """The device's /etc/sshfwup.toml: deploy/vm/sshfwup.toml, then the contract's [boot] section."""
+    root = repo_root()
+    text = (root / "deploy/vm/sshfwup.toml").read_text()
+    if contract.boot_section is None:
+        return text
+    return f"{text.rstrip()}\n\n# --- {contract.boot_section} ---\n{(root / contract.boot_section).read_text()}"
+
+
+def build_ops_archive(contract: VmContract, out: Path, *, fwup: str) -> None:
+    """``fwup -c`` of the contract's ops.conf into ``out`` (nothing for a contract without one)."""
+    if contract.ops_conf is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _run([fwup, "-c", "-f", str(repo_root() / contract.ops_conf), "-o", str(out)],
+         what=f"fwup -c of {contract.ops_conf}")  # fmt: skip
+
+
+def configure(staging: Path, public_key: str, *, fwup: str, contract: VmContract) -> None:
+    """Make the unpacked Debian tree the device: fwup, config, mounts, network, app, app user, and
+    what the boot contract adds (its [boot] section, the ops archive)."""
     deploy = repo_root() / "deploy"
     shutil.copy2(fwup, staging / "usr/local/bin/fwup")
     _run(["chroot", str(staging), "/usr/local/bin/fwup", "--version"], what="fwup in the guest")
-    shutil.copy2(deploy / "vm/sshfwup.toml", staging / "etc/sshfwup.toml")
+    (staging / "etc/sshfwup.toml").write_text(sshfwup_toml(contract))
+    build_ops_archive(contract, staging / OPS_ARCHIVE, fwup=fwup)
     shutil.copy2(deploy / "vm/fw_env.config", staging / "etc/fw_env.config")
     shutil.copy2(deploy / "vm/fstab", staging / "etc/fstab")
     (staging / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
@@ -128,40 +162,39 @@ def configure(staging: Path, public_key: str, *, fwup: str) -> None:
 
 
 def firmware(vm: VmDir, version: str, *, out: Path | None = None) -> Built:
-    """Build ``fw/<version>.fw`` from ``staging/`` with deploy/vm/fwup.conf: the kernel and
-    initrd of the tree go to the boot partition, the tree itself to the slot."""
+    """Build ``fw/<version>.fw`` from ``staging/`` with deploy/vm/fwup.conf for the directory's
+    boot contract: the kernel and initrd of the tree go to the boot partition, the tree itself to
+    the slot."""
     kernel, initrd = _kernel_files(vm.staging)
+    contract = vm.contract
     if not vm.boot_scr.is_file():
-        compile_boot_script(vm)
+        compile_boot_script(vm, contract)
     (vm.staging / "srv/app/VERSION").write_text(version + "\n")
     out = out or vm.fw_dir / f"{version}.fw"
     try:
         return build_release(
             vm.staging, out, version=version, hot=True, conf=repo_root() / "deploy/vm/fwup.conf",
             kernel="/" + str(kernel.relative_to(vm.staging)),
-            variables={"KERNEL": str(kernel), "INITRD": str(initrd), "BOOT_SCR": str(vm.boot_scr)},
+            variables={"KERNEL": str(kernel), "INITRD": str(initrd), "BOOT_SCR": str(vm.boot_scr),
+                       **contract.fwup_variables(repo_root())},
         )  # fmt: skip
     except BuildError as e:
         raise VmError(f"building firmware {version}: {e}") from None
 
 
-CONTRACT = "uboot-bootcount"
-BOARD_SCRIPT = "deploy/vm/board.cmd"
-# the script shipped for boards of the contract (deploy/uboot/<contract without "uboot-">/boot.cmd)
-SHIPPED_SCRIPT = f"deploy/uboot/{CONTRACT.removeprefix('uboot-')}/boot.cmd"
-
-
-def boot_script_source() -> str:
-    """The QEMU device's boot script: its board part (the commands that boot a slot), then the
-    script shipped for the contract, exactly as boards get it."""
+def boot_script_source(contract: VmContract) -> str:
+    """The QEMU device's boot script: its board parts (the commands that boot a slot, the
+    script's board variables where they differ), then the script shipped for the contract,
+    exactly as boards get it."""
     root = repo_root()
-    board, shipped = (root / BOARD_SCRIPT).read_text(), (root / SHIPPED_SCRIPT).read_text()
-    return f"{board.rstrip()}\n\n# --- {SHIPPED_SCRIPT} ---\n{shipped}"
+    parts = [(root / part).read_text().rstrip() for part in contract.board_parts]
+    shipped = (root / contract.shipped_script).read_text()
+    return "\n\n".join(parts) + f"\n\n# --- {contract.shipped_script} ---\n{shipped}"
 
 
-def compile_boot_script(vm: VmDir) -> None:
+def compile_boot_script(vm: VmDir, contract: VmContract) -> None:
     source = vm.path / "boot.cmd"
-    source.write_text(boot_script_source())
+    source.write_text(boot_script_source(contract))
     _run(["mkimage", "-A", "x86", "-O", "linux", "-T", "script", "-C", "none", "-n", "sshfwup A/B",
           "-d", str(source), str(vm.boot_scr)], what="mkimage of boot.cmd")  # fmt: skip
 
@@ -186,19 +219,22 @@ def _factory_data(disk: Path, fw: Path) -> None:
               str(disk), f"{count * 512 // 1024}k"], what="mkfs.ext4 of the data partition")  # fmt: skip
 
 
-def build_vm(path: Path, *, rebuild_rootfs: bool = False) -> VmDir:
-    """``sshfwup vm build DIR``: rootfs (cached), firmware 1.0.0, and the disk by ``fwup -t complete``."""
+def build_vm(path: Path, *, contract: str = DEFAULT_CONTRACT, rebuild_rootfs: bool = False) -> VmDir:
+    """``sshfwup vm build DIR``: rootfs (cached), firmware 1.0.0 for the boot contract, and the
+    disk by ``fwup -t complete``."""
+    chosen = vm_contract(contract)
     tools = require(BUILD_TOOLS, what="building the VM")
     vm = VmDir(Path(path).resolve())
     vm.path.mkdir(parents=True, exist_ok=True)
+    vm.info.write_text(json.dumps({"contract": chosen.name}) + "\n")  # what firmware() builds for
     entry = cached_rootfs(repo_root(), rebuild=rebuild_rootfs)
     shutil.copy2(entry.dpkg_list, vm.path / "dpkg-l.txt")
     unpack(entry, vm.staging)
     if not vm.key.is_file():
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshfwup-vm", "-f", str(vm.key)],
              what="making the VM's SSH key")  # fmt: skip
-    configure(vm.staging, vm.key.with_suffix(".pub").read_text(), fwup=tools["fwup"])
-    compile_boot_script(vm)
+    configure(vm.staging, vm.key.with_suffix(".pub").read_text(), fwup=tools["fwup"], contract=chosen)
+    compile_boot_script(vm, chosen)
     built = firmware(vm, FIRST_VERSION)
     partial = vm.disk.with_suffix(".partial")
     partial.unlink(missing_ok=True)
@@ -206,7 +242,8 @@ def build_vm(path: Path, *, rebuild_rootfs: bool = False) -> VmDir:
          what="fwup -t complete")  # fmt: skip
     _factory_data(partial, built.path)
     partial.replace(vm.disk)
-    vm.info.write_text(json.dumps({"rootfs_key": entry.key, "deb": str(entry.deb), "firmware": str(built.path),
-                                   "version": built.version, "uuid": built.uuid}, indent=2) + "\n")  # fmt: skip
-    log.info("VM built in %s: %s (firmware %s)", vm.path, vm.disk, built.version)
+    vm.info.write_text(json.dumps({"contract": chosen.name, "rootfs_key": entry.key, "deb": str(entry.deb),
+                                   "firmware": str(built.path), "version": built.version, "uuid": built.uuid},
+                                  indent=2) + "\n")  # fmt: skip
+    log.info("VM built in %s: %s (firmware %s, boot contract %s)", vm.path, vm.disk, built.version, chosen.name)
     return vm

@@ -124,9 +124,10 @@ def test_the_qemu_device_runs_the_shipped_script_after_its_board_part(tmp_path: 
     """`sshfwup vm build`'s boot script: deploy/vm/board.cmd, then deploy/uboot/bootcount/boot.cmd
     unchanged. The board part's commands (in U-Boot's own environment) survive the script's swap to
     the disk's environment and back, with ${filesize} kept for the run (single quotes)."""
+    from sshfwup.vm.contracts import vm_contract
     from sshfwup.vm.image import boot_script_source
 
-    source = boot_script_source()
+    source = boot_script_source(vm_contract("uboot-bootcount"))
     assert source.endswith(SCRIPTS["uboot-bootcount"].read_text())
     image, env = env_image(tmp_path, {**BOOTCOUNT_BASE, "nerves_fw_active": "b", "nerves_fw_validated": "0",
                                       "upgrade_available": "1"})  # fmt: skip
@@ -140,6 +141,50 @@ def test_the_qemu_device_runs_the_shipped_script_after_its_board_part(tmp_path: 
     assert "root=/dev/vda3 " in command and "load virtio 0:1 0x10000000 initrd.b;" in command
     assert command.endswith("zboot 0x3000000 0 0x10000000 ${filesize}")
     assert "root=/dev/vda2 " in uboot.env["sshfwup_boot_a"] and "vmlinuz.a;" in uboot.env["sshfwup_boot_a"]
+
+
+class RecordingUBoot(UBoot):
+    """The emulator, keeping every disk command as run (variables expanded)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.disk_commands: list[str] = []
+
+    def _command(self, text: str) -> bool:
+        words = self._words(text)
+        if len(words) >= 2 and words[1] in ("dev", "read", "write"):
+            self.disk_commands.append(" ".join(words))
+        return super()._command(text)
+
+
+@pytest.mark.parametrize("contract", ["uboot-nerves", "fwup-ops"])
+def test_the_qemu_device_runs_the_shipped_nerves_script_with_its_own_board_values(tmp_path: Path, contract: str) -> None:
+    """`sshfwup vm build --contract uboot-nerves|fwup-ops`: deploy/vm/board.cmd, board-nerves.cmd,
+    then deploy/uboot/nerves/boot.cmd unchanged, whose own board section is a BeagleBone's (mmc,
+    0x82000000). With the VM's factory env the script reads and writes the env on virtio at block
+    0x800 through buffers in the VM's RAM, gives a new firmware its one trial boot and falls back."""
+    from sshfwup.vm.contracts import vm_contract
+    from sshfwup.vm.image import boot_script_source
+
+    source = boot_script_source(vm_contract(contract))
+    assert source.endswith(SCRIPTS["uboot-nerves"].read_text())
+    board_values = {"disk_if": "virtio", "disk_dev": "0", "env_addr": "0x4000000", "env_blk": "0x800", "env_cnt": "0x100",
+                    "env_size": "0x20000", "board_addr": "0x4100000"}  # fmt: skip (factory-env-nerves.conf)
+    image, env = env_image(tmp_path, {**board_values, "nerves_fw_active": "b", "nerves_fw_validated": "0",
+                                      "nerves_fw_booted": "0", "nerves_fw_autovalidate": "0", **SLOTS})  # fmt: skip
+    slots = []
+    for _ in range(2):  # the trial boot, then the boot after it (never validated)
+        uboot = RecordingUBoot(image, env={"bootdelay": "2", "scriptaddr": "0x7000000"})
+        uboot.source(source)
+        slots.append(uboot.booted)
+        assert uboot.disk_commands and all(c.startswith("virtio ") for c in uboot.disk_commands), uboot.disk_commands
+        assert all(c in ("virtio dev 0", "virtio read 0x4000000 0x800 0x100", "virtio write 0x4000000 0x800 0x100")
+                   for c in uboot.disk_commands), uboot.disk_commands  # fmt: skip
+        assert "root=/dev/vda3 " in uboot.env["sshfwup_boot_b"]  # the board's commands came back
+    assert slots == ["sshfwup_boot_b", "sshfwup_boot_a"], uboot.output
+    after = env.read_sync()
+    assert (after["nerves_fw_active"], after["nerves_fw_validated"], after["nerves_fw_booted"]) == ("a", "1", "1")
+    assert {k: after[k] for k in board_values} == board_values
 
 
 def _blank(image: Path) -> None:

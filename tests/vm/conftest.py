@@ -40,9 +40,8 @@ def vm_seed(request: pytest.FixtureRequest) -> int:
     return seed
 
 
-@pytest.fixture(scope="session")
-def vm_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """The full tier's built VM directory (the rootfs comes from /var/cache/sshfwup-vm when cached)."""
+def _built_vm_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+                  contract: str) -> Iterator[Path]:  # fmt: skip
     if not request.config.getoption("--run-vm"):
         pytest.skip("vm: boots QEMU (minutes, root); run with --run-vm")
     if os.geteuid() != 0:
@@ -50,10 +49,24 @@ def vm_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     reason = missing_tools()
     if reason:
         pytest.fail(reason)
-    path, kept, _ = build_vm_dir(tmp_path_factory)
+    path, kept, seconds = build_vm_dir(tmp_path_factory, contract)
+    print(f"\nVM for boot contract {contract} ready in {seconds:.0f} s: {path}")
     yield path
     if not kept:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vm_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The full tier's built VM directory (the rootfs comes from /var/cache/sshfwup-vm when cached)."""
+    yield from _built_vm_dir(tmp_path_factory, request, "uboot-bootcount")
+
+
+@pytest.fixture(scope="module", params=["uboot-nerves", "fwup-ops"])
+def contract_vm_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A VM directory built for each boot contract besides the default (``--contract``), one at a
+    time: the tests using it run once per contract, on one VM each."""
+    yield from _built_vm_dir(tmp_path_factory, request, request.param)
 
 
 @pytest.fixture(scope="module")

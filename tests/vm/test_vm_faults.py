@@ -18,15 +18,23 @@ from typing import Any
 
 import pytest
 from anyio.from_thread import BlockingPortal
-from vmkit import CutUpload, Device, app_version, reboot, wait_rebooted  # type: ignore[import-not-found]
+from vmkit import (  # type: ignore[import-not-found]
+    CutUpload,
+    Device,
+    Fw,
+    app_version,
+    booted_device,
+    build_firmware,
+    reboot,
+    settled,
+    upload,
+    wait_rebooted,
+)
 
-from sshfwup.vm.agent import wait_agent
-from sshfwup.vm.image import VmDir, firmware
-from sshfwup.vm.machine import VmOptions, run_vm
+from sshfwup.vm.image import VmDir
 
 pytestmark = pytest.mark.vm
 
-RELEASE = "etc/sshfwup-vm-release"
 # family "plain" (no release file: the factory's /etc) and family "rel" (/etc changed): an update
 # inside a family changes only the app (hot), across families it needs a reboot. Versions only go
 # up (sshfwup refuses a downgrade): each cut takes the lowest one above the running firmware.
@@ -34,31 +42,9 @@ FAMILY = {"1.0.0": "plain", "1.0.1": "plain", "1.0.2": "plain", "1.1.0": "rel", 
           "1.2.0": "plain", "1.2.1": "plain", "1.4.0": "rel", "1.4.1": "rel", "1.5.0": "plain", "1.6.0": "rel"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Fw:
-    version: str
-    path: Path
-
-
 def _build(vm: VmDir, version: str, *, broken_init: bool = False) -> Fw:
-    release = vm.staging / RELEASE
-    init = vm.staging / "sbin/init"
-    if FAMILY.get(version) == "plain":
-        release.unlink(missing_ok=True)
-    else:
-        release.write_text("rel\n")
-    saved = init.readlink() if init.is_symlink() else None
-    if broken_init:  # PID 1 exits at once: the kernel panics, panic=5 resets the machine
-        init.unlink()
-        init.write_text("#!/bin/sh\necho 'sshfwup test: this init fails on purpose'\nexit 1\n")
-        init.chmod(0o755)
-    try:
-        return Fw(version, firmware(vm, version).path)
-    finally:
-        if broken_init:
-            init.unlink()
-            if saved is not None:
-                init.symlink_to(saved)
+    return build_firmware(vm, version, release=None if FAMILY.get(version) == "plain" else "rel",
+                          broken_init=broken_init)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,27 +63,8 @@ def fws(vm_dir: Path) -> Iterator[dict[str, Future[Fw]]]:
 
 @pytest.fixture(scope="module")
 def device(vm_dir: Path, fws: Any, portal: BlockingPortal) -> Iterator[Device]:
-    with portal.wrap_async_context_manager(run_vm(VmDir(vm_dir), VmOptions(boot_timeout=300))) as running:
-        portal.call(lambda: wait_agent(running.agent, time.monotonic() + 120))
-        yield Device(portal, running)
-
-
-def settled(device: Device, version: str | None = None, *, timeout: float = 400) -> dict[str, Any]:
-    """Until sshfwup runs the app of the booted slot, validated, nothing pending."""
-
-    def ok(s: dict[str, Any]) -> bool:
-        app = s.get("app") or {}
-        return (app.get("state") == "running" and s["validated"] and not s["pending_reboot"]
-                and s["active"] == s["running_root"] and not s["update_in_progress"]
-                and (version is None or app.get("version") == version))  # fmt: skip
-
-    return device.wait_status(ok, timeout=timeout, what=f"settled{' on ' + version if version else ''}")
-
-
-def upload(device: Device, fw: Fw) -> subprocess.CompletedProcess[str]:
-    result = device.ssh("fwup", stdin=fw.path)
-    assert result.returncode == 0, f"upload of {fw.version} failed:\n{result.stdout}{result.stderr}"
-    return result
+    with booted_device(portal, vm_dir) as device:
+        yield device
 
 
 def test_validate_is_refused_after_a_hot_swap_and_revert_swaps_back(device: Device, fws: dict[str, Future[Fw]]) -> None:

@@ -9,7 +9,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,8 +19,17 @@ import pytest
 
 from anyio.from_thread import BlockingPortal
 
-from sshfwup.vm.agent import Exec, guest_exec
-from sshfwup.vm.machine import Running, kill_power, wait_booted
+from sshfwup.vm.agent import Exec, guest_exec, wait_agent
+from sshfwup.vm.image import VmDir
+from sshfwup.vm.machine import Running, VmOptions, kill_power, run_vm, wait_booted
+
+@contextmanager
+def booted_device(portal: BlockingPortal, vm_dir: Path, *, boot_timeout: float = 300) -> Iterator[Device]:
+    """The VM of ``vm_dir`` powered on, SSH and the guest agent answering; powered off after."""
+    with portal.wrap_async_context_manager(run_vm(VmDir(vm_dir), VmOptions(boot_timeout=boot_timeout))) as running:
+        portal.call(lambda: wait_agent(running.agent, time.monotonic() + 120))
+        yield Device(portal, running)
+
 
 def missing_tools() -> str | None:
     """The one message naming every missing tool, or None."""
@@ -34,22 +44,63 @@ def missing_tools() -> str | None:
     return None
 
 
-def build_vm_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool, float]:
-    """(a built VM directory, whether it is a kept one, seconds the build took)."""
+def build_vm_dir(tmp_path_factory: pytest.TempPathFactory, contract: str = "uboot-bootcount") -> tuple[Path, bool, float]:
+    """(a VM directory built for ``contract``, whether it is a kept one, seconds the build took).
+    ``SSHFWUP_VM_DIR`` keeps the default contract's; another contract's is kept beside it
+    (``$SSHFWUP_VM_DIR-<contract>``), rebuilt when it was built for another contract."""
     from sshfwup.vm.image import VmDir, build_vm
 
     keep = os.environ.get("SSHFWUP_VM_DIR")
-    path = Path(keep) if keep else tmp_path_factory.mktemp("vm")
+    if keep and contract != "uboot-bootcount":
+        keep = f"{keep.rstrip('/')}-{contract}"
+    path = Path(keep) if keep else tmp_path_factory.mktemp(f"vm-{contract}")
     vm = VmDir(path.resolve())
     t0 = time.monotonic()
-    if not (keep and vm.disk.is_file()):
-        build_vm(vm.path)
+    if not (keep and vm.disk.is_file() and vm.contract.name == contract):
+        build_vm(vm.path, contract=contract)
     return vm.path, bool(keep), time.monotonic() - t0
+
+
+# A change outside /srv/app (a reboot update) or back: the release file in /etc.
+RELEASE = "etc/sshfwup-vm-release"
+
+
+@dataclass(frozen=True)
+class Fw:
+    version: str
+    path: Path
+
+
+def build_firmware(vm: VmDir, version: str, *, release: str | None, broken_init: bool = False) -> Fw:
+    """``version`` from the VM's staging tree with /etc/sshfwup-vm-release holding ``release``
+    (None: no such file, as the factory's), and with ``broken_init`` an /sbin/init that exits at
+    once (the kernel panics, panic=5 resets the machine); the tree is put back afterwards."""
+    from sshfwup.vm.image import firmware
+
+    path = vm.staging / RELEASE
+    init = vm.staging / "sbin/init"
+    if release is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(release + "\n")
+    saved = init.readlink() if init.is_symlink() else None
+    if broken_init:
+        init.unlink()
+        init.write_text("#!/bin/sh\necho 'sshfwup test: this init fails on purpose'\nexit 1\n")
+        init.chmod(0o755)
+    try:
+        return Fw(version, firmware(vm, version).path)
+    finally:
+        if broken_init:
+            init.unlink()
+            if saved is not None:
+                init.symlink_to(saved)
 
 
 
 T = TypeVar("T")
-ENV_KEYS = ("nerves_fw_active", "nerves_fw_validated", "nerves_fw_booted", "upgrade_available", "bootcount", "bootlimit")
+ENV_KEYS = ("nerves_fw_active", "nerves_fw_validated", "nerves_fw_booted", "nerves_fw_autovalidate", "upgrade_available",
+            "bootcount", "bootlimit")
 
 
 @dataclass
@@ -127,6 +178,30 @@ class Device:
 def app_version(status: dict[str, Any]) -> str | None:
     app = status.get("app") or {}
     return app.get("version")
+
+
+def settled(device: Device, version: str | None = None, *, timeout: float = 400) -> dict[str, Any]:
+    """Until sshfwup runs the app of the booted slot, validated, nothing pending."""
+
+    def ok(s: dict[str, Any]) -> bool:
+        app = s.get("app") or {}
+        return (app.get("state") == "running" and s["validated"] and not s["pending_reboot"]
+                and s["active"] == s["running_root"] and not s["update_in_progress"]
+                and (version is None or app.get("version") == version))  # fmt: skip
+
+    return device.wait_status(ok, timeout=timeout, what=f"settled{' on ' + version if version else ''}")
+
+
+def upload(device: Device, fw: Fw) -> subprocess.CompletedProcess[str]:
+    """``ssh -s fwup < FW``, which must succeed."""
+    result = device.ssh("fwup", stdin=fw.path)
+    assert result.returncode == 0, f"upload of {fw.version} failed:\n{result.stdout}{result.stderr}"
+    return result
+
+
+def console_since(device: Device, start: int) -> str:
+    """The serial console from byte ``start`` (its size at some earlier moment) on."""
+    return device.running.console.read_bytes()[start:].decode(errors="replace")
 
 
 def wait_rebooted(device: Device, since: float, timeout: float = 300) -> None:
