@@ -23,10 +23,12 @@ ready, no update in progress), so every check runs on a device at rest.
 
 from safety_model.changes import Result, check_change
 from safety_model.contracts import CONTRACTS, DEFAULT_CONTRACT, BootView, ContractSpec, contract
-from safety_model.device import CONFIG, ModelDevice, ModelViolation, make_key, new_workdir, remove_workdir
+from safety_model.device import (
+    CONFIG, ModelDevice, ModelledDevice, ModelViolation, make_key, new_workdir, remove_workdir,
+)  # fmt: skip
 from safety_model.events import EVENTS, RUNNERS, fire
 from safety_model.space import FRESH, STATES, StateSpace, space
-from safety_model.walk import Walker, coverage_table
+from safety_model.walk import SEED_ENV, Walker, coverage_table, draw_pairs, sample_seed, walk_report
 
 __all__ = [
     "CONFIG",
@@ -35,10 +37,12 @@ __all__ = [
     "EVENTS",
     "FRESH",
     "RUNNERS",
+    "SEED_ENV",
     "STATES",
     "BootView",
     "ContractSpec",
     "ModelDevice",
+    "ModelledDevice",
     "ModelViolation",
     "Result",
     "StateSpace",
@@ -46,9 +50,12 @@ __all__ = [
     "check_change",
     "contract",
     "coverage_table",
+    "draw_pairs",
     "fire",
     "make_key",
     "new_workdir",
     "remove_workdir",
+    "sample_seed",
     "space",
+    "walk_report",
 ]
