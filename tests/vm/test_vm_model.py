@@ -4,16 +4,14 @@ uboot-bootcount — the QEMU device's contract — on real boots, with the same 
 simulated device (the invariants at rest, ``check_change``) through
 ``safety_model.vm_device.VmModelDevice``.
 
-The sample: always a power cut during an upload with a whole firmware beside the validated one
-(settled/validated/other-whole) and a hot upload on a factory-fresh device, then
-``SSHFWUP_VM_MODEL_PAIRS`` (default 3) more drawn with a printed seed (``SSHFWUP_MODEL_SEED``
-replays a draw and its power-cut moments; by default the day's number). At most
+The sample: ``SSHFWUP_VM_MODEL_PAIRS`` pairs (default 3) drawn with a printed seed
+(``SSHFWUP_MODEL_SEED`` replays a draw and its power-cut moments; by default the day's number),
+then always a hot upload on a factory-fresh device and a power cut during an upload with a whole
+firmware beside the validated one (settled/validated/other-whole). At most
 ``SSHFWUP_VM_MODEL_EVENTS`` events (default 14) bound the time (~15 min under TCG).
 
-Drawn from the states the walk reaches on purpose on this device, with the events its firmware
-pool drives (``VM_EVENTS``): not settled/unvalidated (the device validates a first boot 5 s after
-its app is ready — the image's observe — sooner than the model's reads through the guest agent
-under TCG get there), not other-rolled-back (needs a broken app, which the pool does not build).
+Drawn from the states the walk reaches on purpose on this device without booting another, with the
+events its firmware pool drives (``safety_model.vm_device``: ``VM_STATES``, ``VM_EVENTS``, and why).
 """
 
 from __future__ import annotations
@@ -52,8 +50,8 @@ def test_model_sample_on_the_qemu_device(vm_dir: Path, portal: BlockingPortal, p
     seed = sample_seed()
     contract_space = space(CONTRACT)
     wanted = vm_sample(contract_space, seed, PAIRS)
-    print(f"\nvm model ({CONTRACT}): {len(wanted)} pairs ({len(ALWAYS)} always + {len(wanted) - len(ALWAYS)} drawn with "
-          f"seed {seed}; replay: {SEED_ENV}={seed}), at most {MAX_EVENTS} events: {list(wanted)}")  # fmt: skip
+    print(f"\nvm model ({CONTRACT}): {len(wanted)} pairs ({len(wanted) - len(ALWAYS)} drawn with "
+          f"seed {seed}; replay: {SEED_ENV}={seed}; {len(ALWAYS)} always), at most {MAX_EVENTS} events: {list(wanted)}")  # fmt: skip
     cut_delays = random.Random(f"vm-cuts:{seed}")
     vm = VmDir(vm_dir)
 
