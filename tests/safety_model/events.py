@@ -110,7 +110,7 @@ def ev_slow_tail_upload(dev: ModelledDevice, param: Any = None) -> Result:
     proc.stdin.flush()
     time.sleep(0.5)
     proc.stdin.write(data[-100:])
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=dev.UPLOAD_TIMEOUT)
     result = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if result.returncode == 0:
         _serves(dev, version, _out(result), boots, "slow-tail upload")
