@@ -434,6 +434,10 @@ class Snapshot:
 
 
 def snapshot(dev: ModelledDevice) -> Snapshot:
+    # The console's length first: a first-boot validation logged after it is judged from the log
+    # (changes.validated_before_boot), one logged before it wrote the env before the env is read.
+    # (Read after the env and the slot hashes, a validation in between was in neither.)
+    console_at = len(dev.console())
     st = dev.status()
     app = st.get("app") or {}
     keep = ("running_root", "active", "pending_reboot", "slots", "running_uuid")
@@ -442,6 +446,6 @@ def snapshot(dev: ModelledDevice) -> Snapshot:
         slots={s: dev.slot_sha256(s) for s in ("a", "b")},
         app=(app.get("version"), app.get("pid")),
         status={k: st.get(k) for k in keep},
-        console_at=len(dev.console()),
+        console_at=console_at,
         boots=dev.state().boot_count,
     )
