@@ -340,5 +340,7 @@ def power_on(vm: VmDir, portal: Any, guest_for: Callable[[Running], Guest], pool
         raise
 
 
-__all__ = ["ALWAYS", "VM_EVENTS", "VM_STATES", "FirmwarePool", "UnsupportedFirmware", "VmFirmwares", "VmModelDevice", "VmState", "power_on",
-           "vm_sample"]  # fmt: skip
+__all__ = [
+    "ALWAYS", "VM_EVENTS", "VM_STATES", "FirmwarePool", "UnsupportedFirmware", "VmFirmwares", "VmModelDevice", "VmState",
+    "power_on", "vm_sample",
+]  # fmt: skip

@@ -50,8 +50,8 @@ def test_model_sample_on_the_qemu_device(vm_dir: Path, portal: BlockingPortal, p
     seed = sample_seed()
     contract_space = space(CONTRACT)
     wanted = vm_sample(contract_space, seed, PAIRS)
-    print(f"\nvm model ({CONTRACT}): {len(wanted)} pairs ({len(wanted) - len(ALWAYS)} drawn with "
-          f"seed {seed}; replay: {SEED_ENV}={seed}; {len(ALWAYS)} always), at most {MAX_EVENTS} events: {list(wanted)}")  # fmt: skip
+    print(f"\nvm model ({CONTRACT}): {len(wanted)} pairs ({len(wanted) - len(ALWAYS)} drawn with seed {seed}; "
+          f"replay: {SEED_ENV}={seed}; {len(ALWAYS)} always), at most {MAX_EVENTS} events: {list(wanted)}")  # fmt: skip
     cut_delays = random.Random(f"vm-cuts:{seed}")
     vm = VmDir(vm_dir)
 
