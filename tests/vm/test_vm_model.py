@@ -59,7 +59,11 @@ def test_model_sample_on_the_qemu_device(vm_dir: Path, portal: BlockingPortal, p
         return power_on(vm, portal, lambda running: Device(portal, running), pool, cut_delays)
 
     started = time.monotonic()
-    walker = Walker(contract_space, new_device, lambda dev: dev.close(), max_events=MAX_EVENTS, log=print)
+
+    def say(line: str) -> None:  # each step with the seconds since the start: what an event costs under TCG
+        print(f"{time.monotonic() - started:5.0f} s {line}", flush=True)
+
+    walker = Walker(contract_space, new_device, lambda dev: dev.close(), max_events=MAX_EVENTS, log=say)
     try:
         missed = walker.walk(wanted)
         last_steps = walker.dev.log[-12:] if walker.dev is not None else []
