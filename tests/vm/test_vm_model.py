@@ -4,11 +4,11 @@ uboot-bootcount — the QEMU device's contract — on real boots, with the same 
 simulated device (the invariants at rest, ``check_change``) through
 ``safety_model.vm_device.VmModelDevice``.
 
-The sample: ``SSHFWUP_VM_MODEL_PAIRS`` pairs (default 3) drawn with a printed seed
+The sample: ``SSHFWUP_VM_MODEL_PAIRS`` pairs (default 2) drawn with a printed seed
 (``SSHFWUP_MODEL_SEED`` replays a draw and its power-cut moments; by default the day's number),
 then always a hot upload on a factory-fresh device and a power cut during an upload with a whole
 firmware beside the validated one (settled/validated/other-whole). At most
-``SSHFWUP_VM_MODEL_EVENTS`` events (default 14) bound the time (~15 min under TCG).
+``SSHFWUP_VM_MODEL_EVENTS`` events (default 12) bound the time (~15 min under TCG).
 
 Drawn from the states the walk reaches on purpose on this device without booting another, with the
 events its firmware pool drives (``safety_model.vm_device``: ``VM_STATES``, ``VM_EVENTS``, and why).
@@ -32,8 +32,8 @@ from sshfwup.vm.image import CONTRACT, VmDir
 
 pytestmark = pytest.mark.vm
 
-PAIRS = int(os.environ.get("SSHFWUP_VM_MODEL_PAIRS", "3"))
-MAX_EVENTS = int(os.environ.get("SSHFWUP_VM_MODEL_EVENTS", "14"))
+PAIRS = int(os.environ.get("SSHFWUP_VM_MODEL_PAIRS", "2"))
+MAX_EVENTS = int(os.environ.get("SSHFWUP_VM_MODEL_EVENTS", "12"))
 
 
 @pytest.fixture(scope="module")
