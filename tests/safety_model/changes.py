@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from .contracts import MARK, SLOTS, other
-from .device import ALLOWED_REFUSALS, ModelDevice, ModelViolation, Snapshot
+from .device import ALLOWED_REFUSALS, ModelledDevice, ModelViolation, Snapshot
 
 # Words of a message that claims nothing changed (sshfwup's verdicts and journal lines).
 NOT_CHANGED = ("the device was not changed", "nothing changed", "nothing was changed")
@@ -27,12 +27,11 @@ REFUSALS = (
     "the device is busy:",
 )  # fmt: skip
 _UPLOADING = ("bad-upload", "cut-upload", "slow-tail", "hot-upload", "reboot-upload")
-# The server's line when it validated a first boot on its own (sshfwup/daemon.py), and the
-# machine's line for each boot (sshfwup/sim/machine.py): their order in the console says whether
+# The server's line when it validated a first boot on its own (sshfwup/daemon.py); with the
+# machine's line for each boot (the device's BOOT_LINE), their order in the console says whether
 # the device validated before it went down.
 _SELF_VALIDATED = "sshfwup.daemon: validated firmware"
 _SELF_VALIDATING = "sshfwup.daemon: validating firmware"
-_BOOT_LINE = re.compile(r"sshfwup\.sim\.machine: boot \d+: ")
 
 
 @dataclass
@@ -43,35 +42,35 @@ class Result:
     text: str = ""
 
 
-def validated_before_boot(console: str) -> bool:
+def validated_before_boot(console: str, boot_line: re.Pattern[str]) -> bool:
     """The device validated its running firmware on its own before it (next) went down."""
-    return _before_boot(console, _SELF_VALIDATED)
+    return _before_boot(console, _SELF_VALIDATED, boot_line)
 
 
-def validating_before_boot(console: str) -> bool:
+def validating_before_boot(console: str, boot_line: re.Pattern[str]) -> bool:
     """The device began to validate its running firmware before it (next) went down: a power cut
     may have come before or after the environment write."""
-    return _before_boot(console, _SELF_VALIDATING)
+    return _before_boot(console, _SELF_VALIDATING, boot_line)
 
 
-def _before_boot(console: str, line: str) -> bool:
+def _before_boot(console: str, line: str, boot_line: re.Pattern[str]) -> bool:
     at = console.find(line)
-    boot_line = _BOOT_LINE.search(console)
-    return at >= 0 and (boot_line is None or at < boot_line.start())
+    boot = boot_line.search(console)
+    return at >= 0 and (boot is None or at < boot.start())
 
 
 def _marks() -> set[str]:
     return {f"{s}.{MARK}" for s in SLOTS}
 
 
-def self_validation(dev: ModelDevice, before: Snapshot, after: Snapshot) -> tuple[str, ...]:
+def self_validation(dev: ModelledDevice, before: Snapshot, after: Snapshot) -> tuple[str, ...]:
     """The keys the device's own validation of a first boot wrote meanwhile (0 -> 1), or ()."""
     if not dev.spec.view(before.env).validated and dev.spec.view(after.env).validated:
         return tuple(sorted(dev.spec.validate_keys))
     return ()
 
 
-def rolled_back_by_itself(dev: ModelDevice, before: Snapshot, after: Snapshot) -> tuple[str, ...]:
+def rolled_back_by_itself(dev: ModelledDevice, before: Snapshot, after: Snapshot) -> tuple[str, ...]:
     """A hot-swapped app that crashed rollback_after_crashes times is swapped back by the device
     itself, whenever that happens (the env goes back to the running slot, which is validated; the
     crashed slot is marked rolled-back): the keys that changed, or ()."""
@@ -83,14 +82,14 @@ def rolled_back_by_itself(dev: ModelDevice, before: Snapshot, after: Snapshot) -
     return ()
 
 
-def check_change(dev: ModelDevice, event: str, state: str, before: Snapshot, after: Snapshot, result: Result) -> None:
+def check_change(dev: ModelledDevice, event: str, state: str, before: Snapshot, after: Snapshot, result: Result) -> None:
     """What ``event`` (fired in abstract ``state``) changed is what it may change."""
     where = f"\ncontract: {dev.spec.name}\nevent: {event} in state {state}\nexit status: {result.code}\n" \
             f"output: {result.text.strip()[-600:]}\nenv before: {before.env}\nenv after: {after.env}\n" \
             f"last steps: {dev.log[-8:]}"  # fmt: skip
     # the device validating its own first boot meanwhile is not the event's doing
     ignore = self_validation(dev, before, after)
-    validated_meanwhile = bool(ignore) or validated_before_boot(dev.console()[before.console_at:])
+    validated_meanwhile = bool(ignore) or validated_before_boot(dev.console()[before.console_at:], dev.BOOT_LINE)
     if event == "reboot" or (event == "power-cut" and not state.startswith("settled/validated")
                              and not validated_meanwhile):  # fmt: skip
         # (a power cut during an upload that was refused before it wrote: the env is the one
@@ -146,7 +145,7 @@ def _only(keys: set[str], allowed: frozenset[str] | set[str], what: str, where: 
                              f"(it may write {', '.join(sorted(allowed))}){where}")  # fmt: skip
 
 
-def check_validate(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str) -> None:
+def check_validate(dev: ModelledDevice, before: Snapshot, after: Snapshot, where: str) -> None:
     """A validation writes the contract's validation variables only, and the running firmware then
     boots for good."""
     spec, running = dev.spec, before.status["running_root"]
@@ -157,7 +156,7 @@ def check_validate(dev: ModelDevice, before: Snapshot, after: Snapshot, where: s
                              f"(validated={view.validated}, trial={view.trial}), not slot {running} for good{where}")  # fmt: skip
 
 
-def check_revert(dev: ModelDevice, before: Snapshot, after: Snapshot, result: Result, where: str) -> None:
+def check_revert(dev: ModelledDevice, before: Snapshot, after: Snapshot, result: Result, where: str) -> None:
     """``revert`` succeeds exactly when it has a whole firmware to go back to; then it writes only
     the contract's variables and marks, and the bootloader boots what the revert promised: the
     running firmware for good (a pending reboot undone), or the other slot on trial with the
@@ -186,7 +185,7 @@ def check_revert(dev: ModelDevice, before: Snapshot, after: Snapshot, result: Re
                              f"contract wants slot {there} on trial, then slot {running} if it never validates{where}")  # fmt: skip
 
 
-def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str, *, power_cut: bool = False) -> None:
+def check_reboot(dev: ModelledDevice, before: Snapshot, after: Snapshot, where: str, *, power_cut: bool = False) -> None:
     """A reboot boots the slot the contract's forecast names (read from the env before it — after a
     power cut, from what of it survives; if the device validated its first boot before it went
     down, from the env after that), writes only the bootloader's variables, sshfwup's start-up
@@ -197,10 +196,10 @@ def check_reboot(dev: ModelDevice, before: Snapshot, after: Snapshot, where: str
     expected = spec.view(found).next_boot
     console = dev.console()[before.console_at:]
     allowed = {expected}
-    if validated_before_boot(console):
+    if validated_before_boot(console, dev.BOOT_LINE):
         expected = spec.view(spec.validated(found)).next_boot
         allowed = {expected}
-    elif validating_before_boot(console):  # cut between "validating" and the write: either is right
+    elif validating_before_boot(console, dev.BOOT_LINE):  # cut between "validating" and the write: either is right
         allowed.add(spec.view(spec.validated(found)).next_boot)
     # (a second boot, the device's own start-up recovery, is not this prediction's business)
     if after.boots == before.boots + 1 and booted not in allowed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -67,46 +68,93 @@ def usable(env: dict[str, str], slot: str) -> bool:
     return bool(env.get(f"{slot}.nerves_fw_version")) and not env.get(f"{slot}.{MARK}")
 
 
-class ModelDevice:
-    """One simulated device under one boot contract, driven synchronously, with the model's
-    bookkeeping."""
+class ModelledDevice:
+    """What the model's events and checks use of a device, whatever runs it (the simulator:
+    ``ModelDevice``; the QEMU device: ``vm_device.VmModelDevice``): the shared waits, the abstract
+    state, the bookkeeping and the invariants at rest. A subclass gives the primitives — SSH's
+    argv, the boot record, the machine's state and console, slot hashes, a power cut, the app's
+    URL — and, as class attributes, the timings its machine needs."""
 
-    def __init__(self, workdir: Path, key: KeyPair, config: dict[str, Any] | None = None,
-                 contract_name: str = DEFAULT_CONTRACT) -> None:  # fmt: skip
-        self.workdir = workdir
-        self.key = key
-        self.spec: ContractSpec = contract(contract_name)
-        self.firmwares = Firmwares(workdir / "firmware", conf=self.spec.fwup_conf())
-        v1, fw1 = self.firmwares.make()
-        self.path = workdir / "device"
-        overrides = {**(config or CONFIG), **self.spec.config()}
-        self.device = SimDevice.create(
-            self.path, firmware=fw1, authorized_keys=[key.public_line], ssh_port=free_port(), app_port=free_port(),
-            config_overrides=overrides, ops_conf=self.spec.ops_conf(),
-        )  # fmt: skip
-        self.machine = SimMachine.start(self.path)
+    SETTLE_TIMEOUT = 60.0  # until up, ready, no update in progress
+    REBOOT_START_TIMEOUT = 30.0  # from a reboot's announcement until the next boot began
+    VERDICT_TIMEOUT = 30.0  # from a trial boot until it validated or fell back
+    UPLOAD_TIMEOUT = 120.0
+    CHECK_GRACE = 4.0  # an invariant's disagreement is looked at again this long (first-boot validation)
+    POLL = 0.05  # between two reads of the machine's state
+    # the line the console shows at each boot: what the device logged before it, it logged
+    # before it went down (changes.validated_before_boot)
+    BOOT_LINE: re.Pattern[str]
+
+    spec: ContractSpec
+    firmwares: Any  # make(**kwargs) -> (version, path); by_version; crashing (see Firmwares)
+
+    def _start_bookkeeping(self) -> None:
         self.boots = 0
         self.running_hash: tuple[str, str] | None = None  # (slot, sha256 of its first MiB) at boot
         self.events: Counter[tuple[str, str]] = Counter()
         self.log: list[str] = []
         self.fixed: dict[str, bytes] = {}  # refused or failing uploads, built once per device
-        self.settle(boot=1)
+
+    def _check_factory_env(self) -> None:
         env = self.env()
         wrong = {k: env.get(k) for k, v in self.spec.factory.items() if env.get(k) != v}
         if wrong:
             raise ModelViolation(f"a new {self.spec.name} device's boot env has {wrong}, the contract's factory "
                                  f"env says {dict(self.spec.factory)}")  # fmt: skip
 
+    # --- the primitives a device gives ----------------------------------------------------------
+
+    def ssh_argv(self, *args: str, subsystem: bool = False) -> list[str]:
+        """OpenSSH's argv for ``args`` on the device (``subsystem``: ``ssh -s``)."""
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """The boot record the contract reads (for the U-Boot contracts: the U-Boot env)."""
+        raise NotImplementedError
+
+    def state(self) -> Any:
+        """The machine's state (``state``, ``ready``, ``boot_count``, ``slot``), or None."""
+        raise NotImplementedError
+
+    def console(self) -> str:
+        """The machine's console log, all boots."""
+        raise NotImplementedError
+
+    def console_tail(self) -> str:
+        raise NotImplementedError
+
+    def gone(self) -> str | None:
+        """Why the machine is no longer there (its process exited), or None."""
+        raise NotImplementedError
+
+    def slot_sha256(self, slot: str, nbytes: int | None = None) -> str:
+        """sha256 of the slot's first ``nbytes`` bytes (None: every byte the model compares)."""
+        raise NotImplementedError
+
+    def power_cut(self) -> None:
+        """Cut the power and switch it on again (returns at once; the next boot follows)."""
+        raise NotImplementedError
+
+    def power_cut_delay(self) -> float:
+        """How long after an upload starts a power-cut event cuts, when the event names no moment."""
+        return 0.5
+
+    @property
+    def app_url(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
     # --- driving -------------------------------------------------------------------------------
 
     def ssh(self, *args: str, input: bytes | None = None, timeout: float = 60, subsystem: bool = False
             ) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
-        argv = ["ssh", *SSH_OPTIONS, "-i", str(self.key.private), "-p", str(self.device.ssh_port)]
-        argv += ["-s"] if subsystem else []
-        return subprocess.run([*argv, "root@127.0.0.1", *args], input=input, capture_output=True, timeout=timeout)
+        return subprocess.run(self.ssh_argv(*args, subsystem=subsystem), input=input, capture_output=True,
+                              timeout=timeout)  # fmt: skip
 
     def upload(self, data: bytes) -> subprocess.CompletedProcess[bytes]:
-        return self.ssh("fwup", input=data, subsystem=True, timeout=120)
+        return self.ssh("fwup", input=data, subsystem=True, timeout=self.UPLOAD_TIMEOUT)
 
     def status(self) -> dict[str, Any]:
         result = self.ssh("status", "--json", timeout=30)
@@ -114,61 +162,49 @@ class ModelDevice:
             raise ModelViolation(f"status failed: {result.stderr.decode(errors='replace')}")
         return json.loads(result.stdout)
 
-    def env(self) -> dict[str, str]:
-        """The boot record the contract reads (for the U-Boot contracts: the U-Boot env)."""
-        return self.spec.boot_record(self.device)
-
-    def state(self) -> Any:
-        return self.machine.state()
-
-    def console(self) -> str:
-        """The machine's console log (U-Boot's decisions, the server's log lines), all boots."""
-        try:
-            return self.machine.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def settle(self, *, boot: int | None = None, timeout: float = 60) -> None:
+    def settle(self, *, boot: int | None = None, timeout: float | None = None) -> None:
         """Until the machine is up and ready (after boot ``boot`` if given) and no update runs."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.SETTLE_TIMEOUT if timeout is None else timeout)
         while True:
             s = self.state()
             if s is not None and s.state == "up" and s.ready and (boot is None or s.boot_count >= boot):
                 break
-            if self.machine.process.poll() is not None:
-                raise ModelViolation(f"the machine exited: {self.machine.log_tail()}")
+            gone = self.gone()
+            if gone is not None:
+                raise ModelViolation(f"the machine exited: {gone}")
             if time.monotonic() > deadline:
                 raise ModelViolation(f"the device did not come up (state {s}); SSH must always come up\n"
-                                     f"{self.machine.log_tail()}")  # fmt: skip
-            time.sleep(0.05)
+                                     f"{self.console_tail()}")  # fmt: skip
+            time.sleep(self.POLL)
         if s.boot_count != self.boots:
             self.boots = s.boot_count
-            self.running_hash = (s.slot, self.device.slot_bytes_sha256(s.slot, 1 << 20))
+            self.running_hash = (s.slot, self.slot_sha256(s.slot, 1 << 20))
         while True:
             st = self.status()
             if not st["update_in_progress"]:
                 return
             if time.monotonic() > deadline:
                 raise ModelViolation(f"an update stayed in progress: {st}")
-            time.sleep(0.1)
+            time.sleep(max(self.POLL, 0.1))
 
-    def wait_reboot(self, before: int, timeout: float = 60) -> None:
+    def wait_reboot(self, before: int, timeout: float | None = None) -> None:
         """After the device announced a reboot: until the next boot is up. (While it shuts down,
         its data partition is unmounted and SSH refuses every key: the model waits for the boot.)"""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.REBOOT_START_TIMEOUT
         while True:
             s = self.state()
             if s is not None and s.boot_count > before:
                 break
             if time.monotonic() > deadline:
                 raise ModelViolation(f"a reboot was announced but did not happen (state {s})")
-            time.sleep(0.05)
+            time.sleep(self.POLL)
         self.settle(timeout=timeout)
 
-    def wait_verdict(self, boot: int, timeout: float = 30) -> None:
+    def wait_verdict(self, boot: int, timeout: float | None = None) -> None:
         """After boot ``boot`` ran new firmware: until the device decided on it — validated it, or
         fell back and booted again — then until it settles. (Its fallback reboot comes after the
         app's ready timeout: an event fired before it would meet a device going down.)"""
+        timeout = self.VERDICT_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
             s = self.state()
@@ -179,20 +215,8 @@ class ModelDevice:
             if time.monotonic() > deadline:
                 raise ModelViolation(f"no verdict on the firmware of boot {boot} within {timeout:.0f} s: neither "
                                      f"validated nor fallen back (state {s}, env {self.env()})")  # fmt: skip
-            time.sleep(0.1)
+            time.sleep(max(self.POLL, 0.1))
         self.settle(timeout=timeout)
-
-    def close(self) -> None:
-        try:
-            if self.machine.process.poll() is None:
-                os.kill(self.machine.process.pid, 15)
-                try:
-                    self.machine.process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.machine.process.kill()
-                    self.machine.process.wait()
-        finally:
-            cleanup(self.path)
 
     # --- the abstract state, for coverage -------------------------------------------------------
 
@@ -223,7 +247,7 @@ class ModelDevice:
     def check(self) -> None:
         """The invariants. The device validates a first boot on its own after its observation
         window, so a disagreement is looked at again for a few seconds before it counts."""
-        deadline = time.monotonic() + 4
+        deadline = time.monotonic() + self.CHECK_GRACE
         while True:
             try:
                 self._check_once()
@@ -249,7 +273,7 @@ class ModelDevice:
                                  f"{why}{where}")  # fmt: skip
         # the running root was never written
         if self.running_hash is not None and self.running_hash[0] == running:
-            now = self.device.slot_bytes_sha256(running, 1 << 20)
+            now = self.slot_sha256(running, 1 << 20)
             if now != self.running_hash[1]:
                 raise ModelViolation(f"the running root (slot {running}) was written to{where}")
         # the next boots, and the bootloader's fallback after them, reach complete firmware only
@@ -277,15 +301,86 @@ class ModelDevice:
         if app is None:
             raise ModelViolation(f"no app runs and status does not say why{where}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.device.app_port}/", timeout=5) as r:
+            with urllib.request.urlopen(self.app_url, timeout=5) as r:
                 answered = json.loads(r.read())
         except OSError as e:
             raise ModelViolation(f"the app does not answer ({e}){where}") from None
         if answered.get("version") != app["version"]:
             raise ModelViolation(f"the app answers {answered.get('version')}, status says {app['version']}{where}")
 
+class ModelDevice(ModelledDevice):
+    """One simulated device under one boot contract, driven synchronously, with the model's
+    bookkeeping."""
 
-def upload_in_background(dev: ModelDevice, data: bytes) -> threading.Thread:
+    BOOT_LINE = re.compile(r"sshfwup\.sim\.machine: boot \d+: ")  # sshfwup/sim/machine.py
+
+    def __init__(self, workdir: Path, key: KeyPair, config: dict[str, Any] | None = None,
+                 contract_name: str = DEFAULT_CONTRACT) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.key = key
+        self.spec = contract(contract_name)
+        self.firmwares = Firmwares(workdir / "firmware", conf=self.spec.fwup_conf())
+        v1, fw1 = self.firmwares.make()
+        self.path = workdir / "device"
+        overrides = {**(config or CONFIG), **self.spec.config()}
+        self.device = SimDevice.create(
+            self.path, firmware=fw1, authorized_keys=[key.public_line], ssh_port=free_port(), app_port=free_port(),
+            config_overrides=overrides, ops_conf=self.spec.ops_conf(),
+        )  # fmt: skip
+        self.machine = SimMachine.start(self.path)
+        self._start_bookkeeping()
+        self.settle(boot=1)
+        self._check_factory_env()
+
+    def ssh_argv(self, *args: str, subsystem: bool = False) -> list[str]:
+        argv = ["ssh", *SSH_OPTIONS, "-i", str(self.key.private), "-p", str(self.device.ssh_port)]
+        argv += ["-s"] if subsystem else []
+        return [*argv, "root@127.0.0.1", *args]
+
+    def env(self) -> dict[str, str]:
+        return self.spec.boot_record(self.device)
+
+    def state(self) -> Any:
+        return self.machine.state()
+
+    def console(self) -> str:
+        """The machine's console log (U-Boot's decisions, the server's log lines), all boots."""
+        try:
+            return self.machine.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def console_tail(self) -> str:
+        return self.machine.log_tail()
+
+    def gone(self) -> str | None:
+        return None if self.machine.process.poll() is None else self.machine.log_tail()
+
+    def slot_sha256(self, slot: str, nbytes: int | None = None) -> str:
+        span = self.device.layout.slot_span("a")[1] if nbytes is None else nbytes
+        return self.device.slot_bytes_sha256(slot, span)
+
+    def power_cut(self) -> None:
+        self.machine.power_cut()
+
+    @property
+    def app_url(self) -> str:
+        return f"http://127.0.0.1:{self.device.app_port}/"
+
+    def close(self) -> None:
+        try:
+            if self.machine.process.poll() is None:
+                os.kill(self.machine.process.pid, 15)
+                try:
+                    self.machine.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.machine.process.kill()
+                    self.machine.process.wait()
+        finally:
+            cleanup(self.path)
+
+
+def upload_in_background(dev: ModelledDevice, data: bytes) -> threading.Thread:
     def run() -> None:
         try:
             dev.upload(data)
@@ -338,20 +433,19 @@ class Snapshot:
         return {k for k in set(self.env) | set(after.env) if self.env.get(k) != after.env.get(k)}
 
 
-def snapshot(dev: ModelDevice) -> Snapshot:
-    # The console's mark first: a line the device logs while the rest is read (its own validation
-    # of a first boot, say) is then after the mark, where the checks look for it — never lost
-    # between an env read that missed the write and a mark taken after the line.
-    console_at, boots = len(dev.console()), dev.state().boot_count
+def snapshot(dev: ModelledDevice) -> Snapshot:
+    # The console's length first: a first-boot validation logged after it is judged from the log
+    # (changes.validated_before_boot), one logged before it wrote the env before the env is read.
+    # (Read after the env and the slot hashes, a validation in between was in neither.)
+    console_at = len(dev.console())
     st = dev.status()
-    span = dev.device.layout.slot_span("a")[1]
     app = st.get("app") or {}
     keep = ("running_root", "active", "pending_reboot", "slots", "running_uuid")
     return Snapshot(
         env=dev.env(),
-        slots={s: dev.device.slot_bytes_sha256(s, span) for s in ("a", "b")},
+        slots={s: dev.slot_sha256(s) for s in ("a", "b")},
         app=(app.get("version"), app.get("pid")),
         status={k: st.get(k) for k in keep},
         console_at=console_at,
-        boots=boots,
+        boots=dev.state().boot_count,
     )

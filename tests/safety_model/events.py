@@ -8,16 +8,14 @@ import time
 from typing import Any
 
 from .changes import Result, check_change
-from .device import (
-    ALLOWED_REFUSALS, SSH_OPTIONS, ModelDevice, ModelViolation, garbage, snapshot, upload_in_background,
-)  # fmt: skip
+from .device import ALLOWED_REFUSALS, ModelledDevice, ModelViolation, garbage, snapshot, upload_in_background
 
 
 def _out(result: subprocess.CompletedProcess[bytes]) -> str:
     return (result.stdout + result.stderr).decode("utf-8", errors="replace")
 
 
-def _serves(dev: ModelDevice, version: str, text: str, boots: int, what: str) -> None:
+def _serves(dev: ModelledDevice, version: str, text: str, boots: int, what: str) -> None:
     """After an exit status 0: the new version serves, hot or after the reboot it announced."""
     if "rebooting into" in text:
         dev.wait_reboot(boots)
@@ -28,7 +26,7 @@ def _serves(dev: ModelDevice, version: str, text: str, boots: int, what: str) ->
         raise ModelViolation(f"{what}: exit 0 but the app serves {served}, not {version}\n{text}")
 
 
-def _refused_cleanly(dev: ModelDevice, result: subprocess.CompletedProcess[bytes], before: dict[str, str], what: str) -> None:
+def _refused_cleanly(dev: ModelledDevice, result: subprocess.CompletedProcess[bytes], before: dict[str, str], what: str) -> None:
     text = _out(result)
     if result.returncode != 1:
         raise ModelViolation(f"{what}: exit status {result.returncode}, expected 1\n{text}")
@@ -39,7 +37,7 @@ def _refused_cleanly(dev: ModelDevice, result: subprocess.CompletedProcess[bytes
         raise ModelViolation(f"{what} un-validated the running firmware\n{text}")
 
 
-def _good_upload(dev: ModelDevice, data: bytes, version: str, what: str) -> Result:
+def _good_upload(dev: ModelledDevice, data: bytes, version: str, what: str) -> Result:
     before = dev.env()
     boots = dev.state().boot_count
     result = dev.upload(data)
@@ -54,24 +52,24 @@ def _good_upload(dev: ModelDevice, data: bytes, version: str, what: str) -> Resu
     return Result(result.returncode, text)
 
 
-def _fixed(dev: ModelDevice, name: str, **kwargs: Any) -> bytes:
+def _fixed(dev: ModelledDevice, name: str, **kwargs: Any) -> bytes:
     if name not in dev.fixed:
         dev.fixed[name] = dev.firmwares.make(**kwargs)[1].read_bytes()
     return dev.fixed[name]
 
 
-def ev_hot_upload(dev: ModelDevice, param: Any = None) -> Result:
+def ev_hot_upload(dev: ModelledDevice, param: Any = None) -> Result:
     version, fw = dev.firmwares.make()
     return _good_upload(dev, fw.read_bytes(), version, "hot upload")
 
 
-def ev_reboot_upload(dev: ModelDevice, param: Any = None) -> Result:
+def ev_reboot_upload(dev: ModelledDevice, param: Any = None) -> Result:
     version, fw = dev.firmwares.make(changes=("system-file",))
     return _good_upload(dev, fw.read_bytes(), version, "reboot-requiring upload")
 
 
 def ev_bad_upload(kind: str) -> Any:
-    def run(dev: ModelDevice, param: Any = None) -> Result:
+    def run(dev: ModelledDevice, param: Any = None) -> Result:
         before = dev.env()
         if kind == "wrong-platform":
             data = _fixed(dev, "wrong-platform", platform="otherboard")
@@ -89,7 +87,7 @@ def ev_bad_upload(kind: str) -> Any:
     return run
 
 
-def ev_cut_upload(dev: ModelDevice, param: Any = None) -> Result:
+def ev_cut_upload(dev: ModelledDevice, param: Any = None) -> Result:
     fraction = 0.5 if param is None else float(param)
     before = dev.env()
     data = _fixed(dev, "filler", filler=400 * 1024)
@@ -99,12 +97,11 @@ def ev_cut_upload(dev: ModelDevice, param: Any = None) -> Result:
     return Result(result.returncode, _out(result))
 
 
-def ev_slow_tail_upload(dev: ModelDevice, param: Any = None) -> Result:
+def ev_slow_tail_upload(dev: ModelledDevice, param: Any = None) -> Result:
     version, fw = dev.firmwares.make()
     data = fw.read_bytes()
     # the uploader pauses before its last bytes; fwup's verdict must still stand
-    argv = ["ssh", *SSH_OPTIONS, "-i", str(dev.key.private), "-p", str(dev.device.ssh_port),
-            "-s", "root@127.0.0.1", "fwup"]  # fmt: skip
+    argv = dev.ssh_argv("fwup", subsystem=True)
     before = dev.env()
     boots = dev.state().boot_count
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -113,7 +110,7 @@ def ev_slow_tail_upload(dev: ModelDevice, param: Any = None) -> Result:
     proc.stdin.flush()
     time.sleep(0.5)
     proc.stdin.write(data[-100:])
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=dev.UPLOAD_TIMEOUT)
     result = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if result.returncode == 0:
         _serves(dev, version, _out(result), boots, "slow-tail upload")
@@ -126,7 +123,7 @@ def ev_slow_tail_upload(dev: ModelDevice, param: Any = None) -> Result:
 
 
 def ev_broken_app(kind: str) -> Any:
-    def run(dev: ModelDevice, param: Any = None) -> Result:
+    def run(dev: ModelledDevice, param: Any = None) -> Result:
         behavior = {"never_ready": True} if kind == "never_ready" else {"crash_after": 2.5}
         version, fw = dev.firmwares.make(app_behavior=behavior)
         boots = dev.state().boot_count
@@ -151,20 +148,20 @@ def ev_broken_app(kind: str) -> Any:
     return run
 
 
-def ev_power_cut(dev: ModelDevice, param: Any = None) -> Result:
-    delay = 0.5 if param is None else float(param)
+def ev_power_cut(dev: ModelledDevice, param: Any = None) -> Result:
+    delay = dev.power_cut_delay() if param is None else float(param)
     _, fw = dev.firmwares.make()
     boots = dev.state().boot_count
     thread = upload_in_background(dev, fw.read_bytes())
     time.sleep(delay)
     cut = dev.state().boot_count  # the upload may have rebooted the device already
-    dev.machine.power_cut()
+    dev.power_cut()
     dev.settle(boot=max(boots, cut) + 1)
     thread.join(timeout=60)
     return Result(None)
 
 
-def ev_reboot(dev: ModelDevice, param: Any = None) -> Result:
+def ev_reboot(dev: ModelledDevice, param: Any = None) -> Result:
     boots = dev.state().boot_count
     result = dev.ssh("reboot")
     if result.returncode != 0:
@@ -173,14 +170,14 @@ def ev_reboot(dev: ModelDevice, param: Any = None) -> Result:
     return Result(None)
 
 
-def ev_validate(dev: ModelDevice, param: Any = None) -> Result:
+def ev_validate(dev: ModelledDevice, param: Any = None) -> Result:
     result = dev.ssh("validate")
     if result.returncode not in (0, 1):
         raise ModelViolation(f"validate: exit status {result.returncode}: {_out(result)}")
     return Result(result.returncode, _out(result))
 
 
-def ev_revert(dev: ModelDevice, param: Any = None) -> Result:
+def ev_revert(dev: ModelledDevice, param: Any = None) -> Result:
     result = dev.ssh("revert")
     if result.returncode not in (0, 1):
         raise ModelViolation(f"revert: exit status {result.returncode}: {_out(result)}")
@@ -188,7 +185,7 @@ def ev_revert(dev: ModelDevice, param: Any = None) -> Result:
     return Result(result.returncode, _out(result))
 
 
-def ev_same_upload(dev: ModelDevice, param: Any = None) -> Result:
+def ev_same_upload(dev: ModelledDevice, param: Any = None) -> Result:
     version = dev.status()["app"]["version"]
     fw = dev.firmwares.by_version.get(version)
     if fw is None:
@@ -222,7 +219,7 @@ RUNNERS = {
 EVENTS = tuple(RUNNERS)
 
 
-def fire(dev: ModelDevice, event: str, param: Any = None) -> str:
+def fire(dev: ModelledDevice, event: str, param: Any = None) -> str:
     """One event: recorded against the abstract state it starts in, then checked for what it
     changed. Returns the state it started in. (The invariants at rest: ``dev.check()``.)"""
     before = snapshot(dev)

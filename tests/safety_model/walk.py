@@ -3,12 +3,28 @@ the wanted event; and the coverage table it prints."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import random
 from collections import Counter
 from typing import Any
 
-from .device import ModelDevice, ModelViolation
+from .device import ModelledDevice, ModelViolation
 from .events import EVENTS, fire
 from .space import FRESH, STATES, StateSpace
+
+SEED_ENV = "SSHFWUP_MODEL_SEED"
+
+
+def sample_seed() -> int:
+    """The seed of a sampled walk: SSHFWUP_MODEL_SEED, else today's number (the sample rotates daily)."""
+    return int(os.environ.get(SEED_ENV) or datetime.date.today().toordinal())
+
+
+def draw_pairs(pairs: list[tuple[str, str]], n: int, salt: str) -> tuple[tuple[str, str], ...]:
+    """``n`` of ``pairs`` (sorted first: the draw depends on the seed only), drawn with ``salt``."""
+    ordered = sorted(pairs)
+    return tuple(random.Random(salt).sample(ordered, min(n, len(ordered))))
 
 
 class Walker:
@@ -21,7 +37,7 @@ class Walker:
                  log: Any = None) -> None:  # fmt: skip
         self.space = space
         self.new_device, self.close_device = new_device, close_device
-        self.dev: ModelDevice | None = None
+        self.dev: ModelledDevice | None = None
         self.covered: Counter[tuple[str, str]] = Counter()
         self.max_events = max_events
         self.events = 0
@@ -131,4 +147,14 @@ def coverage_table(space: StateSpace, covered: Counter[tuple[str, str]],
     lines.append("impossible (x), with the reason:")
     for why, where in reasons.items():
         lines.append(f"  {', '.join(where)}: {why}")
+    return lines
+
+
+def walk_report(walker: Walker, what: str, wanted: tuple[tuple[str, str], ...], missed: list[Any], seconds: float
+                ) -> list[str]:  # fmt: skip
+    """What a walk reached, in how long, its coverage table and its failures' messages."""
+    lines = [f"{what}: {len(wanted) - len(missed)} of {len(wanted)} reached in {walker.events} events on "
+             f"{walker.devices} devices, {seconds:.0f} s"]  # fmt: skip
+    lines += coverage_table(walker.space, walker.covered, wanted)
+    lines += [f"\nFAILED: {state} x {event}: {message}" for state, event, message in walker.failures]
     return lines

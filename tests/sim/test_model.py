@@ -17,10 +17,8 @@ runs long.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import os
-import random
 import time
 from collections import Counter
 from typing import Any
@@ -30,8 +28,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from model import (
-    CONFIG, CONTRACTS, DEFAULT_CONTRACT, ModelDevice, StateSpace, Walker, coverage_table, fire, make_key, new_workdir,
-    remove_workdir, space,
+    CONFIG, CONTRACTS, DEFAULT_CONTRACT, ModelDevice, StateSpace, Walker, draw_pairs, fire, make_key, new_workdir,
+    remove_workdir, sample_seed, space, walk_report,
 )  # fmt: skip
 
 from safety_model.contracts import AUTOBOOT_ALL, AUTOBOOT_TRYBOOT, REBOOT_PARAM, RUNNING
@@ -52,16 +50,11 @@ COVERED: Counter[tuple[str, str]] = Counter()  # (abstract state, event) pairs w
 WALK_CONFIG: dict[str, Any] = {**CONFIG, "app": {**CONFIG["app"], "observe": 1.5}}
 
 
-def sample_seed() -> int:
-    """The seed of CI's sample of the other contracts' pairs: SSHFWUP_MODEL_SEED, else today's number."""
-    return int(os.environ.get("SSHFWUP_MODEL_SEED") or datetime.date.today().toordinal())
-
-
 def sample_pairs(contract_space: StateSpace, seed: int, n: int = SAMPLE) -> tuple[tuple[str, str], ...]:
     """The contract's own pairs, then ``n`` more of its pairs drawn with ``seed``."""
     own = contract_space.specific_pairs
-    rest = sorted(p for p in contract_space.pairs if p not in own)
-    return (*own, *random.Random(f"{contract_space.name}:{seed}").sample(rest, min(n, len(rest))))
+    rest = [p for p in contract_space.pairs if p not in own]
+    return (*own, *draw_pairs(rest, n, f"{contract_space.name}:{seed}"))
 
 
 def walk(pairs: tuple[tuple[str, str], ...], contract_name: str = DEFAULT_CONTRACT, *, log: Any = None
@@ -173,11 +166,7 @@ MODEL_SETTINGS = settings(
 
 
 def _report(walker: Walker, what: str, wanted: tuple[tuple[str, str], ...], missed: list[Any], started: float) -> None:
-    print(f"{what}: {len(wanted) - len(missed)} of {len(wanted)} reached in {walker.events} events on "
-          f"{walker.devices} devices, {time.monotonic() - started:.0f} s")  # fmt: skip
-    print("\n".join(coverage_table(walker.space, walker.covered, wanted)))
-    for state, event, message in walker.failures:
-        print(f"\nFAILED: {state} x {event}: {message}")
+    print("\n".join(walk_report(walker, what, wanted, missed, time.monotonic() - started)))
 
 
 def _envs() -> list[dict[str, str]]:

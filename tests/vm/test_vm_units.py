@@ -64,3 +64,51 @@ def test_vm_fwup_conf_writes_the_boot_partition_and_env(fwup: str, tmp_path: Pat
         mbr = f.read(512)
     assert [mbr[446 + 16 * i] for i in range(4)] == [0x80, 0, 0, 0]
     assert [mbr[446 + 16 * i + 4] for i in range(4)] == [0x0C, 0x83, 0x83, 0x83]
+
+
+def test_the_vm_model_sample_is_replayable_and_walkable_on_the_qemu_device() -> None:
+    """tests/vm/test_vm_model.py's draw: the same seed draws the same pairs, the always-walked ones
+    last, and every drawn pair is a possible pair of the device's contract in a state the walk
+    reaches on purpose there, with an event its firmware pool drives."""
+    from model import space
+    from safety_model.vm_device import ALWAYS, VM_EVENTS, VM_STATES, vm_sample
+
+    from sshfwup.vm.image import CONTRACT
+
+    contract_space = space(CONTRACT)
+    first, again = vm_sample(contract_space, 7, 4), vm_sample(contract_space, 7, 4)
+    assert first == again and first[-len(ALWAYS) :] == ALWAYS and len(first) == len(ALWAYS) + 4
+    assert all(p in contract_space.pairs for p in first), first
+    assert all(s in VM_STATES and e in VM_EVENTS for s, e in first[: -len(ALWAYS)]), first
+    assert vm_sample(contract_space, 8, 4) != first  # another seed, another draw
+
+
+def test_the_vm_model_firmware_pool_hands_out_rising_versions_of_the_family_asked(tmp_path: Path) -> None:
+    """A hot firmware is the next version of the running firmware's family, a reboot-requiring one
+    the next of the other family; versions only rise (a skipped one is never handed out later), the
+    pool builds more when its prebuilt ones run out, and refuses what it cannot build."""
+    from safety_model.vm_device import FirmwarePool, UnsupportedFirmware, VmFirmwares
+
+    from sshfwup.vm.image import VmDir
+
+    class Recorded(FirmwarePool):
+        def _build(self, version: str, family: str) -> Path:  # no mksquashfs: a file naming what it is
+            path = tmp_path / f"{version}-{family}.fw"
+            path.write_text(f"{version} {family}\n")
+            return path
+
+    pool = Recorded(VmDir(tmp_path), prebuild=4)  # 1.1.0 rel, 1.2.0 plain, 1.3.0 rel, 1.4.0 plain
+    running = ["1.0.0"]  # the factory's firmware: "plain"
+    firmwares = VmFirmwares(pool, lambda: running[0])
+    try:
+        hot = firmwares.make(filler=1024)
+        reboot = firmwares.make(changes=("system-file",))
+        running[0] = reboot[0]
+        hot_after = firmwares.make()
+        with pytest.raises(UnsupportedFirmware, match="app_behavior"):
+            firmwares.make(app_behavior={"never_ready": True})
+    finally:
+        pool.close()
+    assert [(v, p.read_text().split()[1]) for v, p in (hot, reboot, hot_after)] == [
+        ("1.2.0", "plain"), ("1.3.0", "rel"), ("1.5.0", "rel")]  # fmt: skip
+    assert firmwares.by_version["1.3.0"] == reboot[1] and "1.1.0" not in firmwares.by_version
