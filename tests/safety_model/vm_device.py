@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sshfwup.vm.agent import AgentError, Exec, guest_exec, wait_agent
-from sshfwup.vm.image import CONTRACT, FIRST_VERSION, VmDir, firmware
+from sshfwup.vm.contracts import DEFAULT_CONTRACT as CONTRACT
+from sshfwup.vm.image import FIRST_VERSION, VmDir, firmware
 from sshfwup.vm.machine import Running, VmOptions, console_tail, kill_power, run_vm
 
 from .contracts import contract

@@ -30,7 +30,8 @@ from model import SEED_ENV, Walker, sample_seed, space, walk_report
 from vmkit import Device  # type: ignore[import-not-found]
 
 from safety_model.vm_device import ALWAYS, FirmwarePool, VmModelDevice, power_on, vm_sample
-from sshfwup.vm.image import CONTRACT, VmDir
+from sshfwup.vm.contracts import DEFAULT_CONTRACT as CONTRACT
+from sshfwup.vm.image import VmDir
 
 pytestmark = pytest.mark.vm
 

@@ -73,7 +73,7 @@ def test_the_vm_model_sample_is_replayable_and_walkable_on_the_qemu_device() -> 
     from model import space
     from safety_model.vm_device import ALWAYS, VM_EVENTS, VM_STATES, vm_sample
 
-    from sshfwup.vm.image import CONTRACT
+    from sshfwup.vm.contracts import DEFAULT_CONTRACT as CONTRACT
 
     contract_space = space(CONTRACT)
     first, again = vm_sample(contract_space, 7, 4), vm_sample(contract_space, 7, 4)
