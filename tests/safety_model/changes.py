@@ -64,8 +64,12 @@ def _marks() -> set[str]:
 
 
 def self_validation(dev: ModelledDevice, before: Snapshot, after: Snapshot) -> tuple[str, ...]:
-    """The keys the device's own validation of a first boot wrote meanwhile (0 -> 1), or ()."""
-    if not dev.spec.view(before.env).validated and dev.spec.view(after.env).validated:
+    """The keys the device's own validation of a first boot wrote meanwhile (0 -> 1), or (). A
+    validation the device began meanwhile counts too, finished or not: the after-snapshot may
+    read its writes half done (fwup-ops' validate task writes the reboot parameter before the
+    env's nerves_fw_validated=1)."""
+    began = _SELF_VALIDATING in dev.console()[before.console_at:]
+    if not dev.spec.view(before.env).validated and (dev.spec.view(after.env).validated or began):
         return tuple(sorted(dev.spec.validate_keys))
     return ()
 

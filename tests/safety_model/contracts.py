@@ -127,6 +127,9 @@ class ContractSpec:
     factory: Mapping[str, str] = field(default_factory=dict)
     boot_record: Callable[[Any], dict[str, str]] = _uboot_env
     impossible: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # states met only in passing (state -> why): no event of the model leads into them for long
+    # enough to plan a walk there, so they are not wanted; reaching one is no surprise either
+    transient: Mapping[str, str] = field(default_factory=dict)
     edges: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     specific: tuple[tuple[str, str], ...] = ()
     note: str = ""
@@ -308,13 +311,17 @@ FWUP_OPS = ContractSpec(
     # The same ten states are impossible as under the U-Boot contracts, for tryboot's reasons. No
     # event is impossible in a reachable state: the model's events are uploads, power cuts,
     # reboots, validate and revert, none of them a bootloader variable of its own (no bootcount).
+    transient={
+        "settled/unvalidated/other-rolled-back": (
+            "after a fallback the default slot runs unvalidated beside the rolled-back slot only until its "
+            "first-boot validation (the observation window): random steps meet it, the walk cannot plan into it"),
+    },
     impossible={
         **{(f"settled/unvalidated/other-{o}", "*"): (
             "an unvalidated firmware runs only as a tryboot trial: fwup's upgrade.X needs "
             "nerves_fw_validated=1 and sshfwup writes no slot while unvalidated, so the default slot it "
-            "came from stays whole; after a fallback the default runs unvalidated beside the rolled-back slot "
-            "only until its first-boot validation (the observation window), which the walk does not plan into")
-           for o in ("empty", "incomplete", "rolled-back")},
+            "came from stays whole")
+           for o in ("empty", "incomplete")},
         **{(f"pending/validated/other-{o}", "*"): (
             "pending with validated=1 is only a proven revert.X waiting for the restart, and sshfwup's revert "
             "is proven only towards the running slot (validate.X): from a trial it tries the other slot "

@@ -157,9 +157,23 @@ class ModelledDevice:
         return self.ssh("fwup", input=data, subsystem=True, timeout=self.UPLOAD_TIMEOUT)
 
     def status(self) -> dict[str, Any]:
-        result = self.ssh("status", "--json", timeout=30)
+        # ssh's own failure (255: no connection, or the device went down under it — a reboot
+        # the device asked for itself) is asked again once the device is back; sshfwup's is not.
+        for _ in range(3):
+            result = self._status_once()
+            if result.returncode != 255:
+                break
+            self.settle()
+        return self._status_json(result)
+
+    def _status_once(self) -> subprocess.CompletedProcess[bytes]:
+        return self.ssh("status", "--json", timeout=30)
+
+    @staticmethod
+    def _status_json(result: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
         if result.returncode != 0:
-            raise ModelViolation(f"status failed: {result.stderr.decode(errors='replace')}")
+            raise ModelViolation(f"status failed (exit status {result.returncode}): "
+                                 f"{result.stderr.decode(errors='replace')}")  # fmt: skip
         return json.loads(result.stdout)
 
     def settle(self, *, boot: int | None = None, timeout: float | None = None) -> None:
@@ -180,7 +194,10 @@ class ModelledDevice:
             self.boots = s.boot_count
             self.running_hash = (s.slot, self.slot_sha256(s.slot, 1 << 20))
         while True:
-            st = self.status()
+            result = self._status_once()
+            if result.returncode == 255 and time.monotonic() < deadline:
+                return self.settle(boot=boot, timeout=deadline - time.monotonic())  # it went down: again
+            st = self._status_json(result)
             if not st["update_in_progress"]:
                 return
             if time.monotonic() > deadline:

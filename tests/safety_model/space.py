@@ -93,7 +93,8 @@ class StateSpace:
 
     @property
     def reachable(self) -> tuple[str, ...]:
-        return tuple(s for s in STATES if (s, "*") not in self.impossible_pairs)
+        """The states a walk can be planned into (neither impossible nor met only in passing)."""
+        return tuple(s for s in STATES if (s, "*") not in self.impossible_pairs and s not in self.spec.transient)
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
@@ -128,4 +129,5 @@ def space(contract_name: str = DEFAULT_CONTRACT) -> StateSpace:
     edges = {s: dict(e) for s, e in _EDGES.items()}
     for s, more in spec.edges.items():
         edges.setdefault(s, {}).update(more)
-    return StateSpace(spec, {**_common_impossible(), **spec.impossible}, edges)
+    impossible = {k: v for k, v in _common_impossible().items() if k[0] not in spec.transient}
+    return StateSpace(spec, {**impossible, **spec.impossible}, edges)

@@ -122,7 +122,8 @@ def coverage_table(space: StateSpace, covered: Counter[tuple[str, str]],
                    wanted: tuple[tuple[str, str], ...] | None = None) -> list[str]:
     """One contract's (state, event) table: a count, '.' for a wanted pair not reached, 'x' for an
     impossible one (listed below the table with its reason), '!' for a pair reached that was
-    thought impossible, '-' for a possible pair this run did not want."""
+    thought impossible, '-' for a possible pair this run did not want, '~' for a pair of a state
+    met only in passing that this run did not meet."""
     pairs = space.pairs
     wanted = pairs if wanted is None else wanted
     width = max(len(s) for s in STATES)
@@ -134,6 +135,8 @@ def coverage_table(space: StateSpace, covered: Counter[tuple[str, str]],
             n = covered.get((s, e), 0)
             if space.impossible(s, e):
                 cells.append("!" + str(n) if n else "x")
+            elif s in space.spec.transient:
+                cells.append(str(n) if n else "~")
             else:
                 cells.append(str(n) if n else ("." if (s, e) in wanted else "-"))
         lines.append(f"{s:<{width}}  " + " ".join(f"{c:>13}" for c in cells))
@@ -147,6 +150,9 @@ def coverage_table(space: StateSpace, covered: Counter[tuple[str, str]],
     lines.append("impossible (x), with the reason:")
     for why, where in reasons.items():
         lines.append(f"  {', '.join(where)}: {why}")
+    if space.spec.transient:
+        lines.append("met only in passing (~: not met this run), not planned:")
+        lines += [f"  {s}: {why}" for s, why in space.spec.transient.items()]
     return lines
 
 
