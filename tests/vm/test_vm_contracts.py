@@ -114,11 +114,7 @@ def test_a_proven_revert_after_a_hot_update_holds_across_a_reboot(
     assert boot_vars(device)[:2] == ("a", "1")
     if contract == "fwup-ops":
         assert reboot_param(device) == "0"  # validate.a: an ordinary restart next
-    mark = console_size(device)
-    wait_rebooted(device, reboot(device))
-    s = settled(device, "1.0.0")
-    assert s["running_root"] == "a" and boot_vars(device) == ("a", "1", "1"), s
-    assert "sshfwup: booting slot a" in console_since(device, mark)
+    _reboot_into_validated_slot_a(device)
 
 
 def test_a_reboot_update_boots_the_new_slot_on_trial_and_sshfwup_validates_it(
@@ -145,11 +141,7 @@ def test_a_revert_to_the_unproven_old_slot_boots_it_on_trial_and_it_validates(de
     assert boot_vars(device) == ("a", "0", "0")  # a first boot again: one trial, then U-Boot falls back
     if contract == "fwup-ops":
         assert reboot_param(device) == "0 tryboot"
-    mark = console_size(device)
-    wait_rebooted(device, reboot(device))
-    s = settled(device, "1.0.0")
-    assert s["running_root"] == "a" and boot_vars(device) == ("a", "1", "1"), s
-    assert "sshfwup: booting slot a" in console_since(device, mark)
+    _reboot_into_validated_slot_a(device)
 
 
 def test_a_firmware_whose_init_fails_gets_one_trial_boot_then_u_boot_falls_back(
@@ -169,3 +161,12 @@ def test_a_firmware_whose_init_fails_gets_one_trial_boot_then_u_boot_falls_back(
     text = device.status_text()
     assert not last.get("ok") and "fell back" in str(last.get("verdict")) and "1.2.0" in str(last.get("verdict")), text
     print(f"status after the init-failure fallback:\n{text}")
+
+
+def _reboot_into_validated_slot_a(device: Device) -> None:
+    """A real reboot: U-Boot boots slot a (it says so on the console), 1.0.0 runs there validated."""
+    mark = console_size(device)
+    wait_rebooted(device, reboot(device))
+    s = settled(device, "1.0.0")
+    assert s["running_root"] == "a" and boot_vars(device) == ("a", "1", "1"), s
+    assert "sshfwup: booting slot a" in console_since(device, mark)
