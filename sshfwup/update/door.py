@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BRIEF_HOLDER_WAIT", "DeviceBusy", "RebootPending", "acquire", "state_change"]
+__all__ = ["BRIEF_HOLDER_WAIT", "DeviceBusy", "RebootPending", "acquire", "force_reboot_past", "state_change"]
 
 BRIEF_HOLDER_WAIT = 15.0  # s: the longest an operator's change waits for the device's own brief work
 _POLL = 0.1
