@@ -7,14 +7,16 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import Sim
+from conftest import Sim, wait_unlocked, wait_until
 
 from sshfwup.host.client import OutputParser, ParsedLine, RebootWatch, _firmware_version, clean_text, judge_reboot
 from sshfwup.host.progress_display import BarDisplay, PlainDisplay, make_display
@@ -329,3 +331,100 @@ async def test_delta_from_without_a_match_sends_the_full_file(sim: Sim, firmware
 def sshfwup_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sshfwup", *args], capture_output=True, text=True, timeout=180,
                           env={**os.environ, **env})  # fmt: skip
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------------
+
+# `sshfwup upload` with its sending slowed down (32 KiB at a time, 50 ms apart), so that a test
+# can press Ctrl-C in the middle: the code under test is the CLI's own, only the pace differs.
+THROTTLED = """
+import sys, time
+from sshfwup.dependency_warnings import silence
+silence()
+import sshfwup.host.client as client
+from sshfwup.host import progress_display
+client.CHUNK = 32 * 1024
+_sent = progress_display.PlainDisplay.sent
+def sent(self, n):
+    time.sleep(0.05)
+    _sent(self, n)
+progress_display.PlainDisplay.sent = sent
+from sshfwup.cli import main
+sys.exit(main())
+"""
+
+
+async def _interrupted_upload(sim: Sim, firmware, *, stop_device: bool, twice: bool, written: bool = False
+                              ) -> tuple[subprocess.CompletedProcess[str], float]:  # fmt: skip
+    """Start a slowed upload, wait until the device holds the update lock, press Ctrl-C (SIGINT);
+    ``stop_device``: freeze the device's server first (SIGSTOP), so that the status question
+    gets no answer; ``twice``: a second Ctrl-C 0.5 s into that question; ``written``: wait until
+    fwup has written part of slot b. Returns the result and
+    the seconds from the (last) Ctrl-C to the exit."""
+    fw = firmware("2.0.0", filler=2 * 1024 * 1024)
+    argv = [sys.executable, "-c", THROTTLED, *upload_args(sim, fw, "--no-wait")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = sim.machine.state().server_pid  # type: ignore[union-attr]
+    stopped = False
+    try:
+        await wait_until(lambda: sim.status()["update_in_progress"], timeout=30, what="the upload holding the lock")
+        if written:
+            await wait_until(lambda: (sim.status()["update"] or {}).get("percent"), timeout=30, what="fwup writing")
+        else:
+            await anyio.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()
+        if stop_device:
+            os.kill(server, signal.SIGSTOP)
+            stopped = True
+        proc.send_signal(signal.SIGINT)
+        if twice:
+            await anyio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+        pressed = time.monotonic()
+        out, err = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=60))
+        took = time.monotonic() - pressed
+    finally:
+        if stopped:
+            os.kill(server, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err), took
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["before-fwup-wrote", "slot-b-partly-written"])
+async def test_ctrl_c_mid_upload_says_what_the_device_did(sim: Sim, firmware, written: bool) -> None:
+    result, took = await _interrupted_upload(sim, firmware, stop_device=False, twice=False, written=written)
+    err = result.stderr
+    assert result.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "CancelledError" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("sshfwup: interrupted: the device aborted the upload: "), err
+    assert line.endswith("(from its status)") and "the client disconnected" in line, err
+    partly = "slot b may be partly written and stays marked incomplete (nothing boots or reverts to it); slot a still runs"
+    assert partly in line if written else (partly in line or "the device was not changed" in line), err
+    assert [x for x in err.splitlines() if x.startswith("sshfwup: interrupted")] == [line], err
+    assert took < 5, took
+    print(f"\nCtrl-C to exit, with the device's answer: {took:.2f} s\n{line}")
+    status = sim.status()
+    assert not status["update_in_progress"], status  # the lock is released
+    assert sim.env()["nerves_fw_active"] == "a" and sim.app()["version"] == "1.0.0"
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["no-answer", "second-ctrl-c"])
+async def test_ctrl_c_when_the_device_does_not_answer(sim: Sim, firmware, twice: bool) -> None:
+    result, took = await _interrupted_upload(sim, firmware, stop_device=True, twice=twice)
+    err = result.stderr
+    assert result.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    line = err.splitlines()[-1]
+    ask = f"run `ssh -p {sim.port} root@{sim.host} status`"
+    if twice:
+        assert line == f"sshfwup: interrupted again: not waiting for the device's answer; {ask}", err
+        assert took < 2, took
+    else:
+        assert line == f"sshfwup: interrupted; the device could not be asked what it did (no answer within 5 s); {ask}", err
+        assert 4.5 < took < 9, took
+    print(f"\nCtrl-C to exit, the device frozen{' (Ctrl-C twice)' if twice else ''}: {took:.2f} s")
+    wait_unlocked(sim, timeout=30)  # once it runs again, the device ends the cut upload
+    assert sim.env()["nerves_fw_active"] == "a"
