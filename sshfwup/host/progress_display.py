@@ -8,19 +8,27 @@ Two kinds, one interface (:class:`Display`):
   ``pip install 'sshfwup[host]'``), which handles terminal width and redraws; without tqdm the
   plain form below is used.
 - anywhere else (CI logs, pipes, files), plain lines and no escape codes: the transfer at every
-  quarter and its total, fwup at every quarter, then the device's lines as they come.
+  quarter and its total, fwup at every quarter, then the device's lines as they come. Also on a
+  terminal narrower than :data:`MIN_BAR_COLUMNS`, or one that reports no width at all (0
+  columns: some serial consoles, ``docker exec -t`` before a resize), where bars would be cut
+  down to blanks.
 
 Nothing here is needed on a device: ``sshfwup serve`` never imports it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-__all__ = ["BarDisplay", "Display", "PlainDisplay", "format_bytes", "format_rate", "make_display"]
+__all__ = ["MIN_BAR_COLUMNS", "BarDisplay", "Display", "PlainDisplay", "format_bytes", "format_rate", "make_display",
+           "terminal_columns"]
+
+#: The narrowest terminal that gets bars ("upload 100%|" and a 40-column bar); plain lines below.
+MIN_BAR_COLUMNS = 60
 
 Clock = Callable[[], float]
 
@@ -35,8 +43,9 @@ class Display(Protocol):
 
 
 def make_display(stream: IO[str] = sys.stderr, *, quiet: bool = False) -> Display:
-    """Bars on a terminal (with tqdm installed), else plain lines; ``quiet``: lines only."""
-    if not quiet and _isatty(stream):
+    """Bars on a terminal at least :data:`MIN_BAR_COLUMNS` wide (with tqdm installed), else
+    plain lines; ``quiet``: lines only."""
+    if not quiet and _isatty(stream) and terminal_columns(stream) >= MIN_BAR_COLUMNS:
         try:
             return BarDisplay(stream)
         except ImportError:
@@ -49,6 +58,21 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def terminal_columns(stream: IO[str]) -> int:
+    """The width of the terminal ``stream`` writes to; ``COLUMNS`` when the terminal reports none;
+    0 when neither says."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return max(int(os.environ.get("COLUMNS", "")), 0)
+    except ValueError:
+        return 0
 
 
 def format_bytes(n: float) -> str:

@@ -124,7 +124,48 @@ class Tty(io.StringIO):
         return True
 
 
-def test_bars_on_a_terminal_freeze_the_rate_and_reach_100() -> None:
+@pytest.mark.parametrize(
+    ("columns", "env", "bars"),
+    [(120, None, True), (0, None, False), (0, "0", False), (0, "100", True), (30, None, False), (30, "100", False)],
+    ids=["wide", "zero-width", "zero-width-COLUMNS=0", "zero-width-COLUMNS=100", "narrow", "narrow-COLUMNS-ignored"],
+)
+def test_a_terminal_without_room_for_bars_gets_plain_lines(
+    monkeypatch: pytest.MonkeyPatch, columns: int, env: str | None, bars: bool
+) -> None:
+    """A terminal that reports 0 columns (or too few) would show bars cut down to blanks."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    if env is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", env)
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        with open(slave, "w", closefd=False) as stream:
+            display = make_display(stream)
+            assert isinstance(display, BarDisplay if bars else PlainDisplay), (columns, env)
+            if not bars:
+                display.start(1000)
+                display.sent(1000)
+                display.sent_all()
+                display.fwup(100)
+                stream.flush()
+                out = ""
+                while "fwup   100%" not in out and select.select([master], [], [], 5)[0]:
+                    out += os.read(master, 65536).decode()
+                assert "upload 100%  1.0 KB in" in out and "fwup   100%" in out, out
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_bars_on_a_terminal_freeze_the_rate_and_reach_100(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")  # (a StringIO has no terminal to ask)
     out = Tty()
     clock = Clock()
     d = make_display(out)
