@@ -445,6 +445,8 @@ async def _stream(conn: asyncssh.SSHClientConnection, file: Path, display: Displ
             await _receive(proc, display)
             tg.cancel_scope.cancel()  # the device finished early (refusal): stop sending
         await proc.wait()
+        if proc.exit_status == EXIT_OK:
+            display.accepted()
         return proc.exit_status
 
 

@@ -36,8 +36,9 @@ Clock = Callable[[], float]
 class Display(Protocol):
     def start(self, total: int) -> None: ...  # the transfer of ``total`` bytes begins
     def sent(self, n: int) -> None: ...  # ``n`` more bytes went out
-    def sent_all(self) -> None: ...  # the last byte went out
-    def fwup(self, percent: int) -> None: ...  # fwup's progress on the device
+    def sent_all(self) -> None: ...  # the last byte went out (into the SSH window: not yet taken)
+    def fwup(self, percent: int) -> None: ...  # fwup's progress on the device (past 0: it takes the data)
+    def accepted(self) -> None: ...  # the device took the whole upload (exit status 0)
     def line(self, text: str) -> None: ...  # a line from the device, or of our own
     def close(self) -> None: ...  # no more progress: leave the screen tidy (repeatable)
 
@@ -130,6 +131,8 @@ class PlainDisplay:
         self._quarter = 0  # transfer quarters shown
         self._fwup_quarter = 0
         self._fwup = 0
+        self._taken = False  # the device wrote (fwup past 0 %) or succeeded: "upload 100%" is true
+        self._told = False  # the transfer's last line is out
 
     def start(self, total: int) -> None:
         self.transfer.total = total
@@ -146,20 +149,34 @@ class PlainDisplay:
             )
 
     def sent_all(self) -> None:
-        if self.transfer.finish() and not self.quiet:
-            self._print(f"upload 100%  {self.transfer.summary()}")
+        self.transfer.finish()
+        self._tell()
 
     def fwup(self, percent: int) -> None:
+        if percent > 0:
+            self.accepted()
         self._fwup = max(self._fwup, percent)
         if not self.quiet and self._fwup // 25 > self._fwup_quarter:
             self._fwup_quarter = self._fwup // 25
             self._print(f"fwup   {self._fwup:3d}%")
 
+    def accepted(self) -> None:
+        self._taken = True
+        self._tell()
+
     def line(self, text: str) -> None:
         self._print(text)
 
     def close(self) -> None:
-        pass
+        pass  # a transfer the device did not take shows no "100%": its own lines say why
+
+    def _tell(self) -> None:
+        """``upload 100%`` once everything is sent and the device takes it (not when it went only
+        into the SSH window of a device that then refuses it)."""
+        if self.transfer.last is not None and self._taken and not self._told:
+            self._told = True
+            if not self.quiet:
+                self._print(f"upload 100%  {self.transfer.summary()}")
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -179,6 +196,7 @@ class BarDisplay:
         self.transfer = _Transfer(clock)
         self._bars: tuple[Any, Any] | None = None
         self._fwup = 0
+        self._taken = False  # as PlainDisplay's
 
     def start(self, total: int) -> None:
         self.transfer.total = total
@@ -202,7 +220,12 @@ class BarDisplay:
             )
             upload.refresh()
 
+    def accepted(self) -> None:
+        self._taken = True
+
     def fwup(self, percent: int) -> None:
+        if percent > 0:
+            self._taken = True
         if self._bars and percent > self._fwup:
             self._bars[1].update(percent - self._fwup)
             self._fwup = percent
@@ -225,6 +248,9 @@ class BarDisplay:
             self.sent_all()
         upload, fwup = self._bars
         self._bars = None
+        if self.transfer.last is not None and not self._taken:  # sent, but the device did not take it
+            upload.bar_format = "{desc} sent|{bar:40}| {n_fmt}B" + _literal(", but the device did not take it all")
+            upload.refresh()
         upload.close()
         fwup.close()
 

@@ -104,6 +104,39 @@ def test_plain_display_text() -> None:
     ), out.getvalue()
 
 
+def test_upload_100_only_once_the_device_takes_the_data() -> None:
+    """Everything sent is not everything taken: a device that refuses after the head has had the
+    whole small file put into its SSH window. 100 % is said once fwup writes, or the device succeeds."""
+    refused, taken, succeeded = io.StringIO(), io.StringIO(), io.StringIO()
+    for out in (refused, taken, succeeded):
+        d = PlainDisplay(out, clock=Clock())
+        d.start(1000)
+        d.sent(1000)
+        d.sent_all()
+        d.fwup(0)
+        if out is taken:
+            d.fwup(30)
+        elif out is succeeded:
+            d.accepted()  # (a device that shows no progress)
+        d.line("the device's verdict")
+        d.close()
+    assert refused.getvalue() == "the device's verdict\n", refused.getvalue()
+    assert taken.getvalue().startswith("upload 100%  1.0 KB in 0.0 s"), taken.getvalue()
+    assert taken.getvalue().splitlines()[1:] == ["fwup    30%", "the device's verdict"], taken.getvalue()
+    assert succeeded.getvalue().startswith("upload 100%  1.0 KB in 0.0 s"), succeeded.getvalue()
+
+
+def test_a_refused_transfer_bar_does_not_say_100() -> None:
+    out = Tty()
+    d = BarDisplay(out, clock=Clock())
+    d.start(1000)
+    d.sent(1000)
+    d.sent_all()
+    d.fwup(0)
+    d.close()
+    assert "upload sent|" in out.getvalue() and "the device did not take it all" in out.getvalue(), repr(out.getvalue())
+
+
 def test_quiet_plain_display_has_lines_only() -> None:
     out = io.StringIO()
     d = PlainDisplay(out, quiet=True)
@@ -469,3 +502,13 @@ async def test_ctrl_c_when_the_device_does_not_answer(sim: Sim, firmware, twice:
     print(f"\nCtrl-C to exit, the device frozen{' (Ctrl-C twice)' if twice else ''}: {took:.2f} s")
     wait_unlocked(sim, timeout=30)  # once it runs again, the device ends the cut upload
     assert sim.env()["nerves_fw_active"] == "a"
+
+
+async def test_a_refused_upload_never_shows_upload_100(sim: Sim, firmware) -> None:
+    """The device refuses a small firmware after reading its head; everything had gone into the
+    SSH window by then, but the device never took it: no "upload 100%"."""
+    result = await anyio.to_thread.run_sync(lambda: sshfwup(*upload_args(sim, firmware("3.0.0", platform="otherboard"))))
+    text = result.stderr
+    assert result.returncode == 1, text
+    assert "upload 100%" not in text, text
+    assert text.splitlines()[-1].startswith("sshfwup: update failed: Expecting platform="), text
