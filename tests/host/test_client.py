@@ -388,6 +388,8 @@ async def test_delta_from_sends_a_patch_from_what_the_device_runs(sim: Sim, firm
     text = result.stderr
     assert result.returncode == 0, text
     assert "sending a delta patch 1.0.0 → 2.0.0" in text and "hot reload: 1.0.0 → 2.0.0" in text, text
+    assert text.count("delta patch 1.0.0 → 2.0.0") == 1, text  # said once (not logged twice before)
+    assert " INFO " not in text, text
     assert sim.app()["version"] == "2.0.0"
     assert list((tmp_path / "cache").rglob("*.fw"))  # made once, kept for the next device
 
@@ -400,6 +402,7 @@ async def test_delta_from_without_a_match_sends_the_full_file(sim: Sim, firmware
                             *upload_args(sim, firmware("2.0.0"), "--delta-from", str(empty), "--no-wait")))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "whole" in result.stderr and "hot reload" in result.stderr, result.stderr
+    assert result.stderr.count("whole") == 1, result.stderr
 
 
 def sshfwup_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
