@@ -426,6 +426,9 @@ def test_cli_firmware_builds_a_sample_to_upload(tmp_path: Path, change: list[str
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith(("hot reload (app only)\n" if hot else "reboot (system-file changed)\n")), result.stdout
     assert read_firmware(tmp_path / "out" / "v2.fw").version == "2.0.0"
+    # only the final path is told: not the temporary one it was built at
+    assert "sshfwup-sim-fw-" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count(" built ") + (result.stdout + result.stderr).startswith("built ") == 1
     bad = sim_cli("firmware", str(tmp_path / "v2"), "--version", "2.0.0")
     assert bad.returncode == 1 and "must end in .fw" in bad.stderr
     unknown = sim_cli("firmware", str(tmp_path / "v3.fw"), "--version", "3.0.0", "--change", "bios")
