@@ -36,18 +36,19 @@ from .progress_display import Display, make_display
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "Interrupt",
     "OutputParser",
     "ParsedLine",
     "RebootWatch",
+    "Stage",
     "clean_text",
     "connect_options",
     "describe_connect_error",
     "describe_interrupted",
-    "EXIT_INTERRUPTED",
-    "Interrupt",
-    "run_interruptible",
     "follow_reboot",
     "judge_reboot",
+    "run_interruptible",
     "upload",
     "upload_main",
 ]
@@ -665,6 +666,14 @@ def upload_main(args: argparse.Namespace) -> int:
     elif args.known_hosts:
         known = os.path.expanduser(args.known_hosts)
     wait = args.wait if args.wait is not None else sys.stderr.isatty()
+    try:
+        return _run_upload(args, host, file, user, known, wait)
+    except KeyboardInterrupt:  # before the SIGINT watch was up, or after it ended: nothing was asked
+        print("sshfwup: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_upload(args: argparse.Namespace, host: str, file: Path, user: str, known: KnownHosts, wait: bool) -> int:
     return anyio.run(
         run_interruptible,
         lambda interrupt: upload(

@@ -515,3 +515,20 @@ async def test_a_refused_upload_never_shows_upload_100(sim: Sim, firmware) -> No
     assert result.returncode == 1, text
     assert "upload 100%" not in text, text
     assert text.splitlines()[-1].startswith("sshfwup: update failed: Expecting platform="), text
+
+
+def test_describing_what_an_interrupted_device_did() -> None:
+    from sshfwup.host.client import Stage, describe_interrupted
+
+    ask = "run `ssh d status`"
+    busy = {"update_in_progress": True, "update": {"stage": "writing"}, "last_update": {"ok": True, "verdict": "old"}}
+    assert describe_interrupted(busy, Stage.SENDING, ask) == (
+        "interrupted: the device is still ending the upload (writing); run `ssh d status` to see how it ended")
+    aborted = {"update_in_progress": False, "last_update": {"ok": False, "verdict": "upload aborted: cut\x1b[31m; a runs"}}
+    assert describe_interrupted(aborted, Stage.SENDING, ask) == (
+        "interrupted: the device aborted the upload: cut; a runs (from its status)")  # (escape codes removed)
+    taken = {"update_in_progress": False, "last_update": {"ok": True, "verdict": "hot reload: 1 → 2"}}
+    assert describe_interrupted(taken, Stage.SENDING, ask) == (
+        "interrupted, but the device had already taken the whole upload: hot reload: 1 → 2 (from its status)")
+    assert describe_interrupted(taken, Stage.DONE, ask) == "interrupted after the device's verdict: hot reload: 1 → 2 (from its status)"
+    assert "records no update outcome" in describe_interrupted({"last_update": None}, Stage.SENDING, ask)
