@@ -8,22 +8,18 @@ a hot swap it shows what runs now; after a reboot verdict it reconnects until th
 and reports whether the new firmware booted and was validated, or the device fell back.
 
 Everything the device sends is shown as text only: control characters and escape sequences are
-removed, so a device cannot drive the user's terminal.
+removed, so a device cannot drive the user's terminal (:mod:`sshfwup.host.device_output`).
+Ctrl-C ends it with one line of what the device did (:mod:`sshfwup.host.interrupt`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import enum
 import json
-import logging
 import os
-import re
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,9 +27,18 @@ from typing import IO, Any
 import anyio
 import asyncssh
 
+from .device_output import OutputParser, ParsedLine, clean_text
+from .interrupt import (
+    EXIT_INTERRUPTED,
+    INTERRUPT_QUESTION,
+    Interrupt,
+    Stage,
+    describe_interrupted,
+    interrupted_line,
+    run_interruptible,
+    status_after_interrupt,
+)
 from .progress_display import Display, make_display
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -57,70 +62,7 @@ CHUNK = 256 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 255
 STATUS_COMMAND = "status --json"
 POLL_INTERVAL = 1.0  # between reconnection attempts while a device reboots
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command ended by SIGINT
-INTERRUPT_QUESTION = 5.0  # after Ctrl-C: how long the device is asked what it did
-INTERRUPT_POLL = 0.2  # between status questions while it still ends the cut upload
 CLOSE_WAIT = 2.0  # for the connection to close once we are done with it
-_BAR = re.compile(r"^\s*(\d{1,3})% \[[= ]*\]\s*$")
-_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but \t, \n), DEL, C1 (U+009B is a CSI)
-_MAX_TAIL = 64 * 1024  # an unterminated line longer than this is shown as it is
-
-
-def clean_text(text: str) -> str:
-    """``text`` without escape sequences and control characters (tabs stay)."""
-    return _CONTROL.sub("", _CSI.sub("", text))
-
-
-@dataclass(frozen=True)
-class ParsedLine:
-    text: str | None = None  # a complete line to show
-    percent: int | None = None  # fwup's progress
-
-
-class OutputParser:
-    """Turns the device's fwup-style text (``\\r`` progress redraws, ``\\033[K``) into lines and
-    percentages. A bar is progress wherever it stands — also the finished ``100% [====]`` that
-    the device leaves on its own line — never a message."""
-
-    def __init__(self) -> None:
-        self._buf = ""
-
-    def feed(self, data: str) -> list[ParsedLine]:
-        self._buf += data
-        out: list[ParsedLine] = []
-        while (end := self._buf.find("\n")) >= 0:
-            line, self._buf = self._buf[:end], self._buf[end + 1 :]
-            *redraws, last = line.split("\r")
-            out += [p for piece in redraws if (p := _bar(piece))]
-            bar = _bar(last)
-            if bar is not None:
-                out.append(bar)
-            elif text := clean_text(last).rstrip():
-                out.append(ParsedLine(text=text))
-        # an unterminated tail is a progress redraw in the making
-        *redraws, tail = self._buf.split("\r")
-        out += [p for piece in redraws if (p := _bar(piece))]
-        bar = _bar(tail)
-        if bar is not None:
-            out.append(bar)
-            tail = ""
-        elif len(tail) > _MAX_TAIL:
-            out.append(ParsedLine(text=clean_text(tail).rstrip()))
-            tail = ""
-        self._buf = tail
-        return out
-
-    def flush(self) -> list[ParsedLine]:
-        """The last, unterminated line (the device closed the channel without a newline)."""
-        tail, self._buf = self._buf, ""
-        text = clean_text(tail.split("\r")[-1]).rstrip()
-        return [ParsedLine(text=text)] if text else []
-
-
-def _bar(piece: str) -> ParsedLine | None:
-    m = _BAR.match(clean_text(piece))
-    return ParsedLine(percent=min(int(m.group(1)), 100)) if m else None
 
 
 # --- connecting ---------------------------------------------------------------------------------
@@ -302,125 +244,14 @@ async def upload(
     return EXIT_INTERRUPTED
 
 
-# --- Ctrl-C -----------------------------------------------------------------------------------------
-
-
-class Stage(enum.Enum):
-    """How far an upload got when it was interrupted."""
-
-    CONNECTING = "connecting"
-    PLANNING = "planning"  # --delta-from: asking what the device runs, making the patch
-    SENDING = "sending"  # the fwup channel is open: the device may have begun the update
-    DONE = "done"  # the device told its exit status
-
-
-class Interrupt:
-    """Ctrl-C as cancellation: :meth:`watch` (a task) turns each SIGINT into cancelling the
-    innermost :meth:`guard` scope — the first one the upload, the second the status question
-    that follows it. ``count``: the SIGINTs seen so far."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._scopes: list[anyio.CancelScope] = []
-
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[anyio.CancelScope]:
-        with anyio.CancelScope() as scope:
-            self._scopes.append(scope)
-            try:
-                yield scope
-            finally:
-                self._scopes.remove(scope)
-
-    def hit(self) -> None:
-        self.count += 1
-        if self._scopes:
-            self._scopes[-1].cancel()
-
-    async def watch(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            async for _ in signals:
-                self.hit()
-
-
-async def run_interruptible(work: Callable[[Interrupt], Awaitable[int]]) -> int:
-    """``work(interrupt)`` with SIGINT cancelling its guarded scopes instead of raising
-    KeyboardInterrupt (the main thread only)."""
-    interrupt = Interrupt()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(interrupt.watch)
-        try:
-            return await work(interrupt)
-        finally:
-            tg.cancel_scope.cancel()
-    raise AssertionError("unreachable")  # pragma: no cover - the task group returns above
+# --- Ctrl-C (sshfwup/host/interrupt.py): the status question ------------------------------------------
 
 
 async def _interrupted(target: Target, conn: asyncssh.SSHClientConnection | None, stage: Stage,
                        interrupt: Interrupt) -> str:  # fmt: skip
-    """The line after a Ctrl-C: what the device did, from one bounded status question."""
-    ask = f"run `{target.ssh('status')}`"
-    if stage is Stage.CONNECTING or stage is Stage.PLANNING:
-        return "sshfwup: interrupted before the upload began: nothing was sent; the device was not changed"
-    began = time.monotonic()
-    answer: dict[str, Any] | None = None
-    problem = "no answer"
-    with interrupt.guard() as question, anyio.move_on_after(INTERRUPT_QUESTION):
-        answer, problem = await _status_after_interrupt(target, conn)
-    took = time.monotonic() - began
-    log.debug("status question after Ctrl-C: %.2f s", took)
-    if question.cancelled_caught:
-        return f"sshfwup: interrupted again: not waiting for the device's answer; {ask}"
-    if answer is None:
-        problem = problem if took < INTERRUPT_QUESTION else f"no answer within {INTERRUPT_QUESTION:.0f} s"
-        return f"sshfwup: interrupted; the device could not be asked what it did ({problem}); {ask}"
-    return "sshfwup: " + describe_interrupted(answer, stage, ask)
-
-
-async def _status_after_interrupt(target: Target, conn: asyncssh.SSHClientConnection | None
-                                  ) -> tuple[dict[str, Any] | None, str]:  # fmt: skip
-    """The device's status once it has ended the interrupted upload (its lock released), or the
-    last answer while it still ends it; with why there is none. Asked over ``conn`` while it is
-    open, else over a new connection. The caller bounds the time."""
-    answer: dict[str, Any] | None = None
-    problem = "no answer"
-    while True:
-        if conn is not None:
-            answer = await _status_on(conn, INTERRUPT_QUESTION)
-            if answer is None:
-                conn = None  # closed under us: ask anew
-        if answer is None:
-            try:
-                options = {**target.options, "connect_timeout": INTERRUPT_QUESTION}
-                async with asyncssh.connect(target.host, target.port, **options) as fresh:
-                    answer = await _status_on(fresh, INTERRUPT_QUESTION)
-                    problem = "it does not answer `status --json`" if answer is None else problem
-            except (OSError, asyncssh.Error, TimeoutError) as e:
-                problem = str(e) or type(e).__name__
-                return None, problem
-        if answer is None or not answer.get("update_in_progress"):
-            return answer, problem
-        await anyio.sleep(INTERRUPT_POLL)
-
-
-def describe_interrupted(s: dict[str, Any], stage: Stage, ask: str) -> str:
-    """What a device's status says about an upload cut by Ctrl-C (one line, without "sshfwup: ")."""
-    last = s.get("last_update") if isinstance(s.get("last_update"), dict) else None
-    verdict = clean_text(str(last.get("verdict"))) if last and last.get("verdict") else None
-    if s.get("update_in_progress"):
-        update = s.get("update") if isinstance(s.get("update"), dict) else {}
-        doing = f" ({clean_text(str(update['stage']))})" if update.get("stage") else ""
-        return f"interrupted: the device is still ending the upload{doing}; {ask} to see how it ended"
-    if stage is Stage.DONE:
-        told = f": {verdict}" if verdict else ""
-        return f"interrupted after the device's verdict{told} (from its status)"
-    if last is None or verdict is None:
-        return f"interrupted: the device records no update outcome (the upload had not reached fwup); {ask}"
-    if last.get("ok"):
-        return f"interrupted, but the device had already taken the whole upload: {verdict} (from its status)"
-    for said in ("upload aborted: ", "update failed: "):  # the device's words say it once
-        verdict = verdict.removeprefix(said)
-    return f"interrupted: the device aborted the upload: {verdict} (from its status)"
+    options = {**target.options, "connect_timeout": INTERRUPT_QUESTION}
+    asker = status_after_interrupt(conn, lambda: asyncssh.connect(target.host, target.port, **options), _status_on)
+    return await interrupted_line(stage, interrupt, asker, f"run `{target.ssh('status')}`")
 
 
 async def _plan_delta(conn: asyncssh.SSHClientConnection, file: Path, fw_dir: Path, display: Display) -> Path | None:
