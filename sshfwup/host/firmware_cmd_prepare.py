@@ -128,9 +128,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if found is not None:
         print(_found_line(found, root, args.kernel is None, not args.dtb))
     print(_manifest_line(built.manifest, args.manifest_path, built.hot, "it claims"))
-    if built.hot:
-        for warning in _hot_warnings(built.manifest, found):
-            print_error(warning)
+    if built.hot and (warning := _hot_warning(built.manifest, found)):
+        print_error(warning)
     return EXIT_OK
 
 
@@ -158,24 +157,26 @@ def _found_line(found: BootFiles, root: Path, kernel: bool, dtbs: bool) -> str:
             said.append(f"device tree{'s' if len(found.dtbs) > 1 else ''} {', '.join(found.dtbs)}")
         else:
             said.append(f"{len(found.dtbs)} device trees ({', '.join(found.dtbs[:2])}, …)")
-    return f"found in {root}: {'; '.join(said)} (--kernel/--dtb name them instead)"
+    anything = (kernel and found.kernel) or (dtbs and found.dtbs)
+    options = "recorded; --kernel/--dtb name others" if anything else "--kernel/--dtb name them"
+    return f"found in {root}: {'; '.join(said)} ({options})"
 
 
-def _hot_warnings(manifest: Manifest, found: BootFiles | None) -> list[str]:
+def _hot_warning(manifest: Manifest, found: BootFiles | None) -> str | None:
     """Why a build marked hot may still make the device reboot: no kernel/device tree recorded."""
     missing = [what for what, have in (("kernel", manifest.kernel), ("device tree", manifest.dtbs)) if not have]
     if not missing:
-        return []
-    both = " and ".join(missing)
+        return None
+    both, none = " and ".join(missing), " and no ".join(missing)
     several = f" (several kernels in /boot: {', '.join(found.kernels)})" if found is not None and found.ambiguous else ""
     options = " ".join(o for o, what in (("--kernel PATH", "kernel"), ("--dtb PATH", "device tree")) if what in missing)
-    return [
-        f"warning: marked hot, but this build records no {' and no '.join(missing)}{several}: a device whose running firmware "
+    return (
+        f"warning: marked hot, but this build records no {none}{several}: a device whose running firmware "
         f"records its {both} will refuse the hot swap and require a reboot (\"{missing[0]} changed (not "
-        f"recorded in the new firmware)\").",
+        f"recorded in the new firmware)\").\n"
         f"  Name them: {options} (a path inside the root filesystem, e.g. /boot/zImage, or a file on this "
-        f"machine for a boot partition; --dtb repeatable).",
-    ]
+        f"machine for a boot partition; --dtb repeatable)."
+    )
 
 
 def cmd_delta(args: argparse.Namespace) -> int:

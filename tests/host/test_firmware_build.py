@@ -187,7 +187,8 @@ def test_build_records_what_it_finds_and_warns_a_hot_build_without_it(
     out = tmp_path / "app.fw"
     result = sshfwup("firmware", "build", tree, "-o", out, "--version", "4.0.0", "--hot")
     assert result.returncode == 0, result.stderr
-    assert f"found in {tree}: {found} (--kernel/--dtb name them instead)" in result.stdout, result.stdout
+    options = "--kernel/--dtb name them" if warned and "no kernel" in warned else "recorded; --kernel/--dtb name others"
+    assert f"found in {tree}: {found} ({options})" in result.stdout, result.stdout
     manifest = load_manifest(tree / "usr/share/sshfwup/manifest.json")
     assert manifest.kernel == next((f"/{p}" for p in boot if "Image" in p), None)
     assert manifest.dtbs == tuple(f"/{p}" for p in boot if p.endswith(".dtb"))
@@ -197,6 +198,7 @@ def test_build_records_what_it_finds_and_warns_a_hot_build_without_it(
         assert f"sshfwup: warning: marked hot, but this build records {warned}: a device" in result.stderr, result.stderr
         assert "will refuse the hot swap and require a reboot" in result.stderr
         assert ("--kernel PATH --dtb PATH" if "kernel" in warned else "Name them: --dtb PATH") in result.stderr
+        assert result.stderr.count("sshfwup: ") == 1, result.stderr  # one warning (two lines)
     # told where they are, it records those and looks for nothing
     (tmp_path / "k").write_bytes(b"K")
     told = sshfwup("firmware", "build", tree, "-o", out, "--hot", "--kernel", tmp_path / "k", "--dtb", tmp_path / "k")
