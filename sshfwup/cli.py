@@ -45,6 +45,8 @@ exit status:
   1    refused or failed: nothing changed, or it was rolled back (the message says which);
        with --wait: the device fell back, or the new firmware was not validated in time
   2    bad arguments: no such file, a directory, an unreadable key
+  130  interrupted (Ctrl-C): one line says what the device did, asked once (up to 5 s) with
+       `status --json`; a second Ctrl-C stops waiting for that answer
   255  the connection failed or was lost (as ssh); with --wait: the device did not come back
 
 examples:

@@ -72,3 +72,60 @@ def test_keys_readme_names_only_the_keys_the_demo_makes() -> None:
 @pytest.mark.parametrize("path", ["deploy/sshfwup.toml", "docs/ARCHITECTURE.md", "docs/deploying.md", "keys/README.md"])
 def test_no_project_history_jargon(path: str) -> None:
     assert "seed PoC" not in (ROOT / path).read_text()
+
+
+# --- the README's firmware build hot-swaps --------------------------------------------------------------
+
+
+def _readme_build_line() -> list[str]:
+    """The README's ``sshfwup firmware build rootfs/ …`` example, as argv (comment dropped)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("sshfwup firmware build rootfs/ "))
+    return shlex.split(line.split("#", 1)[0])
+
+
+async def test_the_readme_firmware_build_hot_swaps_on_a_simulated_device(tmp_path: Path, fwup: str, client_key) -> None:
+    """Two releases built the README's way (the sample firmware's tree, no --kernel/--dtb):
+    the device hot-swaps the second."""
+    import subprocess
+    import sys
+
+    import anyio
+    from conftest import Sim
+
+    from sshfwup.sim.device import SimDevice, cleanup
+    from sshfwup.sim.host import free_port
+    from sshfwup.sim.machine import SimMachine
+    from sshfwup.sim.rootfs import make_rootfs
+
+    argv = _readme_build_line()
+    assert argv[:4] == ["sshfwup", "firmware", "build", "rootfs/"] and "--hot" in argv, argv
+    old_out, old_version = argv[argv.index("-o") + 1], argv[argv.index("--version") + 1]
+
+    def build(version: str) -> Path:
+        tree = make_rootfs(tmp_path / f"rootfs-{version}", version=version, hot=None, manifest=False)
+        out = tmp_path / f"app-{version}.fw"
+        args = [str(tree) if a == "rootfs/" else str(out) if a == old_out else version if a == old_version else a
+                for a in argv[1:]]  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "sshfwup", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
+        assert f"found in {tree}: kernel /boot/zImage; device tree /boot/sim.dtb" in result.stdout, result.stdout
+        return out
+
+    v1, v2 = build("1.0.0"), build("2.0.0")
+    path = tmp_path / "device"
+    try:
+        device = SimDevice.create(path, firmware=v1, fwup=fwup, authorized_keys=[client_key.public_line],
+                                  ssh_port=free_port(), app_port=free_port(),
+                                  config_overrides={"app": {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}})  # fmt: skip
+        async with SimMachine.start(device.path) as machine:
+            await machine.wait_up(timeout=60)
+            sim = Sim(device, machine, client_key)
+            result = await anyio.to_thread.run_sync(lambda: sim.upload(v2))
+            text = (result.stdout + result.stderr).decode()
+            assert result.returncode == 0 and "hot reload: 1.0.0 → 2.0.0" in text, text
+            assert sim.app()["version"] == "2.0.0"
+    finally:
+        cleanup(path)

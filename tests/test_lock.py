@@ -93,3 +93,29 @@ def test_the_suite_runs_on_exactly_the_lock() -> None:
     unlocked = sorted(set(installed) - set(pins) - {"pip", "sshfwup"})
     assert not wrong, f"this venv is not the lock (run ./scripts/bootstrap.sh): {wrong}"
     assert not unlocked, f"installed but not locked (bootstrap removes these): {unlocked}"
+
+
+def test_bootstrap_shows_pip_and_setuptools_chatter_only_on_failure(tmp_path: Path) -> None:
+    """The demo runs bootstrap first: setuptools' editable-install banner (and pip's notices) must
+    not reach its screen; on a failure they are the explanation and are shown."""
+    import subprocess
+
+    script = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    calls = [line for line in script.splitlines() if re.search(r"-m pip\b", line) and not line.lstrip().startswith("#")]
+    assert calls and all("pip_quiet" in line or 'out=$("$venv/bin/python" -m pip "$@" 2>&1)' in line for line in calls), calls
+    assert not re.search(r"\bpip\b", (ROOT / "scripts" / "demo.sh").read_text())
+    function = re.search(r"^  pip_quiet\(\) \{.*?^  \}$", script, re.S | re.M)
+    assert function is not None
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"  # a pip that talks like setuptools' editable build, then exits $STATUS
+    fake.write_text('#!/bin/sh\necho "Editable install will be performed using a meta path finder."\n'
+                    'echo "******** setuptools notice ********" >&2\nexit "$STATUS"\n')  # fmt: skip
+    fake.chmod(0o755)
+    for status, shown in ((0, False), (1, True)):
+        shell = f'set -eu\nvenv={venv}\n{function.group(0)}\npip_quiet install -e . || exit 7\n'
+        result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env={"STATUS": str(status), "PATH": "/usr/bin:/bin"})
+        assert result.returncode == (7 if status else 0), result
+        assert result.stdout == "", result.stdout
+        assert ("Editable install" in result.stderr and "setuptools notice" in result.stderr) == shown, result.stderr
+        assert shown or result.stderr == "", result.stderr

@@ -8,7 +8,8 @@ a hot swap it shows what runs now; after a reboot verdict it reconnects until th
 and reports whether the new firmware booted and was validated, or the device fell back.
 
 Everything the device sends is shown as text only: control characters and escape sequences are
-removed, so a device cannot drive the user's terminal.
+removed, so a device cannot drive the user's terminal (:mod:`sshfwup.host.device_output`).
+Ctrl-C ends it with one line of what the device did (:mod:`sshfwup.host.interrupt`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,17 +27,33 @@ from typing import IO, Any
 import anyio
 import asyncssh
 
+from .device_output import OutputParser, ParsedLine, clean_text
+from .interrupt import (
+    EXIT_INTERRUPTED,
+    INTERRUPT_QUESTION,
+    Interrupt,
+    Stage,
+    describe_interrupted,
+    interrupted_line,
+    run_interruptible,
+    status_after_interrupt,
+)
 from .progress_display import Display, make_display
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "Interrupt",
     "OutputParser",
     "ParsedLine",
     "RebootWatch",
+    "Stage",
     "clean_text",
     "connect_options",
     "describe_connect_error",
+    "describe_interrupted",
     "follow_reboot",
     "judge_reboot",
+    "run_interruptible",
     "upload",
     "upload_main",
 ]
@@ -46,66 +62,7 @@ CHUNK = 256 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 255
 STATUS_COMMAND = "status --json"
 POLL_INTERVAL = 1.0  # between reconnection attempts while a device reboots
-_BAR = re.compile(r"^\s*(\d{1,3})% \[[= ]*\]\s*$")
-_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but \t, \n), DEL, C1 (U+009B is a CSI)
-_MAX_TAIL = 64 * 1024  # an unterminated line longer than this is shown as it is
-
-
-def clean_text(text: str) -> str:
-    """``text`` without escape sequences and control characters (tabs stay)."""
-    return _CONTROL.sub("", _CSI.sub("", text))
-
-
-@dataclass(frozen=True)
-class ParsedLine:
-    text: str | None = None  # a complete line to show
-    percent: int | None = None  # fwup's progress
-
-
-class OutputParser:
-    """Turns the device's fwup-style text (``\\r`` progress redraws, ``\\033[K``) into lines and
-    percentages. A bar is progress wherever it stands — also the finished ``100% [====]`` that
-    the device leaves on its own line — never a message."""
-
-    def __init__(self) -> None:
-        self._buf = ""
-
-    def feed(self, data: str) -> list[ParsedLine]:
-        self._buf += data
-        out: list[ParsedLine] = []
-        while (end := self._buf.find("\n")) >= 0:
-            line, self._buf = self._buf[:end], self._buf[end + 1 :]
-            *redraws, last = line.split("\r")
-            out += [p for piece in redraws if (p := _bar(piece))]
-            bar = _bar(last)
-            if bar is not None:
-                out.append(bar)
-            elif text := clean_text(last).rstrip():
-                out.append(ParsedLine(text=text))
-        # an unterminated tail is a progress redraw in the making
-        *redraws, tail = self._buf.split("\r")
-        out += [p for piece in redraws if (p := _bar(piece))]
-        bar = _bar(tail)
-        if bar is not None:
-            out.append(bar)
-            tail = ""
-        elif len(tail) > _MAX_TAIL:
-            out.append(ParsedLine(text=clean_text(tail).rstrip()))
-            tail = ""
-        self._buf = tail
-        return out
-
-    def flush(self) -> list[ParsedLine]:
-        """The last, unterminated line (the device closed the channel without a newline)."""
-        tail, self._buf = self._buf, ""
-        text = clean_text(tail.split("\r")[-1]).rstrip()
-        return [ParsedLine(text=text)] if text else []
-
-
-def _bar(piece: str) -> ParsedLine | None:
-    m = _BAR.match(clean_text(piece))
-    return ParsedLine(percent=min(int(m.group(1)), 100)) if m else None
+CLOSE_WAIT = 2.0  # for the connection to close once we are done with it
 
 
 # --- connecting ---------------------------------------------------------------------------------
@@ -233,35 +190,68 @@ async def upload(
     stream: IO[str] = sys.stderr,
     display: Display | None = None,
     delta_from: Path | None = None,
+    interrupt: Interrupt | None = None,
 ) -> int:
-    """Upload ``file``; returns the exit status (see ``sshfwup upload --help``)."""
+    """Upload ``file``; returns the exit status (see ``sshfwup upload --help``). With
+    ``interrupt`` (watching SIGINT: :func:`run_interruptible`), Ctrl-C ends it with one line
+    saying what the device did, as its status tells, and EXIT_INTERRUPTED."""
     target = Target(host, port, connect_options(username, identities, known_hosts), known_hosts)
     display = display or make_display(stream, quiet=quiet)
+    interrupt = interrupt or Interrupt()
     status: int | None = None
     after: dict[str, Any] | None = None
+    conn: asyncssh.SSHClientConnection | None = None
+    stage = Stage.CONNECTING
     try:
-        async with asyncssh.connect(host, port, **target.options) as conn:
+        with interrupt.guard() as work:
+            conn = await asyncssh.connect(host, port, **target.options)
             send = file
             if delta_from is not None:
+                stage = Stage.PLANNING
                 send = await _plan_delta(conn, file, delta_from, display)
                 if send is None:
                     return EXIT_USAGE
+            stage = Stage.SENDING
             status = await _stream(conn, send, display)
+            stage = Stage.DONE
             if wait and status == EXIT_OK:
                 display.close()
                 after = await _status_on(conn)
+        if work.cancelled_caught:
+            display.close()
+            display.line(await _interrupted(target, conn, stage, interrupt))
+            return EXIT_INTERRUPTED
     except (OSError, asyncssh.Error) as e:
         if status is None:  # lost before the device said how it ended
             display.close()
             display.line(f"sshfwup: {await describe_connect_error(e, host, port, known_hosts)}")
             return EXIT_LOST
+    finally:
+        if conn is not None:
+            conn.close()
+            with interrupt.guard(), anyio.move_on_after(CLOSE_WAIT):
+                await conn.wait_closed()
     display.close()
     if status is None:
         display.line("sshfwup: the device closed the connection without an exit status")
         return EXIT_LOST
     if not wait or status != EXIT_OK:
         return status
-    return await _follow(target, file, after, timeout, display)
+    with interrupt.guard() as work:
+        return await _follow(target, file, after, timeout, display)
+    display.line(f"sshfwup: interrupted while following the device; the upload itself ended as told above "
+                 f"(exit {status}); see `{target.ssh('status')}`")  # fmt: skip
+    return EXIT_INTERRUPTED
+
+
+# --- Ctrl-C (sshfwup/host/interrupt.py): the status question ------------------------------------------
+
+
+async def _interrupted(target: Target, conn: asyncssh.SSHClientConnection | None, stage: Stage,
+                       interrupt: Interrupt) -> str:  # fmt: skip
+    options = {**target.options, "connect_timeout": INTERRUPT_QUESTION}
+    asker = status_after_interrupt(conn, lambda: asyncssh.connect(target.host, target.port, **options), _status_on)
+    return await interrupted_line(stage, interrupt, asker, f"run `{target.ssh('status')}`")
 
 
 async def _plan_delta(conn: asyncssh.SSHClientConnection, file: Path, fw_dir: Path, display: Display) -> Path | None:
@@ -287,6 +277,8 @@ async def _stream(conn: asyncssh.SSHClientConnection, file: Path, display: Displ
             await _receive(proc, display)
             tg.cancel_scope.cancel()  # the device finished early (refusal): stop sending
         await proc.wait()
+        if proc.exit_status == EXIT_OK:
+            display.accepted()
         return proc.exit_status
 
 
@@ -505,8 +497,17 @@ def upload_main(args: argparse.Namespace) -> int:
     elif args.known_hosts:
         known = os.path.expanduser(args.known_hosts)
     wait = args.wait if args.wait is not None else sys.stderr.isatty()
+    try:
+        return _run_upload(args, host, file, user, known, wait)
+    except KeyboardInterrupt:  # before the SIGINT watch was up, or after it ended: nothing was asked
+        print("sshfwup: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_upload(args: argparse.Namespace, host: str, file: Path, user: str, known: KnownHosts, wait: bool) -> int:
     return anyio.run(
-        lambda: upload(
+        run_interruptible,
+        lambda interrupt: upload(
             host,
             file,
             port=args.port,
@@ -517,5 +518,6 @@ def upload_main(args: argparse.Namespace) -> int:
             wait=wait,
             timeout=args.timeout,
             delta_from=args.delta_from,
-        )
+            interrupt=interrupt,
+        ),
     )

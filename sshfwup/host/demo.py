@@ -29,7 +29,7 @@ silence()  # `python -m sshfwup.demo` starts here, and the imports below load as
 
 import anyio  # noqa: E402
 
-from .client import OutputParser  # noqa: E402
+from .device_output import OutputParser  # noqa: E402
 from sshfwup.firmware.errors import FirmwareError  # noqa: E402
 from sshfwup.sim.device import SimDevice, SimError, cleanup  # noqa: E402
 from sshfwup.sim.firmware import find_fwup  # noqa: E402

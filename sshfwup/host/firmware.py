@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     mark.add_argument("--hot", action="store_true", help="write HOT_RELOAD=true (app-only release)")
     mark.add_argument("--reboot", action="store_true", help="write HOT_RELOAD=false (needs a reboot)")
     p.add_argument("--app-dir", action="append", default=[], metavar="DIR", help="app directory, repeatable (default /srv/app)")
-    p.add_argument("--kernel", metavar="FILE", help="the kernel, as for `firmware manifest`")
-    p.add_argument("--dtb", action="append", default=[], metavar="FILE", help="a device tree, repeatable")
+    p.add_argument("--kernel", metavar="FILE", help="the kernel, as for `firmware manifest` (default: found in "
+                   "ROOTFS_DIR: /boot/vmlinuz*, /boot/Image*, /boot/zImage, …)")  # fmt: skip
+    p.add_argument("--dtb", action="append", default=[], metavar="FILE", help="a device tree, repeatable (default: "
+                   "found in ROOTFS_DIR: /boot/*.dtb, /boot/dtbs/, /usr/lib/linux-image-*/)")  # fmt: skip
     p.add_argument("--sign", metavar="KEY", help="fwup private key (fwup-key.priv) to sign with")
     p.add_argument("--fwup-conf", metavar="CONF", help="fwup configuration (default: sshfwup's deploy/fwup.conf)")
     p.add_argument("--platform", help="meta-platform (default: the fwup.conf's)")

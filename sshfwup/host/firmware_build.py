@@ -193,7 +193,8 @@ def build_firmware(
             detail = (result.stdout + result.stderr).strip()
             raise BuildError(f"fwup -c failed for {staging}: {detail or f'exit status {result.returncode}'}")
         os.replace(partial, out)
-    log.info("built %s: version %s%s", out, version or "(the conf's default)", ", signed" if signing_key else "")
+    # debug: every caller with an operator says what it built itself, at its final path
+    log.debug("built %s: version %s%s", out, version or "(the conf's default)", ", signed" if signing_key else "")
     return out
 
 

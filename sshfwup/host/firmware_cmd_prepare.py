@@ -24,11 +24,10 @@ from sshfwup.firmware.manifest import (
     write_marker,
 )
 
+from .firmware_bootfiles import BootFiles
 from .firmware_cmd import EXIT_OK, CommandError, claim_text, human_size, print_error
 
 __all__ = ["cmd_build", "cmd_delta", "cmd_manifest", "cmd_mark"]
-
-
 
 
 def _staging_root(text: str) -> Path:
@@ -108,7 +107,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     root = _staging_root(args.rootfs_dir)
     kernel = _boot_file(root, args.kernel, "--kernel") if args.kernel else None
-    dtbs = [_boot_file(root, d, "--dtb") for d in args.dtb]
+    dtbs: list[str | Path] = [_boot_file(root, d, "--dtb") for d in args.dtb]
+    found = _find_boot(root, kernel is None, not dtbs)
+    if kernel is None and found is not None and found.kernel is not None:
+        kernel = found.kernel
+    if not dtbs and found is not None:
+        dtbs = list(found.dtbs)
     try:
         built = build_release(
             root, Path(args.output), version=args.version, app_dirs=tuple(args.app_dir or DEFAULT_APP_DIRS),
@@ -121,8 +125,58 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     signed = "signed" if built.signed else "unsigned (sign with --sign KEY or `sshfwup firmware sign`)"
     print(f"built {built.path}: {built.version or '?'} (uuid {built.uuid}), {human_size(built.size)}, {signed}")
+    if found is not None:
+        print(_found_line(found, root, args.kernel is None, not args.dtb))
     print(_manifest_line(built.manifest, args.manifest_path, built.hot, "it claims"))
+    if built.hot and (warning := _hot_warning(built.manifest, found)):
+        print_error(warning)
     return EXIT_OK
+
+
+def _find_boot(root: Path, kernel: bool, dtbs: bool) -> BootFiles | None:
+    """The kernel and device trees found in ``root`` when either was not given (None: both were)."""
+    from .firmware_bootfiles import find_boot_files
+
+    return find_boot_files(root) if kernel or dtbs else None
+
+
+def _found_line(found: BootFiles, root: Path, kernel: bool, dtbs: bool) -> str:
+    """What ``build`` found in the tree for what it was not told (one line)."""
+    said = []
+    if kernel:
+        if found.kernel is not None:
+            said.append(f"kernel {found.kernel}")
+        elif found.ambiguous:
+            said.append(f"no single kernel (several: {', '.join(found.kernels)})")
+        else:
+            said.append("no kernel")
+    if dtbs:
+        if not found.dtbs:
+            said.append("no device tree")
+        elif len(found.dtbs) <= 3:
+            said.append(f"device tree{'s' if len(found.dtbs) > 1 else ''} {', '.join(found.dtbs)}")
+        else:
+            said.append(f"{len(found.dtbs)} device trees ({', '.join(found.dtbs[:2])}, …)")
+    anything = (kernel and found.kernel) or (dtbs and found.dtbs)
+    options = "recorded; --kernel/--dtb name others" if anything else "--kernel/--dtb name them"
+    return f"found in {root}: {'; '.join(said)} ({options})"
+
+
+def _hot_warning(manifest: Manifest, found: BootFiles | None) -> str | None:
+    """Why a build marked hot may still make the device reboot: no kernel/device tree recorded."""
+    missing = [what for what, have in (("kernel", manifest.kernel), ("device tree", manifest.dtbs)) if not have]
+    if not missing:
+        return None
+    both, none = " and ".join(missing), " and no ".join(missing)
+    several = f" (several kernels in /boot: {', '.join(found.kernels)})" if found is not None and found.ambiguous else ""
+    options = " ".join(o for o, what in (("--kernel PATH", "kernel"), ("--dtb PATH", "device tree")) if what in missing)
+    return (
+        f"warning: marked hot, but this build records no {none}{several}: a device whose running firmware "
+        f"records its {both} will refuse the hot swap and require a reboot (\"{missing[0]} changed (not "
+        f"recorded in the new firmware)\").\n"
+        f"  Name them: {options} (a path inside the root filesystem, e.g. /boot/zImage, or a file on this "
+        f"machine for a boot partition; --dtb repeatable)."
+    )
 
 
 def cmd_delta(args: argparse.Namespace) -> int:

@@ -264,7 +264,7 @@ def make_patch(old_fw: Path, new_fw: Path, out: Path, *, resource: str | None = 
         source = DeltaSource(old.uuid, old.version)
         _write_patch(Path(new_fw), out, name, vcdiff, source)
     patch = Patch(out, out.stat().st_size, Path(new_fw).stat().st_size, name, source, DeltaSource(new.uuid, new.version))
-    log.info("%s", patch.summary())
+    log.debug("%s", patch.summary())  # the callers say it (firmware delta, diff, upload)
     return patch
 
 
@@ -411,7 +411,7 @@ def plan_upload(new_fw: Path, running_uuid: str | None, fw_dir: Path, *, cache_d
     candidates = firmware_files(fw_dir)
 
     def full(message: str, source: Path | None = None) -> UploadPlan:
-        log.info("%s", message)
+        log.debug("%s", message)  # returned: the caller says it, once
         return UploadPlan(new_fw, False, full_size, full_size, message, source)
 
     if not running_uuid:
@@ -451,5 +451,5 @@ def plan_upload(new_fw: Path, running_uuid: str | None, fw_dir: Path, *, cache_d
         f"sending a delta patch {source.version} → {new.version}: {_size(size)} instead of {_size(full_size)} "
         f"({size / full_size:.2%}){' (cached)' if reused else ''}"
     )
-    log.info("%s", message)
+    log.debug("%s", message)  # returned: the caller says it, once
     return UploadPlan(cached, True, full_size, size, message, match, reused)

@@ -302,6 +302,9 @@ class RecordingDisplay:
     def fwup(self, percent: int) -> None:
         pass
 
+    def accepted(self) -> None:
+        pass
+
     def line(self, text: str) -> None:
         self.lines.append(text)
 

@@ -8,19 +8,27 @@ Two kinds, one interface (:class:`Display`):
   ``pip install 'sshfwup[host]'``), which handles terminal width and redraws; without tqdm the
   plain form below is used.
 - anywhere else (CI logs, pipes, files), plain lines and no escape codes: the transfer at every
-  quarter and its total, fwup at every quarter, then the device's lines as they come.
+  quarter and its total, fwup at every quarter, then the device's lines as they come. Also on a
+  terminal narrower than :data:`MIN_BAR_COLUMNS`, or one that reports no width at all (0
+  columns: some serial consoles, ``docker exec -t`` before a resize), where bars would be cut
+  down to blanks.
 
 Nothing here is needed on a device: ``sshfwup serve`` never imports it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-__all__ = ["BarDisplay", "Display", "PlainDisplay", "format_bytes", "format_rate", "make_display"]
+__all__ = ["MIN_BAR_COLUMNS", "BarDisplay", "Display", "PlainDisplay", "format_bytes", "format_rate", "make_display",
+           "terminal_columns"]
+
+#: The narrowest terminal that gets bars ("upload 100%|" and a 40-column bar); plain lines below.
+MIN_BAR_COLUMNS = 60
 
 Clock = Callable[[], float]
 
@@ -28,15 +36,17 @@ Clock = Callable[[], float]
 class Display(Protocol):
     def start(self, total: int) -> None: ...  # the transfer of ``total`` bytes begins
     def sent(self, n: int) -> None: ...  # ``n`` more bytes went out
-    def sent_all(self) -> None: ...  # the last byte went out
-    def fwup(self, percent: int) -> None: ...  # fwup's progress on the device
+    def sent_all(self) -> None: ...  # the last byte went out (into the SSH window: not yet taken)
+    def fwup(self, percent: int) -> None: ...  # fwup's progress on the device (past 0: it takes the data)
+    def accepted(self) -> None: ...  # the device took the whole upload (exit status 0)
     def line(self, text: str) -> None: ...  # a line from the device, or of our own
     def close(self) -> None: ...  # no more progress: leave the screen tidy (repeatable)
 
 
 def make_display(stream: IO[str] = sys.stderr, *, quiet: bool = False) -> Display:
-    """Bars on a terminal (with tqdm installed), else plain lines; ``quiet``: lines only."""
-    if not quiet and _isatty(stream):
+    """Bars on a terminal at least :data:`MIN_BAR_COLUMNS` wide (with tqdm installed), else
+    plain lines; ``quiet``: lines only."""
+    if not quiet and _isatty(stream) and terminal_columns(stream) >= MIN_BAR_COLUMNS:
         try:
             return BarDisplay(stream)
         except ImportError:
@@ -49,6 +59,21 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def terminal_columns(stream: IO[str]) -> int:
+    """The width of the terminal ``stream`` writes to; ``COLUMNS`` when the terminal reports none;
+    0 when neither says."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return max(int(os.environ.get("COLUMNS", "")), 0)
+    except ValueError:
+        return 0
 
 
 def format_bytes(n: float) -> str:
@@ -106,6 +131,8 @@ class PlainDisplay:
         self._quarter = 0  # transfer quarters shown
         self._fwup_quarter = 0
         self._fwup = 0
+        self._taken = False  # the device wrote (fwup past 0 %) or succeeded: "upload 100%" is true
+        self._told = False  # the transfer's last line is out
 
     def start(self, total: int) -> None:
         self.transfer.total = total
@@ -122,20 +149,34 @@ class PlainDisplay:
             )
 
     def sent_all(self) -> None:
-        if self.transfer.finish() and not self.quiet:
-            self._print(f"upload 100%  {self.transfer.summary()}")
+        self.transfer.finish()
+        self._tell()
 
     def fwup(self, percent: int) -> None:
+        if percent > 0:
+            self.accepted()
         self._fwup = max(self._fwup, percent)
         if not self.quiet and self._fwup // 25 > self._fwup_quarter:
             self._fwup_quarter = self._fwup // 25
             self._print(f"fwup   {self._fwup:3d}%")
 
+    def accepted(self) -> None:
+        self._taken = True
+        self._tell()
+
     def line(self, text: str) -> None:
         self._print(text)
 
     def close(self) -> None:
-        pass
+        pass  # a transfer the device did not take shows no "100%": its own lines say why
+
+    def _tell(self) -> None:
+        """``upload 100%`` once everything is sent and the device takes it (not when it went only
+        into the SSH window of a device that then refuses it)."""
+        if self.transfer.last is not None and self._taken and not self._told:
+            self._told = True
+            if not self.quiet:
+                self._print(f"upload 100%  {self.transfer.summary()}")
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -155,6 +196,7 @@ class BarDisplay:
         self.transfer = _Transfer(clock)
         self._bars: tuple[Any, Any] | None = None
         self._fwup = 0
+        self._taken = False  # as PlainDisplay's
 
     def start(self, total: int) -> None:
         self.transfer.total = total
@@ -178,7 +220,12 @@ class BarDisplay:
             )
             upload.refresh()
 
+    def accepted(self) -> None:
+        self._taken = True
+
     def fwup(self, percent: int) -> None:
+        if percent > 0:
+            self._taken = True
         if self._bars and percent > self._fwup:
             self._bars[1].update(percent - self._fwup)
             self._fwup = percent
@@ -201,6 +248,9 @@ class BarDisplay:
             self.sent_all()
         upload, fwup = self._bars
         self._bars = None
+        if self.transfer.last is not None and not self._taken:  # sent, but the device did not take it
+            upload.bar_format = "{desc} sent|{bar:40}| {n_fmt}B" + _literal(", but the device did not take it all")
+            upload.refresh()
         upload.close()
         fwup.close()
 

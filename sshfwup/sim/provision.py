@@ -1,10 +1,19 @@
 """Making a new simulated device the way a factory would: a blank (sparse) disk image and the
 U-Boot env's place in it, fwup's ``complete`` task, an empty data filesystem holding sshfwup's
-authorized keys and the record of the firmware it flashed."""
+authorized keys, its SSH host key and the record of the firmware it flashed.
+
+The host key is the same every time a device is made in the same directory (by the same user on
+the same machine): derived from the directory's path and a random secret kept once per user
+(:data:`HOST_KEY_SECRET`), so ``sim destroy DIR`` then ``sim create DIR`` leaves ``ssh``'s
+known_hosts entry valid. A device's key still differs from every other directory's and machine's."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,7 +37,10 @@ from sshfwup.update.installed import record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_device"]
+__all__ = ["HOST_KEY_SECRET", "create_device", "stable_host_key"]
+
+#: The per-user secret the simulated devices' host keys are derived from (made on first use, 0600).
+HOST_KEY_SECRET = "sshfwup/sim-host-key-secret"  # under $XDG_STATE_HOME, else ~/.local/state
 
 Device = TypeVar("Device", bound=DeviceParts)
 
@@ -155,6 +167,61 @@ def _flash(device: DeviceParts, firmware: Path, authorized_keys: Sequence[str]) 
             record(device.server_data_dir, "a", head.uuid, head.version, head.resources)
         keys = device.server_data_dir / "authorized_keys"
         write_atomically(keys, "".join(line.rstrip("\n") + "\n" for line in authorized_keys), mode=0o600)
+        _write_host_key(device.server_data_dir / "ssh_host_ed25519_key", device.path)
     finally:
         device.unmount_all()
         device.detach()
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base)
+
+
+def _host_key_secret() -> bytes:
+    """This user's secret for the simulated devices' host keys (made once, 32 random bytes)."""
+    path = _state_dir() / HOST_KEY_SECRET
+    try:
+        secret = path.read_bytes()
+        if len(secret) >= 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_bytes(32)
+    try:
+        with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
+            f.write(secret)
+    except FileExistsError:  # another create won the race (or the file was short): use what is there
+        existing = path.read_bytes()
+        if len(existing) >= 32:
+            return existing
+        write_atomically(path, secret, mode=0o600)
+    return secret
+
+
+def stable_host_key(directory: Path) -> bytes:
+    """The OpenSSH private key (ed25519) of a simulated device in ``directory``: the same for
+    the same (resolved) directory and user secret."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    seed = hmac.new(_host_key_secret(), str(Path(directory).resolve()).encode(), hashlib.sha256).digest()
+    return Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+
+
+def _write_host_key(path: Path, directory: Path) -> None:
+    """The device's host key where its server looks (it would make a random one on first start);
+    a random one, said, when this user's secret cannot be kept."""
+    import asyncssh
+
+    try:
+        key = asyncssh.import_private_key(stable_host_key(directory))
+    except OSError as e:
+        log.warning("cannot keep the secret for stable simulated host keys (%s): %s gets a new host key", e, directory)
+        return
+    write_atomically(path, key.export_private_key(), mode=0o600)
+    write_atomically(Path(f"{path}.pub"), key.export_public_key(), mode=0o644)
+    log.info("host key of %s: %s (the same each time a device is made there)", directory, key.get_fingerprint())

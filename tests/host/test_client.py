@@ -7,14 +7,16 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import Sim
+from conftest import Sim, wait_unlocked, wait_until
 
 from sshfwup.host.client import OutputParser, ParsedLine, RebootWatch, _firmware_version, clean_text, judge_reboot
 from sshfwup.host.progress_display import BarDisplay, PlainDisplay, make_display
@@ -102,6 +104,39 @@ def test_plain_display_text() -> None:
     ), out.getvalue()
 
 
+def test_upload_100_only_once_the_device_takes_the_data() -> None:
+    """Everything sent is not everything taken: a device that refuses after the head has had the
+    whole small file put into its SSH window. 100 % is said once fwup writes, or the device succeeds."""
+    refused, taken, succeeded = io.StringIO(), io.StringIO(), io.StringIO()
+    for out in (refused, taken, succeeded):
+        d = PlainDisplay(out, clock=Clock())
+        d.start(1000)
+        d.sent(1000)
+        d.sent_all()
+        d.fwup(0)
+        if out is taken:
+            d.fwup(30)
+        elif out is succeeded:
+            d.accepted()  # (a device that shows no progress)
+        d.line("the device's verdict")
+        d.close()
+    assert refused.getvalue() == "the device's verdict\n", refused.getvalue()
+    assert taken.getvalue().startswith("upload 100%  1.0 KB in 0.0 s"), taken.getvalue()
+    assert taken.getvalue().splitlines()[1:] == ["fwup    30%", "the device's verdict"], taken.getvalue()
+    assert succeeded.getvalue().startswith("upload 100%  1.0 KB in 0.0 s"), succeeded.getvalue()
+
+
+def test_a_refused_transfer_bar_does_not_say_100() -> None:
+    out = Tty()
+    d = BarDisplay(out, clock=Clock())
+    d.start(1000)
+    d.sent(1000)
+    d.sent_all()
+    d.fwup(0)
+    d.close()
+    assert "upload sent|" in out.getvalue() and "the device did not take it all" in out.getvalue(), repr(out.getvalue())
+
+
 def test_quiet_plain_display_has_lines_only() -> None:
     out = io.StringIO()
     d = PlainDisplay(out, quiet=True)
@@ -122,7 +157,48 @@ class Tty(io.StringIO):
         return True
 
 
-def test_bars_on_a_terminal_freeze_the_rate_and_reach_100() -> None:
+@pytest.mark.parametrize(
+    ("columns", "env", "bars"),
+    [(120, None, True), (0, None, False), (0, "0", False), (0, "100", True), (30, None, False), (30, "100", False)],
+    ids=["wide", "zero-width", "zero-width-COLUMNS=0", "zero-width-COLUMNS=100", "narrow", "narrow-COLUMNS-ignored"],
+)
+def test_a_terminal_without_room_for_bars_gets_plain_lines(
+    monkeypatch: pytest.MonkeyPatch, columns: int, env: str | None, bars: bool
+) -> None:
+    """A terminal that reports 0 columns (or too few) would show bars cut down to blanks."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    if env is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", env)
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        with open(slave, "w", closefd=False) as stream:
+            display = make_display(stream)
+            assert isinstance(display, BarDisplay if bars else PlainDisplay), (columns, env)
+            if not bars:
+                display.start(1000)
+                display.sent(1000)
+                display.sent_all()
+                display.fwup(100)
+                stream.flush()
+                out = ""
+                while "fwup   100%" not in out and select.select([master], [], [], 5)[0]:
+                    out += os.read(master, 65536).decode()
+                assert "upload 100%  1.0 KB in" in out and "fwup   100%" in out, out
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_bars_on_a_terminal_freeze_the_rate_and_reach_100(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")  # (a StringIO has no terminal to ask)
     out = Tty()
     clock = Clock()
     d = make_display(out)
@@ -312,6 +388,8 @@ async def test_delta_from_sends_a_patch_from_what_the_device_runs(sim: Sim, firm
     text = result.stderr
     assert result.returncode == 0, text
     assert "sending a delta patch 1.0.0 → 2.0.0" in text and "hot reload: 1.0.0 → 2.0.0" in text, text
+    assert text.count("delta patch 1.0.0 → 2.0.0") == 1, text  # said once (not logged twice before)
+    assert " INFO " not in text, text
     assert sim.app()["version"] == "2.0.0"
     assert list((tmp_path / "cache").rglob("*.fw"))  # made once, kept for the next device
 
@@ -324,8 +402,133 @@ async def test_delta_from_without_a_match_sends_the_full_file(sim: Sim, firmware
                             *upload_args(sim, firmware("2.0.0"), "--delta-from", str(empty), "--no-wait")))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "whole" in result.stderr and "hot reload" in result.stderr, result.stderr
+    assert result.stderr.count("whole") == 1, result.stderr
 
 
 def sshfwup_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sshfwup", *args], capture_output=True, text=True, timeout=180,
                           env={**os.environ, **env})  # fmt: skip
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------------
+
+# `sshfwup upload` with its sending slowed down (32 KiB at a time, 50 ms apart), so that a test
+# can press Ctrl-C in the middle: the code under test is the CLI's own, only the pace differs.
+THROTTLED = """
+import sys, time
+from sshfwup.dependency_warnings import silence
+silence()
+import sshfwup.host.client as client
+from sshfwup.host import progress_display
+client.CHUNK = 32 * 1024
+_sent = progress_display.PlainDisplay.sent
+def sent(self, n):
+    time.sleep(0.05)
+    _sent(self, n)
+progress_display.PlainDisplay.sent = sent
+from sshfwup.cli import main
+sys.exit(main())
+"""
+
+
+async def _interrupted_upload(sim: Sim, firmware, *, stop_device: bool, twice: bool, written: bool = False
+                              ) -> tuple[subprocess.CompletedProcess[str], float]:  # fmt: skip
+    """Start a slowed upload, wait until the device holds the update lock, press Ctrl-C (SIGINT);
+    ``stop_device``: freeze the device's server first (SIGSTOP), so that the status question
+    gets no answer; ``twice``: a second Ctrl-C 0.5 s into that question; ``written``: wait until
+    fwup has written part of slot b. Returns the result and
+    the seconds from the (last) Ctrl-C to the exit."""
+    fw = firmware("2.0.0", filler=2 * 1024 * 1024)
+    argv = [sys.executable, "-c", THROTTLED, *upload_args(sim, fw, "--no-wait")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = sim.machine.state().server_pid  # type: ignore[union-attr]
+    stopped = False
+    try:
+        await wait_until(lambda: sim.status()["update_in_progress"], timeout=30, what="the upload holding the lock")
+        if written:
+            await wait_until(lambda: (sim.status()["update"] or {}).get("percent"), timeout=30, what="fwup writing")
+        else:
+            await anyio.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()
+        if stop_device:
+            os.kill(server, signal.SIGSTOP)
+            stopped = True
+        proc.send_signal(signal.SIGINT)
+        if twice:
+            await anyio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+        pressed = time.monotonic()
+        out, err = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=60))
+        took = time.monotonic() - pressed
+    finally:
+        if stopped:
+            os.kill(server, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err), took
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["before-fwup-wrote", "slot-b-partly-written"])
+async def test_ctrl_c_mid_upload_says_what_the_device_did(sim: Sim, firmware, written: bool) -> None:
+    result, took = await _interrupted_upload(sim, firmware, stop_device=False, twice=False, written=written)
+    err = result.stderr
+    assert result.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "CancelledError" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("sshfwup: interrupted: the device aborted the upload: "), err
+    assert line.endswith("(from its status)") and "the client disconnected" in line, err
+    partly = "slot b may be partly written and stays marked incomplete (nothing boots or reverts to it); slot a still runs"
+    assert partly in line if written else (partly in line or "the device was not changed" in line), err
+    assert [x for x in err.splitlines() if x.startswith("sshfwup: interrupted")] == [line], err
+    assert took < 5, took
+    print(f"\nCtrl-C to exit, with the device's answer: {took:.2f} s\n{line}")
+    status = sim.status()
+    assert not status["update_in_progress"], status  # the lock is released
+    assert sim.env()["nerves_fw_active"] == "a" and sim.app()["version"] == "1.0.0"
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["no-answer", "second-ctrl-c"])
+async def test_ctrl_c_when_the_device_does_not_answer(sim: Sim, firmware, twice: bool) -> None:
+    result, took = await _interrupted_upload(sim, firmware, stop_device=True, twice=twice)
+    err = result.stderr
+    assert result.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    line = err.splitlines()[-1]
+    ask = f"run `ssh -p {sim.port} root@{sim.host} status`"
+    if twice:
+        assert line == f"sshfwup: interrupted again: not waiting for the device's answer; {ask}", err
+        assert took < 2, took
+    else:
+        assert line == f"sshfwup: interrupted; the device could not be asked what it did (no answer within 5 s); {ask}", err
+        assert 4.5 < took < 9, took
+    print(f"\nCtrl-C to exit, the device frozen{' (Ctrl-C twice)' if twice else ''}: {took:.2f} s")
+    wait_unlocked(sim, timeout=30)  # once it runs again, the device ends the cut upload
+    assert sim.env()["nerves_fw_active"] == "a"
+
+
+async def test_a_refused_upload_never_shows_upload_100(sim: Sim, firmware) -> None:
+    """The device refuses a small firmware after reading its head; everything had gone into the
+    SSH window by then, but the device never took it: no "upload 100%"."""
+    result = await anyio.to_thread.run_sync(lambda: sshfwup(*upload_args(sim, firmware("3.0.0", platform="otherboard"))))
+    text = result.stderr
+    assert result.returncode == 1, text
+    assert "upload 100%" not in text, text
+    assert text.splitlines()[-1].startswith("sshfwup: update failed: Expecting platform="), text
+
+
+def test_describing_what_an_interrupted_device_did() -> None:
+    from sshfwup.host.client import Stage, describe_interrupted
+
+    ask = "run `ssh d status`"
+    busy = {"update_in_progress": True, "update": {"stage": "writing"}, "last_update": {"ok": True, "verdict": "old"}}
+    assert describe_interrupted(busy, Stage.SENDING, ask) == (
+        "interrupted: the device is still ending the upload (writing); run `ssh d status` to see how it ended")
+    aborted = {"update_in_progress": False, "last_update": {"ok": False, "verdict": "upload aborted: cut\x1b[31m; a runs"}}
+    assert describe_interrupted(aborted, Stage.SENDING, ask) == (
+        "interrupted: the device aborted the upload: cut; a runs (from its status)")  # (escape codes removed)
+    taken = {"update_in_progress": False, "last_update": {"ok": True, "verdict": "hot reload: 1 → 2"}}
+    assert describe_interrupted(taken, Stage.SENDING, ask) == (
+        "interrupted, but the device had already taken the whole upload: hot reload: 1 → 2 (from its status)")
+    assert describe_interrupted(taken, Stage.DONE, ask) == "interrupted after the device's verdict: hot reload: 1 → 2 (from its status)"
+    assert "records no update outcome" in describe_interrupted({"last_update": None}, Stage.SENDING, ask)

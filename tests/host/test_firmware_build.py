@@ -139,3 +139,70 @@ def test_refusals(tree: Path, tmp_path: Path, fwup: str, case: str, message: str
     assert not out.exists() and not list(tmp_path.glob(".sshfwup-*"))
     if case in ("missing-tree", "no-fwup", "no-app-dir", "no-conf", "no-key"):  # refused before writing anything
         assert not (tree / "usr/share/sshfwup/manifest.json").exists()
+
+
+# --- the kernel and device trees: found in the tree, recorded, or warned about ----------------------
+
+
+def test_find_boot_files_in_the_usual_places(tmp_path: Path) -> None:
+    from sshfwup.host.firmware_bootfiles import find_boot_files
+
+    root = tmp_path / "rootfs"
+    for path in ("boot/vmlinuz-6.1.0-17-arm64", "boot/vmlinuz-6.1.0-18-arm64", "boot/board.dtb",
+                 "boot/dtbs/vendor/b.dtb", "boot/dtbs/overlays/o.dtbo", "boot/dtbs/README",
+                 "usr/lib/linux-image-6.1.0-18-arm64/vendor/c.dtb", "lib/modules/6.1.0-18-arm64/modules.dep"):  # fmt: skip
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(b"x")
+    outside = tmp_path / "host.dtb"
+    outside.write_bytes(b"x")
+    (root / "boot/dtbs/link.dtb").symlink_to(outside)  # never followed: not the device's file
+    (root / "vmlinuz").symlink_to("boot/vmlinuz-6.1.0-18-arm64")
+    found = find_boot_files(root)
+    assert found.kernel == "/boot/vmlinuz-6.1.0-18-arm64"  # the one /lib/modules has modules for
+    assert found.kernels == ("/boot/vmlinuz-6.1.0-17-arm64", "/boot/vmlinuz-6.1.0-18-arm64")
+    assert found.dtbs == ("/boot/board.dtb", "/boot/dtbs/overlays/o.dtbo", "/boot/dtbs/vendor/b.dtb",
+                          "/usr/lib/linux-image-6.1.0-18-arm64/vendor/c.dtb")  # fmt: skip
+    (root / "lib/modules/6.1.0-17-arm64").mkdir()  # now both have modules: no pick
+    again = find_boot_files(root)
+    assert again.kernel is None and again.ambiguous
+    empty = find_boot_files(tmp_path / "nothing")
+    assert empty.kernel is None and empty.dtbs == () and not empty.ambiguous
+
+
+@pytest.mark.parametrize(
+    ("boot", "found", "warned"),
+    [
+        ({"boot/zImage": b"K", "boot/board.dtb": b"D"}, "kernel /boot/zImage; device tree /boot/board.dtb", None),
+        ({"boot/Image": b"K"}, "kernel /boot/Image; no device tree", "no device tree"),
+        ({}, "no kernel; no device tree", "no kernel and no device tree"),
+    ],
+    ids=["both", "kernel-only", "none"],
+)
+def test_build_records_what_it_finds_and_warns_a_hot_build_without_it(
+    tree: Path, tmp_path: Path, fwup: str, boot: dict[str, bytes], found: str, warned: str | None
+) -> None:
+    (tree / "boot/zImage").unlink()
+    for path, content in boot.items():
+        (tree / path).write_bytes(content)
+    out = tmp_path / "app.fw"
+    result = sshfwup("firmware", "build", tree, "-o", out, "--version", "4.0.0", "--hot")
+    assert result.returncode == 0, result.stderr
+    options = "--kernel/--dtb name them" if warned and "no kernel" in warned else "recorded; --kernel/--dtb name others"
+    assert f"found in {tree}: {found} ({options})" in result.stdout, result.stdout
+    manifest = load_manifest(tree / "usr/share/sshfwup/manifest.json")
+    assert manifest.kernel == next((f"/{p}" for p in boot if "Image" in p), None)
+    assert manifest.dtbs == tuple(f"/{p}" for p in boot if p.endswith(".dtb"))
+    if warned is None:
+        assert result.stderr == "", result.stderr
+    else:
+        assert f"sshfwup: warning: marked hot, but this build records {warned}: a device" in result.stderr, result.stderr
+        assert "will refuse the hot swap and require a reboot" in result.stderr
+        assert ("--kernel PATH --dtb PATH" if "kernel" in warned else "Name them: --dtb PATH") in result.stderr
+        assert result.stderr.count("sshfwup: ") == 1, result.stderr  # one warning (two lines)
+    # told where they are, it records those and looks for nothing
+    (tmp_path / "k").write_bytes(b"K")
+    told = sshfwup("firmware", "build", tree, "-o", out, "--hot", "--kernel", tmp_path / "k", "--dtb", tmp_path / "k")
+    assert told.returncode == 0 and "found in" not in told.stdout and told.stderr == "", told.stdout + told.stderr
+    # a build not marked hot is not warned
+    plain = sshfwup("firmware", "build", tree, "-o", out, "--reboot")
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr

@@ -426,6 +426,9 @@ def test_cli_firmware_builds_a_sample_to_upload(tmp_path: Path, change: list[str
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith(("hot reload (app only)\n" if hot else "reboot (system-file changed)\n")), result.stdout
     assert read_firmware(tmp_path / "out" / "v2.fw").version == "2.0.0"
+    # only the final path is told: not the temporary one it was built at
+    assert "sshfwup-sim-fw-" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count(" built ") + (result.stdout + result.stderr).startswith("built ") == 1
     bad = sim_cli("firmware", str(tmp_path / "v2"), "--version", "2.0.0")
     assert bad.returncode == 1 and "must end in .fw" in bad.stderr
     unknown = sim_cli("firmware", str(tmp_path / "v3.fw"), "--version", "3.0.0", "--change", "bios")
@@ -448,3 +451,38 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert tmp_path.exists()
     result = sim_cli("create", str(tmp_path / "d"), "--firmware", str(tmp_path / "missing.fw"))
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+def _host_key_pub(device: SimDevice) -> str:
+    device.attach()
+    device.mount_data()
+    try:
+        key = device.data_dir / "sshfwup" / "ssh_host_ed25519_key"
+        assert key.stat().st_mode & 0o777 == 0o600
+        return Path(f"{key}.pub").read_text().split()[1]
+    finally:
+        device.unmount_all()
+        device.detach()
+
+
+def test_a_device_made_again_in_the_same_directory_keeps_its_host_key(
+    device_dir: Path, firmware_v1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sim destroy DIR; sim create DIR` must not make ssh cry "REMOTE HOST IDENTIFICATION HAS CHANGED"."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    first = _host_key_pub(SimDevice.create(device_dir, firmware=firmware_v1, authorized_keys=[KEY], ssh_port=2201, app_port=8201))
+    SimDevice.open(device_dir).destroy()
+    again = _host_key_pub(SimDevice.create(device_dir, firmware=firmware_v1, authorized_keys=[KEY], ssh_port=2201, app_port=8201))
+    assert again == first
+    secret = tmp_path / "state" / "sshfwup" / "sim-host-key-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32
+    other_dir = tmp_path / "other"
+    try:
+        other = _host_key_pub(SimDevice.create(other_dir, firmware=firmware_v1, authorized_keys=[KEY], ssh_port=2202, app_port=8202))
+    finally:
+        cleanup(other_dir)
+    assert other != first  # another directory, another key
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "another-user"))
+    SimDevice.open(device_dir).destroy()
+    elsewhere = _host_key_pub(SimDevice.create(device_dir, firmware=firmware_v1, authorized_keys=[KEY], ssh_port=2201, app_port=8201))
+    assert elsewhere != first  # another user's (or machine's) secret, another key
