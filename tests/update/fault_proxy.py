@@ -99,7 +99,7 @@ class FaultProxy:
     def _forward_up(self, client: socket.socket, server: socket.socket) -> None:
         try:
             while not self._closed.is_set():
-                data = client.recv(PIECE)
+                data = client.recv(max(PIECE, self._slow[0] if self._slow else 0))
                 if not data:
                     break
                 while data and not self._closed.is_set():

@@ -46,7 +46,10 @@ OPERATIONS = ("nothing", "reboot", "revert", "validate", "a second upload", "sta
 IDLE = 3.0  # [server] idle_timeout here: long enough for the second client's command
 MARGIN = 1.5  # seconds: the lock is released this soon after the bound (or the client's death)
 BOUND_WORDS = f"no data for {IDLE:.0f} s ([server] idle_timeout); upload aborted"
-SLOW = (32 * 1024, 0.5)  # the slow tail: 32 KiB every 0.5 s, inside the idle bound
+# the slow tail: 64 KiB every 0.25 s. The idle bound counts whole requests, and OpenSSH's SFTP
+# clients write 255 KiB per request to a server that states its limits (asyncssh does): one
+# complete every second, inside the 3 s bound.
+SLOW = (64 * 1024, 0.25)
 STALLS = ("stall at the start", "stall mid-file", "stall in the last 256 KiB")
 
 
@@ -145,6 +148,8 @@ async def run_cell(sim: Sim, fw: Path, transport: str, fault: str, op: str) -> N
         client.stdin = None  # communicate() must not flush it
     try:
         await wait_until(proxy.paused.is_set, timeout=60, what=f"{transport}: the upload reaching the fault's point")
+        if fault != "stall at the start":  # where it stopped: past the start, short of the end
+            assert size // 3 < proxy.up < size, (fault, proxy.up, size)
         holder = lock.holder()
         assert holder is not None and holder.who.startswith("an upload from "), holder
         check_second_client(op, await second_client(sim, op, fw))
@@ -203,8 +208,16 @@ def restore_env(sim: Sim, env: dict[str, str]) -> None:
     assert sim.env() == env
 
 
+def big_firmware(firmware: Any) -> Path:
+    """A firmware large enough for a middle and a last 256 KiB well apart from its start (the
+    filler is a system file: a reboot verdict, which report_only never acts on)."""
+    fw = firmware("2.0.0", filler=1200 * 1024)
+    assert fw.stat().st_size > 1024 * 1024
+    return fw
+
+
 async def run_row(sim: Sim, firmware: Any, transport: str, *, whole: bool) -> None:
-    fw = firmware("2.0.0")
+    fw = big_firmware(firmware)
     failures: list[str] = []
     for fault, op in cells(transport, whole=whole):
         started = time.monotonic()
@@ -225,3 +238,50 @@ async def test_upload_matrix_sample(sim: Sim, firmware: Any, transport: str) -> 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_upload_matrix_whole(sim: Sim, firmware: Any, transport: str) -> None:
     await run_row(sim, firmware, transport, whole=True)
+
+
+TOTAL = 4.0  # [server] upload_timeout for the trickle
+
+
+async def trickle(sim: Sim, fw: Path, transport: str) -> None:
+    """A client that sends steadily (SLOW: a whole SFTP request a second, inside the idle bound)
+    but would take longer than ``upload_timeout`` is ended by the total bound."""
+    lock = DeviceLock(sim.device.run_dir / "update.lock")
+    before = snapshot(sim)
+    proxy = FaultProxy(sim.port, lock.busy, Trigger(0))
+    argv, stdin = client_argv(transport, sim, proxy.port, fw)
+    client = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else fw.open("rb"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    if stdin is not None:
+        assert client.stdin is not None
+        client.stdin.write(stdin)
+        client.stdin.close()
+        client.stdin = None
+    try:
+        await wait_until(proxy.paused.is_set, timeout=60, what=f"{transport}: the upload holding the lock")
+        proxy.resume(slow=SLOW)
+        freed = await wait_free(lock, TOTAL + 10) - proxy.paused_at
+        if not TOTAL - 0.5 <= freed <= TOTAL + MARGIN:
+            client.kill()
+            raise AssertionError(f"the lock was released {freed:.1f} s after the upload began: {client.communicate()[0]!r}")
+        text = (await anyio.to_thread.run_sync(lambda: client.communicate(timeout=60)[0])).decode(errors="replace")
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        proxy.close()
+    assert client.returncode != 0, text
+    assert f"the upload took longer than {TOTAL:.0f} s ([server] upload_timeout); upload aborted" in text, text
+    after = snapshot(sim)
+    assert (after.boots, after.app, after.slot_a) == (before.boots, before.app, before.slot_a)
+    assert after.env["nerves_fw_active"] == before.env["nerves_fw_active"]
+
+
+TRICKLE_CONFIG = {"fwup": {"success_callback": "sshfwup.update.update:report_only"},
+                  "server": {"idle_timeout": IDLE, "upload_timeout": TOTAL}}  # fmt: skip
+
+
+@pytest.mark.parametrize("sim_config", [TRICKLE_CONFIG])
+@pytest.mark.parametrize("transport", [pytest.param(t, marks=() if t == "sftp" else pytest.mark.slow) for t in TRANSPORTS])
+async def test_a_trickle_is_ended_by_the_total_bound(sim: Sim, firmware: Any, transport: str) -> None:
+    await trickle(sim, big_firmware(firmware), transport)
