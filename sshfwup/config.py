@@ -86,6 +86,7 @@ class ServerConfig:
     session_idle_timeout: float = 120.0  # an authenticated connection with nothing running
     max_upload_size: int = 0  # bytes; 0 = unlimited
     idle_timeout: float = 300.0  # an upload that sends nothing for this long is aborted
+    upload_timeout: float = 3600.0  # a whole upload, from taking the update lock to its end; 0 = unlimited
     data_dir: Path = Path("/data/sshfwup")
     run_dir: Path = Path("/run/sshfwup")
     lock_file: Path = Path("/run/sshfwup/update.lock")
@@ -424,6 +425,13 @@ def _check_boot(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [boot] ops_timeout: must be more than 0 seconds")
 
 
+def _check_upload_bounds(server: ServerConfig, where: str) -> None:
+    # the bounds every upload transport is held to (sshfwup/update/intake.py); negative values
+    # are refused for every number already
+    if not server.idle_timeout > 0:
+        raise ConfigError(f"{where}: [server] idle_timeout: must be more than 0 seconds")
+
+
 def _check(config: Config, where: str) -> None:
     from sshfwup.boot.backends import CONTRACTS
 
@@ -442,6 +450,7 @@ def _check(config: Config, where: str) -> None:
     for key in ("max_startups_per_source", "startup_queue_per_source", "startup_queue"):
         if getattr(config.server, key) < (1 if key == "max_startups_per_source" else 0):
             raise ConfigError(f"{where}: [server] {key}: must be at least {1 if key == 'max_startups_per_source' else 0}")
+    _check_upload_bounds(config.server, where)
     slots = config.device.slot_names
     if sorted(slots) != ["a", "b"]:
         raise ConfigError(f"{where}: [device] slots: must name exactly the slots a and b, got {list(slots)}")

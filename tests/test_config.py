@@ -44,6 +44,8 @@ def test_every_option_is_documented() -> None:
         ({"app": {"rollback_after_crashes": -1}}, "[app] rollback_after_crashes: must not be negative"),
         ({"app": {"drain_timeout": float("inf")}}, "[app] drain_timeout: must be a finite number"),
         ({"server": {"idle_timeout": float("nan")}}, "[server] idle_timeout: must be a finite number"),
+        ({"server": {"idle_timeout": 0}}, "[server] idle_timeout: must be more than 0 seconds"),
+        ({"server": {"upload_timeout": -1}}, "[server] upload_timeout: must not be negative"),
         ({"server": {"max_startups": "10:30"}}, '[server] max_startups: expected "start:rate:full"'),
         ({"server": {"max_startups": "20:30:10"}}, "[server] max_startups: need 1 <= start <= full"),
         ({"server": {"max_startups_per_source": 0}}, "[server] max_startups_per_source: must be at least 1"),

@@ -16,6 +16,7 @@ import anyio
 import asyncssh
 
 from sshfwup.device import Device
+from sshfwup.update.intake import CUT, Intake, UploadBounds, UploadStopped
 from sshfwup.update.report import Report
 from .sftp import parse_target
 from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Update, UpdateError, UpdateRefused, Uploader
@@ -164,27 +165,23 @@ async def _receive(
     """(ok, verdict, refused): ``refused`` when the precheck said no before any data was accepted."""
     stdin, stdout = process.stdin, process.stdout
     chunk = max(process.channel.get_recv_window(), 65536)
-    idle = device.config.server.idle_timeout
+    bounds = UploadBounds.of(device.config.server)
     remaining = size
+    unread = size + 1  # the file's bytes and the end byte after them
     try:
         async with Update(device, uploader, report) as update:
+            intake = Intake(update, bounds)
             stdout.write(b"\0")
-            failure: str | None = None
             while remaining:
-                with anyio.fail_after(idle):
-                    data = await stdin.read(min(chunk, remaining))
+                data = await intake.read(lambda: stdin.read(min(chunk, remaining)))
                 if not data:
-                    update.abort("the client disconnected before finishing the upload")
-                    return False, "upload interrupted", False
+                    update.abort(CUT)
+                    return False, CUT, False
                 remaining -= len(data)
-                if failure is None:
-                    try:
-                        await update.write(data)
-                    except UpdateError as e:
-                        failure = str(e)  # keep reading: the protocol needs the rest of the bytes
-            ack = await stdin.readexactly(1)
-            if failure:
-                return False, failure, False
+                unread -= len(data)
+                await update.write(data)
+            ack = await intake.read(lambda: stdin.readexactly(1))
+            unread = 0
             if ack != b"\0":
                 update.abort("the client reported an error while sending")
                 return False, "the client reported an error while sending", False
@@ -192,10 +189,27 @@ async def _receive(
     except UpdateRefused as e:
         # refused before we accepted the header: the client will not send the data
         return False, str(e), True
-    except UpdateError as e:
+    except UploadStopped as e:  # a bound: the client may still be sending, or gone
         return False, str(e), False
-    except TimeoutError:
-        return False, f"no data for {idle:.0f} s; upload aborted", False
+    except UpdateError as e:
+        # failed mid-file (fwup's error, the size limit): the update lock is released already;
+        # the protocol still needs the rest of the bytes before the client reads our answer
+        await _discard(stdin, unread, bounds.idle)
+        return False, str(e), False
     except (asyncssh.Error, OSError, EOFError) as e:
-        return False, f"upload interrupted ({e})", False
+        return False, f"{CUT} ({e})", False
     return outcome.ok, outcome.verdict, False
+
+
+async def _discard(stdin: asyncssh.SSHReader[bytes], unread: int, idle: float) -> None:
+    """Read and drop the rest of a failed file and its end byte (``unread`` bytes in all), each
+    read bounded by ``idle``."""
+    try:
+        while unread > 0:
+            with anyio.fail_after(idle):
+                data = await stdin.read(min(unread, 1 << 20))
+            if not data:
+                return
+            unread -= len(data)
+    except (TimeoutError, asyncssh.Error, OSError):
+        pass

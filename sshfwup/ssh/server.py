@@ -39,6 +39,7 @@ from sshfwup.config import Config
 from sshfwup.system.fsutil import write_atomically
 from sshfwup.system.ports import ListenError, describe_holders
 from sshfwup.device import Device
+from sshfwup.update.intake import CUT, Intake, UploadBounds
 from sshfwup.update.report import Report
 from .scp import run_scp_sink
 from .sftp import FirmwareSFTPServer
@@ -385,16 +386,12 @@ class FirmwareServer:
         report = Report(out)
         chan = process.channel
         chunk = max(chan.get_recv_window(), 65536)  # small reads would defeat flow control
-        idle = self.config.server.idle_timeout
         try:
             async with Update(self.device, uploader, report) as update:
+                intake = Intake(update, UploadBounds.of(self.config.server))
                 while True:
                     try:
-                        with anyio.fail_after(idle):
-                            data = await process.stdin.read(chunk)
-                    except TimeoutError:
-                        update.abort(f"no data for {idle:.0f} s")
-                        raise UpdateError(f"no data for {idle:.0f} s; upload aborted") from None
+                        data = await intake.read(lambda: process.stdin.read(chunk))
                     except (asyncssh.Error, OSError, EOFError) as e:
                         update.abort(f"connection lost: {e}")
                         log.warning("upload from %s interrupted: %s", uploader, e)
@@ -402,7 +399,7 @@ class FirmwareServer:
                     if not data:
                         if chan.is_closing():
                             # a polite disconnect also reads as EOF: never treat it as a complete upload
-                            update.abort("the client disconnected before finishing the upload")
+                            update.abort(CUT)
                             log.warning("upload from %s interrupted: client disconnected", uploader)
                             return EXIT_FAILED
                         break

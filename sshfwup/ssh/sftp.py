@@ -33,6 +33,7 @@ from asyncssh import (
 )
 
 from sshfwup.device import Device
+from sshfwup.update.intake import CUT, Intake, UploadBounds, UploadStopped
 from sshfwup.update.report import Report
 from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Outcome, Update, UpdateError, UpdateRefused, Uploader
 
@@ -93,6 +94,7 @@ class _UploadBridge:
         self._done = anyio.Event()
         self.outcome: Outcome | None = None
         self.error: str | None = None
+        self.told = False  # the uploader was told how it ended already
         self.offset = 0
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
@@ -105,20 +107,28 @@ class _UploadBridge:
                 async with Update(self._device, self._uploader, self._report) as update:
                     task_status.started()
                     started = True
+                    intake = Intake(update, UploadBounds.of(self._device.config.server))
                     try:
-                        async for chunk in self._recv:
+                        while chunk := await intake.read(self._next_chunk):
                             await update.write(chunk)
                     finally:
                         self._recv.close()
                     if not self._complete:
-                        update.abort("the client disconnected before finishing the upload")
-                        self.error = "upload interrupted"
+                        update.abort(CUT)
+                        self.error = CUT
                         return
                     self.outcome = await update.finish()
         except UpdateRefused as e:
             if not started:
                 raise
             self.error = str(e)  # refused mid-upload (a delta patch for another firmware): say why
+        except UploadStopped as e:
+            # a bound ended it while the client is stalled or gone: say so now, not at a close
+            # that may never come (the same line as on the other transports)
+            self.error = str(e)
+            self.told = True
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await self._report.line(f"sshfwup: {e}")
         except UpdateError as e:
             self.error = str(e)
         except Exception as e:  # never let one upload take the server down
@@ -130,7 +140,16 @@ class _UploadBridge:
             self._recv.close()
             self._done.set()
 
+    async def _next_chunk(self) -> bytes:
+        """The next write's data; b"" once the file is closed (or the session ended)."""
+        try:
+            return await self._recv.receive()
+        except anyio.EndOfStream:
+            return b""
+
     async def write(self, data: bytes) -> None:
+        if not data:
+            return  # an empty write: b"" is the end of the file on the stream
         try:
             await self._send.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -223,8 +242,8 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
             return
         outcome = await bridge.finish()
         self._status = outcome.exit_status
-        report = Report(self._write_stderr)
-        await report.line(f"sshfwup: {outcome.verdict}")
+        if not bridge.told:
+            await Report(self._write_stderr).line(f"sshfwup: {outcome.verdict}")
         if not outcome.ok:
             raise SFTPFailure(outcome.verdict)
 

@@ -90,6 +90,13 @@ class DeviceLock:
         if self._fd is not None:
             return True
         try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        seen = _flocked(st)
+        if seen is not None:
+            return seen
+        try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
@@ -113,3 +120,15 @@ class DeviceLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _flocked(st: os.stat_result) -> bool | None:
+    """Whether the file is flock'd, from /proc/locks (None: cannot tell). A look that takes no
+    lock: probing with a shared flock of our own would, for that instant, make an updater's
+    exclusive flock fail — a `status` asked just as an upload starts would refuse the upload."""
+    key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            return any(" FLOCK " in line and key in line and "->" not in line for line in f)
+    except OSError:
+        return None
