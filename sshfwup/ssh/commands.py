@@ -75,7 +75,10 @@ async def status(device: Device) -> dict[str, Any]:
         "trial_boot": boot.trial if boot else None,  # the bootloader falls back unless it validates
         "boot_warnings": list(boot.warnings) if boot else [],
         "pending_reboot": bool(boot and boot.active and root and boot.active != root),
-        "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid} for s in ("a", "b")} if boot else {},
+        # state: "incomplete" (an upload was cut or failed after fwup began writing it: it is no
+        # longer the firmware its version names), "rolled-back" (it failed), or None (whole)
+        "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid, "state": boot.slots[s].state}
+                  for s in ("a", "b")} if boot else {},  # fmt: skip
         "running_uuid": boot.slots[root].uuid if boot and root in boot.slots else None,  # what a delta patch needs
         "boot_env_error": env_error,
         "app": None,
@@ -133,7 +136,7 @@ def render_status(s: dict[str, Any]) -> str:
         trial = " (not validated; on trial: the bootloader falls back unless it validates)" if s.get("trial_boot") else ""
         rows.append(("next boot", f"slot {s['active'] or '?'}" + (trial or ("" if s["validated"] else " (not validated)"))))
         for slot, info in s["slots"].items():
-            rows.append((f"slot {slot}", info["version"] or "(empty)"))
+            rows.append((f"slot {slot}", (info["version"] or "(empty)") + _SLOT_STATES.get(info.get("state") or "", "")))
         for warning in s.get("boot_warnings") or ():
             rows.append(("WARNING", warning))
     if s.get("journal_error"):
@@ -165,6 +168,13 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("rebooting"):
         rows.append(("rebooting", s["rebooting"]))
     return "".join(f"{label + ':' if label else '':<16}{value}\n" for label, value in rows)
+
+
+_SLOT_STATES = {
+    "incomplete": " (INCOMPLETE: partly overwritten by an upload that was cut or failed; it does not boot and "
+                  "cannot be reverted to until a new upload completes)",
+    "rolled-back": " (rolled back: it failed; it does not boot and cannot be reverted to until a new upload completes)",
+}
 
 
 def _exit_rows(last: dict[str, Any] | None, *, output: bool) -> list[tuple[str, str]]:

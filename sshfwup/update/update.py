@@ -98,7 +98,13 @@ class Update:
         stack = AsyncExitStack()
         stack.callback(self.device.lock.release)
         try:
-            await self._precheck()
+            try:
+                await self._precheck()
+            except UpdateRefused as e:
+                reason = f"{e}; the device was not changed"
+                self.device.last_outcome = {"ok": False, "verdict": reason}  # status shows the last attempt
+                self._failure_told = True
+                raise UpdateRefused(reason) from None
             journal = self.device.journal
             if journal is not None and self.before is not None and self.root is not None:
                 journal.begin(
@@ -118,8 +124,9 @@ class Update:
             try:
                 self._fwup = await stack.enter_async_context(fwup)
             except FwupError as e:
-                self._journal("failed", f"fwup could not start: {e}")
-                raise UpdateRefused(str(e)) from None
+                reason = f"fwup could not start: {e}; the device was not changed"
+                self._journal("failed", reason)
+                raise UpdateRefused(reason) from None
             stack.callback(self._journal_abort)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._stop_unfinished)  # runs first: an unfinished fwup dies before we wait
@@ -150,7 +157,10 @@ class Update:
 
     def _journal_abort(self) -> None:
         if not self._finished:
-            self._journal("failed", f"upload aborted: {self._aborted}; {self._what_changed()}")
+            verdict = f"upload aborted: {self._aborted}; {self._what_changed()}"
+            if not self._failure_told:  # the device log says what changed, as status does
+                log.warning("update from %s failed: %s", self.uploader, verdict)
+            self._journal("failed", verdict)
 
     # --- data ------------------------------------------------------------------------------
 
@@ -342,7 +352,7 @@ class Update:
         await precheck(self.device, self.uploader, self.report, before, self.root)
 
     def _what_changed(self) -> str:
-        return what_changed(self._target, self.root)
+        return what_changed(self._target, self.root, self.before, wrote=self._fwup_went_on)
 
     async def _after_failure(self, result: FwupResult) -> str:
         self._target, words = await after_failure(self.device, self.before, self.root, self._target, result,
@@ -371,7 +381,8 @@ class Update:
         return FwupResult(exit_code=None, success=False, errors=(f"fwup hung: no result {timeout:.0f} s after its input ended; killed",))
 
     async def _success(self, result: FwupResult) -> Outcome:
-        outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result)
+        outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result,
+                                             self.before)  # fmt: skip
         return outcome
 
 
