@@ -102,6 +102,7 @@ class Update:
                 await self._precheck()
             except UpdateRefused as e:
                 reason = f"{e}; the device was not changed"
+                log.warning("update from %s refused: %s", self.uploader, reason)
                 self.device.last_outcome = {"ok": False, "verdict": reason}  # status shows the last attempt
                 self._failure_told = True
                 raise UpdateRefused(reason) from None
@@ -176,7 +177,7 @@ class Update:
         self.device.progress.set(received=self.received)
         if len(self._start) < 4:
             self._start += data[: 4 - len(self._start)]
-            self._check(check_start, self._start)
+            await self._check(check_start, self._start)
         if self._applied is not None or self._skip is not None:
             return  # fwup finished already (bytes after the archive's end), or nothing to do
         pieces = self._holdback.push(data)
@@ -259,13 +260,16 @@ class Update:
             self._journal("failed", reason)
             raise UpdateError(reason) from None
 
-    def _check(self, check: Callable[..., object], *args: Any) -> None:
+    async def _check(self, check: Callable[..., object], *args: Any) -> None:
         try:
             check(*args)
         except IncompleteArchive as e:
+            self.abort(str(e))
+            if self._fwup is not None and self._target is not None:
+                with anyio.move_on_after(5):  # fwup is dead: its last events say whether it wrote
+                    await self._relayed.wait()
             reason = f"update failed: {e}; {self._what_changed()}"
             self._journal("failed", reason)
-            self.abort(str(e))
             raise UpdateError(reason) from None
 
     def abort(self, reason: str) -> None:
@@ -290,8 +294,8 @@ class Update:
         result = self._applied
         if result is None:
             tail = self._holdback.tail()
-            self._check(check_start, self._start)
-            self._check(check_end, tail, self.received)
+            await self._check(check_start, self._start)
+            await self._check(check_end, tail, self.received)
             await self._feed(tail)
             result = self._applied or await self._fwup_exit(self.device.config.server.idle_timeout)
         return await self._complete(result)
