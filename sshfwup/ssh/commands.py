@@ -81,6 +81,8 @@ async def status(device: Device) -> dict[str, Any]:
                   for s in ("a", "b")} if boot else {},  # fmt: skip
         "running_uuid": boot.slots[root].uuid if boot and root in boot.slots else None,  # what a delta patch needs
         "boot_env_error": env_error,
+        # what `sshfwup firmware diff --running` needs to apply the device's rules (update/rules.py)
+        "update_rules": _update_rules(device),
         "app": None,
         "last_update": device.last_outcome,
         "update_in_progress": device.lock.busy(),
@@ -126,6 +128,28 @@ async def status(device: Device) -> dict[str, Any]:
         out["journal"] = device.journal.summary()
         out["journal_error"] = device.journal.error
     return out
+
+
+def _update_rules(device: Device) -> dict[str, Any]:
+    """``[update] allow_downgrade`` and the public keys fwup requires a signature by (base64, as
+    in fwup's key files: public keys, nothing secret)."""
+    import base64
+
+    from sshfwup.firmware.errors import FirmwareError
+    from sshfwup.firmware.keys import load_public_key
+
+    keys: list[str | None] = []
+    for path in device.config.fwup.public_keys:
+        try:
+            keys.append(base64.b64encode(load_public_key(path)).decode())
+        except (OSError, FirmwareError) as e:
+            log.warning("status: cannot read the public key %s: %s", path, e)
+            keys.append(None)  # configured, unreadable: fwup refuses every upload
+    return {
+        "allow_downgrade": device.config.update.allow_downgrade,
+        "signed_only": bool(device.config.fwup.public_keys),
+        "public_keys": keys,
+    }
 
 
 def render_status(s: dict[str, Any]) -> str:

@@ -24,7 +24,8 @@ import anyio
 from sshfwup.boot.bootenv import INCOMPLETE, BootEnvError, BootState, other_slot
 from sshfwup.device import Device
 
-from .precheck import judge_head, precheck
+from .precheck import precheck
+from .rules import judge_head
 from .after_fwup import after_failure, refused_before_writing, succeed, what_changed
 from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
@@ -100,12 +101,8 @@ class Update:
         try:
             try:
                 await self._precheck()
-            except UpdateRefused as e:
-                reason = f"{e}; the device was not changed"
-                log.warning("update from %s refused: %s", self.uploader, reason)
-                self.device.last_outcome = {"ok": False, "verdict": reason}  # status shows the last attempt
-                self._failure_told = True
-                raise UpdateRefused(reason) from None
+            except UpdateRefused as e:  # (before fwup: nothing else follows to tell)
+                raise _told_refusal(self.device, self.uploader, e) from None
             journal = self.device.journal
             if journal is not None and self.before is not None and self.root is not None:
                 journal.begin(
@@ -265,9 +262,8 @@ class Update:
             check(*args)
         except IncompleteArchive as e:
             self.abort(str(e))
-            if self._fwup is not None and self._target is not None:
-                with anyio.move_on_after(5):  # fwup is dead: its last events say whether it wrote
-                    await self._relayed.wait()
+            with anyio.move_on_after(5):  # fwup is dead: its last events say whether it wrote
+                await self._relayed.wait()
             reason = f"update failed: {e}; {self._what_changed()}"
             self._journal("failed", reason)
             raise UpdateError(reason) from None
@@ -388,6 +384,15 @@ class Update:
         outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result,
                                              self.before)  # fmt: skip
         return outcome
+
+
+def _told_refusal(device: Device, uploader: Uploader, refusal: UpdateRefused) -> UpdateRefused:
+    """A refusal before fwup ran: it says that nothing changed, in the log and in ``status`` too
+    (the last attempt, not only the last success)."""
+    reason = f"{refusal}; the device was not changed"
+    log.warning("update from %s refused: %s", uploader, reason)
+    device.last_outcome = {"ok": False, "verdict": reason}
+    return UpdateRefused(reason)
 
 
 def _public_key_args(keys: tuple[Any, ...]) -> list[str]:
