@@ -261,6 +261,11 @@ def assert_applied(
     assert sim.device.read_slot_file("b", "/srv/app/VERSION").decode().strip() == version
 
 
+#: what the device says of the factory's empty slot b once fwup may have written it (the rest of
+#: the words name it: "slot b (which held no firmware) was partly written and ")
+B_MARKED = "is marked incomplete: nothing boots it until a new upload completes; slot a (1.0.0) still runs and boots next"
+
+
 def env_block(sim: Sim) -> bytes:
     """The U-Boot environment block itself, as fw_env.config locates it in the disk image."""
     path, offset, size = (sim.device.path / "fw_env.config").read_text().split()[:3]
