@@ -195,7 +195,7 @@ def render_status(s: dict[str, Any]) -> str:
 
 
 _SLOT_STATES = {
-    "incomplete": " (INCOMPLETE: partly overwritten by an upload that was cut or failed; it does not boot and "
+    "incomplete": " (INCOMPLETE: an upload to it was cut or failed after fwup began on it; it does not boot and "
                   "cannot be reverted to until a new upload completes)",
     "rolled-back": " (rolled back: it failed; it does not boot and cannot be reverted to until a new upload completes)",
 }

@@ -53,7 +53,7 @@ def told(sim: Sim, words: str, *, slot_b: str | None) -> dict[str, Any]:
     text = output(sim.ssh("status"))
     assert f"last update:    FAILED: " in text and words in text, text
     row = next(line for line in text.splitlines() if line.startswith("slot b:"))
-    assert ("INCOMPLETE: partly overwritten" in row) == (slot_b == "incomplete"), row
+    assert ("INCOMPLETE: an upload to it was cut or failed" in row) == (slot_b == "incomplete"), row
     assert ("rolled back: it failed" in row) == (slot_b == "rolled-back"), row
     logs = output(sim.ssh("logs", "-n", "400"))
     assert words in logs, logs
