@@ -23,11 +23,12 @@ import anyio
 import anyio.abc
 
 from .app import notify
-from sshfwup.boot.bootenv import ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
+from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .config import Config
 from .device import Device
 from sshfwup.update.journal import FAILED_STAGES, Journal, Recovery, StageHook, plan_recovery
 from sshfwup.update import door
+from sshfwup.update.after_fwup import what_changed
 from sshfwup.update.lock import DeviceBusy
 from sshfwup.update.pipeline import slot_mount_point
 from sshfwup.system.ports import ListenError, describe_holders, port_holders
@@ -156,7 +157,13 @@ async def _recover(device: Device) -> Recovery:
         log.error("boot env unreadable: %s; starting without recovery", e)
         boot = None
     assert device.journal is not None
-    plan = plan_recovery(device.journal.current, running_root=root, active=boot.active if boot else None)
+    written = None
+    if boot is not None and boot.slots[other_slot(root)].state == INCOMPLETE:
+        # The mark is the interrupted upload's own (a refusal puts it back): the slot held a
+        # whole firmware before it if it names one.
+        written = what_changed(other_slot(root), root, boot, wrote=False, was_whole=bool(boot.version(other_slot(root))))
+    plan = plan_recovery(device.journal.current, running_root=root, active=boot.active if boot else None,
+                         written=written)  # fmt: skip
     log.info("start-up: running slot %s, boot env names slot %s; %s", root, boot.active if boot else "?", plan.message)
     log.info("boot contract: %s", device.bootenv.name)
     for warning in boot.warnings if boot else ():

@@ -261,6 +261,34 @@ def assert_applied(
     assert sim.device.read_slot_file("b", "/srv/app/VERSION").decode().strip() == version
 
 
+#: what the device says of the factory's empty slot b once fwup may have written it (the rest of
+#: the words name it: "slot b (which held no firmware) was partly written and ")
+B_MARKED = "is marked incomplete: nothing boots it until a new upload completes; slot a (1.0.0) still runs and boots next"
+
+
+def env_block(sim: Sim) -> bytes:
+    """The U-Boot environment block itself, as fw_env.config locates it in the disk image."""
+    path, offset, size = (sim.device.path / "fw_env.config").read_text().split()[:3]
+    with open(path, "rb") as f:
+        f.seek(int(offset, 0))
+        return f.read(int(size, 0))
+
+
+def slot_sha256(sim: Sim, slot: str) -> str:
+    return sim.device.slot_bytes_sha256(slot, sim.device.layout.slot_span(slot)[1])
+
+
+async def other_slot_whole(sim: Sim, firmware: FirmwareFactory) -> None:
+    """Slot b holds a whole 2.0.0 and slot a (1.0.0) runs validated: 2.0.0 hot-swapped in, then reverted."""
+    result = await upload(sim, firmware("2.0.0"))
+    assert result.returncode == 0, output(result)
+    result = sim.ssh("revert")
+    assert result.returncode == 0, output(result)
+    env = sim.env()
+    assert env["nerves_fw_active"] == "a" and env["nerves_fw_validated"] == "1", env
+    assert env["b.nerves_fw_version"] == "2.0.0" and "b.sshfwup_state" not in env, env
+
+
 def wait_unlocked(sim: Sim, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while sim.status()["update_in_progress"]:

@@ -2,7 +2,7 @@
 error it raises for the operator, and the wording of sizes and hot/reboot claims.
 
 Exit status: 0 done, 1 failed (message on stderr), 2 usage error, 3 ``diff --fail-on-reboot``
-when the update would reboot.
+when the update would reboot, 4 ``diff --running`` when the device would refuse the upload.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_REBOOT",
+    "EXIT_REFUSED",
     "EXIT_USAGE",
     "CommandError",
     "claim_text",
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_REBOOT = 3
+EXIT_REFUSED = 4  # diff --running: the device would refuse this upload before fwup
 
 
 class CommandError(Exception):

@@ -2,12 +2,15 @@
 
 :func:`compute_diff` runs ``inspect.decide`` — the same function the device runs — on the
 manifests and markers read from the two archives, with the device's settings (``--config``);
-``--running HOST`` asks a device which firmware it runs and takes that as the old side.
+``--running HOST`` asks a device which firmware it runs and takes that as the old side, and
+applies the rules the device applies before fwup (:func:`sshfwup.update.rules.judge`, the same
+function) to its reported state: a refusal is predicted with the device's words (exit 4).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -15,19 +18,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sshfwup.boot.bootenv import BootState
 from sshfwup.firmware.archive import read_head
 from sshfwup.firmware.errors import FirmwareError
 from sshfwup.firmware.inspect import DEFAULT_INTERPRETER, Change, Policy, Verdict, decide, with_resources
 from sshfwup.firmware.manifest import DEFAULT_APP_DIRS, MANIFEST_PATH, MARKER_PATH, Manifest
 from sshfwup.firmware.zipstream import ZipStream
+from sshfwup.update.fwhead import MAX_HEAD, read_head_bytes
+from sshfwup.update.rules import DeviceRules, Judgement, Signature, judge, slots_from_status
 
-from .firmware_cmd import EXIT_OK, EXIT_REBOOT, CommandError, human_size
+from .firmware_cmd import EXIT_OK, EXIT_REBOOT, EXIT_REFUSED, CommandError, human_size
 from .firmware_cmd_info import firmware_json, read_full_firmware, resource_hashes
 from .firmware_image import DEFAULT_ROOTFS_RESOURCE, RootfsError, read_rootfs_view
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NO_APP_REASON", "DiffResult", "InspectSettings", "cmd_diff", "compute_diff"]
+__all__ = ["NO_APP_REASON", "DeviceCheck", "DiffResult", "InspectSettings", "cmd_diff", "compute_diff", "device_check"]
 
 _SHOWN_CHANGES = 200  # per group in the text output; --json lists all
 NO_APP_REASON = "no application is supervised ([app] command is empty)"  # the device's wording
@@ -46,6 +52,7 @@ class InspectSettings:
     supervised: bool | None = None  # None: unknown (no device configuration given)
     source: str = "defaults"
     policy: Policy = Policy()  # bounds and exclusions (from --config); paths above take precedence
+    allow_downgrade: bool | None = None  # [update] allow_downgrade from --config (None: not given)
 
     def device_policy(self, app_dirs: tuple[str, ...]) -> Policy:
         return replace(
@@ -64,6 +71,11 @@ class DiffResult:
     warnings: tuple[str, ...] = ()
     running: dict[str, Any] | None = field(default=None)
     delta: dict[str, Any] | None = None  # --delta: the patch that would be sent
+    device: dict[str, Any] | None = None  # --running: the device's rules before fwup (DeviceCheck.to_json)
+
+    @property
+    def refused(self) -> str | None:
+        return self.device.get("refusal") if self.device else None
 
     def to_json(self) -> dict[str, Any]:
         changes = self.verdict.changes
@@ -80,6 +92,7 @@ class DiffResult:
             "changed_outside_app": [c.path for c in changes if not c.in_app],
             "warnings": list(self.warnings),
             "delta": self.delta,
+            "device": self.device,
         }
 
 
@@ -171,6 +184,16 @@ def _print_diff(result: DiffResult) -> None:
     print(f"app dirs: {', '.join(result.app_dirs)} (from {result.app_dirs_source})")
     for w in result.warnings:
         print(f"warning: {w}")
+    d = result.device
+    if d is not None:
+        print(f"rules:   {d['rules_source']}")
+    if d is not None and d.get("refusal"):
+        print(f"verdict: REFUSED: the device would refuse this upload before fwup: {d['refusal']}")
+        print("  (the verdict below is what it would do once it takes this firmware)")
+    elif d is not None and d.get("unchanged"):
+        print(f"verdict: nothing to do: {d['unchanged']}")
+    elif d is not None and d.get("downgrade"):
+        print("note:    a downgrade, allowed by the device ([update] allow_downgrade = true)")
     v = result.verdict
     if v.hot:
         print("verdict: hot reload: the device swaps the app without a reboot")
@@ -180,11 +203,11 @@ def _print_diff(result: DiffResult) -> None:
             print(f"  - {reason}")
     _print_changes("changes inside the app", [c for c in v.changes if c.in_app])
     _print_changes("changes outside the app", [c for c in v.changes if not c.in_app])
-    d = result.delta
-    if d is not None and d.get("error"):
-        print(f"delta:   no patch: {d['error']}")
-    elif d is not None:
-        print(f"delta:   {human_size(d['patch_size'])} patch instead of {human_size(d['full_size'])} ({d['ratio']:.2%})")
+    p = result.delta
+    if p is not None and p.get("error"):
+        print(f"delta:   no patch: {p['error']}")
+    elif p is not None:
+        print(f"delta:   {human_size(p['patch_size'])} patch instead of {human_size(p['full_size'])} ({p['ratio']:.2%})")
 
 
 def _delta_json(old_fw: str, new_fw: str, resource: str | None) -> dict[str, Any]:
@@ -219,6 +242,7 @@ def _settings(args: argparse.Namespace) -> InspectSettings:
             supervised=bool(config.app.command),
             source=str(args.config),
             policy=Policy.from_config(config),
+            allow_downgrade=config.update.allow_downgrade,
         )
     if args.app_dir:
         settings = replace(settings, app_dirs=tuple(args.app_dir), source="--app-dir")
@@ -253,6 +277,85 @@ def _uuid_of(path: Path) -> str | None:
     except (OSError, FirmwareError) as e:
         log.warning("skipping %s: %s", path, e)
         return None
+
+
+@dataclass(frozen=True)
+class DeviceCheck:
+    """The device's rules before fwup applied to what it reported (``--running``)."""
+
+    judgement: Judgement
+    rules: DeviceRules
+    rules_source: str
+    signature: Signature
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.judgement.to_json(),
+            "rules": {"allow_downgrade": self.rules.allow_downgrade, "signed_only": self.rules.signed_only},
+            "rules_source": self.rules_source,
+            "signature": self.signature,
+        }
+
+
+def device_check(status: dict[str, Any], host: str, new_fw: Path, config_allow_downgrade: bool | None) -> DeviceCheck:
+    """What the device would answer to ``new_fw`` before fwup writes, from its ``status --json``:
+    :func:`sshfwup.update.rules.judge`, the function the device itself applies."""
+    import base64
+    import binascii
+
+    from sshfwup.firmware.keys import as_public_key, signature_matches
+
+    notes: list[str] = []
+    reported = status.get("update_rules")
+    keys: list[bytes] = []
+    if isinstance(reported, dict):
+        rules = DeviceRules(bool(reported.get("allow_downgrade")), bool(reported.get("signed_only")))
+        for text in reported.get("public_keys") or ():
+            if not isinstance(text, str):
+                continue  # configured but unreadable on the device: fwup cannot use it either
+            try:
+                keys.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                continue
+        source = f"as {host} reports them (status --json: update_rules)"
+    else:
+        allow = bool(config_allow_downgrade)
+        rules = DeviceRules(allow_downgrade=allow)
+        where = "from --config" if config_allow_downgrade is not None else "the default"
+        source = f"assumed: [update] allow_downgrade = {str(allow).lower()} ({where}), no signature required"
+        notes.append(
+            f"{host} does not report its update rules (its sshfwup predates update_rules in status --json): "
+            f"this assumes [update] allow_downgrade = {str(allow).lower()} ({where}) and no required signature; "
+            f"check the device's [update] and [fwup] public_keys, or pass its configuration with --config"
+        )
+    try:
+        with new_fw.open("rb") as f:
+            data = f.read(MAX_HEAD)
+            info = read_head(ZipStream(io.BytesIO(data).read), source=str(new_fw))
+    except (OSError, FirmwareError) as e:
+        raise CommandError(f"{new_fw}: {e}") from None
+    head = read_head_bytes(data, final=True)
+    if head is None:
+        raise CommandError(f"{new_fw}: its meta.conf cannot be read the way the device reads it")
+    if info.signature is None:
+        signature: Signature = "unsigned"
+    else:
+        trusted = False
+        for key in keys:
+            try:
+                trusted = trusted or signature_matches(as_public_key(key), info.signature, info.meta_conf)
+            except FirmwareError:
+                continue
+        signature = "trusted" if trusted else "other-key"
+    slots = status.get("slots") if isinstance(status.get("slots"), dict) else {}
+    active = status.get("active")
+    before = BootState(active if active in ("a", "b") else None, bool(status.get("validated")),
+                       slots_from_status(slots), {})  # fmt: skip
+    root = status.get("running_root")
+    judgement = judge(before, root if root in ("a", "b") else None, head, signature, rules,
+                      root_mount="its root mount point")  # fmt: skip
+    return DeviceCheck(judgement, rules, source, signature, tuple(notes))
 
 
 def _running_diff(args: argparse.Namespace, new_fw: str, settings: InspectSettings) -> DiffResult:
@@ -291,16 +394,13 @@ def _running_diff(args: argparse.Namespace, new_fw: str, settings: InspectSettin
         )
     result = compute_diff(match, Path(new_fw), settings, rootfs_resource=args.rootfs_resource)
     warnings = list(result.warnings)
-    if running.pending_reboot:
-        warnings.append(
-            f"{host} has a pending reboot (slot {running.active} boots next): it refuses uploads until it "
-            "reboots, and after the reboot it runs that slot's firmware, not this one"
-        )
+    device = device_check(status, host, Path(new_fw), settings.allow_downgrade)
+    warnings += device.notes
     if running.update_in_progress:
         warnings.append(f"{host} is applying an update right now")
     running_json = {"host": host, "slot": running.slot, "version": running.version, "uuid": running.uuid,
                     "file": str(match), "pending_reboot": running.pending_reboot}  # fmt: skip
-    return replace(result, warnings=tuple(warnings), running=running_json)
+    return replace(result, warnings=tuple(warnings), running=running_json, device=device.to_json())
 
 
 def cmd_diff(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -321,7 +421,9 @@ def cmd_diff(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         _print_diff(result)
-    if args.fail_on_reboot and not result.verdict.hot:
+    if result.refused:
+        return EXIT_REFUSED  # whatever the verdict: this upload would not happen (not a pass for --fail-on-reboot)
+    if args.fail_on_reboot and not result.verdict.hot and not (result.device or {}).get("unchanged"):
         return EXIT_REBOOT
     return EXIT_OK
 

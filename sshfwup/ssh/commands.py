@@ -75,9 +75,14 @@ async def status(device: Device) -> dict[str, Any]:
         "trial_boot": boot.trial if boot else None,  # the bootloader falls back unless it validates
         "boot_warnings": list(boot.warnings) if boot else [],
         "pending_reboot": bool(boot and boot.active and root and boot.active != root),
-        "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid} for s in ("a", "b")} if boot else {},
+        # state: "incomplete" (an upload was cut or failed after fwup began writing it: it is no
+        # longer the firmware its version names), "rolled-back" (it failed), or None (whole)
+        "slots": {s: {"version": boot.version(s), "uuid": boot.slots[s].uuid, "state": boot.slots[s].state}
+                  for s in ("a", "b")} if boot else {},  # fmt: skip
         "running_uuid": boot.slots[root].uuid if boot and root in boot.slots else None,  # what a delta patch needs
         "boot_env_error": env_error,
+        # what `sshfwup firmware diff --running` needs to apply the device's rules (update/rules.py)
+        "update_rules": _update_rules(device),
         "app": None,
         "last_update": device.last_outcome,
         "update_in_progress": device.lock.busy(),
@@ -125,6 +130,28 @@ async def status(device: Device) -> dict[str, Any]:
     return out
 
 
+def _update_rules(device: Device) -> dict[str, Any]:
+    """``[update] allow_downgrade`` and the public keys fwup requires a signature by (base64, as
+    in fwup's key files: public keys, nothing secret)."""
+    import base64
+
+    from sshfwup.firmware.errors import FirmwareError
+    from sshfwup.firmware.keys import load_public_key
+
+    keys: list[str | None] = []
+    for path in device.config.fwup.public_keys:
+        try:
+            keys.append(base64.b64encode(load_public_key(path)).decode())
+        except (OSError, FirmwareError) as e:
+            log.warning("status: cannot read the public key %s: %s", path, e)
+            keys.append(None)  # configured, unreadable: fwup refuses every upload
+    return {
+        "allow_downgrade": device.config.update.allow_downgrade,
+        "signed_only": bool(device.config.fwup.public_keys),
+        "public_keys": keys,
+    }
+
+
 def render_status(s: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [("running root", f"slot {s['running_root'] or '?'}")]
     if s.get("boot_env_error"):
@@ -133,7 +160,7 @@ def render_status(s: dict[str, Any]) -> str:
         trial = " (not validated; on trial: the bootloader falls back unless it validates)" if s.get("trial_boot") else ""
         rows.append(("next boot", f"slot {s['active'] or '?'}" + (trial or ("" if s["validated"] else " (not validated)"))))
         for slot, info in s["slots"].items():
-            rows.append((f"slot {slot}", info["version"] or "(empty)"))
+            rows.append((f"slot {slot}", (info["version"] or "(empty)") + _SLOT_STATES.get(info.get("state") or "", "")))
         for warning in s.get("boot_warnings") or ():
             rows.append(("WARNING", warning))
     if s.get("journal_error"):
@@ -165,6 +192,13 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("rebooting"):
         rows.append(("rebooting", s["rebooting"]))
     return "".join(f"{label + ':' if label else '':<16}{value}\n" for label, value in rows)
+
+
+_SLOT_STATES = {
+    "incomplete": " (INCOMPLETE: an upload to it was cut or failed after fwup began on it; it does not boot and "
+                  "cannot be reverted to until a new upload completes)",
+    "rolled-back": " (rolled back: it failed; it does not boot and cannot be reverted to until a new upload completes)",
+}
 
 
 def _exit_rows(last: dict[str, Any] | None, *, output: bool) -> list[tuple[str, str]]:

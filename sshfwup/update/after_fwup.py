@@ -58,13 +58,35 @@ def refused_before_writing(result: FwupResult, went_on: bool) -> bool:
     return result.exit_code == 1 and bool(result.errors) and not result.messages and not went_on
 
 
-def what_changed(target: str | None, root: str | None) -> str:
-    """After fwup was stopped or failed without switching: what the uploader is told. ``target``:
-    the slot marked incomplete for fwup (None: fwup never saw a byte, or its mark is back)."""
+def what_changed(
+    target: str | None, root: str | None, before: BootState | None = None, *, wrote: bool = True,
+    was_whole: bool | None = None,
+) -> str:
+    """After fwup was stopped or failed without switching: what the uploader, the device log and
+    ``status`` are told. ``target``: the slot marked incomplete for fwup (None: fwup never saw a
+    byte, or its mark is back); ``before``: the boot state read before the upload (what the slot
+    held); ``wrote``: fwup reported writing (its first message or progress past 0), so blocks of
+    the slot are certainly overwritten — otherwise it had the slot's first bytes and counts as
+    having overwritten it (the mark is what decides: nothing boots or reverts to it). ``was_whole``:
+    the slot held a whole firmware before (None: as ``before`` says)."""
     if target is None:
         return "the device was not changed"
-    return (f"slot {target} may be partly written and stays marked incomplete (nothing boots or "
-            f"reverts to it); slot {root} still runs and boots next")  # fmt: skip
+    held = before.slots[target] if before is not None and target in before.slots else None
+    if held is not None and held.version:
+        slot = f"slot {target} ({held.version})"
+        done = "was partly overwritten" if wrote else "was handed to fwup and counts as partly overwritten"
+    else:
+        slot = f"slot {target} (which held no firmware)"
+        done = "was partly written" if wrote else "was handed to fwup and counts as partly written"
+    if was_whole is None:
+        was_whole = held is not None and held.usable
+    if was_whole:  # a whole firmware: revert was possible
+        then = "nothing boots it, and revert is no longer possible until a new upload completes"
+    else:
+        then = "nothing boots it until a new upload completes"
+    running = before.version(root) if before is not None and root is not None else None
+    still = f"slot {root} ({running})" if running else f"slot {root}"
+    return f"{slot} {done} and is marked incomplete: {then}; {still} still runs and boots next"
 
 
 async def after_failure(
@@ -83,7 +105,8 @@ async def after_failure(
             target = None
         except BootEnvError as e:  # the mark stays: the safe direction
             log.error("cannot restore slot %s's mark after fwup's refusal: %s", target, e)
-    return target, await confirm_unchanged(device, before, root, what_changed(target, root))
+    words = what_changed(target, root, before, wrote=went_on or bool(result.messages))
+    return target, await confirm_unchanged(device, before, root, words)
 
 
 async def revert(device: Device, root: str | None, state: str = ROLLED_BACK) -> str:
@@ -105,6 +128,7 @@ async def succeed(
     root: str | None,
     head: FirmwareHead | None,
     result: FwupResult,
+    before: BootState | None = None,
 ) -> tuple[Outcome, BootState | None]:
     """fwup succeeded: the outcome of the success callback, and the boot state after fwup (the
     last one read; None when none could be)."""
@@ -124,7 +148,7 @@ async def succeed(
         else:
             forget(device.config.server.data_dir, after.active)
     device.progress.set(stage="applied", to_slot=after.active, to_version=after.version(after.active) if after.active else None)
-    ctx = UpdateContext(device, uploader, report, after, root, result, head)
+    ctx = UpdateContext(device, uploader, report, after, root, result, head, before)
     if not spec:
         return Outcome(True, applied_verdict(ctx)), after
     try:

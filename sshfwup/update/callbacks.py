@@ -45,6 +45,7 @@ class UpdateContext:
     running_root: str | None
     fwup: FwupResult | None = None
     firmware: FirmwareHead | None = None  # what the upload said it is (its meta.conf), if readable
+    before: BootState | None = None  # success callback: the boot state read before the upload
 
 
 Callback = Callable[[UpdateContext], Any]

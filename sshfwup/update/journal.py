@@ -169,8 +169,10 @@ class Recovery:
     message: str = ""
 
 
-def plan_recovery(rec: Record | None, *, running_root: str, active: str | None) -> Recovery:
-    """Pure decision; see the module docstring. ``active`` is the boot env's slot."""
+def plan_recovery(rec: Record | None, *, running_root: str, active: str | None, written: str | None = None) -> Recovery:
+    """Pure decision; see the module docstring. ``active`` is the boot env's slot; ``written``: what
+    an interrupted fwup left in the other slot, when the boot env marks it incomplete (the words of
+    ``after_fwup.what_changed``)."""
     R, A = running_root, active
     if rec is None:
         return Recovery(R, False, message="no update on record")
@@ -186,6 +188,11 @@ def plan_recovery(rec: Record | None, *, running_root: str, active: str | None) 
         # Put the boot env back on the firmware that is running (and was validated before fwup).
         revert = R if A is not None and A != R else None
         what = f"reverted the boot env to slot {R}" if revert else "the boot env was not switched"
+        if written and not revert:
+            return Recovery(
+                R, False, stage="interrupted",
+                message=f"update {rec.id} was interrupted at stage '{rec.stage}'; the boot env was not switched; {written}",
+            )
         return Recovery(
             R, False, revert_to=revert, stage="interrupted",
             message=f"update {rec.id} was interrupted at stage '{rec.stage}'; {what}; {rec.from_version or 'the old version'} keeps running",

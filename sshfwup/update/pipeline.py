@@ -153,10 +153,21 @@ async def _roll_back(ctx: UpdateContext, old: str, new: str, old_version: str, n
     await _unmount_quietly(slot_mount_point(device, new))
     reverted = await device.give_up_slot(old, new, new_version)
     text = f"hot reload failed: {reason}; rolled back: {old_version} keeps serving; {reverted}"
+    if reverted.startswith("boot env reverted"):
+        text += f"; {_overwritten(ctx, new, new_version)}"
     if device.journal is not None:
         device.journal.advance("rolled-back", app_slot=old, app_version=old_version, verdict=text)
     device.notify_status(f"running {old_version}; update rolled back")
     return Outcome(False, text)
+
+
+def _overwritten(ctx: UpdateContext, slot: str, version: str) -> str:
+    """What a rolled-back update cost: the other slot's firmware of before is gone."""
+    held = ctx.before.slots[slot] if ctx.before is not None and slot in ctx.before.slots else None
+    if held is not None and held.version and held.state is None:
+        return (f"slot {slot} held {held.version} before and now holds {version}, marked rolled back: nothing "
+                f"boots it, and revert is no longer possible until a new upload completes")
+    return f"slot {slot} now holds {version}, marked rolled back: nothing boots it until a new upload completes"
 
 
 async def _abandon(ctx: UpdateContext, old: str, new: str, reason: str) -> Outcome:
@@ -241,8 +252,9 @@ async def revert(device: Device, who: Uploader) -> str:
             raise PipelineError(f"slot {other} holds no firmware to revert to")
         if info.state == INCOMPLETE:
             raise PipelineError(
-                f"slot {other} is incomplete (an upload to it was interrupted or failed): nothing to revert to; "
-                f"slot {root} keeps booting"
+                f"slot {other} is incomplete: an upload to it was cut or failed after fwup began writing, so "
+                f"{info.version} there is no longer whole; revert is not possible until a new upload completes; "
+                f"slot {root} ({boot.version(root) or '?'}) keeps running and booting"
             )
         if info.state == ROLLED_BACK:
             raise PipelineError(

@@ -24,7 +24,8 @@ import anyio
 from sshfwup.boot.bootenv import INCOMPLETE, BootEnvError, BootState, other_slot
 from sshfwup.device import Device
 
-from .precheck import judge_head, precheck
+from .precheck import precheck
+from .rules import judge_head
 from .after_fwup import after_failure, refused_before_writing, succeed, what_changed
 from .callbacks import MOVED_CALLBACK_MODULES, UpdateContext, applied_verdict, load_callback
 from .fwhead import MAX_HEAD, FirmwareHead, read_head_bytes
@@ -98,7 +99,10 @@ class Update:
         stack = AsyncExitStack()
         stack.callback(self.device.lock.release)
         try:
-            await self._precheck()
+            try:
+                await self._precheck()
+            except UpdateRefused as e:  # (before fwup: nothing else follows to tell)
+                raise _told_refusal(self.device, self.uploader, e) from None
             journal = self.device.journal
             if journal is not None and self.before is not None and self.root is not None:
                 journal.begin(
@@ -118,8 +122,9 @@ class Update:
             try:
                 self._fwup = await stack.enter_async_context(fwup)
             except FwupError as e:
-                self._journal("failed", f"fwup could not start: {e}")
-                raise UpdateRefused(str(e)) from None
+                reason = f"fwup could not start: {e}; the device was not changed"
+                self._journal("failed", reason)
+                raise UpdateRefused(reason) from None
             stack.callback(self._journal_abort)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._stop_unfinished)  # runs first: an unfinished fwup dies before we wait
@@ -150,7 +155,10 @@ class Update:
 
     def _journal_abort(self) -> None:
         if not self._finished:
-            self._journal("failed", f"upload aborted: {self._aborted}; {self._what_changed()}")
+            verdict = f"upload aborted: {self._aborted}; {self._what_changed()}"
+            if not self._failure_told:  # the device log says what changed, as status does
+                log.warning("update from %s failed: %s", self.uploader, verdict)
+            self._journal("failed", verdict)
 
     # --- data ------------------------------------------------------------------------------
 
@@ -166,7 +174,7 @@ class Update:
         self.device.progress.set(received=self.received)
         if len(self._start) < 4:
             self._start += data[: 4 - len(self._start)]
-            self._check(check_start, self._start)
+            await self._check(check_start, self._start)
         if self._applied is not None or self._skip is not None:
             return  # fwup finished already (bytes after the archive's end), or nothing to do
         pieces = self._holdback.push(data)
@@ -249,13 +257,15 @@ class Update:
             self._journal("failed", reason)
             raise UpdateError(reason) from None
 
-    def _check(self, check: Callable[..., object], *args: Any) -> None:
+    async def _check(self, check: Callable[..., object], *args: Any) -> None:
         try:
             check(*args)
         except IncompleteArchive as e:
+            self.abort(str(e))
+            with anyio.move_on_after(5):  # fwup is dead: its last events say whether it wrote
+                await self._relayed.wait()
             reason = f"update failed: {e}; {self._what_changed()}"
             self._journal("failed", reason)
-            self.abort(str(e))
             raise UpdateError(reason) from None
 
     def abort(self, reason: str) -> None:
@@ -280,8 +290,8 @@ class Update:
         result = self._applied
         if result is None:
             tail = self._holdback.tail()
-            self._check(check_start, self._start)
-            self._check(check_end, tail, self.received)
+            await self._check(check_start, self._start)
+            await self._check(check_end, tail, self.received)
             await self._feed(tail)
             result = self._applied or await self._fwup_exit(self.device.config.server.idle_timeout)
         return await self._complete(result)
@@ -342,7 +352,7 @@ class Update:
         await precheck(self.device, self.uploader, self.report, before, self.root)
 
     def _what_changed(self) -> str:
-        return what_changed(self._target, self.root)
+        return what_changed(self._target, self.root, self.before, wrote=self._fwup_went_on)
 
     async def _after_failure(self, result: FwupResult) -> str:
         self._target, words = await after_failure(self.device, self.before, self.root, self._target, result,
@@ -371,8 +381,18 @@ class Update:
         return FwupResult(exit_code=None, success=False, errors=(f"fwup hung: no result {timeout:.0f} s after its input ended; killed",))
 
     async def _success(self, result: FwupResult) -> Outcome:
-        outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result)
+        outcome, self.after = await succeed(self.device, self.uploader, self.report, self.root, self.head, result,
+                                             self.before)  # fmt: skip
         return outcome
+
+
+def _told_refusal(device: Device, uploader: Uploader, refusal: UpdateRefused) -> UpdateRefused:
+    """A refusal before fwup ran: it says that nothing changed, in the log and in ``status`` too
+    (the last attempt, not only the last success)."""
+    reason = f"{refusal}; the device was not changed"
+    log.warning("update from %s refused: %s", uploader, reason)
+    device.last_outcome = {"ok": False, "verdict": reason}
+    return UpdateRefused(reason)
 
 
 def _public_key_args(keys: tuple[Any, ...]) -> list[str]:

@@ -767,15 +767,40 @@ def test_running_diff_says_when_no_file_is_the_running_firmware(
     assert "no given file is that firmware" in err
 
 
-def test_running_diff_warns_about_a_pending_reboot(
+def test_running_diff_refuses_what_the_device_refuses(
     device: tuple[StatusStub, Path], builds: Builds, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A pending reboot: the device refuses every upload, so the prediction does too (exit 4,
+    with the device's words), and --fail-on-reboot does not pass it."""
     stub, key = device
     stub.status = _status("a", "1.0.0", read_firmware(builds.v1.fw).uuid, active="b", pending_reboot=True)
     rc, out, _ = run(capsys, *_running(stub, key, builds.v2.fw, builds.v1.fw, json_out=False))
-    assert rc == 0
+    assert rc == 4, out
     assert "device:  127.0.0.1 runs slot a: 1.0.0" in out
-    assert "warning: 127.0.0.1 has a pending reboot (slot b boots next)" in out
+    assert "verdict: REFUSED: the device would refuse this upload before fwup: a reboot is pending: slot b" in out
+    assert "does not report its update rules" in out  # an older device: the default is assumed, and said
+    rc, out, _ = run(capsys, *_running(stub, key, builds.v2.fw, builds.v1.fw), "--fail-on-reboot")
+    assert rc == 4 and json.loads(out)["device"]["kind"] == "state"
+
+
+def test_running_diff_applies_the_reported_signature_rule(
+    device: tuple[StatusStub, Path], builds: Builds, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from sshfwup.firmware.keys import generate_keypair
+
+    stub, key = device
+    _, public = generate_keypair()
+    rules = {"allow_downgrade": False, "signed_only": True, "public_keys": [public.strip()]}
+    stub.status = _status("a", "1.0.0", read_firmware(builds.v1.fw).uuid, update_rules=rules)
+    rc, out, _ = run(capsys, *_running(stub, key, builds.v2.fw, builds.v1.fw))
+    result = json.loads(out)
+    assert rc == 4 and result["device"]["kind"] == "signature" and result["device"]["signature"] == "unsigned"
+    assert "Expecting signed firmware archive." in result["device"]["refusal"]
+    assert result["device"]["rules_source"] == "as 127.0.0.1 reports them (status --json: update_rules)"
+    stub.status = _status("a", "1.0.0", read_firmware(builds.v1.fw).uuid,
+                          update_rules={**rules, "signed_only": False, "public_keys": []})  # fmt: skip
+    rc, out, _ = run(capsys, *_running(stub, key, builds.v2.fw, builds.v1.fw))
+    assert rc == 0 and json.loads(out)["device"]["refusal"] is None
 
 
 def test_running_diff_needs_running_fw_and_a_uuid(
@@ -799,3 +824,52 @@ def test_running_diff_connection_refused(builds: Builds, tmp_path: Path, capsys:
     rc, _, err = run(capsys, "firmware", "diff", "--running", "127.0.0.1", builds.v2.fw, "--running-fw",
                      builds.v1.fw, "-p", str(port), "--insecure-accept-host-key")  # fmt: skip
     assert rc == 1 and f"cannot connect to 127.0.0.1:{port}" in err
+
+
+# --- diff --running against the simulated device: the prediction is the device's answer ---------
+
+
+async def _diff_running(sim: Any, new: Path, running_fw: Path, capsys: pytest.CaptureFixture[str],
+                        *extra: str) -> tuple[int, str]:  # fmt: skip
+    import anyio
+
+    argv = ["firmware", "diff", "--running", f"root@{sim.host}", str(new), "-p", str(sim.port), "-i",
+            str(sim.key.private), "--insecure-accept-host-key", "--running-fw", str(running_fw), *extra]  # fmt: skip
+    rc = await anyio.to_thread.run_sync(lambda: firmware.main(argv))
+    return rc, capsys.readouterr().out
+
+
+async def test_running_diff_predicts_the_devices_downgrade_refusal(
+    sim: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import output, upload
+
+    make = request.getfixturevalue("firmware")  # (the name `firmware` is the CLI module here)
+    rc, out = await _diff_running(sim, make("0.9.0"), make("1.0.0"), capsys, "--json", "--fail-on-reboot")
+    predicted = json.loads(out)["device"]
+    assert rc == 4 and predicted["kind"] == "downgrade", out
+    assert predicted["rules_source"].endswith("reports them (status --json: update_rules)")
+    result = await upload(sim, make("0.9.0"))
+    assert result.returncode == 1 and predicted["refusal"] in output(result), (predicted, output(result))
+    assert sim.env()["nerves_fw_active"] == "a"
+    # allowed on the device: then the prediction goes on to the verdict
+    await sim.restart_server(update={"allow_downgrade": True})
+    rc, out = await _diff_running(sim, make("0.9.0"), make("1.0.0"), capsys, "--json")
+    assert rc == 0 and json.loads(out)["device"] == {**predicted, "refusal": None, "kind": None, "downgrade": True,
+                                                     "rules": {"allow_downgrade": True, "signed_only": False}}
+
+
+async def test_running_diff_predicts_the_devices_pending_reboot_refusal(
+    sim: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import output, upload
+
+    make = request.getfixturevalue("firmware")
+    assert (await upload(sim, make("2.0.0"))).returncode == 0  # hot swap: slot b boots next
+    rc, out = await _diff_running(sim, make("3.0.0"), make("1.0.0"), capsys, "--json")
+    predicted = json.loads(out)["device"]
+    assert rc == 4 and predicted["kind"] == "state" and predicted["refusal"].startswith("a reboot is pending"), out
+    result = await upload(sim, make("3.0.0"))
+    assert result.returncode == 1 and predicted["refusal"] in output(result), (predicted, output(result))
+    rc, out = await _diff_running(sim, make("1.0.0"), make("1.0.0"), capsys)
+    assert rc == 4 and "verdict: REFUSED" in out  # even the running firmware: the device refuses first
