@@ -8,8 +8,10 @@ SSH protocol to the device with :mod:`sshfwup.host.client`.
   verdict for ``firmware``: ``unchanged`` (already installed: running, or hot-swapped in and
   waiting for its reboot), ``hot``, ``reboot``, ``unknown`` (the running firmware's ``.fw`` is
   not among the releases, so its manifest cannot be compared), or a refusal the device would
-  answer (an update in progress, a reboot pending into other firmware, firmware not validated
-  yet). The verdict comes from :func:`sshfwup.host.firmware.compute_diff` — ``inspect.decide``, the
+  answer (busy: an update in progress, a reboot on its way; then every rule it applies before
+  fwup, by the device's own function as ``firmware diff --running`` applies it: a reboot
+  pending, firmware not validated yet, a signature it would not accept, a downgrade, a delta
+  patch for another firmware). The verdict comes from :func:`sshfwup.host.firmware.compute_diff` — ``inspect.decide``, the
   same rule the device applies — on the running release and the new one.
 - :func:`reboot_device` reboots a device (by default only one whose reboot is pending, after a
   hot swap) and follows it until the firmware it boots is validated, or it fell back.
@@ -44,6 +46,7 @@ from .client import (
     follow_reboot,
     upload,
 )
+from .device_check import UnreadableFirmware, device_check
 from .firmware_remote import RemoteError, RemoteUnreachable, fetch_status
 
 __all__ = [
@@ -198,23 +201,23 @@ def installed(status: dict[str, Any], target_uuid: str) -> tuple[bool, bool]:
     return False, False
 
 
-def refusal(status: dict[str, Any], host: str) -> str | None:
-    """Why the device would refuse an upload now (from its state), or None."""
+def refusal(status: dict[str, Any], host: str, firmware: Path | None = None) -> str | None:
+    """Why the device would refuse an upload of ``firmware`` now, or None: busy (the update lock,
+    a reboot on its way, an unreadable boot env), then every rule it applies before fwup — the
+    same function the device applies (:mod:`sshfwup.host.device_check`)."""
     if status.get("update_in_progress"):
         return f"{host} is applying an update right now; try again when it has finished"
     if status.get("rebooting"):
         return f"{host} is rebooting ({status['rebooting']})"
     if status.get("boot_env_error"):
         return f"{host} cannot read its boot environment: {status['boot_env_error']}"
-    active = status.get("active")
-    if status.get("pending_reboot"):
-        return (f"{host} has a reboot pending into {_slot(status, active).get('version') or '?'} (slot {active}) and "
-                f"refuses uploads until it reboots; reboot it (ssh HOST reboot), then run again")  # fmt: skip
-    if status.get("validated") is False:
-        running = _slot(status, status.get("running_root")).get("version") or "?"
-        return (f"{host} runs {running}, not validated yet (it is validated once its app has stayed healthy); "
-                f"it refuses uploads until then")  # fmt: skip
-    return None
+    if firmware is None:
+        return None
+    try:
+        judged = device_check(status, host, firmware, None).judgement
+    except UnreadableFirmware as e:
+        raise FleetError(str(e)) from None
+    return f"{host} would refuse it: {judged.refusal}" if judged.refusal else None
 
 
 def _find_release(releases: Path, uuid: str) -> Path | None:
@@ -237,7 +240,7 @@ def predict(status: dict[str, Any], firmware: Firmware, releases: Path | None, h
     if now:
         return Plan(UNCHANGED, from_version if not pending else firmware.version, firmware.version,
                     reboot_pending=pending)  # fmt: skip
-    refused = refusal(status, host)
+    refused = refusal(status, host, firmware.path)
     if refused:
         return Plan(UNKNOWN, from_version, firmware.version, refusal=refused)
     running_uuid = status.get("running_uuid")

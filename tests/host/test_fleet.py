@@ -68,12 +68,22 @@ def test_installed_running_or_hot_swapped_in() -> None:
     assert installed({**HOT_SWAPPED, "app": {"version": "1.0.0", "slot": "a"}}, "u2") == (False, False)
 
 
-def test_refusals_the_device_would_answer() -> None:
-    assert refusal(status(), "d") is None
-    assert "applying an update" in (refusal(status(update_in_progress=True), "d") or "")
-    assert "reboot pending into 2.0.0" in (refusal(HOT_SWAPPED, "d") or "")
-    assert "not validated yet" in (refusal(status(validated=False), "d") or "")
-    assert "boot environment" in (refusal(status(boot_env_error="bad crc"), "d") or "")
+def test_refusals_the_device_would_answer(firmware: FirmwareFactory) -> None:
+    """Busy states first, then the device's own rules (sshfwup.update.rules, as `firmware diff
+    --running` applies them): its words, not a paraphrase."""
+    fw = firmware("2.0.0")
+    assert refusal(status(), "d", fw) is None
+    assert refusal(status(), "d") is None  # no firmware: only whether it is busy
+    assert "applying an update" in (refusal(status(update_in_progress=True), "d", fw) or "")
+    assert "boot environment" in (refusal(status(boot_env_error="bad crc"), "d", fw) or "")
+    assert "d would refuse it: a reboot is pending: slot b (2.0.0) is installed" in (refusal(HOT_SWAPPED, "d", fw) or "")
+    assert "is not validated yet" in (refusal(status(validated=False), "d", fw) or "")
+    older = refusal(status(), "d", firmware("0.9.0"))
+    assert older and "0.9.0 is older than the running 1.0.0 (a downgrade)" in older
+    allowed = status(update_rules={"allow_downgrade": True, "signed_only": False, "public_keys": []})
+    assert refusal(allowed, "d", firmware("0.9.0")) is None
+    signed_only = status(update_rules={"allow_downgrade": False, "signed_only": True, "public_keys": []})
+    assert "signed" in (refusal(signed_only, "d", fw) or "")
 
 
 def test_prediction_from_the_released_firmware(firmware: FirmwareFactory, tmp_path: Path) -> None:
@@ -102,7 +112,7 @@ def test_prediction_from_the_released_firmware(firmware: FirmwareFactory, tmp_pa
     assert same.verdict == "unchanged" and not same.reboot_pending
 
     refused = predict(HOT_SWAPPED, target, releases, "d")
-    assert refused.refusal and "reboot pending" in refused.refusal
+    assert refused.refusal and "a reboot is pending" in refused.refusal
 
 
 def test_the_devices_own_verdict_line_wins() -> None:
