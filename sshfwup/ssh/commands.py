@@ -184,6 +184,9 @@ def render_status(s: dict[str, Any]) -> str:
     last = s.get("last_update")
     if last:
         rows.append(("last update", f"{'ok' if last.get('ok') else 'FAILED'}: {last.get('verdict')}"))
+        elsewhere = _not_running_what_it_installed(s)
+        if elsewhere:
+            rows.append(("", elsewhere))
     update = s.get("update")
     if update:
         rows += _update_rows(update)
@@ -192,6 +195,20 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("rebooting"):
         rows.append(("rebooting", s["rebooting"]))
     return "".join(f"{label + ':' if label else '':<16}{value}\n" for label, value in rows)
+
+
+def _not_running_what_it_installed(s: dict[str, Any]) -> str | None:
+    """A successful last update whose slot is not the one running (and no reboot into it is
+    pending): the device fell back, was reverted, or lost its boot env since — its "ok" is about
+    another slot than the one serving now."""
+    to_slot = (s.get("journal") or {}).get("to_slot")
+    root = s.get("running_root")
+    if not (s.get("last_update") or {}).get("ok") or not to_slot or not root or to_slot == root:
+        return None
+    if s.get("pending_reboot") and s.get("active") == to_slot:
+        return None
+    return (f"(that update installed slot {to_slot}; the device runs slot {root}: it fell back, was reverted or "
+            f"lost its boot env since)")  # fmt: skip
 
 
 _SLOT_STATES = {

@@ -132,6 +132,7 @@ class Journal:
             "stage": rec.stage,
             "from": rec.from_version,
             "to": rec.to_version,
+            "to_slot": rec.to_slot,
             "verdict": rec.verdict,
             "uploader": rec.uploader,
             "updated": rec.updated,

@@ -209,3 +209,23 @@ async def test_logs_follow_shows_an_update_as_it_happens(sim: Sim, firmware) -> 
     while "stopped following the log" not in (logs := sim.ssh("logs", "-n", "50").stdout.decode()):
         assert time.monotonic() < deadline, logs
         await anyio.sleep(0.2)
+
+
+def test_status_says_when_the_last_update_installed_another_slot_than_the_running_one() -> None:
+    """After a fallback or a blank boot env, "last update: ok" is about a slot the device no
+    longer runs: status says so (and not while a reboot into it is pending)."""
+    s: dict[str, Any] = {
+        "running_root": "a", "active": None, "validated": None, "slots": {}, "pending_reboot": False,
+        "boot_env_error": "no valid environment", "app": None, "last_update": {"ok": True, "verdict": "firmware 1.6.0 validated"},
+        "journal": {"stage": "validated", "to_slot": "b", "to": "1.6.0"},
+    }  # fmt: skip
+    text = render_status(s)
+    assert "last update:    ok: firmware 1.6.0 validated\n" in text, text
+    assert "(that update installed slot b; the device runs slot a: it fell back, was reverted or lost its boot env" in text
+    pending = {**s, "boot_env_error": None, "active": "b", "validated": False, "pending_reboot": True,
+               "slots": {"a": {"version": "1.0.0"}, "b": {"version": "1.6.0"}}}  # fmt: skip
+    assert "that update installed" not in render_status(pending)
+    running = {**s, "running_root": "b"}
+    assert "that update installed" not in render_status(running)
+    failed = {**s, "last_update": {"ok": False, "verdict": "update failed: ..."}}
+    assert "that update installed" not in render_status(failed)
