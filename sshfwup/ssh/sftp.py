@@ -92,6 +92,7 @@ class _UploadBridge:
         self._complete = False
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
+        self._first_taken = anyio.Event()  # the update took (checked) the first chunk, or stopped
         self.outcome: Outcome | None = None
         self.error: str | None = None
         self.told = False  # the uploader was told how it ended already
@@ -111,6 +112,7 @@ class _UploadBridge:
                     try:
                         while chunk := await intake.read(self._next_chunk):
                             await update.write(chunk)
+                            self._first_taken.set()
                     finally:
                         self._recv.close()
                     if not self._complete:
@@ -138,6 +140,7 @@ class _UploadBridge:
             self.error = f"internal error: {e}"
         finally:
             self._recv.close()
+            self._first_taken.set()
             self._done.set()
 
     async def _next_chunk(self) -> bytes:
@@ -150,12 +153,21 @@ class _UploadBridge:
     async def write(self, data: bytes) -> None:
         if not data:
             return  # an empty write: b"" is the end of the file on the stream
+        first = self.offset == 0
         try:
             await self._send.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._done.wait()
             raise SFTPFailure(self.error or "the update stopped") from None
         self.offset += len(data)
+        if first:
+            # The first write's answer waits for the update's look at it (not a .fw, a refused
+            # head): a small bad file then fails at its write, which every client reports —
+            # PuTTY's pscp ignores a failed close (docs/clients.md). Later writes are answered
+            # as they are queued (SFTP clients keep many in flight).
+            await self._first_taken.wait()
+            if self._done.is_set() and self.outcome is None:
+                raise SFTPFailure(self.error or "the update stopped")
 
     @property
     def applied(self) -> bool:
@@ -225,8 +237,13 @@ class FirmwareSFTPServer(asyncssh.SFTPServer):
             raise SFTPFailure(f"non-sequential write at offset {offset} (expected {bridge.offset}); upload aborted")
         try:
             await bridge.write(data)
-        except SFTPFailure:
+        except SFTPFailure as e:
             self._status = EXIT_FAILED
+            if not bridge.told:
+                # the failed write may be the last request a client sends (pscp exits on it): the
+                # device's reason goes to stderr now, once, as on every transport
+                bridge.told = True
+                await Report(self._write_stderr).line(f"sshfwup: {e.reason}")
             raise
         return len(data)
 

@@ -199,8 +199,7 @@ CLIENTS = (
     Client("openssh-scp-O", "scp -O app.fw DEVICE:/fwup", "scp -t", "scp", scp_legacy, True, True),
     Client("openssh-sftp", "sftp -b - DEVICE <<< 'put app.fw /fwup'", "SFTP", "sftp", sftp_put, True, True),
     Client("putty-plink-s", "plink -s DEVICE fwup < app.fw", "fwup subsystem", "plink", plink_subsystem, True, True),
-    Client("putty-pscp-sftp", "pscp -sftp app.fw DEVICE:/fwup", "SFTP", "pscp", pscp_sftp, False, True,
-           "pscp ignores a failed close and exits 0; it prints the device's message"),  # fmt: skip
+    Client("putty-pscp-sftp", "pscp -sftp app.fw DEVICE:/fwup", "SFTP", "pscp", pscp_sftp, True, True),
     Client("putty-pscp-scp", "pscp -scp app.fw DEVICE:/fwup", "scp -t", "pscp", pscp_scp, True, True),
     Client("dropbear-dbclient-s", "dbclient -s DEVICE fwup < app.fw", "fwup subsystem", "dbclient",
            dbclient_subsystem, True, True),  # fmt: skip
