@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import Sim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +94,6 @@ async def test_the_readme_firmware_build_hot_swaps_on_a_simulated_device(tmp_pat
     import sys
 
     import anyio
-    from conftest import Sim
 
     from sshfwup.sim.device import SimDevice, cleanup
     from sshfwup.sim.host import free_port

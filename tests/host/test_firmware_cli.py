@@ -24,6 +24,7 @@ from typing import Any, Self
 
 import asyncssh
 import pytest
+from conftest import output, upload
 
 from sshfwup.host import firmware
 from sshfwup.firmware.keys import load_private_key, load_public_key
@@ -842,8 +843,6 @@ async def _diff_running(sim: Any, new: Path, running_fw: Path, capsys: pytest.Ca
 async def test_running_diff_predicts_the_devices_downgrade_refusal(
     sim: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from conftest import output, upload
-
     make = request.getfixturevalue("firmware")  # (the name `firmware` is the CLI module here)
     rc, out = await _diff_running(sim, make("0.9.0"), make("1.0.0"), capsys, "--json", "--fail-on-reboot")
     predicted = json.loads(out)["device"]
@@ -862,8 +861,6 @@ async def test_running_diff_predicts_the_devices_downgrade_refusal(
 async def test_running_diff_predicts_the_devices_pending_reboot_refusal(
     sim: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from conftest import output, upload
-
     make = request.getfixturevalue("firmware")
     assert (await upload(sim, make("2.0.0"))).returncode == 0  # hot swap: slot b boots next
     rc, out = await _diff_running(sim, make("3.0.0"), make("1.0.0"), capsys, "--json")
