@@ -104,6 +104,20 @@ def client_argv(transport: str, sim: Sim, port: int, fw: Path) -> tuple[list[str
             "--insecure-accept-host-key"], None  # fmt: skip
 
 
+def start_client(transport: str, sim: Sim, port: int, fw: Path) -> subprocess.Popen[bytes]:
+    """The real client, uploading ``fw`` to the device through ``port`` (the proxy)."""
+    argv, batch = client_argv(transport, sim, port, fw)
+    with fw.open("rb") as data:  # the client has its own copy of the descriptor
+        client = subprocess.Popen(argv, stdin=subprocess.PIPE if batch is not None else data,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    if batch is not None:
+        assert client.stdin is not None
+        client.stdin.write(batch)
+        client.stdin.close()
+        client.stdin = None  # communicate() must not flush it
+    return client
+
+
 async def second_client(sim: Sim, op: str, fw: Path) -> subprocess.CompletedProcess[bytes] | None:
     if op == "nothing":
         return None
@@ -138,14 +152,7 @@ async def run_cell(sim: Sim, fw: Path, transport: str, fault: str, op: str) -> N
     lock = DeviceLock(sim.device.run_dir / "update.lock")
     size = fw.stat().st_size
     proxy = FaultProxy(sim.port, lock.busy, Trigger(trigger_for(fault, size)))
-    argv, stdin = client_argv(transport, sim, proxy.port, fw)
-    client = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else fw.open("rb"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    if stdin is not None:
-        assert client.stdin is not None
-        client.stdin.write(stdin)
-        client.stdin.close()
-        client.stdin = None  # communicate() must not flush it
+    client = start_client(transport, sim, proxy.port, fw)
     try:
         await wait_until(proxy.paused.is_set, timeout=60, what=f"{transport}: the upload reaching the fault's point")
         if fault != "stall at the start":  # where it stopped: past the start, short of the end
@@ -249,14 +256,7 @@ async def trickle(sim: Sim, fw: Path, transport: str) -> None:
     lock = DeviceLock(sim.device.run_dir / "update.lock")
     before = snapshot(sim)
     proxy = FaultProxy(sim.port, lock.busy, Trigger(0))
-    argv, stdin = client_argv(transport, sim, proxy.port, fw)
-    client = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else fw.open("rb"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    if stdin is not None:
-        assert client.stdin is not None
-        client.stdin.write(stdin)
-        client.stdin.close()
-        client.stdin = None
+    client = start_client(transport, sim, proxy.port, fw)
     try:
         await wait_until(proxy.paused.is_set, timeout=60, what=f"{transport}: the upload holding the lock")
         proxy.resume(slow=SLOW)
