@@ -28,6 +28,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,26 @@ def start_client(transport: str, sim: Sim, port: int, fw: Path) -> subprocess.Po
     return client
 
 
+@contextmanager
+def upload_through_proxy(
+    sim: Sim, lock: DeviceLock, fw: Path, transport: str, trigger: Trigger
+) -> Iterator[tuple[FaultProxy, subprocess.Popen[bytes]]]:
+    """A real client uploading ``fw`` through a fault proxy; both gone when the block ends."""
+    proxy = FaultProxy(sim.port, lock.busy, trigger)
+    client = start_client(transport, sim, proxy.port, fw)
+    try:
+        yield proxy, client
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        proxy.close()
+
+
+async def client_output(client: subprocess.Popen[bytes]) -> str:
+    return (await anyio.to_thread.run_sync(lambda: client.communicate(timeout=60)[0])).decode(errors="replace")
+
+
 async def second_client(sim: Sim, op: str, fw: Path) -> subprocess.CompletedProcess[bytes] | None:
     if op == "nothing":
         return None
@@ -151,9 +173,7 @@ async def run_cell(sim: Sim, fw: Path, transport: str, fault: str, op: str) -> N
     before = snapshot(sim)
     lock = DeviceLock(sim.device.run_dir / "update.lock")
     size = fw.stat().st_size
-    proxy = FaultProxy(sim.port, lock.busy, Trigger(trigger_for(fault, size)))
-    client = start_client(transport, sim, proxy.port, fw)
-    try:
+    with upload_through_proxy(sim, lock, fw, transport, Trigger(trigger_for(fault, size))) as (proxy, client):
         await wait_until(proxy.paused.is_set, timeout=60, what=f"{transport}: the upload reaching the fault's point")
         if fault != "stall at the start":  # where it stopped: past the start, short of the end
             assert size // 3 < proxy.up < size, (fault, proxy.up, size)
@@ -178,12 +198,7 @@ async def run_cell(sim: Sim, fw: Path, transport: str, fault: str, op: str) -> N
                 proxy.resume()  # the client comes back: it hears how its upload ended
             elif fault == "TCP drop":
                 proxy.cut()
-        text = (await anyio.to_thread.run_sync(lambda: client.communicate(timeout=60)[0])).decode(errors="replace")
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-        proxy.close()
+        text = await client_output(client)
     await check_device(sim, transport, fault, before, client.returncode, text)
 
 
@@ -255,21 +270,14 @@ async def trickle(sim: Sim, fw: Path, transport: str) -> None:
     but would take longer than ``upload_timeout`` is ended by the total bound."""
     lock = DeviceLock(sim.device.run_dir / "update.lock")
     before = snapshot(sim)
-    proxy = FaultProxy(sim.port, lock.busy, Trigger(0))
-    client = start_client(transport, sim, proxy.port, fw)
-    try:
+    with upload_through_proxy(sim, lock, fw, transport, Trigger(0)) as (proxy, client):
         await wait_until(proxy.paused.is_set, timeout=60, what=f"{transport}: the upload holding the lock")
         proxy.resume(slow=SLOW)
         freed = await wait_free(lock, TOTAL + 10) - proxy.paused_at
         if not TOTAL - 0.5 <= freed <= TOTAL + MARGIN:
             client.kill()
             raise AssertionError(f"the lock was released {freed:.1f} s after the upload began: {client.communicate()[0]!r}")
-        text = (await anyio.to_thread.run_sync(lambda: client.communicate(timeout=60)[0])).decode(errors="replace")
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-        proxy.close()
+        text = await client_output(client)
     assert client.returncode != 0, text
     assert f"the upload took longer than {TOTAL:.0f} s ([server] upload_timeout); upload aborted" in text, text
     after = snapshot(sim)
