@@ -25,7 +25,7 @@ done
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/sshfwup-bench.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
-runs="lean throughput memory zero_downtime handoff preauth_flood delta"
+runs="lean throughput memory zero_downtime handoff front_kill preauth_flood delta"
 if [ -n "$slow" ]; then
     runs="$runs lean:--slow-cpu throughput:--slow-cpu memory:--slow-cpu"
 fi

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 import logging
 import sys
+from typing import Any
 from collections.abc import Sequence
 
 from . import __version__
@@ -72,19 +73,26 @@ exit status:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import anyio
-
     from .config import ConfigError, load_config
-    from .daemon import run_daemon
-    from sshfwup.supervisor.logring import RingFormatter
 
-    for handler in logging.getLogger().handlers:  # the app's output lines show its version too
-        handler.setFormatter(RingFormatter())
     try:
         config = load_config(args.config)
     except ConfigError as e:
         print(f"sshfwup serve: {e}", file=sys.stderr)
         return 2
+    if args.front is not None:
+        return _serve_front(args, config)
+    if config.server.event_loop == "asyncio":  # (uvloop imports ssl itself)
+        from sshfwup.system import no_tls
+
+        no_tls.install()  # the supervisor speaks no TLS: OpenSSL stays out of it (~4.5 MiB)
+    import anyio
+
+    from .daemon import run_daemon
+    from sshfwup.supervisor.logring import RingFormatter
+
+    for handler in logging.getLogger().handlers:  # the app's output lines show its version too
+        handler.setFormatter(RingFormatter())
     try:
         anyio.run(run_daemon, config, backend_options={"use_uvloop": _use_uvloop(config.server.event_loop)})
     except KeyboardInterrupt:
@@ -97,6 +105,20 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"sshfwup serve: {problem}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN if _cannot_listen(e) else 1
     return 0
+
+
+def _serve_front(args: argparse.Namespace, config: Any) -> int:
+    """The SSH front, started by the supervisor (``sshfwup/ssh/front.py``). Its lines go to the
+    supervisor on stderr as ``LEVEL logger: text``; the supervisor stamps and keeps them."""
+    import anyio
+
+    from sshfwup.ssh.front import parse_fds, run_front
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    listen, control = parse_fds(args.front)
+    return anyio.run(run_front, config, listen, control,
+                     backend_options={"use_uvloop": _use_uvloop(config.server.event_loop)})  # fmt: skip
 
 
 def _cannot_listen(error: BaseException) -> bool:
@@ -171,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see deploy/sshfwup.toml)")
+    # The supervisor starts its SSH front as `sshfwup serve --front LISTEN_FDS:CONTROL_FD`.
+    p.add_argument("--front", metavar="FDS", help=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

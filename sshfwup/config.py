@@ -87,6 +87,8 @@ class ServerConfig:
     max_upload_size: int = 0  # bytes; 0 = unlimited
     idle_timeout: float = 300.0  # an upload that sends nothing for this long is aborted
     upload_timeout: float = 3600.0  # a whole upload, from taking the update lock to its end; 0 = unlimited
+    front_idle_exit: float = 0.0  # > 0: the SSH front exits after this long without connections; started again by the next one
+    front_hang_timeout: float = 30.0  # the SSH front silent this long (it says it is alive every third of it): killed, restarted
     data_dir: Path = Path("/data/sshfwup")
     run_dir: Path = Path("/run/sshfwup")
     lock_file: Path = Path("/run/sshfwup/update.lock")
@@ -430,6 +432,10 @@ def _check_upload_bounds(server: ServerConfig, where: str) -> None:
     # are refused for every number already
     if not server.idle_timeout > 0:
         raise ConfigError(f"{where}: [server] idle_timeout: must be more than 0 seconds")
+    if server.front_idle_exit < 0:
+        raise ConfigError(f"{where}: [server] front_idle_exit: must not be negative (0: the SSH front always runs)")
+    if not server.front_hang_timeout >= 3:
+        raise ConfigError(f"{where}: [server] front_hang_timeout: must be at least 3 seconds")
 
 
 def _check(config: Config, where: str) -> None:

@@ -1,9 +1,16 @@
-"""``sshfwup serve``: the device-side service, start to finish.
+"""``sshfwup serve``: the supervisor process, start to finish.
+
+``sshfwup serve`` is two processes. This one, the supervisor, is long-lived and faces no network
+client: it owns the app (its sockets, instances, swaps and rollbacks), boot validation, the
+journal's recovery and the log ring. The SSH front (``sshfwup/ssh/front.py``: asyncssh, uploads,
+fwup) is its child, restarted at once when it dies (``supervisor/front_process.py``); the two speak
+over a local socket (``supervisor/control.py``). The front's death costs the app nothing: the
+update it cut is settled here (:func:`_settle_after_front`) the way a cut upload ends.
 
 Order matters:
 1. recover whatever a crash or power loss left (journal + boot env + mount table);
 2. start the application (from the running root, or from the mounted new slot after a hot swap);
-3. listen for uploads; tell the service manager READY=1;
+3. bind the SSH port and start the front on it; tell the service manager READY=1;
 4. on an unvalidated first boot, validate the firmware once the app stayed healthy for the
    observation window — or fall back to the other slot and reboot.
 """
@@ -15,7 +22,8 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 
@@ -26,14 +34,13 @@ from .app import notify
 from sshfwup.boot.bootenv import INCOMPLETE, ROLLED_BACK, BootEnvError, BootState, other_slot, slot_state_var
 from .config import Config
 from .device import Device
-from sshfwup.update.journal import FAILED_STAGES, Journal, Recovery, StageHook, plan_recovery
+from sshfwup.update.journal import ACTIVE_STAGES, FAILED_STAGES, Journal, Recovery, StageHook, plan_recovery
 from sshfwup.update import door
-from sshfwup.update.after_fwup import what_changed
 from sshfwup.update.lock import DeviceBusy
-from sshfwup.update.pipeline import slot_mount_point
-from sshfwup.system.ports import ListenError, describe_holders, port_holders
-from sshfwup.ssh.server import FirmwareServer
+from sshfwup.system.ports import ListenError, bind_ssh, describe_holders, port_holders
 from sshfwup.boot.slots import SlotError, is_mounted, mount_slot, mounts, unmount
+from sshfwup.supervisor.control import ControlServer, OrphanedSwap
+from sshfwup.supervisor.front_process import FrontExit, FrontProcess
 from sshfwup.supervisor.supervisor import AppNotReady, AppSource, Instance, Supervisor, SupervisorError
 
 log = logging.getLogger(__name__)
@@ -45,33 +52,42 @@ _CRASH_LOOP_LOCK_WAIT = 30.0
 # bind() errors that no restart fixes by itself: the address is taken, not ours, or not allowed.
 _BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
-__all__ = ["DaemonError", "run_daemon"]
+__all__ = ["DaemonError", "front_command", "run_daemon"]
 
 
 class DaemonError(Exception):
     """``sshfwup serve`` cannot run as configured; the message says what to fix."""
 
 
+
+def front_command(config: Config) -> list[str]:
+    """How the supervisor starts the SSH front: this install's ``sshfwup serve``, same config."""
+    if config.source is None:
+        raise DaemonError("the configuration has no file to hand to the SSH front (load it with --config)")
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    return [sys.executable, "-m", "sshfwup", "--log-level", level, "serve", "--config", str(config.source)]
+
+
 async def run_daemon(
     config: Config,
     *,
-    on_ready: Callable[[FirmwareServer], None] | None = None,
     on_stage: StageHook | None = None,  # tests' fault injection (see journal.StageHook)
+    front: Sequence[str] | None = None,  # the front's command (tests: one with a fault of its own)
 ) -> None:
     device = Device(config)
     device.journal = Journal(config.server.data_dir, on_stage=on_stage)
     _running_root(device)  # before any task group, so a wrong [device] setting reads as one message
-    server = FirmwareServer(config, device)
-    # Every log line (the app's output too, see the supervisor) also goes to `ssh device logs`.
+    command = list(front) if front is not None else front_command(config)
+    # Every log line (the app's output and the front's too) also goes to `ssh device logs`.
     root_logger = logging.getLogger()
     root_logger.addHandler(device.logs)
     try:
-        await _serve(device, server, on_ready)
+        await _serve(device, command)
     finally:
         root_logger.removeHandler(device.logs)
 
 
-async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[FirmwareServer], None] | None) -> None:
+async def _serve(device: Device, command: list[str]) -> None:
     config = device.config
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_unmount_slots, config.server.run_dir)  # runs last: the app is gone by then
@@ -88,17 +104,24 @@ async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[Fir
             except SupervisorError as e:
                 raise _listen_error(e, config) or e
             app_ok = await _start_app(device, plan, tg)
-        await server.start(tg)
-        stack.push_async_callback(server.close)
-        tg.start_soon(server.reboot_when_requested)
+        # Bound here, not in the front: they stay open while a front restarts, so a client
+        # connecting meanwhile waits in the backlog instead of being refused.
+        listeners = bind_ssh(config.server.listen, config.server.port)
+        for sock in listeners:
+            stack.callback(sock.close)
+        port = listeners[0].getsockname()[1]
+        control = ControlServer(device, on_orphaned_swap=functools.partial(_record_orphaned_swap, device))
+        front = FrontProcess(command, listeners, control, hang_timeout=config.server.front_hang_timeout,
+                             on_exit=functools.partial(_settle_after_front, device))  # fmt: skip
+        tg.start_soon(front.run, tg)
+        tg.start_soon(_reboot_when_requested, device)
         if plan.reboot:
             device.request_reboot(plan.message)
         else:
             tg.start_soon(_validate_after_boot, device, app_ok)
         tg.start_soon(_watchdog)
-        notify(f"READY=1\nSTATUS=listening on port {server.port}")
-        if on_ready is not None:
-            on_ready(server)
+        log.info("SSH on %s:%d: the SSH front serves it (a process of its own)", config.server.listen or "*", port)
+        notify(f"READY=1\nSTATUS=listening on port {port}")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
@@ -106,6 +129,14 @@ async def _serve(device: Device, server: FirmwareServer, on_ready: Callable[[Fir
         notify("STOPPING=1")
         await _stop_app(device)
         tg.cancel_scope.cancel()
+
+
+async def _reboot_when_requested(device: Device) -> None:
+    """A reboot the supervisor decided (a failed first boot, a reboot that never happened)."""
+    request = await device.wait_reboot_request()
+    await anyio.sleep(device.config.device.reboot_delay)
+    log.warning("rebooting: %s", request.reason)
+    await device.reboot()
 
 
 def _listen_error(error: SupervisorError, config: Config) -> ListenError | None:
@@ -161,7 +192,7 @@ async def _recover(device: Device) -> Recovery:
     if boot is not None and boot.slots[other_slot(root)].state == INCOMPLETE:
         # The mark is the interrupted upload's own (a refusal puts it back): the slot held a
         # whole firmware before it if it names one.
-        written = what_changed(other_slot(root), root, boot, wrote=False, was_whole=bool(boot.version(other_slot(root))))
+        written = _what_changed(other_slot(root), root, boot)
     plan = plan_recovery(device.journal.current, running_root=root, active=boot.active if boot else None,
                          written=written)  # fmt: skip
     log.info("start-up: running slot %s, boot env names slot %s; %s", root, boot.active if boot else "?", plan.message)
@@ -169,7 +200,7 @@ async def _recover(device: Device) -> Recovery:
     for warning in boot.warnings if boot else ():
         log.warning("BOOT CONTRACT WARNING: %s", warning)
     # Mounts of new slots left by a crashed run: none is in use (the app died with the server).
-    keep = slot_mount_point(device, plan.app_slot) if plan.mount_app_slot else None
+    keep = device.slot_mount_point(plan.app_slot) if plan.mount_app_slot else None
     for m in mounts():
         p = Path(m.mount_point)
         if p.parent == device.config.server.run_dir / "slots" and p != keep:
@@ -220,7 +251,7 @@ async def _start_app(device: Device, plan: Recovery, tg: anyio.abc.TaskGroup) ->
                     log.error("cannot revert the boot env to slot %s: %s", root, e)
             if device.journal is not None and device.journal.current is not None:
                 device.journal.advance("rolled-back", verdict=f"{source.version} failed after a restart: {e.reason}")
-            await _unmount_quietly(slot_mount_point(device, source.slot))
+            await _unmount_quietly(device.slot_mount_point(source.slot))
             return await _start_app(device, plan=Recovery(root, False), tg=tg)
     # Keep trying in the background: the SSH server must come up regardless, so a fixed
     # firmware can always be uploaded.
@@ -232,7 +263,7 @@ async def _source(device: Device, slot: str, boot: BootState | None) -> AppSourc
     version = (boot.version(slot) if boot is not None else None) or "unknown"
     if slot == device.running_root():
         return AppSource(device.config.device.root_mount, slot, version)
-    mount_point = slot_mount_point(device, slot)
+    mount_point = device.slot_mount_point(slot)
     await mount_slot(device.config.device.slot_device(slot), mount_point, fstype=device.config.device.rootfs_type)
     return AppSource(mount_point, slot, version)
 
@@ -359,11 +390,103 @@ async def _roll_back_crash_loop(device: Device, crashed: Instance, crashes: int)
                 )
             device.last_outcome = {"ok": False, "verdict": text}
             device.notify_status(f"running {version}; {crashed.version} rolled back after {crashes} crashes")
-            await _unmount_quietly(slot_mount_point(device, slot), attempts=20)  # its processes are all gone
+            await _unmount_quietly(device.slot_mount_point(slot), attempts=20)  # its processes are all gone
             return AppSource(device.config.device.root_mount, root, version)
     except DeviceBusy as e:
         log.warning("cannot roll back %s now (%s); restarting it meanwhile", crashed.version, e)
         return None
+
+
+async def _record_orphaned_swap(device: Device, orphan: OrphanedSwap) -> None:
+    """A swap ended after the front that asked for it died: record the ending it could not. Runs
+    while the supervisor still holds the front's update lock (see control.py)."""
+    journal = device.journal
+    rec = journal.current if journal is not None else None
+    if journal is None or rec is None or rec.stage not in ("swapping", "observing") or rec.to_slot != orphan.source.slot:
+        return
+    new, version = orphan.source.slot, orphan.source.version
+    old = rec.from_slot or device.running_root() or other_slot(new)
+    if orphan.swapped:
+        text = (f"hot reload: {rec.from_version or '?'} → {version}; the SSH front died during the swap, so the "
+                f"uploader was not told; slot {new} boots next (reboot pending, not yet validated)")
+        journal.advance("hot", app_slot=new, app_root=str(orphan.source.root), app_version=version, verdict=text)
+        device.last_outcome = {"ok": True, "verdict": text}
+        device.notify_status(f"running {version} (hot); reboot pending")
+    else:
+        await _unmount_quietly(device.slot_mount_point(new), attempts=20)
+        env = await device.give_up_slot(old, new, version)
+        text = (f"hot reload failed: {orphan.error}; rolled back: {rec.from_version or '?'} keeps serving; {env} "
+                f"(the SSH front died during the swap, so the uploader was not told)")
+        journal.advance("rolled-back", app_slot=old, app_version=rec.from_version, verdict=text)
+        device.last_outcome = {"ok": False, "verdict": text}
+    log.warning("%s", text)
+
+
+async def _settle_after_front(device: Device, ended: FrontExit) -> None:
+    """The SSH front died. If it left an update midway, end it as a cut upload ends: before fwup's
+    verdict nothing is switched (the boot env goes back where it was, a slot fwup began on stays
+    marked incomplete); once fwup had applied the firmware the update is complete, for the next
+    boot (reboot pending; no hot swap without an uploader to tell). A swap in progress holds the
+    front's lock until it has recorded its own ending, so this waits for it. The app is not touched."""
+    journal = device.journal
+    rec = journal.current if journal is not None else None
+    if journal is None or rec is None or rec.stage not in ACTIVE_STAGES:
+        return
+    cause = f"the SSH front {ended.describe()}"
+    try:
+        async with _update_lock(device, f"settling the update the SSH front left at '{rec.stage}'"):
+            now = journal.current
+            if now is None or now.id != rec.id or now.stage not in ACTIVE_STAGES:
+                return  # ended meanwhile (a swap's own record), or a new upload began
+            root = device.running_root()
+            if root is None:
+                return
+            try:
+                boot: BootState | None = await device.boot_state()
+            except BootEnvError as e:
+                log.error("cannot read the boot env to settle the cut update: %s", e)
+                boot = None
+            if now.stage == "receiving":
+                written = None
+                other = other_slot(root)
+                if boot is not None and boot.slots[other].state == INCOMPLETE:
+                    written = _what_changed(other, root, boot)
+                plan = plan_recovery(now, running_root=root, active=boot.active if boot else None, written=written)
+                if plan.revert_to is not None:
+                    await device.bootenv.revert_to(plan.revert_to)
+                text = f"{cause} during the upload: {plan.message}"
+                journal.advance(plan.stage or "interrupted", verdict=text)
+                ok = False
+            elif now.stage in ("applied", "mounted", "inspected"):
+                await _unmount_quietly(device.slot_mount_point(now.to_slot or other_slot(root)), attempts=20)
+                text = (f"{cause} after fwup had applied {now.to_version or 'the new firmware'} (at stage "
+                        f"'{now.stage}'): it is installed in slot {now.to_slot} and boots next (reboot pending, "
+                        f"on trial until it validates); {now.from_version or 'the old version'} keeps running")
+                journal.advance("installed", verdict=text)
+                ok = True
+            else:  # swapping, observing: the swap ended, its front died before it recorded how
+                sup = device.supervisor
+                current = sup.current if sup is not None else None
+                if current is not None and current.source.slot == now.to_slot:
+                    await _record_orphaned_swap(device, OrphanedSwap(current.source, True))
+                else:
+                    slot = now.to_slot or other_slot(root)
+                    source = AppSource(device.slot_mount_point(slot), slot, now.to_version or "?")
+                    await _record_orphaned_swap(device, OrphanedSwap(source, False, "it did not take over"))
+                return
+            device.last_outcome = {"ok": ok, "verdict": text}
+            log.warning("%s", text)
+    except DeviceBusy as e:
+        log.error("cannot settle the update the SSH front left at '%s': %s", rec.stage, e)
+
+
+def _what_changed(slot: str, root: str, boot: BootState) -> str:
+    """What an interrupted upload left in ``slot`` (marked incomplete; it held a whole firmware
+    before if it names one). Imported here only: after_fwup brings the upload path (fwup's
+    framing and the like), which the supervisor needs only after an upload was cut."""
+    from sshfwup.update.after_fwup import what_changed
+
+    return what_changed(slot, root, boot, wrote=False, was_whole=bool(boot.version(slot)))
 
 
 def _update_lock(device: Device, who: str, timeout: float = 600) -> AbstractAsyncContextManager[None]:

@@ -7,9 +7,11 @@ commands, so none of them reaches for globals or re-reads configuration.
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -24,6 +26,7 @@ from sshfwup.boot.slots import running_root
 
 if TYPE_CHECKING:
     from sshfwup.update.journal import Journal
+    from sshfwup.supervisor.client import SupervisorClient
     from sshfwup.supervisor.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -153,16 +156,22 @@ class Device:
             bootenv = make_contract(config.boot.contract, env, health_gated=bool(config.app.command), config=config)
         self.bootenv: BootContract = bootenv
         self.lock = DeviceLock(config.server.lock_file)
+        # In the supervisor process: the app's owner. In the SSH front: None, and ``app`` asks the
+        # supervisor over the local socket instead (None there too when no app is configured).
         self.supervisor: Supervisor | None = None
+        self.app: SupervisorClient | None = None
         self.journal: Journal | None = None
         self.reboot_requested: RebootRequest | None = None
         self._reboot_event = anyio.Event()
-        self.last_outcome: dict[str, Any] | None = None
+        self._last_outcome: dict[str, Any] | None = None
+        self.last_outcome_at = 0.0  # time.time() it was set: the newer of the two processes' counts
+        self.status_relay: Callable[[str], None] | None = None
         self.progress = ProgressTracker(self.notify_status)
         self.logs = LogRing()  # the daemon attaches it to the root logger
         # Changes with every start of the server (so with every boot): `upload --wait` tells a
         # device that came back from one that has not gone down yet.
-        self.instance = secrets.token_hex(8)
+        self.instance = os.urandom(8).hex()  # (not `secrets`: it loads OpenSSL's libcrypto)
+        self.server_pid = os.getpid()  # the supervisor's (the SSH front learns it from hello)
         self.started = time.time()
 
     def update_progress(self) -> UpdateProgress | None:
@@ -182,12 +191,33 @@ class Device:
             )
         return now
 
+    def slot_mount_point(self, slot: str) -> Path:
+        """Where a slot other than the running root is mounted read-only (inspection, a hot swap)."""
+        return self.config.server.run_dir / "slots" / slot
+
     def running_root(self) -> str | None:
         """The slot mounted as the root filesystem (from the mount table), or None."""
         return running_root(self.config.device.root_mount, self.config.device.slots)
 
+    @property
+    def last_outcome(self) -> dict[str, Any] | None:
+        """How the last update ended (``ok``, ``verdict``), as ``status`` shows it."""
+        return self._last_outcome
+
+    @last_outcome.setter
+    def last_outcome(self, outcome: dict[str, Any] | None) -> None:
+        self._last_outcome = outcome
+        self.last_outcome_at = time.time()
+
+    @property
+    def rebooting(self) -> str | None:
+        return self.reboot_requested.reason if self.reboot_requested else None
+
     def notify_status(self, text: str) -> None:
         """A STATUS= line for the service manager (systemd shows it in `systemctl status`)."""
+        if self.status_relay is not None:
+            self.status_relay(text)  # the SSH front: only the service's main process may notify
+            return
         from .app import notify
 
         notify(f"STATUS={text}")

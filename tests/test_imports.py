@@ -16,8 +16,19 @@ import sys
 import pytest
 
 # What `sshfwup serve` loads before it serves anything: the console script's module, then
-# cli._serve's own imports (see sshfwup/cli.py).
+# cli._serve's own imports (see sshfwup/cli.py). That is the supervisor, the process that lives
+# all the time; the SSH front (`serve --front`, its child) adds what FRONT_IMPORTS does.
 SERVE_IMPORTS = "import sshfwup.cli, sshfwup.config, sshfwup.daemon, sshfwup.supervisor.logring"
+FRONT_IMPORTS = "import sshfwup.cli, sshfwup.config, sshfwup.ssh.front"
+
+# Never in the supervisor: the SSH stack and what parses a client's or an image's bytes (they
+# are the front's), and OpenSSL's libcrypto through hashlib/secrets (~4 MiB of a process meant
+# to stay small).
+SUPERVISOR_DENIED = (
+    r"asyncssh(\..*)?", r"cryptography(\..*)?", r"sshfwup\.ssh\.(server|front|sftp|scp|gate|commands)",
+    r"sshfwup\.update\.(pipeline|update|fwup|holdback|intake)", r"sshfwup\.firmware\.(inspect|archive|zipstream)",
+    r"_hashlib|secrets|hmac",
+)
 
 # Module name patterns (full names, re.fullmatch) that `serve` must not import.
 DENIED = (
@@ -59,10 +70,20 @@ def denied(modules: dict[str, int]) -> list[str]:
     return sorted(name for name in modules if any(re.fullmatch(pattern, name) for pattern in DENIED))
 
 
-def test_serve_imports_nothing_host_side() -> None:
-    modules = imported_modules(SERVE_IMPORTS)
-    assert "asyncssh" in modules and "sshfwup.daemon" in modules  # the listing is real
+@pytest.mark.parametrize("statement", [SERVE_IMPORTS, FRONT_IMPORTS], ids=["supervisor", "front"])
+def test_serve_imports_nothing_host_side(statement: str) -> None:
+    modules = imported_modules(statement)
+    assert "anyio" in modules and "sshfwup.config" in modules  # the listing is real
     assert denied(modules) == [], "sshfwup serve imports host-side modules; import them where they are used"
+
+
+def test_the_supervisor_imports_no_ssh_and_no_openssl_hash() -> None:
+    supervisor = imported_modules(SERVE_IMPORTS)
+    assert "sshfwup.daemon" in supervisor and "sshfwup.supervisor.front_process" in supervisor
+    found = sorted(n for n in supervisor if any(re.fullmatch(p, n) for p in SUPERVISOR_DENIED))
+    assert found == [], f"the supervisor process imports {found}: they belong to the SSH front"
+    front = imported_modules(FRONT_IMPORTS)  # the same check sees them where they belong
+    assert "asyncssh" in front and "sshfwup.ssh.server" in front and "sshfwup.update.update" in front
 
 
 @pytest.mark.parametrize(

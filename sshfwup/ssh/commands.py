@@ -17,6 +17,7 @@ import asyncssh
 from sshfwup import __version__
 from sshfwup.boot.bootenv import BootEnvError
 from sshfwup.device import Device
+from sshfwup.supervisor.errors import SupervisorError
 from sshfwup.update import door
 from sshfwup.update.lock import DeviceBusy
 from sshfwup.update.update import EXIT_FAILED, EXIT_OK, Uploader
@@ -84,13 +85,14 @@ async def status(device: Device) -> dict[str, Any]:
         # what `sshfwup firmware diff --running` needs to apply the device's rules (update/rules.py)
         "update_rules": _update_rules(device),
         "app": None,
-        "last_update": device.last_outcome,
+        "last_update": device.last_outcome,  # (the supervisor's own, when newer: _app_state)
         "update_in_progress": device.lock.busy(),
         "update": None,
         "rebooting": device.reboot_requested.reason if device.reboot_requested else None,
         "server": {
             "version": __version__,
-            "pid": os.getpid(),
+            "pid": device.server_pid,  # the supervisor: the service's main process
+            "front_pid": os.getpid(),  # the SSH front answering (restarted at once when it dies)
             "instance": device.instance,
             "uptime": round(time.time() - device.started, 1),
         },
@@ -98,35 +100,30 @@ async def status(device: Device) -> dict[str, Any]:
     progress = device.update_progress()
     if progress is not None:
         out["update"] = progress.to_json()
-    sup = device.supervisor
-    out["app_down"] = None
-    out["app_last_exit"] = None
-    if sup is not None and sup.current is not None:
-        inst = sup.current
-        out["app"] = {
-            "pid": inst.pid,
-            "version": inst.source.version,
-            "slot": inst.source.slot,
-            "root": str(inst.source.root),
-            "uptime": round(time.monotonic() - inst.started_at, 1),
-            "restarts": getattr(inst, "restarts", 0),
-            # "exited": crashed, waiting for its restart (app_down says why)
-            "state": "exited" if inst.returncode is not None else "running" if inst.ready_at else "starting",
-        }
-    if sup is not None:
-        now = time.monotonic()
-        if sup.outage is not None:
-            out["app_down"] = {
-                "reason": sup.outage.reason,
-                "for": round(now - sup.outage.since, 1),
-                "next_attempt_in": round(max(0.0, sup.outage.next_attempt - now), 1)
-                if sup.outage.next_attempt is not None else None,
-            }  # fmt: skip
-        if sup.last_exit is not None:
-            out["app_last_exit"] = sup.last_exit.to_json()
+    out.update(await _app_state(device))
     if device.journal is not None:
         out["journal"] = device.journal.summary()
         out["journal_error"] = device.journal.error
+    return out
+
+
+async def _app_state(device: Device) -> dict[str, Any]:
+    """What the supervisor says of the app (it owns it: another process), and of the last update
+    when it recorded an ending itself since (a validation, a crash-loop rollback)."""
+    out: dict[str, Any] = {"app": None, "app_down": None, "app_last_exit": None}
+    if device.app is None:
+        return out
+    try:
+        state = await device.app.state()
+    except SupervisorError as e:
+        out["app_down"] = {"reason": f"unknown: {e}", "for": 0.0, "next_attempt_in": None}
+        return out
+    out.update({k: state.get(k) for k in ("app", "app_down", "app_last_exit")})
+    theirs = state.get("last_outcome")
+    if theirs and (device.last_outcome is None or float(state.get("last_outcome_at") or 0) > device.last_outcome_at):
+        out["last_update"] = theirs
+    if state.get("rebooting") and not device.reboot_requested:
+        out["rebooting"] = state["rebooting"]
     return out
 
 

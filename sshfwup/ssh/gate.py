@@ -35,6 +35,8 @@ from typing import Any
 
 import asyncssh
 
+from sshfwup.system.ports import bind_tcp
+
 from .admission import Admission, Refused, Ticket
 
 log = logging.getLogger(__name__)
@@ -130,30 +132,36 @@ class Gate:
         self._saying_no = 0
         self._pump_soon = False
         self.sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
 
     async def listen(self, host: str, port: int) -> None:
         """Bind ``host:port`` (every address it resolves to) and start accepting. OSError as bind's."""
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                self.sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address if port else (*address[:1], self._port_of_first(), *address[2:]))
-                sock.listen(128)
-                sock.setblocking(False)
-        except OSError:
-            self._close_sockets()
-            raise
+        self.adopt(bind_tcp(host, port))
+
+    def adopt(self, sockets: list[socket.socket]) -> None:
+        """Accept on listening sockets bound elsewhere (by the supervisor, which keeps them open
+        while this process restarts: connections wait in the backlog meanwhile)."""
+        for sock in sockets:
+            sock.setblocking(False)
+            self.sockets.append(sock)
         for sock in self.sockets:
-            self._spawn(self._accept(sock))
+            self._accepting.append(self._spawn(self._accept(sock)))
         self._spawn(self._tick())
 
-    def _port_of_first(self) -> int:
-        # port 0 on several addresses: all on the port the first one got
-        return self.sockets[0].getsockname()[1] if len(self.sockets) > 1 else 0
+    def stop_accepting(self) -> None:
+        """Accept no more, at once (no await): a connection not yet accepted stays in the
+        listening socket's backlog, for whoever accepts next (a new front)."""
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())  # also cancels a callback already due this turn
+        for task in self._accepting:
+            task.cancel()
+        self._accepting.clear()
+
+    @property
+    def waiting(self) -> int:
+        """Connections accepted and held unanswered for room (see the module docstring)."""
+        return len(self._queue)
 
     async def close(self) -> None:
         """Stop accepting; refuse nothing more; what is queued is closed (the server is going)."""
@@ -181,10 +189,11 @@ class Gate:
 
     # --- accepting ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -16,7 +16,6 @@ authenticated connection that runs nothing for ``session_idle_timeout`` is close
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -37,7 +36,7 @@ from .authkeys import AuthorizedKeys, SessionRequest, resolve_session
 from .gate import Gate, Place
 from sshfwup.config import Config
 from sshfwup.system.fsutil import write_atomically
-from sshfwup.system.ports import ListenError, describe_holders
+from sshfwup.system.ports import bind_ssh
 from sshfwup.device import Device
 from sshfwup.update.intake import CUT, Intake, UploadBounds
 from sshfwup.update.report import Report
@@ -136,6 +135,7 @@ class _Connection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._place.conn, self._place.on_drop = conn, self._shed
+        self._app.connections += 1
         log.info("connection from %s", self._peer)
 
     def _shed(self) -> None:
@@ -153,6 +153,7 @@ class _Connection(asyncssh.SSHServer):
             self._app.logged_in -= 1
             self._logged_in = False
         self._idle_watch.cancel()
+        self._app.connections -= 1
         log.info("connection from %s closed%s", self._peer, f": {exc}" if exc else "")
 
     def begin_auth(self, username: str) -> bool:
@@ -255,6 +256,7 @@ class FirmwareServer:
         self.gate = Gate(self.admission, self._run_connection, login_timeout=cfg.login_timeout,
                          queue_per_source=cfg.startup_queue_per_source, queue_total=cfg.startup_queue)  # fmt: skip
         self.logged_in = 0  # authenticated connections
+        self.connections = 0  # open SSH connections (asyncssh's), logged in or not yet
         self._options: asyncssh.SSHServerConnectionOptions | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -285,20 +287,13 @@ class FirmwareServer:
         assert self._tg is not None
         self._tg.start_soon(watch)
 
-    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+    async def start(self, tg: anyio.abc.TaskGroup, sockets: list[socket.socket] | None = None) -> None:
+        """Serve on ``sockets`` (bound by the supervisor: :func:`bind_ssh`), or bind them here."""
         cfg = self.config.server
         self._tg = tg
         host_key = load_or_create_host_key(cfg.host_key)
-        try:
-            self._options = self._connection_options(host_key, tg)
-            await self.gate.listen(cfg.listen, cfg.port)
-        except OSError as e:
-            # asyncio's message ("error while attempting to bind on address ...") names neither
-            # the setting nor who holds the port; an operator needs both.
-            where = f"{cfg.listen}:{cfg.port}"
-            holder = f"; {describe_holders(cfg.port)}" if e.errno == errno.EADDRINUSE else ""
-            reason = os.strerror(e.errno).lower() if e.errno else str(e)
-            raise ListenError(f"cannot listen for SSH on {where} ([server] listen, port): {reason}{holder}") from e
+        self._options = self._connection_options(host_key, tg)
+        self.gate.adopt(sockets if sockets is not None else bind_ssh(cfg.listen, cfg.port))
         log.info("listening on %s:%d (host key %s)", cfg.listen, self.port, host_key.get_fingerprint())
 
     def _connection_options(self, host_key: asyncssh.SSHKey, tg: anyio.abc.TaskGroup) -> asyncssh.SSHServerConnectionOptions:

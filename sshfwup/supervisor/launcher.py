@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -92,7 +91,7 @@ class InstanceIds:
 
     def __init__(self, marker: str) -> None:
         self._marker = marker
-        self._token = secrets.token_hex(4)  # instance ids stay unique across supervisors
+        self._token = os.urandom(4).hex()  # instance ids stay unique across supervisors
         self._spawned = 0
 
     def next(self) -> str:

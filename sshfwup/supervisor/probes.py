@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 import socket
 import struct
 from typing import Any
@@ -46,7 +45,7 @@ _TCPI_UNACKED_OFFSET = 24  # struct tcp_info: 8 one-byte fields, rto, ato, snd_m
 def open_notify_socket() -> tuple[socket.socket, str]:
     """A datagram socket for one instance's sd_notify messages, in the abstract namespace."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    name = f"sshfwup-notify-{os.getpid()}-{secrets.token_hex(8)}"
+    name = f"sshfwup-notify-{os.getpid()}-{os.urandom(8).hex()}"
     sock.bind("\0" + name)
     return sock, "@" + name
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import functools
 import grp
-import hashlib
 import json
 import logging
 import os
 import pwd
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +133,10 @@ def _group_id(name: str, key: str) -> int:
 
 def cgroup_for(parent: Path, instance_id: str) -> Path:
     """The cgroup of one instance: a fixed name per instance id, so it can be found to release."""
-    return parent / (_CGROUP_PREFIX + hashlib.sha256(instance_id.encode()).hexdigest()[:16])
+    # Two checksums, not a hash from hashlib: that loads OpenSSL's libcrypto into the supervisor
+    # (~4 MiB of a process meant to stay small), and a name needs no cryptography.
+    raw = instance_id.encode()
+    return parent / f"{_CGROUP_PREFIX}{zlib.crc32(raw):08x}{zlib.adler32(raw):08x}"
 
 
 def _cgroup_parent(setting: str) -> Path | None:

@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-__all__ = ["ListenError", "PortHolder", "describe_holders", "port_holders", "port_problem"]
+__all__ = ["ListenError", "PortHolder", "bind_ssh", "bind_tcp", "describe_holders", "port_holders", "port_problem"]
 
 _TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
@@ -121,3 +121,37 @@ def port_problem(host: str, port: int) -> str | None:
                 return f"{host}:{port} is in use: {describe_holders(port)}"
             return f"cannot bind {host}:{port}: {e.strerror or e}"
     return None
+
+
+def bind_tcp(host: str, port: int, *, backlog: int = 128) -> list[socket.socket]:
+    """Listening TCP sockets on ``host:port``, one per address it resolves to (port 0 on several
+    addresses: all on the port the first one got). OSError as bind's; nothing is left open."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            first = sockets[0].getsockname()[1] if len(sockets) > 1 else 0
+            sock.bind(address if port else (*address[:1], first, *address[2:]))
+            sock.listen(backlog)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def bind_ssh(listen: str, port: int) -> list[socket.socket]:
+    """The SSH port's listening sockets ([server] listen, port). ListenError names the setting
+    and who holds the port: bind's own message names neither, and an operator needs both."""
+    try:
+        return bind_tcp(listen, port)
+    except OSError as e:
+        where = f"{listen}:{port}"
+        holder = f"; {describe_holders(port)}" if e.errno == errno.EADDRINUSE else ""
+        reason = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise ListenError(f"cannot listen for SSH on {where} ([server] listen, port): {reason}{holder}") from e

@@ -21,11 +21,13 @@ __all__ = [
     "Sweep",
     "alive",
     "argv",
+    "children",
     "command_line",
     "end_processes_with",
     "processes_with",
     "processes_with_variables",
     "send_signal",
+    "ssh_front",
     "start_time",
     "wait_gone",
 ]
@@ -85,6 +87,26 @@ def argv(pid: int) -> list[str]:
     """``/proc/<pid>/cmdline`` as a list; empty when gone, unreadable or a kernel thread."""
     raw = _read(pid, "cmdline")
     return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg] if raw else []
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a scan of /proc)."""
+    kids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_after_comm(int(entry.name))
+            if fields and len(fields) > 1 and fields[1] == str(pid):
+                kids.append(int(entry.name))
+    return kids
+
+
+def ssh_front(server_pid: int) -> int | None:
+    """The SSH front of the ``sshfwup serve`` whose pid is ``server_pid``: its child started
+    with ``--front`` (docs/ARCHITECTURE.md, "Two processes"); None while none runs."""
+    for kid in children(server_pid):
+        if "--front" in argv(kid):
+            return kid
+    return None
 
 
 def command_line(pid: int) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -93,8 +93,32 @@ class Journal:
     def __init__(self, data_dir: Path, *, on_stage: StageHook | None = None) -> None:
         self.path = data_dir / "journal.json"
         self.error: str | None = None  # why the last write failed (status shows it)
-        self.current: Record | None = self._load()
+        self._seen: tuple[int, int, int] | None = self._stamp()
+        self._current: Record | None = self._load()
         self._on_stage = on_stage
+
+    @property
+    def current(self) -> Record | None:
+        """The record as on disk: the other process of ``sshfwup serve`` (supervisor or SSH front)
+        may have advanced it since (every write replaces the file: a new inode). While the disk
+        refuses writes (``error``), the record in memory is the truth."""
+        if self.error is None:
+            stamp = self._stamp()
+            if stamp != self._seen and stamp is not None:
+                self._seen = stamp
+                self._current = self._load()
+        return self._current
+
+    @current.setter
+    def current(self, rec: Record | None) -> None:
+        self._current = rec
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _load(self) -> Record | None:
         try:
@@ -111,7 +135,7 @@ class Journal:
 
     def begin(self, **fields: Any) -> Record:
         now = time.time()
-        rec = Record(id=uuid.uuid4().hex[:12], stage="receiving", started=now, updated=now, **fields)
+        rec = Record(id=os.urandom(6).hex(), stage="receiving", started=now, updated=now, **fields)  # (not uuid: it imports platform)
         rec = replace(rec, history=(("receiving", now),))
         self._write(rec)
         return rec
@@ -144,6 +168,7 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self.path, data, mode=0o644, durable=True)  # the rename must survive a power loss
             self.error = None
+            self._seen = self._stamp()
         except OSError as e:
             # A full or read-only data partition must not stop a fix from being uploaded: the
             # record stays in memory, status says it is not on disk, and recovery after a crash

@@ -55,6 +55,10 @@ class DeviceLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int | None:
+        """The locked descriptor while held (the SSH front hands it to the supervisor for a swap)."""
+        return self._fd
+
     def acquire(self, who: str, *, brief: bool = False) -> None:
         if self._fd is not None:
             raise DeviceBusy(self.holder())

@@ -24,7 +24,8 @@ from .installed import recorded_resources
 from . import door
 from .lock import DeviceBusy
 from sshfwup.boot.slots import SlotError, mount_slot, unmount
-from sshfwup.supervisor.supervisor import AppSource, SwapFailed
+from sshfwup.supervisor.errors import SupervisorError, SwapFailed
+from sshfwup.supervisor.instance import AppSource
 from .update import Outcome, UpdateContext, Uploader
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,6 @@ def listen_drops() -> int:
     return 0
 
 
-def slot_mount_point(device: Device, slot: str) -> Path:
-    return device.config.server.run_dir / "slots" / slot
-
 
 async def run(ctx: UpdateContext) -> Outcome:
     device, report, cfg = ctx.device, ctx.report, ctx.device.config
@@ -71,7 +69,7 @@ async def run(ctx: UpdateContext) -> Outcome:
         journal.advance("applied", to_slot=new, to_version=new_version)
 
     # 1. mount the new slot read-only
-    mount_point = slot_mount_point(device, new)
+    mount_point = device.slot_mount_point(new)
     t = time.monotonic()
     try:
         await mount_slot(cfg.device.slot_device(new), mount_point, fstype=cfg.device.rootfs_type)
@@ -91,14 +89,19 @@ async def run(ctx: UpdateContext) -> Outcome:
         # Everything the .fw installs counts: a kernel or boot file beside the root filesystem too.
         installed = recorded_resources(cfg.server.data_dir, old, ctx.boot.slots[old].uuid)
         verdict = with_resources(verdict, installed, {n: (size, h) for n, size, h in ctx.firmware.resources})
-    if verdict.hot and device.supervisor is None:
+    if verdict.hot and device.app is None:
         verdict = replace(verdict, hot=False, reasons=("no application is supervised ([app] command is empty)",))
-    elif verdict.hot and device.supervisor.current is None:
-        # The booted firmware's app never started (the daemon keeps retrying it): there is no
-        # version to swap from, and the new one is proved at boot like any firmware.
-        down = device.supervisor.outage
-        why = f"the app is not running ({down.reason})" if down else "the app is not running"
-        verdict = replace(verdict, hot=False, reasons=(f"{why}: nothing to swap; the new firmware starts at boot",))
+    elif verdict.hot:
+        try:
+            app = await device.app.state()
+        except SupervisorError as e:
+            app = {"app": None, "app_down": {"reason": str(e)}}
+        if app["app"] is None:
+            # The booted firmware's app never started (the supervisor keeps retrying it): there is
+            # no version to swap from, and the new one is proved at boot like any firmware.
+            down = app.get("app_down")
+            why = f"the app is not running ({down['reason']})" if down else "the app is not running"
+            verdict = replace(verdict, hot=False, reasons=(f"{why}: nothing to swap; the new firmware starts at boot",))
     changed = sum(1 for c in verdict.changes)
     await report.line(
         f"sshfwup: inspected {old_version} → {new_version}: {verdict.summary()}"
@@ -117,21 +120,23 @@ async def run(ctx: UpdateContext) -> Outcome:
         return Outcome(True, text, reboot=True, details={"verdict": verdict.to_json()})
 
     # 3b. hot swap
-    assert device.supervisor is not None
+    assert device.app is not None
     if journal is not None:
         journal.advance("swapping")
     drops_before = listen_drops()
     device.notify_status(f"swapping the app to {new_version}")
     try:
-        result = await device.supervisor.swap(
+        # The supervisor swaps (it owns the app); should this process die meanwhile, it finishes
+        # the swap and records its ending itself (daemon.record_orphaned_swap).
+        result = await device.app.swap(
             AppSource(mount_point, new, new_version), report=lambda line: report.line(f"sshfwup: {line}")
         )
     except SwapFailed as e:
         return await _roll_back(ctx, old, new, old_version, new_version, str(e))
     drops = max(0, listen_drops() - drops_before)
     total = time.monotonic() - t_ok
-    serving = getattr(result, "ready_at", None)
-    handoff = getattr(result, "handoff", "")
+    serving = result.ready_at
+    handoff = result.handoff
     handed = f"; {handoff}" if handoff else ""  # "handed over 3 connections, 1.2 KiB of state"
     text = (
         f"hot reload: {old_version} → {new_version} in {total:.1f} s, {drops} connections refused{handed}; "
@@ -150,7 +155,7 @@ async def run(ctx: UpdateContext) -> Outcome:
 
 async def _roll_back(ctx: UpdateContext, old: str, new: str, old_version: str, new_version: str, reason: str) -> Outcome:
     device = ctx.device
-    await _unmount_quietly(slot_mount_point(device, new))
+    await _unmount_quietly(device.slot_mount_point(new))
     reverted = await device.give_up_slot(old, new, new_version)
     text = f"hot reload failed: {reason}; rolled back: {old_version} keeps serving; {reverted}"
     if reverted.startswith("boot env reverted"):
@@ -173,7 +178,7 @@ def _overwritten(ctx: UpdateContext, slot: str, version: str) -> str:
 async def _abandon(ctx: UpdateContext, old: str, new: str, reason: str) -> Outcome:
     """Something broke before the swap: the old version never stopped; keep the old firmware."""
     device = ctx.device
-    await _unmount_quietly(slot_mount_point(device, new))
+    await _unmount_quietly(device.slot_mount_point(new))
     try:
         await device.bootenv.revert_to(old, also={slot_state_var(new): ROLLED_BACK})
         tail = f"boot env reverted to slot {old}"
@@ -235,13 +240,13 @@ async def revert(device: Device, who: Uploader) -> str:
         if boot.active is not None and boot.active != root:
             version = boot.version(root) or "?"
             await device.bootenv.revert_to(root)
-            sup = device.supervisor
-            if sup is not None and sup.current is not None and sup.current.source.slot != root:
+            app = (await device.app.state())["app"] if device.app is not None else None
+            if device.app is not None and app is not None and app["slot"] != root:
                 try:
-                    await sup.swap(AppSource(device.config.device.root_mount, root, version))
+                    await device.app.swap(AppSource(device.config.device.root_mount, root, version))
                 except SwapFailed as e:
                     raise PipelineError(f"boot env reverted to slot {root}, but the app could not swap back: {e}") from None
-                await _unmount_quietly(slot_mount_point(device, boot.active))
+                await _unmount_quietly(device.slot_mount_point(boot.active))
             if device.journal is not None and device.journal.current is not None:
                 device.journal.advance("reverted", app_slot=root, app_version=version, verdict=f"reverted by {who}")
             log.warning("reverted to %s in slot %s by %s", version, root, who)

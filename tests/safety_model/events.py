@@ -3,9 +3,14 @@ reboots, validate and revert; each drives the device and waits until it is at re
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from typing import Any
+
+from sshfwup.system import procs
+from sshfwup.update.journal import ACTIVE_STAGES
 
 from .changes import Result, check_change
 from .device import ALLOWED_REFUSALS, ModelledDevice, ModelViolation, garbage, snapshot, upload_in_background
@@ -161,6 +166,38 @@ def ev_power_cut(dev: ModelledDevice, param: Any = None) -> Result:
     return Result(None)
 
 
+def ev_front_killed(dev: ModelledDevice, param: Any = None) -> Result:
+    """The rule "front killed": SIGKILL of the SSH front at any instant of an upload (0–2.5 s in)
+    restarts nothing but the front — the supervisor and the boot stay (unless the upload had
+    already asked for its reboot) — and leaves no update half-way: once settled, the journal is at
+    an ending and the lock is free. What it may change of the env and the slots is checked as
+    for any upload that failed (check_change), or as a completed one when it finished first."""
+    delay = 1.2 if param is None else float(param)
+    _, fw = dev.firmwares.make()
+    state = dev.state()
+    boots, server = state.boot_count, state.server_pid
+    thread = upload_in_background(dev, fw.read_bytes())
+    time.sleep(delay)
+    front = procs.ssh_front(server) if server else None
+    rebooting = dev.state().boot_count != boots or dev.status().get("rebooting")
+    if front is not None and not rebooting:
+        try:
+            os.kill(front, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    thread.join(timeout=dev.UPLOAD_TIMEOUT)
+    dev.settle()
+    after = dev.state()
+    if not rebooting and after.boot_count == boots and after.server_pid != server:
+        raise ModelViolation(f"killing the SSH front (pid {front}) restarted the supervisor (pid {server} → {after.server_pid})")
+    status = dev.status()
+    stage = (status.get("journal") or {}).get("stage")
+    if stage in ACTIVE_STAGES or status["update_in_progress"]:
+        raise ModelViolation(f"after the SSH front was killed the update stays half-way: journal at '{stage}', "
+                             f"lock {'held' if status['update_in_progress'] else 'free'}")  # fmt: skip
+    return Result(None)
+
+
 def ev_reboot(dev: ModelledDevice, param: Any = None) -> Result:
     boots = dev.state().boot_count
     result = dev.ssh("reboot")
@@ -215,8 +252,11 @@ RUNNERS = {
     "validate": ev_validate,
     "revert": ev_revert,
     "same-upload": ev_same_upload,
+    "front-killed": ev_front_killed,
 }
-EVENTS = tuple(RUNNERS)
+#: What both modelled devices run (the walk's pairs). Not "front-killed": the QEMU device's front
+#: runs inside the guest, out of this host's reach; the simulator's state machine fires it.
+EVENTS = tuple(e for e in RUNNERS if e != "front-killed")
 
 
 def fire(dev: ModelledDevice, event: str, param: Any = None) -> str:

@@ -123,6 +123,10 @@ class UpdateSafety(RuleBasedStateMachine):
     def power_cut_during_upload(self, delay: float) -> None:
         fire(self.dev, "power-cut", delay)
 
+    @rule(delay=st.floats(min_value=0.0, max_value=2.5))
+    def front_killed(self, delay: float) -> None:
+        fire(self.dev, "front-killed", delay)
+
     @rule()
     def reboot(self) -> None:
         fire(self.dev, "reboot")
