@@ -27,6 +27,7 @@ from sshfwup.device import Device
 from sshfwup.supervisor.client import SupervisorClient, SupervisorGone
 from sshfwup.supervisor.control import VERSION
 from sshfwup.supervisor.front_process import EXIT_IDLE
+from sshfwup.system.capabilities import FRONT_DROPS, CapabilityError, drop
 from sshfwup.update.journal import FAILED_STAGES, Journal, StageHook
 
 from .server import FirmwareServer
@@ -50,6 +51,7 @@ async def run_front(
     config: Config, listen_fds: Sequence[int], control_fd: int, *, on_stage: StageHook | None = None
 ) -> int:
     _die_with_parent()
+    _give_up_capabilities()
     control = socket.socket(fileno=control_fd)
     device = Device(config)
     device.journal = Journal(config.server.data_dir, on_stage=on_stage)
@@ -139,6 +141,21 @@ async def _relay_status(client: SupervisorClient, text: str) -> None:
         await client.notify(text)
     except SupervisorGone:
         pass  # a STATUS= line for systemd is not worth more
+
+
+def _give_up_capabilities() -> None:
+    """What only the supervisor needs, and what nothing here needs (capabilities.FRONT_DROPS), is
+    given up for good before the first byte from a client is read. A kernel that refuses is
+    logged, not fatal: SSH must come up whatever else is broken."""
+    if os.geteuid() != 0:
+        return
+    try:
+        dropped = drop(FRONT_DROPS)
+    except (CapabilityError, OSError, AttributeError) as e:
+        log.warning("SSH front: could not give up capabilities it does not need: %s", e)
+        return
+    if dropped:
+        log.debug("SSH front: gave up %s", ", ".join(dropped))
 
 
 def _die_with_parent() -> None:

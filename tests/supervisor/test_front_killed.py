@@ -23,6 +23,7 @@ from conftest import Sim, journal, output, upload, wait_unlocked, wait_until
 from httpload import Load
 
 from sshfwup.system import procs
+from sshfwup.system.capabilities import held
 
 FAST = {"app": {"ready_timeout": 3, "observe": 1.5, "drain_timeout": 3}}
 SERVE_WITH_FAULT = Path(__file__).resolve().parents[1] / "apps" / "serve_with_fault.py"
@@ -111,6 +112,16 @@ async def test_front_killed_while_idle(sim: Sim) -> None:
     assert sim.app()["pid"] == watch.app_pid
     logs = output(sim.ssh("logs", "-n", "200"))
     assert f"the SSH front (pid {watch.front}) was killed by SIGKILL" in logs, logs[-3000:]
+    # the new front, too, runs without what only the supervisor needs (docs/security.md)
+    front = front_pid(sim)
+    assert front is not None
+    supervisor = held("CapEff", watch.server_pid)
+    for field in ("CapEff", "CapPrm", "CapBnd"):
+        caps = held(field, front)
+        assert "CAP_SYS_ADMIN" in caps and "CAP_DAC_OVERRIDE" in caps, (field, caps)
+        gone = {"CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_PTRACE", "CAP_SETPCAP"}
+        assert caps & gone == set(), (field, caps & gone)
+    assert {"CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_KILL"} <= supervisor  # the supervisor keeps them
 
 
 async def test_front_killed_mid_upload_switches_nothing(sim: Sim, firmware) -> None:
