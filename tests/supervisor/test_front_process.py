@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -33,8 +35,10 @@ class Owner:
         pass
 
 
-async def run_front(code: str, seconds: float, **kwargs: Any) -> tuple[FrontProcess, list[FrontExit]]:
-    """Run FrontProcess with ``python -c code`` as its front for ``seconds``."""
+@asynccontextmanager
+async def running(code: str, **kwargs: Any) -> AsyncIterator[tuple[FrontProcess, list[FrontExit], socket.socket]]:
+    """FrontProcess keeping ``python -c code`` running as its front, on a listening socket of its
+    own, for as long as the block runs; the deaths it reported."""
     listener = socket.create_server(("127.0.0.1", 0))
     exits: list[FrontExit] = []
 
@@ -49,10 +53,16 @@ async def run_front(code: str, seconds: float, **kwargs: Any) -> tuple[FrontProc
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(front.run, tg)
-            await anyio.sleep(seconds)
+            yield front, exits, listener
             tg.cancel_scope.cancel()
     finally:
         listener.close()
+
+
+async def run_front(code: str, seconds: float, **kwargs: Any) -> tuple[FrontProcess, list[FrontExit]]:
+    """Run FrontProcess with ``python -c code`` as its front for ``seconds``."""
+    async with running(code, **kwargs) as (front, exits, _):
+        await anyio.sleep(seconds)
     return front, exits
 
 
@@ -82,31 +92,15 @@ async def test_a_silent_front_is_killed_as_hung(caplog: pytest.LogCaptureFixture
 
 async def test_an_idle_front_is_started_again_only_by_a_connection(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "sshfwup.supervisor.front_process")
-    listener = socket.create_server(("127.0.0.1", 0))
-    exits: list[FrontExit] = []
-
-    async def on_exit(ended: FrontExit) -> None:
-        exits.append(ended)
-
-    async def nothing_orphaned(orphan: Any) -> None:
-        pass
-
     # a stand-in front that accepts one connection if one waits, then leaves idle
     code = ("import socket, sys; fd = int(sys.argv[-1].split(':')[0]); s = socket.socket(fileno=fd); s.settimeout(0.2)\n"
             "try:\n    c, _ = s.accept(); c.sendall(b'hello'); c.close()\nexcept OSError:\n    pass\n"
             f"sys.exit({EXIT_IDLE})")  # fmt: skip
-    front = FrontProcess([sys.executable, "-c", code], [listener], ControlServer(Owner(), on_orphaned_swap=nothing_orphaned),
-                         on_exit=on_exit)  # fmt: skip
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(front.run, tg)
-            await anyio.sleep(1.5)
-            assert front.starts == 1, "an idle front must wait for a connection before it starts again"
-            port = listener.getsockname()[1]
-            answer = await anyio.to_thread.run_sync(lambda: socket.create_connection(("127.0.0.1", port), timeout=10).recv(5))
-            assert answer == b"hello" and front.starts == 2
-            tg.cancel_scope.cancel()
-    finally:
-        listener.close()
+    async with running(code) as (front, exits, listener):
+        await anyio.sleep(1.5)
+        assert front.starts == 1, "an idle front must wait for a connection before it starts again"
+        port = listener.getsockname()[1]
+        answer = await anyio.to_thread.run_sync(lambda: socket.create_connection(("127.0.0.1", port), timeout=10).recv(5))
+        assert answer == b"hello" and front.starts == 2
     assert exits == [], "an idle exit is not a death: nothing to settle"
     assert "without connections; it starts again with the next one" in caplog.text
