@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .control import MAX_LINE, VERSION, ProtocolError, decode, encode
+from .control import VERSION, MessageReader, ProtocolError, encode
 from .errors import SupervisorError, SwapFailed
 from .instance import AppSource
 from .logring import LogRing
@@ -110,19 +110,10 @@ class SupervisorClient:
 
 class _Lines:
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
-        self._stream = stream
-        self._buffer = b""
+        self._reader = MessageReader(stream)
 
     async def next(self) -> dict[str, Any]:
-        while b"\n" not in self._buffer:
-            try:
-                self._buffer += await self._stream.receive(MAX_LINE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                raise SupervisorGone("the supervisor closed the request without an answer") from None
-            if len(self._buffer) > MAX_LINE * 2:
-                raise SupervisorGone("the supervisor sent a line too long to be one of its messages")
-        line, _, self._buffer = self._buffer.partition(b"\n")
         try:
-            return decode(line)
+            return await self._reader.next()
         except ProtocolError as e:
-            raise SupervisorGone(f"the supervisor's answer is not understood: {e}") from None
+            raise SupervisorGone(f"no answer from the supervisor: {e}") from None

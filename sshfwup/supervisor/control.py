@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_LINE", "VERSION", "ControlServer", "OrphanedSwap", "ProtocolError", "app_state", "decode", "encode"]
+__all__ = ["MAX_LINE", "VERSION", "ControlServer", "MessageReader", "OrphanedSwap", "ProtocolError", "app_state", "decode", "encode"]
 
 #: The protocol's version: both processes come from the same install, so a mismatch means the
 #: files were replaced under a running supervisor; the request is refused, never guessed at.
@@ -89,6 +89,26 @@ def decode(line: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolError(f"expected a JSON object, found {type(message).__name__}")
     return message
+
+
+class MessageReader:
+    """The messages on one request's stream, either side: a JSON object per line, each within
+    ``MAX_LINE``. ProtocolError for anything else, and for a stream that ends mid-way."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> dict[str, Any]:
+        while b"\n" not in self._buffer:
+            try:
+                self._buffer += await self._stream.receive(MAX_LINE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                raise ProtocolError("the stream ended before a whole message") from None
+            if len(self._buffer) > MAX_LINE:
+                raise ProtocolError(f"a line longer than {MAX_LINE} bytes")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return decode(line)
 
 
 @dataclass(frozen=True)
@@ -157,7 +177,6 @@ class ControlServer:
     ) -> None:
         self.device = device
         self._on_orphaned_swap = on_orphaned_swap
-        self.swaps_in_progress = 0
         self.last_seen = time.monotonic()  # the front's last request: a silent front hangs
 
     async def serve(self, control: socket.socket, tg: anyio.abc.TaskGroup) -> None:
@@ -191,7 +210,7 @@ class ControlServer:
             async with stream:
                 try:
                     with anyio.fail_after(REQUEST_TIMEOUT):
-                        message = decode(await _receive_line(stream))
+                        message = await MessageReader(stream).next()
                     version = message.get("v")
                     if version != VERSION:
                         raise ProtocolError(f"protocol version {version!r} is not spoken here (the supervisor speaks {VERSION})")
@@ -267,7 +286,6 @@ class ControlServer:
             if told:
                 told = await _try_send(stream, {"line": line})
 
-        self.swaps_in_progress += 1
         try:
             # Shielded: neither the front's death nor a closed request stops a swap midway.
             with anyio.CancelScope(shield=True):
@@ -281,7 +299,6 @@ class ControlServer:
                 if not (told and await _try_send(stream, answer)):
                     await self._on_orphaned_swap(OrphanedSwap(source, True))
         finally:
-            self.swaps_in_progress -= 1
             if lock_fd is not None:
                 os.close(lock_fd)
 
@@ -291,20 +308,6 @@ def _text(message: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ProtocolError(f"{key!r} must be a non-empty string")
     return value
-
-
-async def _receive_line(stream: anyio.abc.ByteReceiveStream) -> bytes:
-    buffer = b""
-    while b"\n" not in buffer:
-        try:
-            chunk = await stream.receive(MAX_LINE)
-        except anyio.EndOfStream:
-            raise ProtocolError("the request ended before its first line") from None
-        buffer += chunk
-        if len(buffer) > MAX_LINE:
-            raise ProtocolError(f"a line longer than {MAX_LINE} bytes")
-    line, _, _rest = buffer.partition(b"\n")
-    return line
 
 
 async def _send(stream: anyio.abc.ByteSendStream, message: dict[str, Any]) -> None:
